@@ -6,13 +6,16 @@ policies) are built from it by the engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Union
+
+from .formats import get_format
 
 __all__ = [
     "Role", "Rounding", "ScalingKind", "TensorSpec", "ScalingConfig", "AccumulationConfig",
-    "LossScaleConfig", "Recipe", "DEFAULT_FP32_OPS",
+    "LossScaleConfig", "Recipe", "DEFAULT_FP32_OPS", "PRESETS", "get_recipe", "list_presets",
 ]
 
 
@@ -39,6 +42,20 @@ class ScalingKind(str, enum.Enum):
     MX = "mx"              # OCP microscaling: one E8M0 scale per block
 
 
+def _enum(cls, value, what):
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in cls)
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {valid}") from None
+
+
+def _choice(value, valid, what):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(valid)}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """How one tensor role is stored: ``format`` with ``rounding``, optionally scaled."""
@@ -46,6 +63,14 @@ class TensorSpec:
     rounding: Rounding = Rounding.NEAREST
     scaling: ScalingKind = ScalingKind.NONE
     saturate: bool = False
+
+    def __post_init__(self):
+        # Canonicalize at construction so equal specs compare equal ("float16" == "fp16").
+        object.__setattr__(self, "format", get_format(self.format).name)
+        object.__setattr__(self, "rounding", _enum(Rounding, self.rounding, "rounding"))
+        object.__setattr__(self, "scaling", _enum(ScalingKind, self.scaling, "scaling"))
+        if not isinstance(self.saturate, bool):
+            raise ValueError(f"saturate must be a bool, got {self.saturate!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -68,6 +93,14 @@ class ScalingConfig:
     mx_block_size: int = 32
     mx_scale_rule: str = "ocp"      # "ocp" | "ceil"
 
+    def __post_init__(self):
+        _choice(self.amax_algo, ("max", "most_recent"), "amax_algo")
+        _choice(self.mx_scale_rule, ("ocp", "ceil"), "mx_scale_rule")
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if self.mx_block_size < 1:
+            raise ValueError(f"mx_block_size must be >= 1, got {self.mx_block_size}")
+
 
 @dataclass(frozen=True)
 class AccumulationConfig:
@@ -80,6 +113,12 @@ class AccumulationConfig:
     format: str = "fp32"
     chunk: Optional[int] = None
     across: str = "fp32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", get_format(self.format).name)
+        object.__setattr__(self, "across", get_format(self.across).name)
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"accumulation chunk must be >= 1 or None, got {self.chunk}")
 
     @property
     def is_fp32(self) -> bool:
@@ -102,6 +141,24 @@ class LossScaleConfig:
     min_scale: Optional[float] = None
     max_scale: Optional[float] = None
     floor: tuple = ()
+
+    def __post_init__(self):
+        _choice(self.kind, ("none", "static", "dynamic"), "loss scale kind")
+        floor = tuple(sorted((int(k), float(v)) for k, v in self.floor))
+        object.__setattr__(self, "floor", floor)
+
+    def build(self):
+        """The loss scaler this configuration describes."""
+        from .loss_scale import from_config  # recipe sits above loss_scale
+        if self.kind == "none":
+            return from_config("none")
+        if self.kind == "static":
+            return from_config("static", scale=self.init_scale)
+        return from_config(
+            "dynamic", init_scale=self.init_scale, growth_factor=self.growth_factor,
+            backoff_factor=self.backoff_factor, growth_interval=self.growth_interval,
+            hysteresis=self.hysteresis, min_scale=self.min_scale, max_scale=self.max_scale,
+            floor=dict(self.floor) or None)
 
 
 # Ops that run in FP32 whatever the recipe (2018 paper: reductions in FP32), the same on
@@ -135,3 +192,272 @@ class Recipe:
     fp32_ops: tuple = DEFAULT_FP32_OPS
     backend: str = "auto"           # "auto" | "emulated" | "native"
     max_consecutive_skips: int = 50
+
+    def __post_init__(self):
+        object.__setattr__(self, "high_precision", get_format(self.high_precision).name)
+        _choice(self.backend, BACKENDS, "backend")
+        object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
+        object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+
+    def spec(self, role: Union[Role, str]) -> Optional[TensorSpec]:
+        """The TensorSpec of a role."""
+        return getattr(self, _enum(Role, role, "role").value)
+
+    def __str__(self) -> str:
+        return format_recipe(self)
+
+    def short_str(self) -> str:
+        """A compact label for run names and plot legends."""
+        overrides = _overrides(self)
+        if not overrides:
+            return self.name
+        return self.name + "[" + ",".join(f"{_short_key(k)}={v}" for k, v in overrides) + "]"
+
+
+BACKENDS = ("auto", "emulated", "native")
+
+
+# --------------------------------------------------------------------------------------
+# Presets (names are part of the public interface)
+# --------------------------------------------------------------------------------------
+def _same(fmt: str, **kw) -> dict:
+    """weight, activation, grad_output and weight_grad all in one format."""
+    spec = TensorSpec(fmt, **kw)
+    return dict(weight=spec, activation=spec, grad_output=spec, weight_grad=spec)
+
+
+def _fwd_bwd(fwd: TensorSpec, bwd: TensorSpec) -> dict:
+    return dict(weight=fwd, activation=fwd, grad_output=bwd, weight_grad=bwd)
+
+
+_NEAREST, _STOCH = Rounding.NEAREST, Rounding.STOCHASTIC
+_DYNAMIC = LossScaleConfig(kind="dynamic")
+# Enhanced loss scaling (Mellempudi et al. 2019): dynamic scaling whose minimum rises
+# during training so spurious FP8 overflows cannot drive the scale down.  The paper's
+# threshold values are not public; this schedule is ours (2^0, then 2^4 after 2000
+# steps, 2^8 after 4000) and is overridable with loss_scale.floor=...
+_ENHANCED = LossScaleConfig(kind="dynamic", floor=((0, 1.0), (2000, 16.0), (4000, 256.0)))
+
+
+def _mx(fwd: str, bwd: str) -> Recipe:
+    return Recipe(name=f"mxfp{get_format(fwd).bits}",
+                  **_fwd_bwd(TensorSpec(fwd, scaling=ScalingKind.MX),
+                             TensorSpec(bwd, scaling=ScalingKind.MX)))
+
+
+PRESETS: dict = {r.name: r for r in [
+    Recipe(name="fp32", master=None),
+    Recipe(name="fp16-mixed", **_same("fp16"), loss_scale=_DYNAMIC),
+    Recipe(name="bf16-mixed", **_same("bf16")),
+    Recipe(name="fp16-pure", **_same("fp16"), master=None, optimizer_state=TensorSpec("fp16"),
+           loss_scale=_DYNAMIC),
+    Recipe(name="fp8-e5m2",
+           **_fwd_bwd(TensorSpec("e5m2", _NEAREST), TensorSpec("e5m2", _STOCH)),
+           master=TensorSpec("fp16", _STOCH), loss_scale=_ENHANCED,
+           keep_high_precision=("first", "last", "norm"), high_precision="fp16"),
+    Recipe(name="fp8-hybrid",
+           **_fwd_bwd(TensorSpec("e4m3", scaling=ScalingKind.CURRENT, saturate=True),
+                      TensorSpec("e5m2", scaling=ScalingKind.CURRENT, saturate=True)),
+           keep_high_precision=("first", "last", "norm")),
+    _mx("e4m3", "e5m2"),
+    _mx("e3m2", "e3m2"),
+    _mx("e2m1", "e2m1"),
+]}
+
+
+def list_presets() -> list:
+    return list(PRESETS)
+
+
+# --------------------------------------------------------------------------------------
+# String grammar:  preset[:key=value[,key=value...]]
+#   keys are dotted field paths (weight.format, grad_output.rounding, loss_scale.kind,
+#   accumulation.chunk, scaling.margin, backend, ...); "role=fmt" is short for
+#   "role.format=fmt"; "grads.X" sets grad_output.X and weight_grad.X; "master=none"
+#   drops the master copy.  Tuples are '+'-separated ("first+last"); the loss-scale
+#   floor is "step:value/step:value".  print(parse(s)) is canonical and parse(print(r))
+#   == r.
+# --------------------------------------------------------------------------------------
+_ROLES = tuple(r.value for r in Role)
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TensorSpec))
+_NESTED = {"accumulation": AccumulationConfig, "loss_scale": LossScaleConfig,
+           "scaling": ScalingConfig}
+_TOP = ("keep_high_precision", "high_precision", "fp32_ops", "backend",
+        "max_consecutive_skips")
+_ALIASES = {"grads": ("grad_output", "weight_grad"), "grad": ("grad_output", "weight_grad")}
+_SHORT = {"weight": "w", "activation": "a", "grad_output": "go", "weight_grad": "wg",
+          "master": "m", "optimizer_state": "os", "accumulation": "acc", "loss_scale": "ls",
+          "scaling": "sc", "format": "", "rounding": "r", "scaling_kind": "s"}
+
+
+def _valid_keys() -> list:
+    keys = [f"{r}[.{'|'.join(_SPEC_FIELDS)}]" for r in _ROLES]
+    keys += [f"{n}.{f.name}" for n, cls in _NESTED.items() for f in dataclasses.fields(cls)]
+    return keys + list(_TOP) + ["grads.<field>"]
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parse_optional(conv: Callable) -> Callable:
+    return lambda text: None if text.lower() == "none" else conv(text)
+
+
+def _parse_floor(text: str) -> tuple:
+    if text.lower() in ("none", ""):
+        return ()
+    try:
+        return tuple((int(k), float(v)) for k, v in (p.split(":") for p in text.split("/")))
+    except ValueError:
+        raise ValueError(f"loss_scale.floor must look like 'step:value/step:value', "
+                         f"got {text!r}") from None
+
+
+def _parse_tuple(text: str) -> tuple:
+    return () if text.lower() in ("none", "") else tuple(text.split("+"))
+
+
+def _converter(owner: type, name: str) -> Callable:
+    """How the text of a value becomes a field value, from the field's default."""
+    special = {"floor": _parse_floor, "min_scale": _parse_optional(float),
+               "max_scale": _parse_optional(float), "chunk": _parse_optional(int),
+               "keep_high_precision": _parse_tuple, "fp32_ops": _parse_tuple}
+    if name in special:
+        return special[name]
+    default = {f.name: f.default for f in dataclasses.fields(owner)}[name]
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, enum.Enum) or isinstance(default, str):
+        return str
+    return type(default)
+
+
+def _set_spec(recipe: Recipe, role: str, field_name: Optional[str], text: str) -> Recipe:
+    if role == "master" and field_name is None and text.lower() == "none":
+        return replace(recipe, master=None)
+    field_name = field_name or "format"
+    if field_name not in _SPEC_FIELDS:
+        raise ValueError(f"unknown field {field_name!r} of {role}; valid: {', '.join(_SPEC_FIELDS)}")
+    spec = getattr(recipe, role) or TensorSpec()
+    value = _converter(TensorSpec, field_name)(text)
+    return replace(recipe, **{role: replace(spec, **{field_name: value})})
+
+
+def _apply(recipe: Recipe, key: str, text: str) -> Recipe:
+    head, _, tail = key.partition(".")
+    if head in _ALIASES:
+        for role in _ALIASES[head]:
+            recipe = _apply(recipe, f"{role}.{tail}" if tail else role, text)
+        return recipe
+    if head in _ROLES:
+        return _set_spec(recipe, head, tail or None, text)
+    if head in _NESTED and tail:
+        cls = _NESTED[head]
+        if tail not in {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(_valid_keys())}")
+        return replace(recipe, **{head: replace(getattr(recipe, head),
+                                                **{tail: _converter(cls, tail)(text)})})
+    if head == "loss_scale" and not tail:
+        return replace(recipe, loss_scale=replace(recipe.loss_scale, kind=text))
+    if head in _TOP and not tail:
+        return replace(recipe, **{head: _converter(Recipe, head)(text)})
+    raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(_valid_keys())}")
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Parse ``preset[:key=value,...]`` into a Recipe (see the grammar above)."""
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe {name!r}; valid presets: {', '.join(PRESETS)} "
+                         f"(optionally followed by ':key=value,...')")
+    recipe = PRESETS[name]
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} in recipe {text!r} is not of the form key=value")
+        try:
+            recipe = _apply(recipe, key.strip(), value.strip())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bad override {item!r} in recipe {text!r}: {exc}") from None
+    return recipe
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        if value and isinstance(value[0], tuple):   # the floor schedule
+            return "/".join(f"{k}:{v!r}" for k, v in value)
+        return "+".join(value) if value else "none"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _overrides(recipe: Recipe) -> list:
+    """(key, text) pairs that turn the recipe's preset into the recipe, in field order."""
+    base = PRESETS[recipe.name]
+    out = []
+    for f in dataclasses.fields(Recipe):
+        if f.name == "name":
+            continue
+        mine, theirs = getattr(recipe, f.name), getattr(base, f.name)
+        if mine == theirs:
+            continue
+        if f.name in _ROLES:
+            if mine is None:
+                out.append((f.name, "none"))
+                continue
+            ref = theirs if theirs is not None else TensorSpec()
+            if theirs is None:   # re-creating a dropped master: start from the default spec
+                out.append((f.name, mine.format))
+            for sf in _SPEC_FIELDS:
+                if getattr(mine, sf) != getattr(ref, sf) and not (theirs is None and sf == "format"):
+                    out.append((f"{f.name}.{sf}", _text(getattr(mine, sf))))
+        elif f.name in _NESTED:
+            for sf in dataclasses.fields(_NESTED[f.name]):
+                if getattr(mine, sf.name) != getattr(theirs, sf.name):
+                    out.append((f"{f.name}.{sf.name}", _text(getattr(mine, sf.name))))
+        else:
+            out.append((f.name, _text(mine)))
+    return out
+
+
+def format_recipe(recipe: Recipe) -> str:
+    """The canonical string of a recipe: its preset and the overrides, in field order."""
+    if recipe.name not in PRESETS:
+        raise ValueError(f"recipe name {recipe.name!r} is not a preset; valid: {', '.join(PRESETS)}")
+    overrides = _overrides(recipe)
+    return recipe.name + (":" + ",".join(f"{k}={v}" for k, v in overrides) if overrides else "")
+
+
+def _short_key(key: str) -> str:
+    return ".".join(filter(None, (_SHORT.get(p, p) for p in key.split("."))))
+
+
+def get_recipe(recipe: Union[str, Recipe], **overrides) -> Recipe:
+    """A Recipe from a preset name, a recipe string or a Recipe; keyword overrides use the
+    same keys as the string grammar with '__' for '.' (grad_output__rounding="nearest")."""
+    if isinstance(recipe, Recipe):
+        out = recipe
+    elif isinstance(recipe, str):
+        out = parse_recipe(recipe)
+    else:
+        raise ValueError(f"recipe must be a preset name, a recipe string or a Recipe, got "
+                         f"{recipe!r}; valid presets: {', '.join(PRESETS)}")
+    for key, value in overrides.items():
+        out = _apply(out, key.replace("__", "."), _text(value))
+    return out
