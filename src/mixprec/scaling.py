@@ -1,0 +1,361 @@
+"""Scaling: per-tensor scales from amax (current and delayed) and OCP MX block scaling.
+
+Per-tensor scaling is a chain of small pure functions::
+
+    amax  = tensor_to_amax(x)                       # max |x|
+    scale = amax_to_scale(amax, fmt, margin=m)      # fmt.max / amax / 2**m
+    y     = quantize(x * scale, fmt) / scale        # quantize_scaled
+
+Delayed scaling (TransformerEngine's recipe) quantizes the current step with the scale
+derived from the amax history of *previous* steps, then records this step's amax.
+
+MX block scaling (OCP Microscaling v1.0) gives every block of ``block_size`` consecutive
+elements one power-of-two scale X (an E8M0 value) and stores the elements V/X in a narrow
+element format.
+
+``quantize_spec`` is the dispatcher every layer uses to apply a recipe's TensorSpec.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .formats import FloatFormat, FormatLike, get_format
+from .quant import quantize
+from .recipe import ScalingConfig, ScalingKind, TensorSpec
+
+__all__ = [
+    "tensor_to_amax", "amax_to_scale", "quantize_scaled", "DelayedScaling", "quantize_mx",
+    "quantize_spec", "AMAX_ALGOS", "MX_SCALE_RULES",
+]
+
+AMAX_ALGOS = ("max", "most_recent")
+MX_SCALE_RULES = ("ocp", "ceil")
+
+_F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
+E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127             # scales 2^-127 .. 2^127
+
+ScaleLike = Union[torch.Tensor, float]
+
+
+# --------------------------------------------------------------------------------------
+# Per-tensor scaling
+# --------------------------------------------------------------------------------------
+def tensor_to_amax(x: torch.Tensor) -> torch.Tensor:
+    """Return max |x| as a 0-d float32 tensor on x's device.
+
+    NaN anywhere in x gives a NaN amax (torch.amax propagates NaN), inf gives inf; both
+    are rejected by :func:`amax_to_scale`, which then keeps the previous scale. An empty
+    tensor has amax 0.
+    """
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().abs().amax().to(torch.float32)
+
+
+def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
+                  prev_scale: Optional[ScaleLike] = None) -> torch.Tensor:
+    """Return the factor that maps ``amax`` onto the format's largest value.
+
+    scale = fmt.max / amax / 2**margin                     (float32, one rounding)
+    if amax == 0 or amax is not finite: scale = prev_scale (1.0 if none)
+    scale = min(scale, float32 max)                        (a tiny amax must not give inf)
+
+    Computed with tensor ops only, so no host synchronisation happens on a GPU.
+
+    >>> amax_to_scale(torch.tensor(2.0), "e4m3")
+    tensor(224.)
+    """
+    fmt = get_format(fmt)
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    device = amax.device
+    # Divide first, then apply the power-of-two margin: the only rounding is the division.
+    raw = torch.tensor(fmt.max, dtype=torch.float32, device=device) / amax
+    raw = raw * (2.0 ** -float(margin))
+    raw = torch.clamp(raw, max=_F32_MAX)
+    if prev_scale is None:
+        prev = torch.ones((), dtype=torch.float32, device=device)
+    else:
+        prev = torch.as_tensor(prev_scale, dtype=torch.float32).to(device)
+    usable = torch.isfinite(amax) & (amax > 0)
+    return torch.where(usable, raw, prev).reshape(())
+
+
+def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
+                    rounding: str = "nearest", saturate: bool = True,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Quantize with a per-tensor scale and return the dequantized values in x's dtype.
+
+    y = quantize(x * scale, fmt) / scale, both products in float32.
+
+    ``saturate=True`` clamps |x * scale| > fmt.max to fmt.max (what per-tensor FP8 recipes
+    do: with a delayed scale a tensor may outgrow its history). For x in a narrower dtype
+    than float32 (bf16, fp16) the dequantized value is rounded once more to that dtype.
+    """
+    fmt = get_format(fmt)
+    scale = torch.as_tensor(scale, dtype=torch.float32).to(x.device)
+    hp = x.detach().to(torch.float32)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    return (lp / scale).to(x.dtype)
+
+
+def _check_algo(algo: str) -> str:
+    if algo not in AMAX_ALGOS:
+        raise ValueError(f"unknown amax algo {algo!r}; valid choices: {', '.join(AMAX_ALGOS)}")
+    return algo
+
+
+class DelayedScaling:
+    """Per-tensor delayed scaling state: an amax history ring and the current scale.
+
+    Update rule, one call of ``update(amax)`` per step in which the tensor was quantized::
+
+        amax   = all_reduce_max(amax)                  # under torch.distributed
+        history[pos] = amax;  pos = (pos + 1) % history_len
+        a      = max(finite entries of history)        # algo="max"
+               | amax                                  # algo="most_recent"
+        scale  = amax_to_scale(a, fmt, margin, prev_scale=scale)
+
+    The step quantizes with ``scale`` *before* calling ``update``, so step t uses the
+    history of steps < t (the first step uses 1.0). A step without ``update`` (a module
+    that did not run) changes nothing. Non-finite amaxes are stored but never produce a
+    scale: "max" skips them, "most_recent" keeps the previous scale, so one overflowed
+    step does not freeze the scale for ``history_len`` steps.
+
+    ``fmt`` may be left None and bound on first use by :func:`quantize_spec`.
+    """
+
+    def __init__(self, history_len: int = 16, algo: str = "max", margin: float = 0,
+                 fmt: Optional[FormatLike] = None):
+        if isinstance(history_len, bool) or not isinstance(history_len, int) or history_len < 1:
+            raise ValueError(f"history_len must be an int >= 1, got {history_len!r}")
+        self.history_len = history_len
+        self.algo = _check_algo(algo)
+        self.margin = margin
+        self.fmt: Optional[FloatFormat] = None if fmt is None else get_format(fmt)
+        self._history = torch.zeros(history_len, dtype=torch.float32)
+        self._scale = torch.ones((), dtype=torch.float32)
+        self._pos = 0        # next slot to write
+        self._count = 0      # number of recorded steps, capped at history_len
+
+    @classmethod
+    def from_config(cls, cfg: ScalingConfig, fmt: Optional[FormatLike] = None) -> "DelayedScaling":
+        return cls(cfg.amax_history_len, cfg.amax_algo, cfg.margin, fmt)
+
+    # -- reading -----------------------------------------------------------------------
+    @property
+    def scale(self) -> torch.Tensor:
+        """The scale to quantize the next step with (0-d float32)."""
+        return self._scale
+
+    @property
+    def amax_history(self) -> torch.Tensor:
+        """Recorded amaxes, oldest first (a copy; at most history_len of them)."""
+        order = [(self._pos - self._count + i) % self.history_len for i in range(self._count)]
+        return self._history[order].clone()
+
+    def bind(self, fmt: FormatLike) -> FloatFormat:
+        """Set the format on first use; a different format later is an error."""
+        fmt = get_format(fmt)
+        if self.fmt is None:
+            self.fmt = fmt
+        elif self.fmt != fmt:
+            raise ValueError(f"DelayedScaling is bound to format {self.fmt.name!r}, "
+                             f"cannot be used for {fmt.name!r}")
+        return fmt
+
+    # -- update ------------------------------------------------------------------------
+    def update(self, amax: ScaleLike) -> torch.Tensor:
+        """Record this step's amax and compute the scale for the next step; returns it."""
+        if self.fmt is None:
+            raise ValueError("DelayedScaling has no format: pass fmt= or bind(fmt) first")
+        amax = torch.as_tensor(amax, dtype=torch.float32).detach().reshape(()).clone()
+        amax = _all_reduce_max(amax)
+        if self._history.device != amax.device:
+            self._history = self._history.to(amax.device)
+            self._scale = self._scale.to(amax.device)
+        self._history[self._pos] = amax
+        self._pos = (self._pos + 1) % self.history_len
+        self._count = min(self._count + 1, self.history_len)
+        if self.algo == "max":
+            # unused slots hold 0 and never win; non-finite entries are skipped
+            finite = torch.where(torch.isfinite(self._history), self._history,
+                                 torch.zeros_like(self._history))
+            chosen = finite.amax()
+        else:
+            chosen = amax
+        self._scale = amax_to_scale(chosen, self.fmt, margin=self.margin, prev_scale=self._scale)
+        return self._scale
+
+    # -- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"history_len": self.history_len, "algo": self.algo, "margin": self.margin,
+                "fmt": None if self.fmt is None else self.fmt.name,
+                "amax_history": self._history.clone(), "scale": self._scale.clone(),
+                "pos": self._pos, "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore history, position and scale exactly. The history length must match;
+        algo and margin are taken from the state (they shaped the stored scale)."""
+        if state["history_len"] != self.history_len:
+            raise ValueError(f"state has history_len {state['history_len']}, this "
+                             f"DelayedScaling has {self.history_len}")
+        if state["fmt"] is not None:
+            self.bind(state["fmt"])
+        self.algo = _check_algo(state["algo"])
+        self.margin = state["margin"]
+        self._history = state["amax_history"].detach().to(torch.float32).clone()
+        self._scale = state["scale"].detach().to(torch.float32).clone().reshape(())
+        self._pos, self._count = int(state["pos"]), int(state["count"])
+
+    def __repr__(self) -> str:
+        fmt = None if self.fmt is None else self.fmt.name
+        return (f"DelayedScaling(history_len={self.history_len}, algo={self.algo!r}, "
+                f"margin={self.margin}, fmt={fmt!r}, scale={float(self._scale):g})")
+
+
+def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
+    """MAX-reduce amax across ranks so every rank derives the same scale."""
+    # Imported here: distributed sits beside scaling in the layer map, and plain
+    # single-process use should not pay for importing torch.distributed machinery.
+    from .distributed import all_reduce_amax_, is_distributed
+    if is_distributed():
+        all_reduce_amax_(amax)
+    return amax
+
+
+# --------------------------------------------------------------------------------------
+# MX block scaling
+# --------------------------------------------------------------------------------------
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2**exponent for integer exponents in [-127, 127], built from float32 bits (exact)."""
+    biased = (exponent + 127).to(torch.int32)
+    # 2^-127 is the float32 subnormal with only the top mantissa bit set (1 << 22)
+    bits = torch.where(biased > 0, biased << 23, torch.full_like(biased, 1 << 22))
+    return bits.view(torch.float32)
+
+
+def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, scale_rule: str) -> torch.Tensor:
+    """Shared block exponent (int32) from block amaxes; undefined where amax is 0/non-finite.
+
+    ocp : floor(log2 amax) - emax_elem
+    ceil: ceil(log2(amax / max_elem)) = the ocp exponent, plus one when max_elem * X_ocp
+          still lies below amax (comparing mantissas keeps this exact, no division).
+    """
+    mant, exp = torch.frexp(amax)          # amax = mant * 2^exp, mant in [0.5, 1)
+    e_floor = exp.to(torch.int32) - 1      # floor(log2 amax), exact also for subnormals
+    shared = e_floor - fmt.emax
+    if scale_rule == "ceil":
+        top = fmt.max / 2.0 ** fmt.emax     # max_elem's mantissa in [1, 2): 1.75 for e4m3
+        shared = shared + (2.0 * mant > top).to(torch.int32)
+    return shared
+
+
+def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
+                scale_rule: str = "ocp", rounding: str = "nearest",
+                generator: Optional[torch.Generator] = None) -> tuple:
+    """OCP MX block quantization; returns ``(dequantized, scales)``.
+
+    Each block of ``block_size`` consecutive elements along ``axis`` shares a scale
+
+        ocp : X = 2^(floor(log2 amax) - emax_elem)    (emax_elem = fmt.emax: e4m3 8, e5m2 15)
+        ceil: X = 2^ceil(log2(amax / max_elem))        (TransformerEngine; never saturates)
+        X clamped to E8M0's range [2^-127, 2^127]
+
+    and stores quantize(V / X, fmt, saturate=True): under "ocp" an e4m3 V/X in (448, 512)
+    becomes 448. The dequantized value is that times X, in x's dtype.
+
+    Special blocks: an all-zero block reports X = 2^-127 (the formula's -inf exponent
+    clamped to E8M0's minimum; OCP allows any) and stays zero. A block holding NaN or
+    inf gets a NaN scale (E8M0's 0xFF) and dequantizes to all NaN. A length not divisible
+    by ``block_size`` is padded with zeros, which change no amax and are dropped again.
+
+    ``scales`` is float32, shaped like x with ``axis`` of length ceil(n / block_size).
+    """
+    fmt = get_format(fmt)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if scale_rule not in MX_SCALE_RULES:
+        raise ValueError(f"unknown MX scale_rule {scale_rule!r}; valid choices: "
+                         f"{', '.join(MX_SCALE_RULES)}")
+    if x.dim() == 0:
+        raise ValueError("quantize_mx needs a tensor with at least one dimension")
+    hp = x.detach().to(torch.float32).movedim(axis, -1)
+    n = hp.shape[-1]
+    n_blocks = -(-n // block_size)
+    pad = n_blocks * block_size - n
+    if pad:
+        hp = torch.nn.functional.pad(hp, (0, pad))
+    blocks = hp.reshape(*hp.shape[:-1], n_blocks, block_size)
+
+    amax = blocks.abs().amax(dim=-1, keepdim=True)          # NaN propagates
+    special = ~torch.isfinite(amax)
+    shared = _mx_exponent(amax, fmt, scale_rule)
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_MIN_EXP))
+    shared = shared.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    scales = _pow2(torch.where(special, torch.zeros_like(shared), shared))
+
+    # V / X is exact in float32 (X is a power of two) unless it falls below 2^-126,
+    # far under every element format's smallest subnormal.
+    elems = quantize(blocks / scales, fmt, rounding=rounding, saturate=True,
+                     generator=generator)
+    deq = elems * scales
+    nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
+    deq = torch.where(special, nan, deq)
+    scales = torch.where(special, nan, scales)
+
+    deq = deq.reshape(*hp.shape[:-1], n_blocks * block_size)[..., :n]
+    deq = deq.movedim(-1, axis).to(x.dtype)
+    scales = scales.squeeze(-1).movedim(-1, axis)
+    return deq, scales
+
+
+# --------------------------------------------------------------------------------------
+# The dispatcher
+# --------------------------------------------------------------------------------------
+def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
+                  state: Optional[DelayedScaling] = None, axis: int = -1,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Apply a TensorSpec to x and return the dequantized values in x's dtype.
+
+    identity spec -> x itself (the same object)
+    none          -> quantize(x, fmt, rounding, saturate)
+    current       -> quantize_scaled(x, fmt, amax_to_scale(amax(x), fmt, margin=cfg.margin))
+    delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
+    mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
+                                 scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
+
+    No autograd: the result is detached; layers wrap this in their own autograd functions.
+
+    >>> spec = TensorSpec("e4m3", scaling="current", saturate=True)
+    >>> quantize_spec(torch.tensor([1.0, 0.3]), spec, ScalingConfig())
+    tensor([1.0000, 0.2991])
+    """
+    if spec.is_identity:
+        return x
+    fmt = get_format(spec.format)
+    rounding = spec.rounding.value
+    kind = spec.scaling
+    with torch.no_grad():
+        if kind is ScalingKind.NONE:
+            return quantize(x.detach(), fmt, rounding=rounding, saturate=spec.saturate,
+                            generator=generator)
+        if kind is ScalingKind.CURRENT:
+            scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+            return quantize_scaled(x, fmt, scale, rounding=rounding, saturate=spec.saturate,
+                                   generator=generator)
+        if kind is ScalingKind.DELAYED:
+            if state is None:
+                raise ValueError("delayed scaling needs state=DelayedScaling(...); got None")
+            state.bind(fmt)
+            out = quantize_scaled(x, fmt, state.scale, rounding=rounding,
+                                  saturate=spec.saturate, generator=generator)
+            state.update(tensor_to_amax(x))
+            return out
+        if kind is ScalingKind.MX:
+            return quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
+                               scale_rule=cfg.mx_scale_rule, rounding=rounding,
+                               generator=generator)[0]
+    raise ValueError(f"unknown scaling {kind!r}; valid choices: "
+                     f"{', '.join(k.value for k in ScalingKind)}")
