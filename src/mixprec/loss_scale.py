@@ -36,7 +36,7 @@ __all__ = [
 
 # Range of a usable scale.  Below the smallest normal float32 (2^-126) GradScaler walks on
 # into subnormals, its float32 reciprocal overflows at 2^-128 and the scale reaches 0
-# after 165 consecutive back-offs from 2^16: we stop at 2^-126 instead.
+# after 166 consecutive back-offs from 2^16: we stop at 2^-126 instead.
 SMALLEST_SCALE = 2.0 ** -126                          # 1.1755e-38
 LARGEST_SCALE = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]   # float32 max, 3.4028e38
 
