@@ -1,0 +1,65 @@
+"""Data-parallel training: every rank skips the same steps and the weights stay equal."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp_
+import torch.nn.functional as F
+from torch import nn
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+STEPS = 4
+INJECT_AT = 2            # rank 1 puts an inf into one gradient at this step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from mixprec.engine import prepare
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        engine = prepare(ddp, opt, "fp16-mixed", seed=7)
+        applied = []
+        for step in range(STEPS):
+            g = torch.Generator().manual_seed(100 * step + rank)   # each rank its own data
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            with engine.autocast():
+                loss = F.cross_entropy(ddp(x), y)
+            engine.backward(loss)        # DDP all-reduces the gradients here
+            if rank == 1 and step == INJECT_AT:
+                model[2].weight.grad[0, 0] = float("inf")   # after the all-reduce: rank 1 only
+            applied.append(engine.step())
+            engine.zero_grad()
+        torch.save({"applied": applied, "scale": engine.scale, "history": engine.history,
+                    "weights": {k: v.clone() for k, v in model.state_dict().items()},
+                    "masters": [m.detach().clone() for m in engine.master_params]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
+    mp_.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    expected = [step != INJECT_AT for step in range(STEPS)]
+    assert r0["applied"] == expected and r1["applied"] == expected
+    assert r0["scale"] == r1["scale"] == 2.0 ** 15
+    assert r0["history"] == r1["history"]
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    for a, b in zip(r0["masters"], r1["masters"]):
+        assert torch.equal(a, b)
