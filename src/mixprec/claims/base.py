@@ -1,0 +1,136 @@
+"""The claim registry: what a paper claim is, how it runs and what record it leaves.
+
+A claim is a small function ``run(ctx) -> Outcome`` registered with :func:`claim`. Running
+it (:func:`run_claim`) gives a *record*, a JSON-ready dict::
+
+    {id, claim, source, paper_value, measured, summary, verdict, reason, config,
+     seconds, plot}
+
+``measured`` maps names to finite numbers or booleans (a non-finite result is recorded
+as a flag such as ``"fp16_mean_nonfinite": true``, never as inf/NaN), so records stay
+valid JSON. ``plot`` is optional data for the report: ``{title, xlabel, ylabel, logy,
+x, lines: {label: [y, ...]}}``.
+"""
+from __future__ import annotations
+
+import enum
+import importlib
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["Verdict", "RunContext", "Outcome", "Claim", "claim", "REGISTRY", "run_claim",
+           "RECORD_FIELDS", "put_finite", "verdict_of"]
+
+RECORD_FIELDS = ("id", "claim", "source", "paper_value", "measured", "summary", "verdict",
+                 "reason", "config", "seconds", "plot")
+
+
+class Verdict(str, enum.Enum):
+    REPRODUCED = "reproduced"            # the paper's statement holds here, as stated
+    PARTLY = "partly"                    # the mechanism holds; the paper's setting or number does not carry over
+    NOT_REPRODUCED = "not reproduced"    # measured otherwise, or out of reach here (the reason says which)
+    NOT_RUN = "not run"                  # a dependency was missing or the experiment raised
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Run-wide settings: ``quick`` picks smoke-test sizes, ``seed`` all randomness."""
+    quick: bool = False
+    seed: int = 0
+
+    def pick(self, quick, full):
+        """The quick-mode value or the full-run value."""
+        return quick if self.quick else full
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded with seed + offset (one offset per use, so claims do not
+        share random streams and can run in any order)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + offset)
+        return g
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a claim function measured and concluded."""
+    measured: dict
+    summary: str
+    verdict: Verdict
+    reason: str
+    config: dict = field(default_factory=dict)
+    plot: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    claim: str                 # the statement under test, one sentence
+    source: str                # paper / specification
+    paper_value: str           # what the source reports (as FACTS.md states it)
+    run: Callable[[RunContext], Outcome]
+    needs: tuple = ()          # mixprec submodules the experiment imports
+
+
+REGISTRY: dict = {}
+
+
+def claim(id: str, *, claim: str, source: str, paper_value: str, needs: tuple = ()):
+    """Register ``run(ctx) -> Outcome`` as the experiment of a claim (decorator)."""
+    def register(fn: Callable[[RunContext], Outcome]) -> Callable[[RunContext], Outcome]:
+        if id in REGISTRY:
+            raise ValueError(f"claim id {id!r} registered twice")
+        REGISTRY[id] = Claim(id, claim, source, paper_value, fn, tuple(needs))
+        return fn
+    return register
+
+
+def put_finite(measured: dict, key: str, value) -> None:
+    """Store ``value`` under ``key`` if finite; otherwise flag ``key_nonfinite``."""
+    v = float(value)
+    if math.isfinite(v):
+        measured[key] = v
+    else:
+        measured[key + "_nonfinite"] = True
+
+
+def verdict_of(checks: dict, *, partly: bool = False) -> Verdict:
+    """reproduced if every check holds (partly when the setting differs from the
+    paper's), not reproduced otherwise."""
+    if not all(checks.values()):
+        return Verdict.NOT_REPRODUCED
+    return Verdict.PARTLY if partly else Verdict.REPRODUCED
+
+
+def _missing(needs: tuple) -> Optional[str]:
+    for name in needs:
+        try:
+            importlib.import_module(f"mixprec.{name}")
+        except ImportError as exc:
+            return f"needs mixprec.{name}, which could not be imported here ({exc})"
+    return None
+
+
+def run_claim(c: Claim, ctx: RunContext) -> dict:
+    """Run one claim and return its record; an experiment that cannot run or raises
+    gives a "not run" record with the reason, never an exception."""
+    t0 = time.perf_counter()
+    record = {"id": c.id, "claim": c.claim, "source": c.source, "paper_value": c.paper_value}
+    missing = _missing(c.needs)
+    if missing is not None:
+        out = Outcome({}, "-", Verdict.NOT_RUN, missing)
+    else:
+        try:
+            out = c.run(ctx)
+        except Exception as exc:  # a failed experiment is reported, not hidden
+            tail = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            out = Outcome({}, "-", Verdict.NOT_RUN, f"the experiment raised: {tail}")
+            del exc
+    record.update(measured=out.measured, summary=out.summary, verdict=out.verdict.value,
+                  reason=out.reason, config={"quick": ctx.quick, "seed": ctx.seed, **out.config},
+                  seconds=round(time.perf_counter() - t0, 3), plot=out.plot)
+    return record
