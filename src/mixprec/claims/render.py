@@ -70,7 +70,7 @@ def markdown(doc: dict, plots: Optional[dict] = None) -> str:
            "Verdicts: " + ", ".join(f"{n} {v}" for v, n in _counts(recs).items()) + ".", "",
            "| # | claim | source | paper | measured | verdict |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(recs, 1):
-        out.append(f"| {i} | {r['id']} | {_md_cell(r['source'])} | {_md_cell(r['paper_value'])} "
+        out.append(f"| {i} | {_md_cell(r['id'])} | {_md_cell(r['source'])} | {_md_cell(r['paper_value'])} "
                    f"| {_md_cell(r['summary'])} | **{r['verdict']}** |")
     for i, r in enumerate(recs, 1):
         out += ["", f"## {i}. {r['id']}: {r['verdict']}", "", f"*Claim.* {r['claim']}", "",
