@@ -125,7 +125,7 @@ def overflow_schedule(steps: int, period: int) -> list:
        source="Mellempudi et al. 2019",
        paper_value="enhanced loss scaling = dynamic scaling with a minimum threshold raised "
                    "during training (threshold values and schedule unconfirmed)",
-       needs=("loss_scale", "recipe"))
+       needs=("loss_scale", "recipe", "quant"))
 def scale_floor(ctx: RunContext) -> Outcome:
     from dataclasses import replace
     from ..recipe import get_recipe
