@@ -33,13 +33,15 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_found_inf
-from .optim import MasterOptimizer, ParamSlot
+from .emulate import LayerPolicy, PrecisionMode, attach
+from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
+                     native_dtype, resolve_backend)
+from .optim import MasterOptimizer, ParamSlot, round_into_
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
 
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
-           "resolve_keep_high_precision", "BACKENDS"]
+           "resolve_keep_high_precision"]
 
-BACKENDS = ("auto", "emulated", "native")
 KEEP_KEYWORDS = ("first", "last", "norm")
 KeepFilter = Union[str, Callable[[str, nn.Module], bool]]
 
@@ -103,20 +105,6 @@ def resolve_keep_high_precision(model: nn.Module, filters) -> frozenset:
                      if any(n == c or n.startswith(c + ".") for c in chosen))
 
 
-def _resolve_backend(backend: str, recipe: Recipe, device: torch.device) -> str:
-    """'auto': native for fp16/bf16 recipes on CUDA and for bf16 on CPU, else emulated."""
-    from .native import native_problems
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if native_problems(recipe):
-        return "emulated"
-    if device.type == "cuda" or recipe.weight.format == "bf16":
-        return "native"
-    return "emulated"
-
-
 def _storage_spec(recipe: Recipe, kept: bool) -> TensorSpec:
     """The format a model weight is stored in: the weight format, the high-precision
     format for kept modules, FP32 when the weight format is scaled (the layer scales and
@@ -146,10 +134,15 @@ class Engine:
         self._run: list = []           # diagnoses of the current run of skipped steps
         self._stage = Stage.READY
         self._reset_step_flags()
+        self._hooks, self._attached = [], None
+        if backend == "native":      # validate before the optimizer is touched
+            self._dtype = native_dtype(recipe)
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                raise ValueError("backend='native' converts parameter dtypes: call prepare() on "
+                                 "the model before wrapping it in DistributedDataParallel")
         self._masters = MasterOptimizer(
             optimizer, self._make_slots(), optimizer_state=recipe.optimizer_state,
             scaling=recipe.scaling, generator=generator)
-        self._hooks: list = []
         if backend == "native":
             self._setup_native()
         else:
@@ -178,7 +171,6 @@ class Engine:
         return slots
 
     def _setup_emulated(self) -> None:
-        from .emulate import LayerPolicy, attach
         normal = LayerPolicy.from_recipe(self.recipe)
         high = LayerPolicy.from_recipe(self.recipe, high_precision=True)
         self._default_policy = normal
@@ -189,33 +181,21 @@ class Engine:
             spec = _storage_spec(self.recipe, name in self.keep)
             for p in module.parameters(recurse=False):
                 if id(p) not in optimized and p.dtype == torch.float32:
-                    self._round_frozen(p, spec)
-
-    def _round_frozen(self, p: torch.Tensor, spec: TensorSpec) -> None:
-        from .optim import round_into_
-        round_into_(p.data, p.data, spec, self.recipe.scaling, self.generator)
+                    round_into_(p.data, p.data, spec, self.recipe.scaling, self.generator)
 
     def _setup_native(self) -> None:
-        from .native import NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_dtype
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            raise ValueError("backend='native' converts parameter dtypes: call prepare() on the "
-                             "model before wrapping it in DistributedDataParallel")
-        self._dtype = native_dtype(self.recipe)
         keep_dtype = NATIVE_DTYPES.get(self.recipe.high_precision, torch.float32)
         convert_parameters_(self.model, self._dtype, self.keep, keep_dtype)
         self._hooks = keep_full_precision(self.model, self.keep, self.device.type)
-        self._attached = None
 
     # -- context --------------------------------------------------------------------
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """Run the forward pass (and the loss) under the recipe's precision policy."""
         if self.backend == "native":
-            from .native import native_autocast
             with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):
                 yield
         else:
-            from .emulate import PrecisionMode
             with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
                                default_policy=self._default_policy, generator=self.generator):
                 yield
@@ -455,7 +435,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
         filters = recipe.keep_high_precision
     keep = resolve_keep_high_precision(model, filters)
     device = next(iter(model.parameters()), torch.empty(0)).device
-    backend = _resolve_backend(backend or recipe.backend, recipe, device)
+    backend = resolve_backend(backend or recipe.backend, recipe, device)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() if seed is None else seed)

@@ -24,10 +24,10 @@ from typing import Collection, Iterator, Optional
 import torch
 from torch import nn
 
-from .recipe import Recipe, Rounding, ScalingKind
+from .recipe import BACKENDS, Recipe, Rounding, ScalingKind
 
 __all__ = [
-    "NATIVE_DTYPES", "native_dtype", "native_problems", "convert_parameters_",
+    "NATIVE_DTYPES", "resolve_backend", "native_dtype", "native_problems", "convert_parameters_",
     "keep_full_precision", "native_autocast", "scaled_mm_available", "fp8_linear_native",
 ]
 
@@ -59,6 +59,18 @@ def native_problems(recipe: Recipe) -> list:
     if recipe.high_precision not in ("fp32",) + tuple(NATIVE_DTYPES):
         problems.append(f"high_precision {recipe.high_precision!r} has no native dtype")
     return problems
+
+
+def resolve_backend(requested: str, recipe: Recipe, device: torch.device) -> str:
+    """"emulated" or "native". "auto": native for fp16/bf16 recipes on CUDA, and for bf16
+    on CPU too (where it is the fast one); everything else (FP8, MX, ...) emulated."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; valid choices: {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    if native_problems(recipe):
+        return "emulated"
+    return "native" if device.type == "cuda" or recipe.weight.format == "bf16" else "emulated"
 
 
 def native_dtype(recipe: Recipe) -> torch.dtype:
