@@ -196,16 +196,19 @@ def test_clip_grad_norm_on_fp16_mixed_is_close_to_fp32():
 
 
 # -- master weights -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["emulated", "native"])
 @pytest.mark.parametrize("recipe", ["fp16-mixed", "fp16-pure"])
-def test_small_updates_survive_only_with_master_weights(recipe):
-    """Weights 1.0, SGD update +2^-13 per step: below half an FP16 ulp of 1 (2^-11)."""
+def test_small_updates_survive_only_with_master_weights(recipe, backend):
+    """Weights 1.0, SGD update +2^-13 per step: below half an FP16 ulp of 1 (2^-11).
+    Natively the weights are real float16 tensors (no "unscale FP16 gradients" error)."""
     model = nn.Linear(4, 1, bias=False)
     nn.init.ones_(model.weight)
-    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=1.0), recipe)
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=1.0), recipe, backend=backend)
+    assert model.weight.dtype == (torch.float16 if backend == "native" else torch.float32)
     x = torch.ones(1, 4)
     for k in range(1, 9):
         with mp.autocast():
-            loss = -model(x).sum() * 2.0 ** -13
+            loss = -model(x).float().sum() * 2.0 ** -13   # an FP16 loss's own grad S overflows
         mp.backward(loss)
         assert mp.step()
         mp.zero_grad()
