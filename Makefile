@@ -14,7 +14,6 @@ $(PY):
 # torch is installed first and explicitly, so nothing that depends on it can pull
 # a different (multi-GB) build.
 install: $(PY)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[all]"
 
