@@ -1,19 +1,32 @@
-"""The ``mixprec`` command line."""
+"""The ``mixprec`` command line.
+
+  mixprec formats [NAME ...]    the table of number formats and their limits
+  mixprec compare [options]     train one model under several recipes, compare to FP32
+  mixprec report RUN_DIR        redraw the plots and report.html of a saved comparison
+"""
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import sys
+import time
 from typing import Optional, Sequence
 
 from .formats import get_format, list_formats
 
+__all__ = ["main", "build_parser", "add_formats_parser", "add_compare_parser",
+           "add_report_parser", "cmd_formats", "cmd_compare", "cmd_report"]
 
+
+# --------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------
 def _fmt_num(v: Optional[float]) -> str:
     if v is None:
         return "-"
     if v == 0:
         return "0"
-    import math
     e = math.log2(v)
     if e == int(e) and abs(e) >= 4:
         return f"2^{int(e)}"
@@ -28,7 +41,7 @@ def cmd_formats(args: argparse.Namespace) -> int:
              _fmt_num(f.min_normal), _fmt_num(f.min_subnormal),
              "yes" if f.has_inf else "no", f.nan_codes, f.storage] for f in fmts]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     print(line(header))
     print(line(["-" * w for w in widths]))
     for r in rows:
@@ -36,12 +49,126 @@ def cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixprec", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def add_formats_parser(sub) -> argparse.ArgumentParser:
     f = sub.add_parser("formats", help="print the table of number formats and their limits")
     f.add_argument("names", nargs="*", help="formats to show (default: all builtins)")
     f.set_defaults(func=cmd_formats)
+    return f
+
+
+# --------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------
+_COMPARE_EPILOG = """\
+examples:
+  mixprec compare
+  mixprec compare --recipes fp32,fp16-mixed,fp8-e5m2:grads.rounding=nearest --steps 500
+  mixprec compare --workload text-transformer --seeds 0,1
+  mixprec compare --model mypkg.nets:make_model --data mypkg.data:make_dataset
+
+--model names a callable returning a torch.nn.Module; --data one returning a
+mixprec.experiments.data.Dataset(name, task, x_train, y_train, x_test, y_test,
+num_classes) with task "classification" or "lm". fp32 is always run: it is the
+baseline of every ratio and verdict.
+"""
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
+
+
+def add_compare_parser(sub) -> argparse.ArgumentParser:
+    from .experiments.compare import DEFAULT_RECIPES
+    from .experiments.workloads import DEFAULT_WORKLOAD, WORKLOADS
+    p = sub.add_parser(
+        "compare", help="train one model under several precision recipes and compare to FP32",
+        description="Train one model under several precision recipes on built-in data (same "
+                    "seed, data order and initial weights) and write results.json, plots and "
+                    "report.html.", epilog=_COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), metavar="LIST",
+                   help="comma list of presets or recipe strings (default: %(default)s)")
+    p.add_argument("--workload", "--task", dest="workload", default=DEFAULT_WORKLOAD,
+                   choices=list(WORKLOADS), help="built-in model and data (default: %(default)s)")
+    p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="your model factory")
+    p.add_argument("--data", metavar="PKG.MOD:FACTORY", help="your data factory (a Dataset)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps per recipe "
+                                                  "(default: the workload's, 300)")
+    length.add_argument("--epochs", type=float, help="passes over the training data instead")
+    p.add_argument("--batch-size", type=int, help="default: the workload's")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the workload's)")
+    p.add_argument("--seeds", type=_int_list, default=(0,), metavar="LIST",
+                   help="comma list of seeds (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare-<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments.compare import CompareConfig, run_compare, save_results
+    from .experiments.workloads import resolve_workload
+    from .report import format_table, write_report
+    cfg = CompareConfig(recipes=args.recipes, workload=args.workload, model=args.model,
+                        data=args.data, steps=args.steps, epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, seeds=args.seeds)
+    resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)   # bad specs fail here
+    out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if log:
+        log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s) "
+            f"-> {out}")
+    started = time.perf_counter()
+    try:
+        results = run_compare(cfg, progress=not args.quiet and sys.stderr.isatty(), log=log)
+    except RuntimeError as e:
+        print(f"mixprec: error: {e}", file=sys.stderr)
+        return 1
+    save_results(results, out)
+    paths = write_report(results, out)
+    print(format_table(results))
+    print(f"\nwrote {out}/results.json, {', '.join(p.name for p in paths.values())} "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+def add_report_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="redraw plots and report.html from a saved results.json")
+    p.add_argument("run", metavar="RUN_DIR", help="a compare run folder (or its results.json)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiments.compare import load_results
+    from .report import format_table, write_report
+    results = load_results(args.run)
+    paths = write_report(args.run, args.out)
+    print(format_table(results))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+SUBCOMMANDS = (add_formats_parser, add_compare_parser, add_report_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixprec", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
 
 

@@ -1,0 +1,380 @@
+"""``compare``: train one model under several recipes and record where each matches FP32.
+
+Fairness: every recipe starts from the same initial weights (one model built under the
+seed, deep-copied per recipe), sees the same batches in the same order (the order
+depends only on the seed) and uses the same optimizer and learning rate.  The FP32 run
+of the same seed is the baseline of every ratio and verdict; it is always run.
+
+The result is one JSON document (``results.json``, schema ``results.schema.json``):
+``config``, ``environment``, ``formats`` (the ranges the gradient plot draws), ``runs``
+(one record per recipe and seed, see :func:`mixprec.experiments.train.train_recipe`) and
+``summary`` (one row per recipe: means over seeds, ratios to FP32, verdict).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from mixprec.formats import get_format
+from mixprec.recipe import PRESETS, get_recipe
+
+from .data import Dataset, Task
+from .schema import SCHEMA_FILE, load_schema, validate_results
+from .train import TrainConfig, train_recipe
+from .workloads import DEFAULT_WORKLOAD, resolve_workload
+
+__all__ = ["DEFAULT_RECIPES", "BASELINE", "HISTOGRAM_FORMATS", "CompareConfig", "split_recipes",
+           "run_compare", "save_results", "load_results", "divergence_step"]
+
+DEFAULT_RECIPES = ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8")
+BASELINE = "fp32"
+HISTOGRAM_FORMATS = ("fp16", "bf16", "e5m2", "e4m3")
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare.  ``steps``/``batch_size``/``lr`` of None take the workload's
+    defaults; ``epochs`` (if set) overrides ``steps`` with whole passes over the data.
+
+    Verdict tolerances: a recipe "matches fp32" when its accuracy is at most
+    ``accuracy_tol`` below (absolute) or its perplexity at most ``perplexity_tol``
+    above (relative) the FP32 run's; its loss curve "departs" from the step after which
+    its moving-average loss stays more than ``loss_tol`` (relative) above FP32's.
+    """
+    recipes: tuple = DEFAULT_RECIPES
+    workload: str = DEFAULT_WORKLOAD
+    model: Optional[str] = None
+    data: Optional[str] = None
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    seeds: tuple = (0,)
+    hist_points: int = 3
+    accuracy_tol: float = 0.01
+    perplexity_tol: float = 0.02
+    loss_tol: float = 0.10
+
+    def __post_init__(self):
+        recipes = split_recipes(self.recipes) if isinstance(self.recipes, str) else self.recipes
+        if not recipes:
+            raise ValueError(f"no recipe given; valid presets: {', '.join(PRESETS)}")
+        canon = [_recipe_text(r) for r in recipes]
+        if BASELINE not in canon:          # every ratio and verdict is relative to fp32
+            canon.insert(0, BASELINE)
+        else:
+            canon.insert(0, canon.pop(canon.index(BASELINE)))
+        dupes = sorted({r for r in canon if canon.count(r) > 1})
+        if dupes:
+            raise ValueError(f"recipe(s) listed twice: {', '.join(dupes)}")
+        object.__setattr__(self, "recipes", tuple(canon))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+
+def _recipe_text(r) -> str:
+    recipe = get_recipe(r)          # ValueError naming the unknown recipe and the presets
+    try:
+        return str(recipe)
+    except ValueError:
+        return recipe.short_str()
+
+
+def split_recipes(text: str) -> tuple:
+    """Split a comma list of recipes; commas inside a recipe's overrides are kept.
+
+    A piece starts a new recipe unless it is a bare ``key=value`` override (an '=' with
+    no ':' before it), which continues the previous recipe:
+
+    >>> split_recipes("fp32,fp8-e5m2:grads.rounding=nearest,backend=emulated,bf16-mixed")
+    ('fp32', 'fp8-e5m2:grads.rounding=nearest,backend=emulated', 'bf16-mixed')
+    """
+    out: list = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        head = piece.split("=", 1)[0]
+        if "=" in piece and ":" not in head:
+            if not out:
+                raise ValueError(f"recipe list {text!r} starts with an override {piece!r}; "
+                                 f"expected a preset first, one of: {', '.join(PRESETS)}")
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------
+# comparison against the baseline
+# --------------------------------------------------------------------------------------
+def _moving_average(values: Sequence[Optional[float]], window: int) -> list:
+    out, acc = [], []
+    for v in values:
+        acc.append(math.inf if v is None else v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def divergence_step(losses: Sequence[Optional[float]], baseline: Sequence[Optional[float]], *,
+                    tol: float, window: Optional[int] = None) -> Optional[int]:
+    """First step from which the moving-average loss stays above (1 + tol) x baseline's.
+
+    A non-finite loss counts as infinitely worse.  None when the curves agree at the end.
+    """
+    n = min(len(losses), len(baseline))
+    if n == 0:
+        return None
+    window = window or max(5, n // 20)
+    mine, ref = _moving_average(losses[:n], window), _moving_average(baseline[:n], window)
+    bad = [m > (1.0 + tol) * r + 1e-12 for m, r in zip(mine, ref)]
+    if not bad[-1]:
+        return None
+    good = [i for i, b in enumerate(bad) if not b]
+    return good[-1] + 1 if good else 0
+
+
+def _metric_matches(metric: Optional[float], ref: Optional[float], higher_is_better: bool,
+                    cfg: CompareConfig) -> Optional[bool]:
+    if metric is None or ref is None:
+        return None if ref is None else False
+    if higher_is_better:
+        return metric >= ref - cfg.accuracy_tol
+    return metric <= ref * (1.0 + cfg.perplexity_tol)
+
+
+def _verdict(runs: list, cfg: CompareConfig, is_baseline: bool) -> tuple:
+    """(verdict, departs_at, detail) of one recipe from its runs (ratios already set)."""
+    if is_baseline:
+        return "baseline", None, ""
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        r = failed[0]
+        return "failed", r["steps_run"], f"stopped at step {r['steps_run']}: {r['error']}"
+    departs = [r["departs_at"] for r in runs if r["departs_at"] is not None]
+    nonfinite = [r["loss_history"].index(None) for r in runs if None in r["loss_history"]]
+    matches = [r["matches_fp32"] for r in runs]
+    where = min(departs) if departs else None
+    if all(m is True for m in matches) and where is None:
+        return "matches fp32", None, ""
+    parts = []
+    if nonfinite:
+        parts.append(f"non-finite loss first at step {min(nonfinite)}")
+    if where is not None:
+        parts.append(f"loss stays >{cfg.loss_tol:.0%} above fp32 from step {where}")
+    if not all(m is True for m in matches):
+        parts.append("final metric outside tolerance")
+    verdict = "matches fp32" if all(m is True for m in matches) else "worse than fp32"
+    if verdict == "matches fp32" and where is not None:
+        verdict = "matches fp32 (metric); loss higher"
+    return verdict, where, "; ".join(parts)
+
+
+def _mean(values: list) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals and len(vals) == len(values) else None
+
+
+def _std(values: list) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.stdev(vals) if len(vals) > 1 and len(vals) == len(values) else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _summarize(runs: list, cfg: CompareConfig) -> list:
+    rows = []
+    for name in cfg.recipes:
+        mine = [r for r in runs if r["recipe"]["spec"] == name]
+        verdict, departs, detail = _verdict(mine, cfg, name == BASELINE)
+        rows.append({
+            "recipe": mine[0]["recipe"]["name"], "spec": name, "runs": len(mine),
+            "metric_name": mine[0]["metric"]["name"],
+            "metric_mean": _mean([r["metric"]["value"] for r in mine]),
+            "metric_std": _std([r["metric"]["value"] for r in mine]),
+            "final_loss_mean": _mean([r["final_loss"] for r in mine]),
+            "skipped_steps": sum(r["skipped_steps"] for r in mine),
+            "final_scale": mine[0]["final_scale"],
+            "step_time_s": _mean([r["step_time_s"] for r in mine]),
+            "step_time_ratio": _mean([r["step_time_ratio"] for r in mine]),
+            "saved_activation_bytes": mine[0]["saved_activation_bytes"],
+            "saved_activation_ratio": mine[0]["saved_activation_ratio"],
+            "verdict": verdict, "departs_at": departs, "detail": detail,
+        })
+    return rows
+
+
+def _compare_to_baseline(run: dict, base: dict, cfg: CompareConfig) -> None:
+    run["step_time_ratio"] = _ratio(run["step_time_s"], base["step_time_s"])
+    run["saved_activation_ratio"] = _ratio(run["saved_activation_bytes"],
+                                           base["saved_activation_bytes"])
+    run["departs_at"] = divergence_step(run["loss_history"], base["loss_history"],
+                                        tol=cfg.loss_tol)
+    if run["status"] == "failed":
+        run["departs_at"] = run["steps_run"] if run["departs_at"] is None else run["departs_at"]
+    run["matches_fp32"] = _metric_matches(run["metric"]["value"], base["metric"]["value"],
+                                          run["metric"]["higher_is_better"], cfg)
+
+
+# --------------------------------------------------------------------------------------
+# the whole comparison
+# --------------------------------------------------------------------------------------
+def _check_model(model: torch.nn.Module, data: Dataset, what: str) -> None:
+    """One forward pass on two test examples, to fail early with a readable message."""
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        try:
+            out = probe(data.x_test[:2])
+        except Exception as e:   # noqa: BLE001 -- any failure here is a mismatch
+            raise ValueError(f"the model ({what}) cannot run on the data {data.name!r} "
+                             f"(inputs of shape {tuple(data.x_test[:2].shape)}): "
+                             f"{type(e).__name__}: {e}") from e
+    want = ((2, data.num_classes) if data.task is Task.CLASSIFICATION
+            else (2, data.x_test.shape[1], data.num_classes))
+    if not torch.is_tensor(out) or tuple(out.shape) != want:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"the model ({what}) returns {got} for the data {data.name!r}; "
+                         f"task {data.task.value!r} expects logits of shape {want}")
+
+
+def _train_config(cfg: CompareConfig, workload, data: Dataset, seed: int) -> TrainConfig:
+    batch_size = cfg.batch_size or workload.batch_size
+    steps = cfg.steps or workload.steps
+    if cfg.epochs is not None:
+        steps = max(1, round(cfg.epochs * -(-len(data.x_train) // batch_size)))
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=cfg.lr or workload.lr, seed=seed,
+                       hist_points=cfg.hist_points)
+
+
+def _run_line(run: dict, i: int, n: int) -> str:
+    m = run["metric"]
+    value = "n/a" if m["value"] is None else f"{m['value']:.4g}"
+    status = "" if run["status"] == "ok" else f"  FAILED: {run['error']}"
+    return (f"[{i}/{n}] {run['recipe']['name']} (seed {run['seed']}): {m['name']} {value}, "
+            f"{run['skipped_steps']} skipped, {run['wall_time_s']:.1f} s{status}")
+
+
+def environment() -> dict:
+    """Versions and machine facts saved with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        mixprec_version = version("mixprec")
+    except PackageNotFoundError:
+        mixprec_version = None
+    return {"torch_version": torch.__version__, "python_version": platform.python_version(),
+            "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "mixprec_version": mixprec_version}
+
+
+def format_ranges(names: Sequence[str] = HISTOGRAM_FORMATS) -> dict:
+    """min subnormal, min normal and max of each format, from mixprec.formats."""
+    out = {}
+    for n in names:
+        f = get_format(n)
+        out[f.name] = {"min_subnormal": f.min_subnormal, "min_normal": f.min_normal,
+                       "max": f.max}
+    return out
+
+
+def run_compare(cfg: CompareConfig, *, progress: bool = False,
+                prepare: Optional[Callable] = None,
+                log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run every recipe of ``cfg`` for every seed; return the results document.
+
+    ``prepare`` builds each engine (default :func:`mixprec.engine.prepare`); ``log``
+    receives one line per finished run.
+
+    >>> results = run_compare(CompareConfig(recipes=("fp32", "bf16-mixed"), steps=50))
+    >>> [row["verdict"] for row in results["summary"]]
+    """
+    started = time.perf_counter()
+    workload = resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)
+    data = workload.make_data()
+    runs = []
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        initial = workload.make_model()
+        _check_model(initial, data, workload.model_name)
+        tcfg = _train_config(cfg, workload, data, seed)
+        seed_runs = []
+        for spec in cfg.recipes:
+            run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
+                               prepare=prepare)
+            run["recipe"]["spec"] = spec
+            run["config"].update(model=workload.model_name, data=workload.data_name,
+                                 workload=workload.name)
+            if spec == BASELINE and run["status"] == "failed":
+                raise RuntimeError(f"the fp32 baseline failed (seed {seed}): {run['error']}")
+            seed_runs.append(run)
+            if log is not None:
+                log(_run_line(run, len(runs) + len(seed_runs), len(cfg.recipes) * len(cfg.seeds)))
+        for run in seed_runs:
+            _compare_to_baseline(run, seed_runs[0], cfg)
+        runs.extend(seed_runs)
+    first = runs[0]["config"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "mixprec.compare",
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "config": {
+            "workload": workload.name, "model": workload.model_name,
+            "data": data.describe(), "recipes": list(cfg.recipes), "baseline": BASELINE,
+            "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
+            "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
+            "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
+                           "loss": cfg.loss_tol},
+            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
+        },
+        "environment": environment(),
+        "formats": format_ranges(),
+        "runs": runs,
+        "summary": _summarize(runs, cfg),
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+def save_results(results: dict, out_dir: Union[str, Path]) -> Path:
+    """Validate and write ``results.json`` (and a copy of its schema) into ``out_dir``."""
+    import json
+    validate_results(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    (out / SCHEMA_FILE).write_text(json.dumps(load_schema(), indent=1) + "\n")
+    return path
+
+
+def load_results(path: Union[str, Path]) -> dict:
+    """Read and validate a ``results.json`` (a file or the run folder holding it)."""
+    import json
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ValueError(f"no results file at {str(p)!r}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(p)!r} is not valid JSON: {e}") from e
+    validate_results(doc)
+    return doc

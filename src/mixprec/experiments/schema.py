@@ -1,0 +1,109 @@
+"""The JSON Schema of ``results.json`` and its validator.
+
+The schema ships in the package (``results.schema.json``).  Validation uses the
+``jsonschema`` package when it is installed and otherwise a small built-in checker that
+covers the keywords the schema uses: type, const, enum, required, properties,
+additionalProperties, items, minItems, minimum, exclusiveMinimum and local ``$ref``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from importlib import resources
+from typing import Any, Iterator
+
+__all__ = ["SCHEMA_FILE", "load_schema", "schema_errors", "validate_results"]
+
+SCHEMA_FILE = "results.schema.json"
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    # bool is an int in Python but not a number in JSON
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    and math.isfinite(v),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return resources.files("mixprec.experiments").joinpath(SCHEMA_FILE).read_text()
+
+
+def load_schema() -> dict:
+    """The results schema as a dict (a fresh copy each call)."""
+    return json.loads(_schema_text())
+
+
+def _resolve(ref: str, root: dict) -> dict:
+    if not ref.startswith("#/"):
+        raise ValueError(f"only local $ref are supported, got {ref!r}")
+    node = root
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
+def _check(value: Any, schema: dict, root: dict, path: str) -> Iterator[str]:
+    """Yield 'path: problem' for each violation (the built-in checker)."""
+    if "$ref" in schema:
+        yield from _check(value, _resolve(schema["$ref"], root), root, path)
+    if "const" in schema and value != schema["const"]:
+        yield f"{path}: {value!r} is not {schema['const']!r}"
+    if "enum" in schema and value not in schema["enum"]:
+        yield f"{path}: {value!r} is not one of {schema['enum']}"
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_TYPES[t](value) for t in types):
+            yield f"{path}: {value!r:.60} is not of type {' or '.join(types)}"
+            return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            yield f"{path}: {value} is less than the minimum {schema['minimum']}"
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            yield f"{path}: {value} is not greater than {schema['exclusiveMinimum']}"
+    if isinstance(value, dict):
+        for key in schema.get("required", ()):
+            if key not in value:
+                yield f"{path}: missing required property {key!r}"
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in props:
+                yield from _check(item, props[key], root, f"{path}.{key}")
+            elif extra is False:
+                yield f"{path}: unexpected property {key!r}"
+            elif isinstance(extra, dict):
+                yield from _check(item, extra, root, f"{path}.{key}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            yield f"{path}: fewer than {schema['minItems']} items"
+        if "items" in schema:
+            for i, item in enumerate(value):
+                yield from _check(item, schema["items"], root, f"{path}[{i}]")
+
+
+def schema_errors(doc: Any, schema: dict | None = None) -> list:
+    """Every violation of ``schema`` (default: the results schema) as 'path: problem'."""
+    schema = load_schema() if schema is None else schema
+    try:
+        import jsonschema
+    except ImportError:
+        return list(_check(doc, schema, schema, "$"))
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"$.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+            for e in validator.iter_errors(doc)]
+
+
+def validate_results(doc: Any) -> None:
+    """Raise ValueError listing the first problems if ``doc`` violates the results schema."""
+    errors = schema_errors(doc)
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError(f"results do not match {SCHEMA_FILE}: " + "; ".join(errors[:5]) + more)
