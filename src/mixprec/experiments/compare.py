@@ -51,7 +51,8 @@ class CompareConfig:
     Verdict tolerances: a recipe "matches fp32" when its accuracy is at most
     ``accuracy_tol`` below (absolute) or its perplexity at most ``perplexity_tol``
     above (relative) the FP32 run's; its loss curve "departs" from the step after which
-    its moving-average loss stays more than ``loss_tol`` (relative) above FP32's.
+    its moving-average loss stays above (1 + ``loss_tol``) x FP32's + ``loss_abs_tol``
+    (the absolute part keeps noise on near-zero late losses from counting).
     """
     recipes: tuple = DEFAULT_RECIPES
     workload: str = DEFAULT_WORKLOAD
@@ -66,6 +67,7 @@ class CompareConfig:
     accuracy_tol: float = 0.01
     perplexity_tol: float = 0.02
     loss_tol: float = 0.10
+    loss_abs_tol: float = 0.02
 
     def __post_init__(self):
         recipes = split_recipes(self.recipes) if isinstance(self.recipes, str) else self.recipes
@@ -133,17 +135,20 @@ def _moving_average(values: Sequence[Optional[float]], window: int) -> list:
 
 
 def divergence_step(losses: Sequence[Optional[float]], baseline: Sequence[Optional[float]], *,
-                    tol: float, window: Optional[int] = None) -> Optional[int]:
-    """First step from which the moving-average loss stays above (1 + tol) x baseline's.
+                    tol: float, abs_tol: float = 0.0,
+                    window: Optional[int] = None) -> Optional[int]:
+    """First step from which the moving-average loss stays above the baseline's:
+    avg(loss) > (1 + tol) * avg(baseline) + abs_tol from that step to the last.
 
-    A non-finite loss counts as infinitely worse.  None when the curves agree at the end.
+    The window is max(5, n/20) steps by default.  A non-finite loss counts as infinitely
+    worse.  None when the curves agree at the end.
     """
     n = min(len(losses), len(baseline))
     if n == 0:
         return None
     window = window or max(5, n // 20)
     mine, ref = _moving_average(losses[:n], window), _moving_average(baseline[:n], window)
-    bad = [m > (1.0 + tol) * r + 1e-12 for m, r in zip(mine, ref)]
+    bad = [m > (1.0 + tol) * r + abs_tol + 1e-12 for m, r in zip(mine, ref)]
     if not bad[-1]:
         return None
     good = [i for i, b in enumerate(bad) if not b]
@@ -159,8 +164,14 @@ def _metric_matches(metric: Optional[float], ref: Optional[float], higher_is_bet
     return metric <= ref * (1.0 + cfg.perplexity_tol)
 
 
-def _verdict(runs: list, cfg: CompareConfig, is_baseline: bool) -> tuple:
-    """(verdict, departs_at, detail) of one recipe from its runs (ratios already set)."""
+def _metric_text(name: str, value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+
+
+def _verdict(runs: list, base: list, cfg: CompareConfig, is_baseline: bool) -> tuple:
+    """(verdict, departs_at, detail) of one recipe from its runs and the fp32 runs."""
     if is_baseline:
         return "baseline", None, ""
     failed = [r for r in runs if r["status"] == "failed"]
@@ -169,20 +180,24 @@ def _verdict(runs: list, cfg: CompareConfig, is_baseline: bool) -> tuple:
         return "failed", r["steps_run"], f"stopped at step {r['steps_run']}: {r['error']}"
     departs = [r["departs_at"] for r in runs if r["departs_at"] is not None]
     nonfinite = [r["loss_history"].index(None) for r in runs if None in r["loss_history"]]
-    matches = [r["matches_fp32"] for r in runs]
+    metric_ok = all(r["matches_fp32"] is True for r in runs)
     where = min(departs) if departs else None
-    if all(m is True for m in matches) and where is None:
+    if metric_ok and where is None:
         return "matches fp32", None, ""
     parts = []
     if nonfinite:
         parts.append(f"non-finite loss first at step {min(nonfinite)}")
     if where is not None:
-        parts.append(f"loss stays >{cfg.loss_tol:.0%} above fp32 from step {where}")
-    if not all(m is True for m in matches):
-        parts.append("final metric outside tolerance")
-    verdict = "matches fp32" if all(m is True for m in matches) else "worse than fp32"
-    if verdict == "matches fp32" and where is not None:
-        verdict = "matches fp32 (metric); loss higher"
+        parts.append(f"moving-average loss stays above fp32's by >{cfg.loss_tol:.0%} "
+                     f"+ {cfg.loss_abs_tol:g} from step {where}")
+    if not metric_ok:
+        name = runs[0]["metric"]["name"]
+        tol = (f"{100 * cfg.accuracy_tol:g} points" if name == "accuracy"
+               else f"{cfg.perplexity_tol:.0%}")
+        parts.append(f"{name} {_metric_text(name, _mean([r['metric']['value'] for r in runs]))} "
+                     f"vs fp32 {_metric_text(name, _mean([r['metric']['value'] for r in base]))}"
+                     f" (tolerance {tol})")
+    verdict = "matches fp32 (metric); loss higher" if metric_ok else "worse than fp32"
     return verdict, where, "; ".join(parts)
 
 
@@ -202,9 +217,10 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def _summarize(runs: list, cfg: CompareConfig) -> list:
     rows = []
+    base = [r for r in runs if r["recipe"]["spec"] == BASELINE]
     for name in cfg.recipes:
         mine = [r for r in runs if r["recipe"]["spec"] == name]
-        verdict, departs, detail = _verdict(mine, cfg, name == BASELINE)
+        verdict, departs, detail = _verdict(mine, base, cfg, name == BASELINE)
         rows.append({
             "recipe": mine[0]["recipe"]["name"], "spec": name, "runs": len(mine),
             "metric_name": mine[0]["metric"]["name"],
@@ -227,7 +243,7 @@ def _compare_to_baseline(run: dict, base: dict, cfg: CompareConfig) -> None:
     run["saved_activation_ratio"] = _ratio(run["saved_activation_bytes"],
                                            base["saved_activation_bytes"])
     run["departs_at"] = divergence_step(run["loss_history"], base["loss_history"],
-                                        tol=cfg.loss_tol)
+                                        tol=cfg.loss_tol, abs_tol=cfg.loss_abs_tol)
     if run["status"] == "failed":
         run["departs_at"] = run["steps_run"] if run["departs_at"] is None else run["departs_at"]
     run["matches_fp32"] = _metric_matches(run["metric"]["value"], base["metric"]["value"],
@@ -341,7 +357,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
             "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
             "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
-                           "loss": cfg.loss_tol},
+                           "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
             "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
         },
         "environment": environment(),
