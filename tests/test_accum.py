@@ -107,12 +107,22 @@ def test_sum_accum_along_dim_zero_matches_last_dim():
     assert torch.equal(sum_accum(x, acc, dim=0), sum_accum(x.t(), acc, dim=-1))
 
 
-def test_sum_accum_rounds_each_addition_once():
-    # 1 + t with t = 2^-11 * (1 + 2^-23): float32 rounds 1 + t to 1 + 2^-11, an exact fp16
-    # tie that would round to even (1.0). The exact sum lies above the tie: 1 + 2^-10.
-    t = 2.0 ** -11 * (1 + 2.0 ** -23)
-    got = sum_accum(torch.tensor([1.0, t]), AccumulationConfig("fp16"))
-    assert got.item() == float(np.float16(np.float64(1.0) + np.float64(t))) == 1 + 2.0 ** -10
+ROUND_ONCE_CASES = [
+    # 1 + t, t = 2^-11 (1 + 2^-23): float32 rounds the sum to 1 + 2^-11, an exact fp16 tie
+    # that would go to even (1.0); the exact sum lies above the tie: 1 + 2^-10.
+    (1.0, 2.0 ** -11 * (1 + 2.0 ** -23), 1 + 2.0 ** -10),
+    # (1 + 2^-10) + (2^-11 - 2^-35): float32 gives the tie 1 + 3 * 2^-11, whose even
+    # neighbour is 1 + 2^-9; the exact sum lies below the tie: 1 + 2^-10.
+    (1 + 2.0 ** -10, 2.0 ** -11 - 2.0 ** -35, 1 + 2.0 ** -10),
+]
+
+
+@pytest.mark.parametrize("s,t,expected", ROUND_ONCE_CASES)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sum_accum_rounds_each_addition_once(s, t, expected, sign):
+    got = sum_accum(torch.tensor([sign * s, sign * t]), AccumulationConfig("fp16"))
+    oracle = np.float16(np.float64(sign * s) + np.float64(sign * t))   # exact, then once
+    assert got.item() == float(oracle) == sign * expected
 
 
 def test_sum_accum_e4m3_accumulator_overflows_to_nan():

