@@ -1,0 +1,217 @@
+/* Bit-exact rounding of float32/float64 arrays to a narrower float format.
+ *
+ * The kernel works on the bit pattern of the input.  With a = |x| as an unsigned
+ * integer, field = a >> MW, sig = the significand with its implicit bit, and
+ *
+ *     shift = (MW - M) + max(0, te - max(field, 1))
+ *
+ * (te = biased input exponent of the format's smallest normal), the format keeps
+ * sig >> shift and drops low = sig mod 2^shift.  For shift <= MW the result is
+ * a - low (+ 2^shift when rounding up): the carry walks into the exponent field by
+ * itself.  For larger shifts the value is below the format's smallest subnormal Q
+ * and the result is 0 or Q.
+ *
+ *   nearest      up = low > half, or low == half and the kept code is odd
+ *                (never when shift > MW + 1: the value is below Q / 2)
+ *   stochastic   up = u < low * 2^(63 - shift), u uniform in [0, 2^63): P = low / 2^shift
+ *   toward_zero  up = 0
+ *
+ * then overflow (rounded result > max), +-inf and NaN take the patterns the caller
+ * computed from the format's convention.  Every parameter is derived in
+ * mixprec/quant.py from (ebits, mbits, bias, convention); the pure-torch path there
+ * runs the same algorithm, and the random bits u are SplitMix64 of (seed, flat index)
+ * in both, so both paths give identical results.
+ *
+ * Integer-only: no floating-point instruction touches the data, so the result does not
+ * depend on the FPU rounding mode or on flush-to-zero settings.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <pthread.h>
+
+#define MODE_NEAREST 0
+#define MODE_STOCHASTIC 1
+#define MODE_TOWARD_ZERO 2
+#define MAX_THREADS 64
+#define MIN_PER_THREAD 65536
+
+typedef struct {
+    int64_t s0, te, m0, m0_adj, unsigned_zero;
+    uint64_t max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+} plan_t;
+
+/* SplitMix64 output number i+1 for state `seed`, shifted to 63 bits. */
+static inline uint64_t random_u63(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return z >> 1;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* One loop per (input type, rounding mode) so that each vectorizes without branches. */
+#define DEFINE_LOOP(NAME, UINT, MW, MODE)                                              \
+MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
+                              const plan_t *pl, uint64_t seed) {                       \
+    const UINT SIGN = (UINT)1 << (sizeof(UINT) * 8 - 1);                               \
+    const UINT MMASK = ((UINT)1 << MW) - 1;                                            \
+    const UINT s0 = (UINT)pl->s0, m0 = (UINT)pl->m0, m0_adj = (UINT)pl->m0_adj;       \
+    const int64_t te = pl->te;                                                         \
+    const UINT max_bits = (UINT)pl->max_bits, q_bits = (UINT)pl->q_bits;               \
+    const UINT inf_bits = (UINT)pl->inf_bits, nan_bits = (UINT)pl->nan_bits;           \
+    const UINT ovf_bits = (UINT)pl->ovf_bits, infin_bits = (UINT)pl->infin_bits;       \
+    const UINT uz = (UINT)pl->unsigned_zero;                                           \
+    (void)seed; (void)m0; (void)m0_adj;                                                \
+    for (int64_t i = begin; i < end; i++) {                                            \
+        UINT b = src[i];                                                               \
+        UINT sign = b & SIGN, a = b ^ sign;                                            \
+        UINT field = a >> MW;                                                          \
+        int64_t d = te - (int64_t)(field ? field : 1);                                 \
+        UINT shift = s0 + (UINT)(d > 0 ? d : 0);                                       \
+        UINT sh = shift < MW + 1 ? shift : MW + 1;                                     \
+        UINT sig = field ? (a & MMASK) | (MMASK + 1) : a;                              \
+        UINT low = sig & (((UINT)1 << sh) - 1);                                        \
+        UINT up;                                                                       \
+        if (MODE == MODE_NEAREST) {                                                    \
+            UINT lsb = (sig >> sh) & 1;                                                \
+            lsb = (m0 & (shift == s0)) ? ((field + m0_adj) & 1) : lsb;                 \
+            UINT twice = low << 1, full = (UINT)1 << sh;                               \
+            up = ((twice > full) | ((twice == full) & lsb)) & (shift <= MW + 1);      \
+        } else if (MODE == MODE_STOCHASTIC) {                                          \
+            uint64_t u = random_u63(seed, (uint64_t)i);                                \
+            uint64_t rs = shift > 63 ? (shift - 63 > 63 ? 63 : shift - 63) : 0;        \
+            uint64_t thr = shift <= 63 ? ((uint64_t)low << (63 - shift))               \
+                                       : ((uint64_t)sig >> rs);                        \
+            up = u < thr;                                                              \
+        } else {                                                                       \
+            up = 0;                                                                    \
+        }                                                                              \
+        UINT r = shift <= MW ? a - low + (up << sh) : (up ? q_bits : 0);               \
+        r = r > max_bits ? ovf_bits : r;                                               \
+        r = a == inf_bits ? infin_bits : r;                                            \
+        r = a > inf_bits ? nan_bits : r;                                               \
+        sign = (uz & ((r == 0) | (r == nan_bits))) ? 0 : sign;                         \
+        dst[i] = r | sign;                                                             \
+    }                                                                                  \
+}
+
+DEFINE_LOOP(loop_f32_nearest, uint32_t, 23, MODE_NEAREST)
+DEFINE_LOOP(loop_f32_stochastic, uint32_t, 23, MODE_STOCHASTIC)
+DEFINE_LOOP(loop_f32_toward_zero, uint32_t, 23, MODE_TOWARD_ZERO)
+DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
+DEFINE_LOOP(loop_f64_stochastic, uint64_t, 52, MODE_STOCHASTIC)
+DEFINE_LOOP(loop_f64_toward_zero, uint64_t, 52, MODE_TOWARD_ZERO)
+
+typedef struct {
+    const void *src;
+    void *dst;
+    int64_t begin, end;
+    const plan_t *plan;
+    uint64_t seed;
+    int is_f64, mode;
+} job_t;
+
+static void run_job(const job_t *j) {
+    static void (*const f32[3])(const uint32_t *, uint32_t *, int64_t, int64_t,
+                                const plan_t *, uint64_t) = {
+        loop_f32_nearest, loop_f32_stochastic, loop_f32_toward_zero};
+    static void (*const f64[3])(const uint64_t *, uint64_t *, int64_t, int64_t,
+                                const plan_t *, uint64_t) = {
+        loop_f64_nearest, loop_f64_stochastic, loop_f64_toward_zero};
+    if (j->is_f64)
+        f64[j->mode]((const uint64_t *)j->src, (uint64_t *)j->dst, j->begin, j->end,
+                     j->plan, j->seed);
+    else
+        f32[j->mode]((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end,
+                     j->plan, j->seed);
+}
+
+static void *thread_main(void *arg) {
+    run_job((const job_t *)arg);
+    return NULL;
+}
+
+/* Split [0, n) into contiguous ranges, one per thread; the random bits depend on the
+ * element index only, so the split does not change the result. */
+static void run_parallel(job_t base, int64_t n, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > n / MIN_PER_THREAD) nthreads = (int)(n / MIN_PER_THREAD);
+    if (nthreads < 1) nthreads = 1;
+    job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t chunk = (n + nthreads - 1) / nthreads;
+    chunk = (chunk + 63) & ~(int64_t)63;   /* keep chunk starts cache-line aligned */
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t] = base;
+        jobs[t].begin = (int64_t)t * chunk < n ? (int64_t)t * chunk : n;
+        jobs[t].end = (int64_t)(t + 1) * chunk < n ? (int64_t)(t + 1) * chunk : n;
+        started[t] = 0;
+    }
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&tids[t], NULL, thread_main, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else run_job(&jobs[t]);   /* thread creation failed: do its share here */
+    }
+}
+
+PyDoc_STRVAR(round_doc,
+"round_bits(src_ptr, dst_ptr, n, is_f64, mode, seed, nthreads, s0, te, m0, m0_adj,\n"
+"           unsigned_zero, max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits)\n"
+"\n"
+"Round n contiguous float32 (is_f64=0) or float64 values at src_ptr into dst_ptr\n"
+"(which may equal src_ptr).  mode: 0 nearest-even, 1 stochastic, 2 toward zero.\n"
+"The plan parameters come from mixprec.quant; the GIL is released while it runs.");
+
+static PyObject *round_bits(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, seed;
+    long long n;
+    int is_f64, mode, nthreads;
+    long long s0, te, m0, m0_adj, uz;
+    unsigned long long max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLiiKiLLLLLKKKKKK", &src, &dst, &n, &is_f64, &mode,
+                          &seed, &nthreads, &s0, &te, &m0, &m0_adj, &uz, &max_bits,
+                          &q_bits, &inf_bits, &nan_bits, &ovf_bits, &infin_bits))
+        return NULL;
+    if (mode < 0 || mode > 2) {
+        PyErr_Format(PyExc_ValueError, "mode %d not in {0, 1, 2}", mode);
+        return NULL;
+    }
+    int mw = is_f64 ? 52 : 23;
+    if (s0 < 0 || s0 > mw || te < 1) {
+        PyErr_Format(PyExc_ValueError, "plan out of range: s0=%lld te=%lld", s0, te);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits,
+                   ovf_bits, infin_bits};
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, &plan,
+                  (uint64_t)seed, is_f64, mode};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"round_bits", round_bits, METH_VARARGS, round_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cquant",
+    "C kernels for mixprec.quant: integer rounding of float32/float64 bit patterns.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cquant(void) { return PyModule_Create(&module); }
