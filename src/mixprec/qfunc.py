@@ -1,0 +1,369 @@
+"""Autograd functions of emulated low-precision ops, and the storage of their saved tensors.
+
+Every emulated GEMM-like op follows one rule (the 2018 mixed-precision recipe)::
+
+    forward   y  = store( round_act(x) @ round_w(w)^T + bias ), products summed in FP32
+    backward  g' = round_grad(dL/dy)
+              dx = g' @ w_saved          dw = round_wgrad(g'^T @ x_saved)
+              db = round_wgrad(sum g')
+
+``round_*`` apply the layer's TensorSpecs through :func:`mixprec.scaling.quantize_spec`
+(none / current / delayed / MX scaling); products are exact in FP32 and summed in FP32,
+or with the emulated accumulator of ``policy.accumulation`` (:func:`mixprec.accum.matmul_accum`)
+in all three GEMMs of linear and matmul. ``store`` rounds the output to the activation
+format when that format is unscaled ("accumulate in FP32, store FP16"); the bias is
+added in FP32, as stored. Results come back in the input's dtype; gradients in the
+dtypes of the tensors they belong to.
+
+MX blocks lie along the reduction dimension of the GEMM that consumes the tensor, so a
+tensor used by two GEMMs is quantized twice from high precision (as MX hardware
+pipelines keep a "row-wise" and a "column-wise" copy):
+
+    op       forward (x, w)        saved for dw / dx        grad for dx / dw
+    linear   x: last, w: in        x: tokens, w: out        g: out / tokens
+    matmul   a: -1, b: -2          a: -2, b: -1             g: -1 / -2
+    conv     x, w: C_in (dim 1)    x: batch, w: C_out       g: C_out / batch
+
+For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
+channels at one kernel position (the channel-innermost im2col layout), so a block
+never mixes kernel positions; C_in / groups should be a multiple of the block size.
+
+Tensors saved for backward are stored in the real low-precision storage: the format's
+torch dtype (float16, bfloat16, float8_e5m2, float8_e4m3fn, ...) or ``quant.encode``
+codes, with the float32 per-tensor scale or the E8M0 block scales beside them. The
+high-precision inputs are not kept.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .accum import matmul_accum, sum_accum
+from .formats import FloatFormat, get_format
+from .policy import LayerPolicy, LayerState, scaler_key
+from . import quant
+from .quant import quantize
+from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
+from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+
+__all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS"]
+
+_E8M0 = get_format("e8m0")
+_MX = ScalingKind.MX
+
+
+# --------------------------------------------------------------------------------------
+# Rounding and low-precision storage
+# --------------------------------------------------------------------------------------
+# A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
+# "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales).
+Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
+
+
+def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    # The cast is exact: values are already representable in fmt.
+    if fmt.torch_dtype is not None:
+        return values.to(fmt.torch_dtype)
+    return quant.encode(values, fmt)
+
+
+def _from_storage(stored: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    if fmt.torch_dtype is not None:
+        return stored.to(torch.float32)
+    return quant.decode(stored, fmt, dtype=torch.float32)
+
+
+def _expand_blocks(scales: torch.Tensor, axis: int, block: int, n: int) -> torch.Tensor:
+    return scales.repeat_interleave(block, dim=axis).narrow(axis, 0, n)
+
+
+def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
+           scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
+           pack: bool = False) -> Tuple[torch.Tensor, Optional[Pack]]:
+    """Round float32 ``x`` per ``spec``; return (float32 values, storage pack or None).
+
+    Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
+    scaling is spelled out here because storage needs the codes quantize(x * scale) and
+    the scale, not only their quotient.
+    """
+    if spec.is_identity:
+        return x, (("raw", None, axis, 0, (x,)) if pack else None)
+    fmt = get_format(spec.format)
+    if spec.scaling is ScalingKind.NONE:
+        values = quantize_spec(x, spec, cfg, generator=generator)
+        return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),)) if pack else None)
+    if spec.scaling is _MX:
+        block = cfg.mx_block_size
+        values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
+                                     scale_rule=cfg.mx_scale_rule,
+                                     rounding=spec.rounding.value, generator=generator)
+        if not pack:
+            return values, None
+        wide = _expand_blocks(scales, axis, block, x.shape[axis])
+        # NaN blocks keep their NaN in the scale; the element codes may be anything
+        elems = torch.where(torch.isnan(wide), torch.zeros_like(values), values / wide)
+        codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
+        return values, ("mx", fmt, axis, block, codes)
+    if spec.scaling is ScalingKind.CURRENT:
+        scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+    elif scaler is None:
+        raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
+                         "or run the layer under attach()")
+    else:
+        scaler.bind(fmt)
+        scale = scaler.scale.to(x.device).clone()
+    lp = quantize(x * scale, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
+                  generator=generator)
+    if scaler is not None:
+        scaler.update(tensor_to_amax(x))
+    return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
+
+
+def _unpack(pack: Pack) -> torch.Tensor:
+    kind, fmt, axis, block, tensors = pack
+    if kind == "raw":
+        return tensors[0].to(torch.float32)
+    if kind == "values":
+        return _from_storage(tensors[0], fmt)
+    if kind == "scaled":
+        return _from_storage(tensors[0], fmt) / tensors[1]
+    elems = _from_storage(tensors[0], fmt)
+    scales = _from_storage(tensors[1], _E8M0)
+    return elems * _expand_blocks(scales, axis, block, elems.shape[axis])
+
+
+def _save(ctx, *packs: Optional[Pack]) -> None:
+    """save_for_backward only the stored (low-precision) tensors."""
+    ctx.pack_meta = [None if p is None else (p[:4], len(p[4])) for p in packs]
+    ctx.save_for_backward(*[t for p in packs if p is not None for t in p[4]])
+
+
+def _load(ctx) -> list:
+    tensors, out, i = ctx.saved_tensors, [], 0
+    for meta in ctx.pack_meta:
+        if meta is None:
+            out.append(None)
+            continue
+        head, n = meta
+        out.append(_unpack(head + (tuple(tensors[i:i + n]),)))
+        i += n
+    return out
+
+
+@contextlib.contextmanager
+def _exact(device_type: str):
+    """Plain FP32 arithmetic: no torch-function modes (ours included), no autocast."""
+    with torch._C.DisableTorchFunction():
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                yield
+        else:
+            yield
+
+
+class OpContext:
+    """What an emulated op needs besides its tensors."""
+    __slots__ = ("policy", "state", "generator", "slot")
+
+    def __init__(self, policy: LayerPolicy, state: Optional[LayerState],
+                 generator: Optional[torch.Generator], slot: int):
+        self.policy, self.state, self.generator, self.slot = policy, state, generator, slot
+
+    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False):
+        spec = getattr(self.policy, role)
+        scaler = None if self.state is None else self.state.scaler(
+            scaler_key(role, self.slot, operand), spec, self.policy.scaling)
+        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack)
+
+    def observe(self, role: str, x: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state.observe(role, x)
+
+    def is_mx(self, role: str) -> bool:
+        return getattr(self.policy, role).scaling is _MX
+
+    def store_output(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.policy.rounds_output:
+            return y
+        return quantize_spec(y, self.policy.activation, self.policy.scaling,
+                             generator=self.generator)
+
+    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand=""):
+        """Forward copy of x and, when ``keep``, the pack saved for backward (MX: a second
+        quantization along the backward GEMM's reduction axis)."""
+        mx = self.is_mx(role)
+        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
+        if keep and mx:
+            pack = self.round(x, role, bwd_axis, operand, pack=True)[1]
+        return xq, pack
+
+    def grads(self, g, row_axis, col_axis, need_row, need_col):
+        """grad_output rounded for dX (blocks along ``row_axis``) and dW (``col_axis``);
+        unscaled and per-tensor specs round once and share the result."""
+        if not self.is_mx("grad_output"):
+            gq = self.round(g, "grad_output", row_axis)[0]
+            return gq, gq
+        row = self.round(g, "grad_output", row_axis)[0] if need_row else None
+        col = self.round(g, "grad_output", col_axis)[0] if need_col else None
+        return row, col
+
+    def weight_grad(self, dw, axis, operand=""):
+        self.observe("weight_grad", dw)
+        return self.round(dw, "weight_grad", axis, operand)[0]
+
+
+def _mm(a, b, acc: AccumulationConfig):
+    return torch.matmul(a, b) if acc.is_fp32 else matmul_accum(a, b, acc)
+
+
+def _sum(x, acc: AccumulationConfig, dim: int):
+    return x.sum(dim) if acc.is_fp32 else sum_accum(x, acc, dim=dim)
+
+
+# --------------------------------------------------------------------------------------
+# Autograd functions
+# --------------------------------------------------------------------------------------
+class QLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, c: OpContext, need_x: bool, need_w: bool):
+        with _exact(x.device.type):
+            c.observe("activation", x)
+            c.observe("weight", weight)
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w)
+            wq, w_pack = c.operands(weight.to(torch.float32), "weight", -1, 0, keep=need_x)
+            y = _mm(xq, wq.t(), c.policy.accumulation)
+            if bias is not None:
+                y = y + bias.to(torch.float32)
+            y = c.store_output(y)
+        _save(ctx, x_pack, w_pack)
+        ctx.c, ctx.x_shape = c, x.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, acc = ctx.c, ctx.c.policy.accumulation
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        with _exact(g.device.type):
+            x_saved, w_saved = _load(ctx)
+            c.observe("grad_output", g)
+            g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+            g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
+            if need_x:
+                dx = _mm(g_row, w_saved, acc).reshape(ctx.x_shape).to(ctx.dtypes[0])
+            if need_w:
+                dw = c.weight_grad(_mm(g_col.t(), x_saved, acc), -1).to(ctx.dtypes[1])
+            if need_b:
+                db = c.weight_grad(_sum(g_col, acc, 0), -1, "bias").to(ctx.dtypes[2])
+        return dx, dw, db, None, None, None
+
+
+CONV_FUNCS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+               3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+
+
+class QConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, c: OpContext, need_x: bool, need_w: bool):
+        nd = weight.dim() - 2
+        with _exact(x.device.type):
+            c.observe("activation", x)
+            c.observe("weight", weight)
+            xq, x_pack = c.operands(x.to(torch.float32), "activation", 1, 0, keep=need_w)
+            wq, w_pack = c.operands(weight.to(torch.float32), "weight", 1, 0, keep=need_x)
+            b32 = None if bias is None else bias.to(torch.float32)
+            y = c.store_output(CONV_FUNCS[nd](xq, wq, b32, *geometry))
+        _save(ctx, x_pack, w_pack)
+        ctx.c, ctx.geometry, ctx.shapes = c, geometry, (x.shape, weight.shape)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        (x_shape, w_shape), nd = ctx.shapes, len(ctx.shapes[1]) - 2
+        dx = dw = db = None
+        with _exact(g.device.type):
+            x_saved, w_saved = _load(ctx)
+            c.observe("grad_output", g)
+            g_row, g_col = c.grads(g.to(torch.float32), 1, 0, need_x, need_w or need_b)
+            if need_x:
+                dx = _CONV_INPUT[nd](x_shape, w_saved, g_row, *ctx.geometry).to(ctx.dtypes[0])
+            if need_w:
+                dw = _CONV_WEIGHT[nd](x_saved, w_shape, g_col, *ctx.geometry)
+                dw = c.weight_grad(dw, 1).to(ctx.dtypes[1])
+            if need_b:
+                dims = [0] + list(range(2, g_col.dim()))
+                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+        return dx, dw, db, None, None, None, None
+
+
+class QMatmul(torch.autograd.Function):
+    """a @ b for a, b of at least 2 dims (batch dims broadcast); both are activations."""
+
+    @staticmethod
+    def forward(ctx, a, b, c: OpContext, need_a: bool, need_b: bool):
+        with _exact(a.device.type):
+            c.observe("activation", a)
+            c.observe("activation", b)
+            aq, a_pack = c.operands(a.to(torch.float32), "activation", -1, -2, keep=need_b)
+            bq, b_pack = c.operands(b.to(torch.float32), "activation", -2, -1, keep=need_a,
+                                    operand="rhs")
+            y = c.store_output(_mm(aq, bq, c.policy.accumulation))
+        _save(ctx, a_pack, b_pack)
+        ctx.c, ctx.shapes, ctx.dtypes = c, (a.shape, b.shape), (a.dtype, b.dtype)
+        return y.to(torch.promote_types(a.dtype, b.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        c, acc = ctx.c, ctx.c.policy.accumulation
+        need_a, need_b = ctx.needs_input_grad[:2]
+        da = db = None
+        with _exact(g.device.type):
+            a_saved, b_saved = _load(ctx)
+            c.observe("grad_output", g)
+            g_row, g_col = c.grads(g.to(torch.float32), -1, -2, need_a, need_b)
+            if need_a:
+                da = _mm(g_row, b_saved.transpose(-1, -2), acc)
+                da = da.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0])
+            if need_b:
+                db = _mm(a_saved.transpose(-1, -2), g_col, acc)
+                db = db.sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+        return da, db, None, None, None
+
+
+class QEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, weight, padding_idx: int, scale_grad_by_freq: bool, c: OpContext):
+        with _exact(weight.device.type):
+            c.observe("weight", weight)
+            y = F.embedding(indices, weight.to(torch.float32))   # a lookup: exact
+            c.observe("activation", y)
+            y = c.round(y, "activation", -1)[0]
+        ctx.save_for_backward(indices)
+        ctx.c, ctx.n, ctx.dtype = c, weight.shape[0], weight.dtype
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        return y.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        dw = None
+        if ctx.needs_input_grad[1]:
+            (indices,) = ctx.saved_tensors
+            with _exact(g.device.type):
+                c.observe("grad_output", g)
+                gq = c.round(g.to(torch.float32), "grad_output", -1)[0]
+                dw = torch.ops.aten.embedding_dense_backward(
+                    gq, indices, ctx.n, ctx.padding_idx, ctx.scale_grad_by_freq)
+                dw = c.weight_grad(dw, -1).to(ctx.dtype)
+        return None, dw, None, None, None

@@ -1,0 +1,591 @@
+"""Emulated layers, PrecisionMode, attach and the FP32-op policy.
+
+Oracles: inputs rounded by torch's own casts and ml_dtypes, an MX reference written
+block by block in numpy, products summed in float64. A float32 accumulation of K exactly
+formed products differs from the float64 sum by at most about K * 2^-24 * sum |products|
+in any summation order (Higham's bound for recursive summation; blocked and pairwise
+kernels do better), so that is the tolerance; where the output is stored in a narrow
+format, rounding is monotonic, so the stored value must lie between the roundings of
+exact - bound and exact + bound.
+"""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixprec import quant
+from mixprec.accum import matmul_accum
+from mixprec.emulate import (PrecisionMode, attach, current_layer, qconv, qembedding, qlinear,
+                             qmatmul, qscaled_dot_product_attention)
+from mixprec.formats import get_format
+from mixprec.policy import LayerPolicy, LayerState
+from mixprec.recipe import AccumulationConfig, Recipe, TensorSpec, get_recipe
+
+NP = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "e5m2": ml_dtypes.float8_e5m2,
+      "e4m3": ml_dtypes.float8_e4m3fn, "e3m2": ml_dtypes.float6_e3m2fn}
+U32 = 2.0 ** -24
+
+
+# --------------------------------------------------------------------------------------
+# Oracles
+# --------------------------------------------------------------------------------------
+def np64(t):
+    return t.detach().double().numpy()
+
+
+def ref_round(v, fmt):
+    """Nearest-even rounding by ml_dtypes / numpy (float64 in and out, via float32)."""
+    return np.asarray(v, np.float64).astype(np.float32).astype(NP[fmt]).astype(np.float64)
+
+
+def ref_current(v, fmt):
+    """Per-tensor current scaling with torch's own float8 cast: q(x * s) / s in float32."""
+    t = torch.as_tensor(v, dtype=torch.float32)
+    scale = torch.tensor(get_format(fmt).max, dtype=torch.float32) / t.abs().max()
+    lp = (t * scale).clamp(-get_format(fmt).max, get_format(fmt).max)
+    return ((lp.to(get_format(fmt).torch_dtype).float()) / scale).double().numpy()
+
+
+def ref_mx(v, fmt, axis, block=32):
+    """OCP MX: per block X = 2^(floor(log2 amax) - emax), elements saturated, rounded."""
+    fmt_ = get_format(fmt)
+    v = np.moveaxis(np.asarray(v, np.float64), axis, -1)
+    n = v.shape[-1]
+    pad = -n % block
+    b = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], -1, block)
+    amax = np.abs(b).max(-1, keepdims=True)
+    _, e = np.frexp(np.where(amax > 0, amax, 1.0))
+    x = np.ldexp(1.0, (e - 1) - fmt_.emax)
+    elems = ref_round(np.clip(b / x, -fmt_.max, fmt_.max), fmt)
+    out = (elems * x).reshape(*v.shape[:-1], -1)[..., :n]
+    return np.moveaxis(out, -1, axis)
+
+
+def ref_quant(v, kind, fmt, axis=-1):
+    if kind == "none":
+        return ref_round(v, fmt)
+    if kind == "current":
+        return ref_current(v, fmt)
+    return ref_mx(v, fmt, axis)
+
+
+def sqnr_db(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return 10 * math.log10((ref ** 2).sum() / max(((ours - ref) ** 2).sum(), 1e-300))
+
+
+def assert_fp32_accumulated(ours, exact, bound, store_fmt=None):
+    """ours = store(fp32 sum) where exact is the float64 sum and bound the FP32 error."""
+    ours = np64(ours)
+    if store_fmt is None:
+        assert np.all(np.abs(ours - exact) <= bound), np.max(np.abs(ours - exact) - bound)
+    else:
+        lo, hi = ref_round(exact - bound, store_fmt), ref_round(exact + bound, store_fmt)
+        assert np.all((ours >= lo) & (ours <= hi))
+
+
+def representable(t, fmt):
+    v = np64(t)
+    return np.array_equal(ref_round(v, fmt), v)
+
+
+def policy(fmt, kind="none", rounding="nearest", **kw):
+    spec = TensorSpec(fmt, rounding=rounding, scaling=kind, saturate=kind != "none")
+    return LayerPolicy(spec, spec, spec, spec, **kw)
+
+
+FWD_CASES = [("fp16", "none", 60), ("bf16", "none", 40), ("e5m2", "none", 15),
+             ("e4m3", "current", 25), ("e4m3", "mx", 25)]
+CASE_IDS = ["fp16", "bf16", "e5m2", "e4m3-current", "mxfp8"]
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------
+# LayerPolicy
+# --------------------------------------------------------------------------------------
+def test_policy_from_recipe():
+    r = get_recipe("fp8-e5m2")
+    p = LayerPolicy.from_recipe(r)
+    assert (p.weight, p.grad_output, p.accumulation) == (r.weight, r.grad_output, r.accumulation)
+    hp = LayerPolicy.from_recipe(r, high_precision=True)
+    assert {hp.weight.format, hp.weight_grad.format} == {"fp16"} and not hp.is_identity
+    assert LayerPolicy.from_recipe("fp16-mixed", high_precision=True).is_identity
+    assert LayerPolicy.from_recipe(Recipe()).is_identity
+    assert not LayerPolicy(accumulation=AccumulationConfig("fp16")).is_identity
+    with pytest.raises(ValueError, match="LayerPolicy.weight must be a TensorSpec"):
+        LayerPolicy(weight="fp16")
+    with pytest.raises(ValueError, match="unknown layer role 'master'; valid choices"):
+        LayerPolicy().spec("master")
+
+
+# --------------------------------------------------------------------------------------
+# Forward against independent references
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,kind,min_db", FWD_CASES, ids=CASE_IDS)
+def test_qlinear_forward_matches_reference(fmt, kind, min_db):
+    x, w, b = randn(2, 8, 64, seed=1), randn(24, 64, seed=2), randn(24, seed=3)
+    y = qlinear(x, w, b, policy(fmt, kind))
+    assert y.dtype == torch.float32 and y.shape == (2, 8, 24)
+    xr, wr = ref_quant(np64(x), kind, fmt, -1), ref_quant(np64(w), kind, fmt, -1)
+    exact = xr @ wr.T + np64(b)
+    bound = (64 + 2) * U32 * (np.abs(xr) @ np.abs(wr).T + np.abs(np64(b)))
+    assert_fp32_accumulated(y, exact, bound, fmt if kind == "none" else None)
+    assert sqnr_db(np64(y), np64(x) @ np64(w).T + np64(b)) > min_db
+
+
+@pytest.mark.parametrize("fmt,kind,min_db", FWD_CASES, ids=CASE_IDS)
+def test_qmatmul_forward_broadcast_matches_reference(fmt, kind, min_db):
+    a, b = randn(2, 3, 5, 64, seed=4), randn(64, 7, seed=5)
+    y = qmatmul(a, b, policy(fmt, kind))
+    ar, br = ref_quant(np64(a), kind, fmt, -1), ref_quant(np64(b), kind, fmt, -2)
+    exact = ar @ br
+    bound = (64 + 2) * U32 * (np.abs(ar) @ np.abs(br))
+    assert_fp32_accumulated(y, exact, bound, fmt if kind == "none" else None)
+    assert sqnr_db(np64(y), np64(a) @ np64(b)) > min_db
+
+
+@pytest.mark.parametrize("fmt,kind,min_db", FWD_CASES, ids=CASE_IDS)
+def test_qconv2d_matches_reference(fmt, kind, min_db):
+    x = randn(2, 64, 6, 6, seed=6).requires_grad_()
+    w = randn(8, 64, 3, 3, seed=7).requires_grad_()
+    spec = TensorSpec(fmt, scaling=kind, saturate=kind != "none")
+    y = qconv(x, w, None, 1, 1, 1, 1, LayerPolicy(spec, spec, spec, TensorSpec()))
+    # MX blocks run along input channels (dim 1) of both x and w
+    xr, wr = ref_quant(np64(x), kind, fmt, 1), ref_quant(np64(w), kind, fmt, 1)
+    exact = F.conv2d(torch.from_numpy(xr), torch.from_numpy(wr), padding=1).numpy()
+    absum = F.conv2d(torch.from_numpy(np.abs(xr)), torch.from_numpy(np.abs(wr)), padding=1)
+    bound = (64 * 9 + 2) * U32 * absum.numpy()
+    assert_fp32_accumulated(y, exact, bound, fmt if kind == "none" else None)
+    assert sqnr_db(np64(y), np64(F.conv2d(x.double(), w.double(), padding=1))) > min_db
+    # backward: dx from g and w blocked along C_out, dw from g and x blocked along batch
+    g = randn(*y.shape, seed=40)
+    y.backward(g)
+    g_row, g_col = ref_quant(np64(g), kind, fmt, 1), ref_quant(np64(g), kind, fmt, 0)
+    w_col, x_col = ref_quant(np64(w), kind, fmt, 0), ref_quant(np64(x), kind, fmt, 0)
+    t = torch.from_numpy
+    dx = torch.nn.grad.conv2d_input(x.shape, t(w_col), t(g_row), padding=1)
+    dw = torch.nn.grad.conv2d_weight(t(x_col), w.shape, t(g_col), padding=1)
+    torch.testing.assert_close(x.grad.double(), dx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), dw, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("nd,stride,padding,dilation,groups", [
+    (2, 2, 1, 1, 1), (2, 1, "same", 2, 2), (2, 1, "same", 1, 1), (2, (2, 1), (0, 2), 1, 4),
+    (1, 1, "valid", 1, 1), (1, 2, 3, 2, 2), (1, 1, "same", 1, 1),
+])
+def test_qconv_geometry_forward_and_backward(nd, stride, padding, dilation, groups):
+    """fp16 policy: forward and both gradients equal conv of fp16-rounded operands."""
+    conv = {1: F.conv1d, 2: F.conv2d}[nd]
+    spatial = (9,) * nd
+    kernel = (4,) * nd if padding == "same" and dilation == 1 else (3,) * nd
+    x = randn(2, 8, *spatial, seed=8).requires_grad_()
+    w = randn(8, 8 // groups, *kernel, seed=9).requires_grad_()
+    b = randn(8, seed=10).requires_grad_()
+    y = qconv(x, w, b, stride, padding, dilation, groups, policy("fp16"))
+    g = randn(*y.shape, seed=11)
+    y.backward(g)
+
+    r16 = lambda t: t.detach().half().double().requires_grad_()   # noqa: E731
+    xr, wr, br = r16(x), r16(w), b.detach().double().requires_grad_()
+    ref = conv(xr, wr, br, stride, padding, dilation, groups)
+    ref.backward(g.half().double())
+    torch.testing.assert_close(y.double(), ref.half().double(), rtol=2 ** -10, atol=1e-3)
+    assert representable(y, "fp16")
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wr.grad.half().double(), rtol=2 ** -10, atol=1e-3)
+    torch.testing.assert_close(b.grad.double(), br.grad.half().double(), rtol=2 ** -10, atol=1e-3)
+    assert representable(w.grad, "fp16") and representable(b.grad, "fp16")
+
+
+def test_qconv_rejects_emulated_accumulation():
+    with pytest.raises(ValueError, match="implemented for linear and matmul only.*fp32"):
+        qconv(randn(1, 2, 4, 4), randn(2, 2, 1, 1), None, 1, 0, 1, 1,
+              policy("fp16", accumulation=AccumulationConfig("fp16")))
+
+
+def test_qlinear_emulated_accumulation_uses_accum():
+    x, w = randn(4, 100, seed=12), randn(3, 100, seed=13)
+    acc = AccumulationConfig("fp16", chunk=16)
+    y = qlinear(x, w, None, policy("fp16", accumulation=acc))
+    expected = matmul_accum(x.half().float(), w.half().float().t(), acc).half().float()
+    assert torch.equal(y, expected)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,kind,min_db", FWD_CASES, ids=CASE_IDS)
+def test_qlinear_backward_rounds_grads(fmt, kind, min_db):
+    x = randn(40, 64, seed=14).requires_grad_()
+    w = randn(24, 64, seed=15).requires_grad_()
+    b = randn(24, seed=16).requires_grad_()
+    g = randn(40, 24, seed=17)
+    spec = TensorSpec(fmt, scaling=kind, saturate=kind != "none")
+    # 1. weight_grad kept in FP32: dx = q(g) @ q(w), dw = q(g)^T @ q(x), FP32 sums, with
+    #    MX blocks along each GEMM's reduction: g along out / tokens, w along out, x along
+    #    tokens
+    qlinear(x, w, b, LayerPolicy(spec, spec, spec, TensorSpec())).backward(g)
+    g_row, g_col = ref_quant(np64(g), kind, fmt, -1), ref_quant(np64(g), kind, fmt, 0)
+    w_col, x_col = ref_quant(np64(w), kind, fmt, 0), ref_quant(np64(x), kind, fmt, 0)
+    assert_fp32_accumulated(x.grad, g_row @ w_col, 26 * U32 * (np.abs(g_row) @ np.abs(w_col)))
+    assert_fp32_accumulated(w.grad, g_col.T @ x_col,
+                            42 * U32 * (np.abs(g_col).T @ np.abs(x_col)))
+    assert_fp32_accumulated(b.grad, g_col.sum(0), 42 * U32 * np.abs(g_col).sum(0))
+    dw32, db32 = np64(w.grad), np64(b.grad)
+    # 2. the full policy rounds those FP32 weight gradients (MX blocks along in_features)
+    x.grad = w.grad = b.grad = None
+    qlinear(x, w, b, policy(fmt, kind)).backward(g)
+    assert np.array_equal(np64(w.grad), ref_quant(dw32, kind, fmt, -1))
+    assert np.array_equal(np64(b.grad), ref_quant(db32, kind, fmt, -1))
+    if kind == "none":
+        assert representable(w.grad, fmt) and representable(b.grad, fmt)
+    assert sqnr_db(np64(x.grad), np64(g) @ np64(w)) > min_db - 3
+    assert sqnr_db(np64(w.grad), np64(g).T @ np64(x)) > min_db - 3
+    assert sqnr_db(np64(b.grad), np64(g).sum(0)) > min_db - 3
+
+
+E5M2_VALUES = np.unique([v for v in np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e5m2)
+                         .astype(np.float64) if np.isfinite(v)])
+
+
+def test_stochastic_weight_grad_reproducible_and_between_neighbours():
+    x = randn(64, 32, seed=18).requires_grad_()
+    w = randn(16, 32, seed=19).requires_grad_()
+    g = randn(64, 16, seed=20)
+    near = TensorSpec("e5m2")
+    sr = TensorSpec("e5m2", rounding="stochastic")
+
+    def wgrad(seed, spec=sr):
+        w.grad = None
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        qlinear(x, w, None, LayerPolicy(near, near, near, spec), generator=gen).backward(g)
+        return np64(w.grad)
+
+    a, b, c, nearest = wgrad(1), wgrad(1), wgrad(2), wgrad(None, near)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert not np.array_equal(a, nearest) and representable(torch.from_numpy(a), "e5m2")
+    # each value is one of the two e5m2 neighbours of the FP32 gradient, which lies
+    # within the accumulation bound of the float64 one
+    gq, xq = ref_round(np64(g), "e5m2"), ref_round(np64(x), "e5m2")
+    exact, bound = gq.T @ xq, 66 * U32 * (np.abs(gq).T @ np.abs(xq))
+    below = E5M2_VALUES[np.searchsorted(E5M2_VALUES, exact - bound, side="right") - 1]
+    above = E5M2_VALUES[np.searchsorted(E5M2_VALUES, exact + bound, side="left")]
+    assert np.all((below <= a) & (a <= above))
+    assert np.mean(a == nearest) < 0.9
+
+
+# --------------------------------------------------------------------------------------
+# Saved tensors are stored in low precision
+# --------------------------------------------------------------------------------------
+def saved_bytes(fn):
+    items = []
+
+    def pack(t):
+        items.append((t.dtype, t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(n for _, n in items), {d for d, _ in items}
+
+
+@pytest.mark.parametrize("recipe,ratio,dtypes", [
+    ("fp16-mixed", 0.5, {torch.float16}), ("bf16-mixed", 0.5, {torch.bfloat16}),
+    ("fp8-e5m2", 0.25, {torch.float8_e5m2}),
+    ("fp8-hybrid", (1024 + 1536 + 8) / 10240, {torch.float8_e4m3fn, torch.float32}),
+    ("mxfp8", (1024 + 1536 + 64 + 64) / 10240, {torch.float8_e4m3fn, torch.float8_e8m0fnu}),
+])
+def test_saved_tensor_bytes(recipe, ratio, dtypes):
+    x = randn(16, 64, seed=21).requires_grad_()
+    w = randn(24, 64, seed=22).requires_grad_()
+    base, base_dtypes = saved_bytes(lambda: F.linear(x, w))
+    assert base == (16 * 64 + 24 * 64) * 4 and base_dtypes == {torch.float32}
+    ours, our_dtypes = saved_bytes(lambda: qlinear(x, w, None, LayerPolicy.from_recipe(recipe)))
+    assert ours / base == pytest.approx(ratio) and our_dtypes == dtypes
+
+
+def test_mxfp6_saves_uint8_codes_and_backward_works(monkeypatch):
+    if not hasattr(quant, "encode"):   # stand-in until quant's codes exist
+        codes = {float(v): i for i, v in enumerate(np.arange(256, dtype=np.uint8)
+                                                  .view(ml_dtypes.float6_e3m2fn)[:64]
+                                                  .astype(np.float64))}
+        monkeypatch.setattr(quant, "encode", lambda v, f: torch.tensor(
+            [codes[float(e)] for e in v.flatten()], dtype=torch.uint8).view(v.shape),
+            raising=False)
+        monkeypatch.setattr(quant, "decode", lambda c, f, dtype=torch.float32: torch.from_numpy(
+            c.numpy().view(ml_dtypes.float6_e3m2fn).astype(np.float32)).to(dtype), raising=False)
+    x = randn(8, 32, seed=23).requires_grad_()
+    w = randn(4, 32, seed=24).requires_grad_()
+    p = LayerPolicy.from_recipe("mxfp6")
+    total, dtypes = saved_bytes(lambda: qlinear(x, w, None, p))
+    assert dtypes == {torch.uint8, torch.float8_e8m0fnu}
+    assert total == 8 * 32 + 4 * 32 + 32 + 32
+    qlinear(x, w, None, p).backward(torch.ones(8, 4))
+    expected = torch.ones(8, 4).double().numpy() @ ref_mx(np64(w), "e3m2", 0)
+    assert np.allclose(np64(x.grad), expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Embedding and attention
+# --------------------------------------------------------------------------------------
+def test_qembedding_lookup_output_and_weight_grad():
+    weight = (randn(10, 6, seed=25) * 3).requires_grad_()
+    idx = torch.tensor([[1, 2, 1], [0, 9, 2]])
+    y = qembedding(idx, weight, policy("e5m2"), padding_idx=2)
+    assert torch.equal(y, weight.detach()[idx].to(torch.float8_e5m2).float())
+    g = randn(2, 3, 6, seed=26)
+    y.backward(g)
+    gq = g.to(torch.float8_e5m2).double()
+    expected = torch.zeros(10, 6, dtype=torch.float64).index_add_(0, idx.flatten(),
+                                                                   gq.reshape(6, 6))
+    expected[2] = 0
+    assert torch.equal(weight.grad, expected.float().to(torch.float8_e5m2).float())
+
+
+def attention_reference(q, k, v, fmt, mask=None):
+    """fp16-emulated attention: rounded operands, FP32 scores stored in fmt, FP32 softmax."""
+    r = lambda t: torch.from_numpy(ref_round(np64(t), fmt))   # noqa: E731
+    scores = r((r(q) @ r(k).transpose(-1, -2)).float()).double() / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    attn = torch.softmax(scores.float(), -1)
+    return r(r(attn) @ r(v)).float()
+
+
+def test_sdpa_is_decomposed_causal_and_masked():
+    q, k, v = randn(2, 3, 5, 8, seed=27), randn(2, 3, 5, 8, seed=28), randn(2, 3, 5, 8, seed=29)
+    p = policy("fp16")
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    with PrecisionMode(default_policy=p):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ym = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+    torch.testing.assert_close(y, attention_reference(q, k, v, "fp16", causal),
+                               rtol=2 ** -9, atol=1e-3)
+    assert torch.equal(y, ym) and representable(y, "fp16")
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.equal(y, plain)
+    torch.manual_seed(0)
+    d1 = qscaled_dot_product_attention(q, k, v, p, dropout_p=0.5)
+    torch.manual_seed(0)
+    d2 = qscaled_dot_product_attention(q, k, v, p, dropout_p=0.5)
+    assert torch.equal(d1, d2) and not torch.equal(d1, qscaled_dot_product_attention(q, k, v, p))
+
+
+class MatmulAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+        self.layer = current_layer()
+        return attn @ v
+
+
+def test_precision_mode_routes_attention_built_from_matmul():
+    torch.manual_seed(0)
+    model, x = MatmulAttention(), randn(2, 5, 8, seed=30)
+    handle = attach(model, lambda name, m: policy("fp16") if name == "" else None)
+    with PrecisionMode():
+        y = model(x)
+    handle.remove()
+    assert model.layer.name == "" and model.layer.policy == policy("fp16")
+    assert current_layer() is None
+    q, k, v = (torch.from_numpy(ref_round(np64(t), "fp16")).float()
+               for t in F.linear(torch.from_numpy(ref_round(np64(x), "fp16")).float(),
+                                 model.qkv.weight.half().float(),
+                                 model.qkv.bias).chunk(3, dim=-1))
+    torch.testing.assert_close(y, attention_reference(q, k, v, "fp16"), rtol=2 ** -9, atol=1e-3)
+    assert representable(y, "fp16")
+
+
+# --------------------------------------------------------------------------------------
+# PrecisionMode and attach
+# --------------------------------------------------------------------------------------
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_precision_mode_routes_linear_in_sequential():
+    model, x = mlp(), randn(4, 16, seed=31)
+    with PrecisionMode(default_policy=policy("e5m2")):
+        y = model(x)
+    h = torch.relu(qlinear(x, model[0].weight, model[0].bias, policy("e5m2")))
+    assert torch.equal(y, qlinear(h, model[2].weight, model[2].bias, policy("e5m2")))
+    assert representable(y, "e5m2") and not torch.equal(y, model(x))
+
+
+def test_attach_gives_layers_their_own_policy_and_exempt_runs_identity():
+    model, x = mlp(), randn(4, 16, seed=32)
+    outputs = {}
+    for i in (0, 2):
+        model[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, (a[0], out)))
+    exempt = LayerPolicy()
+    handle = attach(model, lambda name, m: {"0": policy("e5m2"), "2": exempt}.get(name))
+    assert set(handle.states) == {"0", "2"}
+    with PrecisionMode(default_policy=policy("fp16")):
+        model(x)
+    handle.remove()
+    assert representable(outputs[0][1], "e5m2") and not representable(outputs[0][1], "e4m3")
+    h, y = outputs[2]
+    assert torch.equal(y, F.linear(h, model[2].weight, model[2].bias))   # plain FP32
+    with PrecisionMode(default_policy=policy("fp16")):   # hooks removed: default applies
+        model(x)
+    assert representable(outputs[0][1], "fp16") and representable(outputs[2][1], "fp16")
+
+
+class Everything(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, idx):
+        h = self.conv(self.emb(idx).transpose(1, 2)).transpose(1, 2)
+        h = self.norm(torch.relu(self.fc(h)))
+        attn = torch.softmax(h @ h.transpose(1, 2), -1)
+        return F.scaled_dot_product_attention(h, h, attn @ h).sum()
+
+
+def test_identity_policy_is_bit_identical_to_plain_pytorch():
+    idx = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(33))
+    results = []
+    for run in range(3):
+        torch.manual_seed(0)
+        model = Everything()
+        if run == 0:
+            out = model(idx)
+        elif run == 1:
+            handle = attach(model, lambda n, m: LayerPolicy())
+            with PrecisionMode():
+                out = model(idx)
+            handle.remove()
+        else:
+            with PrecisionMode(default_policy=LayerPolicy()):
+                out = model(idx)
+        out.backward()
+        results.append([out] + [p.grad for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+class SpyDtypes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = [a.dtype for a in args if torch.is_tensor(a)]
+        self.seen.setdefault(func.overloadpacket.__name__, set()).update(dtypes)
+        return func(*args, **(kwargs or {}))
+
+
+class NormSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(16, 16), nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.h = h
+        return torch.softmax(self.norm(h), dim=-1)
+
+
+def test_fp32_ops_run_in_fp32_under_cpu_autocast():
+    torch.manual_seed(0)
+    model = NormSoftmax().to(torch.bfloat16)
+    x = randn(8, 16, seed=34).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SpyDtypes() as plain:
+        model(x)
+    assert torch.bfloat16 in plain.seen["_softmax"]      # what CPU autocast alone does
+    with torch.autocast("cpu", dtype=torch.bfloat16), PrecisionMode(), SpyDtypes() as spy:
+        y = model(x)
+    assert spy.seen["_softmax"] == {torch.float32}
+    assert spy.seen["native_layer_norm"] == {torch.float32}
+    assert torch.bfloat16 in spy.seen["addmm"] and y.dtype == torch.bfloat16
+    h = model.h
+    ln = F.layer_norm(h.float(), (16,), model.norm.weight.float(), model.norm.bias.float())
+    assert torch.equal(y, torch.softmax(ln.to(torch.bfloat16).float(), -1).to(torch.bfloat16))
+
+
+def test_fp32_op_result_dtypes_losses_reductions_and_running_stats():
+    x = randn(6, 5, seed=35).to(torch.bfloat16)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    bn = nn.BatchNorm1d(5).to(torch.bfloat16)
+    with PrecisionMode():
+        loss = F.cross_entropy(x, target)
+        total, rows = x.sum(), x.sum(dim=1)
+        square = x ** 2
+        normed = bn(x)
+    assert loss.dtype == total.dtype == torch.float32
+    assert loss == F.cross_entropy(x.float(), target)
+    assert total == x.float().sum()
+    assert rows.dtype == square.dtype == normed.dtype == torch.bfloat16
+    assert torch.equal(rows, x.float().sum(dim=1).to(torch.bfloat16))
+    expected_mean = (0.1 * x.float().mean(0)).to(torch.bfloat16)
+    assert torch.equal(bn.running_mean, expected_mean)   # in-place update written back
+
+
+def test_fp32_ops_unknown_name():
+    with pytest.raises(ValueError, match="unknown FP32 op 'softmaxx'; valid choices"):
+        PrecisionMode(fp32_ops=("softmax", "softmaxx"))
+
+
+def test_emulation_ignores_autocast():
+    x, w = randn(4, 16, seed=36), randn(8, 16, seed=37)
+    expected = qlinear(x, w, None, policy("fp16"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(qlinear(x, w, None, policy("fp16")), expected)
+
+
+# --------------------------------------------------------------------------------------
+# Layer state: delayed scaling and the observer
+# --------------------------------------------------------------------------------------
+def test_delayed_scaling_state_per_layer_and_checkpoint():
+    spec = TensorSpec("e4m3", scaling="delayed", saturate=True)
+    p = LayerPolicy(spec, spec, spec, spec)
+    model = mlp()
+    handle = attach(model, lambda n, m: p if isinstance(m, nn.Linear) else None)
+    x = randn(4, 16, seed=38)
+    with PrecisionMode():
+        model(x).sum().backward()
+    state = handle.states["0"]
+    assert set(state.scalers) == {"activation", "weight", "grad_output", "weight_grad",
+                                  "weight_grad.bias"}
+    # the first step quantized with scale 1; the next uses 448 / amax of this step
+    assert state.scalers["activation"].scale.item() == pytest.approx(448 / x.abs().max().item())
+    saved = handle.state_dict()
+    other = attach(mlp(), lambda n, m: p if isinstance(m, nn.Linear) else None)
+    other.load_state_dict(saved)
+    assert torch.equal(other.states["0"].scalers["weight"].scale, state.scalers["weight"].scale)
+    with pytest.raises(ValueError, match="delayed scaling needs a LayerState"):
+        qlinear(x, model[0].weight, None, p)
+    with pytest.raises(ValueError, match="unknown layers"):
+        other.load_state_dict({"9": {}})
+
+
+def test_observer_sees_every_role():
+    model = mlp()
+    handle = attach(model, lambda n, m: policy("fp16") if isinstance(m, nn.Linear) else None)
+    seen = []
+    handle.set_observer(lambda name, role, t: seen.append((name, role, tuple(t.shape))))
+    x = randn(4, 16, seed=39).requires_grad_()
+    with PrecisionMode():
+        y = model(x)
+    y.sum().backward()
+    assert ("0", "activation", (4, 16)) in seen and ("2", "weight", (8, 32)) in seen
+    assert ("2", "grad_output", (4, 8)) in seen and ("0", "weight_grad", (32, 16)) in seen
+    assert LayerState().on_tensor is None
