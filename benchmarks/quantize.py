@@ -1,0 +1,93 @@
+"""Throughput of mixprec.quant.quantize against torch's own casts and a plain copy.
+
+For 2^24 float32 values (normal, sigma 100, so every binade of the small formats is hit)
+it prints millions of elements per second for
+
+    copy          out.copy_(x): the memory-bandwidth ceiling of a read + write
+    nearest       quantize(x, fmt, out=out)
+    stochastic    quantize(x, fmt, rounding="stochastic", out=out)
+    torch rt      x.to(dtype).float(): torch's cast round trip, allocating as users write it
+    torch rt buf  the same round trip into reused buffers (lo.copy_(x); out.copy_(lo))
+
+and the ratios nearest / torch rt buf (the faster torch figure) and stochastic / nearest.
+Every variant runs in each of --rounds interleaved rounds and keeps its best time, so a
+busy machine slows all columns alike.
+
+    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mixprec.quant import has_c_extension, quantize
+
+FORMATS = ["fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1"]
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
+                "e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
+
+
+def variants(x: torch.Tensor, out: torch.Tensor) -> dict:
+    """name -> zero-argument callable; buffers are made once, here."""
+    runs = {"copy": lambda: out.copy_(x)}
+    gen = torch.Generator().manual_seed(0)
+    for name in FORMATS:
+        runs[f"{name} nearest"] = lambda n=name: quantize(x, n, out=out)
+        runs[f"{name} stochastic"] = lambda n=name: quantize(
+            x, n, rounding="stochastic", generator=gen, out=out)
+        dt = TORCH_DTYPES.get(name)
+        if dt is not None:
+            lo = torch.empty(x.shape, dtype=dt)
+            runs[f"{name} torch rt"] = lambda d=dt: x.to(d).float()
+            runs[f"{name} torch rt buf"] = lambda lo=lo: out.copy_(lo.copy_(x))
+    return runs
+
+
+def measure(runs: dict, n: int, rounds: int) -> dict:
+    """Best seconds per variant over interleaved rounds, as M elements / s."""
+    best = {k: float("inf") for k in runs}
+    for f in runs.values():   # warm up: first-touch page faults, thread pools
+        f()
+    for _ in range(rounds):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: n / t / 1e6 for k, t in best.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--log2n", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = 1 << args.log2n
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
+    out = torch.empty_like(x)
+    rate = measure(variants(x, out), n, args.rounds)
+
+    print(f"mixprec.quant on {n} float32 values, {torch.get_num_threads()} threads, "
+          f"C extension: {has_c_extension()}; M elements / s (best of {args.rounds})")
+    print(f"copy (bandwidth ceiling): {rate['copy']:8.0f}")
+    head = (f"{'format':8} {'nearest':>8} {'stoch':>8} {'torch rt':>9} {'rt buf':>8}"
+            f" {'near/rt':>8} {'stoch/near':>10}")
+    print(head)
+    print("-" * len(head))
+    for name in FORMATS:
+        near, sto = rate[f"{name} nearest"], rate[f"{name} stochastic"]
+        rt, buf = rate.get(f"{name} torch rt"), rate.get(f"{name} torch rt buf")
+        cells = [f"{name:8}", f"{near:8.0f}", f"{sto:8.0f}",
+                 f"{rt:9.0f}" if rt else f"{'-':>9}", f"{buf:8.0f}" if buf else f"{'-':>8}",
+                 f"{near / max(rt, buf):8.2f}" if rt else f"{'-':>8}", f"{sto / near:10.2f}"]
+        print(" ".join(cells))
+    print("targets: nearest >= 0.8x the faster torch round trip (e5m2, e4m3); "
+          "stochastic >= 0.5x nearest")
+
+
+if __name__ == "__main__":
+    main()
