@@ -4,10 +4,13 @@ import socket
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (DistributedDataParallel imports it: once here, not per child)
 import torch.distributed as dist
 import torch.multiprocessing as mp_
 import torch.nn.functional as F
 from torch import nn
+
+from mixprec.engine import prepare
 
 pytestmark = pytest.mark.distributed
 
@@ -23,10 +26,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from mixprec.engine import prepare
+    torch.set_num_threads(1)      # before any parallel op in the forked child
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -53,7 +55,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
-    mp_.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp_.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                        start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     expected = [step != INJECT_AT for step in range(STEPS)]
     assert r0["applied"] == expected and r1["applied"] == expected
