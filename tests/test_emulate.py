@@ -99,6 +99,10 @@ def policy(fmt, kind="none", rounding="nearest", **kw):
     return LayerPolicy(spec, spec, spec, spec, **kw)
 
 
+# Dtype an emulated layer returns: unscaled formats are stored in float16 / bfloat16
+CONTAINER = {("fp16", "none"): torch.float16, ("bf16", "none"): torch.bfloat16,
+             ("e5m2", "none"): torch.float16}
+
 FWD_CASES = [("fp16", "none", 60), ("bf16", "none", 40), ("e5m2", "none", 15),
              ("e4m3", "current", 25), ("e4m3", "mx", 25)]
 CASE_IDS = ["fp16", "bf16", "e5m2", "e4m3-current", "mxfp8"]
@@ -133,7 +137,7 @@ def test_policy_from_recipe():
 def test_qlinear_forward_matches_reference(fmt, kind, min_db):
     x, w, b = randn(2, 8, 64, seed=1), randn(24, 64, seed=2), randn(24, seed=3)
     y = qlinear(x, w, b, policy(fmt, kind))
-    assert y.dtype == torch.float32 and y.shape == (2, 8, 24)
+    assert y.dtype == CONTAINER.get((fmt, kind), torch.float32) and y.shape == (2, 8, 24)
     xr, wr = ref_quant(np64(x), kind, fmt, -1), ref_quant(np64(w), kind, fmt, -1)
     exact = xr @ wr.T + np64(b)
     bound = (64 + 2) * U32 * (np.abs(xr) @ np.abs(wr).T + np.abs(np64(b)))
@@ -145,6 +149,7 @@ def test_qlinear_forward_matches_reference(fmt, kind, min_db):
 def test_qmatmul_forward_broadcast_matches_reference(fmt, kind, min_db):
     a, b = randn(2, 3, 5, 64, seed=4), randn(64, 7, seed=5)
     y = qmatmul(a, b, policy(fmt, kind))
+    assert y.dtype == CONTAINER.get((fmt, kind), torch.float32)
     ar, br = ref_quant(np64(a), kind, fmt, -1), ref_quant(np64(b), kind, fmt, -2)
     exact = ar @ br
     bound = (64 + 2) * U32 * (np.abs(ar) @ np.abs(br))
@@ -165,8 +170,9 @@ def test_qconv2d_matches_reference(fmt, kind, min_db):
     bound = (64 * 9 + 2) * U32 * absum.numpy()
     assert_fp32_accumulated(y, exact, bound, fmt if kind == "none" else None)
     assert sqnr_db(np64(y), np64(F.conv2d(x.double(), w.double(), padding=1))) > min_db
-    # backward: dx from g and w blocked along C_out, dw from g and x blocked along batch
-    g = randn(*y.shape, seed=40)
+    # backward: dx from g and w blocked along C_out, dw from g and x blocked along batch;
+    # the gradient of a float16 output arrives in float16
+    g = randn(*y.shape, seed=40).to(y.dtype)
     y.backward(g)
     g_row, g_col = ref_quant(np64(g), kind, fmt, 1), ref_quant(np64(g), kind, fmt, 0)
     w_col, x_col = ref_quant(np64(w), kind, fmt, 0), ref_quant(np64(x), kind, fmt, 0)
@@ -191,13 +197,13 @@ def test_qconv_geometry_forward_and_backward(nd, stride, padding, dilation, grou
     w = randn(8, 8 // groups, *kernel, seed=9).requires_grad_()
     b = randn(8, seed=10).requires_grad_()
     y = qconv(x, w, b, stride, padding, dilation, groups, policy("fp16"))
-    g = randn(*y.shape, seed=11)
+    g = randn(*y.shape, seed=11).half()
     y.backward(g)
 
     r16 = lambda t: t.detach().half().double().requires_grad_()   # noqa: E731
     xr, wr, br = r16(x), r16(w), b.detach().double().requires_grad_()
     ref = conv(xr, wr, br, stride, padding, dilation, groups)
-    ref.backward(g.half().double())
+    ref.backward(g.double())
     torch.testing.assert_close(y.double(), ref.half().double(), rtol=2 ** -10, atol=1e-3)
     assert representable(y, "fp16")
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-4)
@@ -228,7 +234,7 @@ def test_qlinear_backward_rounds_grads(fmt, kind, min_db):
     x = randn(40, 64, seed=14).requires_grad_()
     w = randn(24, 64, seed=15).requires_grad_()
     b = randn(24, seed=16).requires_grad_()
-    g = randn(40, 24, seed=17)
+    g = randn(40, 24, seed=17).to(CONTAINER.get((fmt, kind), torch.float32))
     spec = TensorSpec(fmt, scaling=kind, saturate=kind != "none")
     # 1. weight_grad kept in FP32: dx = q(g) @ q(w), dw = q(g)^T @ q(x), FP32 sums, with
     #    MX blocks along each GEMM's reduction: g along out / tokens, w along out, x along
@@ -260,7 +266,7 @@ E5M2_VALUES = np.unique([v for v in np.arange(256, dtype=np.uint8).view(ml_dtype
 def test_stochastic_weight_grad_reproducible_and_between_neighbours():
     x = randn(64, 32, seed=18).requires_grad_()
     w = randn(16, 32, seed=19).requires_grad_()
-    g = randn(64, 16, seed=20)
+    g = randn(64, 16, seed=20).half()     # the layer's output, and so its gradient, is fp16
     near = TensorSpec("e5m2")
     sr = TensorSpec("e5m2", rounding="stochastic")
 
@@ -341,8 +347,9 @@ def test_qembedding_lookup_output_and_weight_grad():
     weight = (randn(10, 6, seed=25) * 3).requires_grad_()
     idx = torch.tensor([[1, 2, 1], [0, 9, 2]])
     y = qembedding(idx, weight, policy("e5m2"), padding_idx=2)
-    assert torch.equal(y, weight.detach()[idx].to(torch.float8_e5m2).float())
-    g = randn(2, 3, 6, seed=26)
+    assert y.dtype == torch.float16
+    assert torch.equal(y.float(), weight.detach()[idx].to(torch.float8_e5m2).float())
+    g = randn(2, 3, 6, seed=26).half()
     y.backward(g)
     gq = g.to(torch.float8_e5m2).double()
     expected = torch.zeros(10, 6, dtype=torch.float64).index_add_(0, idx.flatten(),
@@ -368,7 +375,7 @@ def test_sdpa_is_decomposed_causal_and_masked():
     with PrecisionMode(default_policy=p):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         ym = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-    torch.testing.assert_close(y, attention_reference(q, k, v, "fp16", causal),
+    torch.testing.assert_close(y.float(), attention_reference(q, k, v, "fp16", causal),
                                rtol=2 ** -9, atol=1e-3)
     assert torch.equal(y, ym) and representable(y, "fp16")
     plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -405,7 +412,8 @@ def test_precision_mode_routes_attention_built_from_matmul():
                for t in F.linear(torch.from_numpy(ref_round(np64(x), "fp16")).float(),
                                  model.qkv.weight.half().float(),
                                  model.qkv.bias).chunk(3, dim=-1))
-    torch.testing.assert_close(y, attention_reference(q, k, v, "fp16"), rtol=2 ** -9, atol=1e-3)
+    torch.testing.assert_close(y.float(), attention_reference(q, k, v, "fp16"), rtol=2 ** -9,
+                               atol=1e-3)
     assert representable(y, "fp16")
 
 
@@ -439,7 +447,8 @@ def test_attach_gives_layers_their_own_policy_and_exempt_runs_identity():
     handle.remove()
     assert representable(outputs[0][1], "e5m2") and not representable(outputs[0][1], "e4m3")
     h, y = outputs[2]
-    assert torch.equal(y, F.linear(h, model[2].weight, model[2].bias))   # plain FP32
+    assert h.dtype == torch.float16      # stored by the e5m2 layer, then ReLU
+    assert torch.equal(y, F.linear(h.float(), model[2].weight, model[2].bias))   # plain FP32
     with PrecisionMode(default_policy=policy("fp16")):   # hooks removed: default applies
         model(x)
     assert representable(outputs[0][1], "fp16") and representable(outputs[2][1], "fp16")

@@ -287,6 +287,17 @@ _ROUTES = {
 }
 
 
+def _common_dtype(args: tuple) -> tuple:
+    """Operands in one floating dtype (the widest): an FP32 layer may receive activations
+    that an emulated layer stored in float16 or bfloat16."""
+    dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+    if len(dtypes) < 2:
+        return args
+    wide = functools.reduce(torch.promote_types, dtypes)
+    return tuple(a.to(wide) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
 class _OneSlotState(LayerState):
     """State for ops outside every attached layer: one scaler per role, shared by them
     all (there is no forward boundary at which to restart a per-call count)."""
@@ -332,7 +343,7 @@ class PrecisionMode(TorchFunctionMode):
                 out = route(layer, self.generator, args, kwargs)
                 if out is not _PLAIN:
                     return out
-            return func(*args, **kwargs)
+            return func(*_common_dtype(args), **kwargs)
         name = self._fp32.get(func)
         if name is not None:
             return run_fp32(func, name, args, kwargs)

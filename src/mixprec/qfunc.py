@@ -49,7 +49,8 @@ from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 
-__all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS"]
+__all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
+           "container_dtype"]
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
@@ -67,6 +68,10 @@ def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     # The cast is exact: values are already representable in fmt.
     if fmt.torch_dtype is not None:
         return values.to(fmt.torch_dtype)
+    if not fmt.has_nan:
+        # No NaN code (MX FP6/FP4 elements): a NaN input already made the forward output
+        # NaN; the stored copy holds 0 there.
+        values = torch.where(torch.isnan(values), torch.zeros_like(values), values)
     return quant.encode(values, fmt)
 
 
@@ -76,25 +81,53 @@ def _from_storage(stored: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     return quant.decode(stored, fmt, dtype=torch.float32)
 
 
+_CONTAINERS = ((torch.float16, get_format("fp16")), (torch.bfloat16, get_format("bf16")))
+
+
+def container_dtype(fmt: FloatFormat) -> torch.dtype:
+    """The narrowest torch dtype with arithmetic that holds every value of ``fmt``."""
+    for dtype, wide in _CONTAINERS:
+        if (fmt.mbits <= wide.mbits and fmt.emax <= wide.emax
+                and fmt.emin - fmt.mbits >= wide.emin - wide.mbits):
+            return dtype
+    return torch.float32
+
+
 def _expand_blocks(scales: torch.Tensor, axis: int, block: int, n: int) -> torch.Tensor:
     return scales.repeat_interleave(block, dim=axis).narrow(axis, 0, n)
+
+
+def _cast_rounds(spec: TensorSpec, fmt: FloatFormat) -> bool:
+    """True when torch's own cast to fmt's dtype is the spec's rounding: IEEE nearest-even
+    with overflow to inf (quantize's non-saturating semantics) for float16 / bfloat16."""
+    return (fmt.torch_dtype in (torch.float16, torch.bfloat16) and not spec.saturate
+            and spec.rounding.value == "nearest")
 
 
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
            scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
            pack: bool = False) -> Tuple[torch.Tensor, Optional[Pack]]:
-    """Round float32 ``x`` per ``spec``; return (float32 values, storage pack or None).
+    """Round ``x`` (any float dtype) per ``spec``; return (float32 values, pack or None).
 
     Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
     scaling is spelled out here because storage needs the codes quantize(x * scale) and
-    the scale, not only their quotient.
+    the scale, not only their quotient. An unscaled spec whose storage dtype is x's own
+    dtype (fp16 activations arriving in float16) stores x itself, without a copy.
     """
     if spec.is_identity:
-        return x, (("raw", None, axis, 0, (x,)) if pack else None)
+        return x.to(torch.float32), (("raw", None, axis, 0, (x,)) if pack else None)
     fmt = get_format(spec.format)
     if spec.scaling is ScalingKind.NONE:
-        values = quantize_spec(x, spec, cfg, generator=generator)
-        return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),)) if pack else None)
+        if x.dtype == fmt.torch_dtype and not spec.saturate:
+            lp = x                          # already fmt's values, whatever the rounding
+        elif _cast_rounds(spec, fmt):
+            lp = x.to(fmt.torch_dtype)
+        else:
+            values = quantize_spec(x.to(torch.float32), spec, cfg, generator=generator)
+            return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),))
+                            if pack else None)
+        return lp.to(torch.float32), (("values", fmt, axis, 0, (lp,)) if pack else None)
+    x = x.to(torch.float32)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
         values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
@@ -185,11 +218,18 @@ class OpContext:
     def is_mx(self, role: str) -> bool:
         return getattr(self.policy, role).scaling is _MX
 
-    def store_output(self, y: torch.Tensor) -> torch.Tensor:
+    def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The float32 result as the layer stores it: rounded to an unscaled activation
+        format and held in the narrowest float dtype containing that format (float16
+        for fp16 and the 8-bit and narrower formats, bfloat16 for bf16); else ``dtype``."""
         if not self.policy.rounds_output:
-            return y
-        return quantize_spec(y, self.policy.activation, self.policy.scaling,
-                             generator=self.generator)
+            return y.to(dtype)
+        spec = self.policy.activation
+        fmt = get_format(spec.format)
+        if _cast_rounds(spec, fmt):
+            return y.to(fmt.torch_dtype)
+        y = quantize_spec(y, spec, self.policy.scaling, generator=self.generator)
+        return y.to(container_dtype(fmt))
 
     def operands(self, x, role, fwd_axis, bwd_axis, keep, operand=""):
         """Forward copy of x and, when ``keep``, the pack saved for backward (MX: a second
@@ -232,17 +272,17 @@ class QLinear(torch.autograd.Function):
         with _exact(x.device.type):
             c.observe("activation", x)
             c.observe("weight", weight)
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            x2 = x.reshape(-1, x.shape[-1])
             xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w)
-            wq, w_pack = c.operands(weight.to(torch.float32), "weight", -1, 0, keep=need_x)
+            wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
             y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
                 y = y + bias.to(torch.float32)
-            y = c.store_output(y)
+            y = c.store_output(y, x.dtype)
         _save(ctx, x_pack, w_pack)
         ctx.c, ctx.x_shape = c, x.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, g):
@@ -252,7 +292,7 @@ class QLinear(torch.autograd.Function):
         with _exact(g.device.type):
             x_saved, w_saved = _load(ctx)
             c.observe("grad_output", g)
-            g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+            g2 = g.reshape(-1, g.shape[-1])
             g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
             if need_x:
                 dx = _mm(g_row, w_saved, acc).reshape(ctx.x_shape).to(ctx.dtypes[0])
@@ -277,14 +317,14 @@ class QConv(torch.autograd.Function):
         with _exact(x.device.type):
             c.observe("activation", x)
             c.observe("weight", weight)
-            xq, x_pack = c.operands(x.to(torch.float32), "activation", 1, 0, keep=need_w)
-            wq, w_pack = c.operands(weight.to(torch.float32), "weight", 1, 0, keep=need_x)
+            xq, x_pack = c.operands(x, "activation", 1, 0, keep=need_w)
+            wq, w_pack = c.operands(weight, "weight", 1, 0, keep=need_x)
             b32 = None if bias is None else bias.to(torch.float32)
-            y = c.store_output(CONV_FUNCS[nd](xq, wq, b32, *geometry))
+            y = c.store_output(CONV_FUNCS[nd](xq, wq, b32, *geometry), x.dtype)
         _save(ctx, x_pack, w_pack)
         ctx.c, ctx.geometry, ctx.shapes = c, geometry, (x.shape, weight.shape)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -295,7 +335,7 @@ class QConv(torch.autograd.Function):
         with _exact(g.device.type):
             x_saved, w_saved = _load(ctx)
             c.observe("grad_output", g)
-            g_row, g_col = c.grads(g.to(torch.float32), 1, 0, need_x, need_w or need_b)
+            g_row, g_col = c.grads(g, 1, 0, need_x, need_w or need_b)
             if need_x:
                 dx = _CONV_INPUT[nd](x_shape, w_saved, g_row, *ctx.geometry).to(ctx.dtypes[0])
             if need_w:
@@ -315,13 +355,14 @@ class QMatmul(torch.autograd.Function):
         with _exact(a.device.type):
             c.observe("activation", a)
             c.observe("activation", b)
-            aq, a_pack = c.operands(a.to(torch.float32), "activation", -1, -2, keep=need_b)
-            bq, b_pack = c.operands(b.to(torch.float32), "activation", -2, -1, keep=need_a,
+            aq, a_pack = c.operands(a, "activation", -1, -2, keep=need_b)
+            bq, b_pack = c.operands(b, "activation", -2, -1, keep=need_a,
                                     operand="rhs")
-            y = c.store_output(_mm(aq, bq, c.policy.accumulation))
+            y = c.store_output(_mm(aq, bq, c.policy.accumulation),
+                               torch.promote_types(a.dtype, b.dtype))
         _save(ctx, a_pack, b_pack)
         ctx.c, ctx.shapes, ctx.dtypes = c, (a.shape, b.shape), (a.dtype, b.dtype)
-        return y.to(torch.promote_types(a.dtype, b.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -331,7 +372,7 @@ class QMatmul(torch.autograd.Function):
         with _exact(g.device.type):
             a_saved, b_saved = _load(ctx)
             c.observe("grad_output", g)
-            g_row, g_col = c.grads(g.to(torch.float32), -1, -2, need_a, need_b)
+            g_row, g_col = c.grads(g, -1, -2, need_a, need_b)
             if need_a:
                 da = _mm(g_row, b_saved.transpose(-1, -2), acc)
                 da = da.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0])
@@ -346,13 +387,14 @@ class QEmbedding(torch.autograd.Function):
     def forward(ctx, indices, weight, padding_idx: int, scale_grad_by_freq: bool, c: OpContext):
         with _exact(weight.device.type):
             c.observe("weight", weight)
-            y = F.embedding(indices, weight.to(torch.float32))   # a lookup: exact
+            y = F.embedding(indices, weight)   # a lookup: exact
             c.observe("activation", y)
-            y = c.round(y, "activation", -1)[0]
+            # rounding again in store_output changes no value: only the dtype is chosen
+            y = c.store_output(c.round(y, "activation", -1)[0], weight.dtype)
         ctx.save_for_backward(indices)
         ctx.c, ctx.n, ctx.dtype = c, weight.shape[0], weight.dtype
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
-        return y.to(weight.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -362,7 +404,7 @@ class QEmbedding(torch.autograd.Function):
             (indices,) = ctx.saved_tensors
             with _exact(g.device.type):
                 c.observe("grad_output", g)
-                gq = c.round(g.to(torch.float32), "grad_output", -1)[0]
+                gq = c.round(g, "grad_output", -1)[0]
                 dw = torch.ops.aten.embedding_dense_backward(
                     gq, indices, ctx.n, ctx.padding_idx, ctx.scale_grad_by_freq)
                 dw = c.weight_grad(dw, -1).to(ctx.dtype)
