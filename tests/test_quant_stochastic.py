@@ -1,0 +1,137 @@
+"""Stochastic rounding: neighbours, unbiasedness, reproducibility, identical kernels.
+
+Neighbours come from the float64 reference (test_quant_reference.py).  The bias test
+rounds one value many times: the K results are independent draws of lo or hi with
+P(hi) = (x - lo) / (hi - lo), so the mean has standard deviation
+sqrt((hi - x)(x - lo) / K), and we allow 6 of them.  Seeds are fixed, so the test is
+deterministic; a correct kernel fails it with probability ~2e-9 per seed.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mixprec.formats import get_format
+from mixprec.quant import has_c_extension, quantize
+from test_quant_reference import fmt_max, neighbours
+
+BACKENDS = ["c", "torch"] if has_c_extension() else ["torch"]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e2m1", "e3m2", "e4m3fnuz", "e6m9", "e3m0fn",
+                                  "bf16", "fp16", "e8m3b130"])
+def test_result_is_one_of_the_two_neighbours(name, backend):
+    fmt = get_format(name)
+    rng = np.random.default_rng(3)
+    lo_e, hi_e = math.log2(fmt.min_subnormal) - 4, math.log2(fmt_max(fmt))
+    x = rng.choice([-1.0, 1.0], 3000) * np.exp2(rng.uniform(lo_e, hi_e, 3000))
+    x = x.astype(np.float32)
+    got = quantize(torch.from_numpy(x), name, rounding="stochastic", generator=gen(0),
+                   backend=backend).numpy()
+    for xi, gi in zip(x.astype(np.float64), got.astype(np.float64)):
+        _, lo, hi = neighbours(name, abs(xi))
+        assert abs(gi) in (lo, hi) and (gi == 0 or math.copysign(1, gi) == math.copysign(1, xi)), \
+            (xi, gi, lo, hi)
+    # both neighbours occur: this is not nearest or truncation in disguise
+    assert (got != quantize(torch.from_numpy(x), name, rounding="toward_zero").numpy()).mean() > 0.2
+
+
+# (format, x, what): normal range, a tie, the subnormal range, below the smallest
+# subnormal, and a value whose up-probability is 2^-10.
+BIAS_CASES = [("e4m3", 1.3, "normal"), ("e4m3", 1.0625, "tie"), ("e4m3", 0.0041, "subnormal"),
+              ("e4m3", 2.0 ** -9 / 3, "below min subnormal"), ("e5m2", 3.0e-6, "subnormal"),
+              ("e5m2", 2.0 ** -16 * 2.0 ** -10, "P(up) = 2^-10"), ("e2m1", 5.1, "top binade"),
+              ("e2m1", -0.3, "negative subnormal"), ("fp16", 1.0 + 2.0 ** -13, "fp16"),
+              ("e8m0", 3.3, "e8m0"), ("e6m9", 1e-11, "custom subnormal")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,x,what", BIAS_CASES, ids=[c[2] + "-" + c[0] for c in BIAS_CASES])
+def test_unbiased(name, x, what, backend):
+    k = 1 << 18 if backend == "c" else 1 << 14
+    xs = torch.full((k,), x, dtype=torch.float64)
+    got = quantize(xs, name, rounding="stochastic", generator=gen(1), backend=backend)
+    _, lo, hi = neighbours(name, abs(x))
+    lo, hi = math.copysign(lo, x), math.copysign(hi, x)
+    assert set(got.unique().tolist()) <= {lo, hi}
+    sd = math.sqrt(abs((hi - x) * (x - lo)) / k)
+    assert abs(got.mean().item() - x) <= 6 * sd + 1e-300, (got.mean().item(), x, sd)
+    assert (got == hi).any() and (got == lo).any()
+
+
+def test_probability_is_exact_far_below_the_smallest_subnormal():
+    # x = 2^-16 * 2^-16 in e5m2 rounds up to 2^-16 with probability 2^-16; with 2^22
+    # draws the count of ups is ~Poisson(64): P(count outside [24, 112]) < 1e-7
+    x = torch.full((1 << 22,), 2.0 ** -32)
+    ups = int((quantize(x, "e5m2", rounding="stochastic", generator=gen(2)) > 0).sum())
+    assert 24 <= ups <= 112
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_with_a_generator(backend):
+    x = torch.randn(5000, generator=gen(0)) * 10
+    a = quantize(x, "e5m2", rounding="stochastic", generator=gen(42), backend=backend)
+    b = quantize(x, "e5m2", rounding="stochastic", generator=gen(42), backend=backend)
+    c = quantize(x, "e5m2", rounding="stochastic", generator=gen(43), backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g = gen(7)   # a generator advances: two calls differ
+    assert not torch.equal(quantize(x, "e5m2", rounding="stochastic", generator=g),
+                           quantize(x, "e5m2", rounding="stochastic", generator=g))
+
+
+def test_manual_seed_governs_the_default():
+    x = torch.randn(5000, generator=gen(0)) * 10
+    torch.manual_seed(123)
+    a = quantize(x, "e4m3", rounding="stochastic")
+    torch.manual_seed(123)
+    b = quantize(x, "e4m3", rounding="stochastic")
+    torch.manual_seed(124)
+    c = quantize(x, "e4m3", rounding="stochastic")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.skipif(not has_c_extension(), reason="C extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e2m1", "e3m2", "e5m2fnuz", "e6m9", "bf16",
+                                  "fp16", "e3m0fn", "e8m3b130", "tf32"])
+def test_c_path_equals_torch_path(dtype, name):
+    rng = np.random.default_rng(9)
+    x = rng.choice([-1.0, 1.0], 20000) * np.exp2(rng.uniform(-40, 20, 20000))
+    x = torch.from_numpy(x).to(dtype)
+    for saturate in (False, True):
+        c = quantize(x, name, rounding="stochastic", saturate=saturate, generator=gen(5),
+                     backend="c")
+        t = quantize(x, name, rounding="stochastic", saturate=saturate, generator=gen(5),
+                     backend="torch")
+        same = (c == t) | (torch.isnan(c) & torch.isnan(t))
+        assert same.all(), (x[~same][:4], c[~same][:4], t[~same][:4])
+
+
+def test_random_bits_follow_the_logical_index_not_the_layout():
+    x = torch.randn(96, 64, generator=gen(0)) * 5
+    want = quantize(x, "e4m3", rounding="stochastic", generator=gen(8))
+    got = quantize(x.t().contiguous().t(), "e4m3", rounding="stochastic", generator=gen(8))
+    assert torch.equal(got, want)
+
+
+def test_float32_and_float64_copies_draw_the_same_decisions():
+    # the threshold low * 2^(63 - shift) does not depend on the working precision
+    x = torch.randn(20000, generator=gen(0)) * 3
+    a = quantize(x, "e5m2", rounding="stochastic", generator=gen(4))
+    b = quantize(x.double(), "e5m2", rounding="stochastic", generator=gen(4))
+    assert torch.equal(a.double(), b)
+
+
+def test_overflow_follows_nearest_rules():
+    # 470 lies between 448 and the NaN code 480: rounding up overflows like nearest does
+    x = torch.full((4000,), 470.0)
+    q = quantize(x, "e4m3", rounding="stochastic", generator=gen(6))
+    assert set(q[~q.isnan()].unique().tolist()) == {448.0} and q.isnan().any()
+    q = quantize(x, "e4m3", rounding="stochastic", saturate=True, generator=gen(6))
+    assert set(q.unique().tolist()) == {448.0}
