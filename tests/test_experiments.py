@@ -185,6 +185,7 @@ def test_saved_bytes_count_the_input_of_a_linear_layer(dtype, width):
         z = y.exp()          # exp saves its output: a second, distinct storage
     # the weight (saved by the matmul) is the model's own storage and not counted
     assert saved.nbytes == x.numel() * width + z.numel() * width
+    assert saved.by_dtype == {str(dtype)[6:]: saved.nbytes}
 
 
 def test_saved_bytes_count_a_storage_once():

@@ -28,6 +28,7 @@ def _run(spec, name, *, metric, loss, scale, skipped_at=(), time_s=0.01, saved=1
         "scale_history": [scale] * steps, "skipped_steps": len(skipped_at),
         "skipped_at": list(skipped_at), "final_scale": scale, "step_time_s": time_s,
         "step_time_ratio": time_s / 0.01, "saved_activation_bytes": saved,
+        "saved_bytes_by_dtype": {"float32": saved},
         "saved_activation_ratio": saved / 1000,
         "grad_histograms": [{"step": 0, "binade_lo": -30, "counts": [1, 0, 3, 4],
                              "zeros": 2, "nonfinite": 0, "total": 10},

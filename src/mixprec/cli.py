@@ -103,6 +103,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the workload's)")
     p.add_argument("--seeds", type=_int_list, default=(0,), metavar="LIST",
                    help="comma list of seeds (default: 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 0 keeps torch's default (default: 1, best for "
+                        "these small models)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compare)
@@ -115,7 +118,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .report import format_table, write_report
     cfg = CompareConfig(recipes=args.recipes, workload=args.workload, model=args.model,
                         data=args.data, steps=args.steps, epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, seeds=args.seeds)
+                        batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
+                        threads=args.threads or None)
     resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)   # bad specs fail here
     out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
@@ -142,6 +146,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def add_report_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="redraw plots and report.html from a saved results.json")
     p.add_argument("run", metavar="RUN_DIR", help="a compare run folder (or its results.json)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 0 keeps torch's default (default: 1, best for "
+                        "these small models)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
     p.set_defaults(func=cmd_report)
     return p

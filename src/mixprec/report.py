@@ -262,7 +262,9 @@ def _run_rows(results: dict) -> list:
                      "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
                      r["skipped_steps"],
                      "-" if r["step_time_s"] is None else f"{1e3 * r['step_time_s']:.2f} ms",
-                     f"{r['saved_activation_bytes']:,}", r["error"] or ""])
+                     f"{r['saved_activation_bytes']:,} ("
+                     + ", ".join(f"{k} {v:,}" for k, v in r["saved_bytes_by_dtype"].items())
+                     + ")", r["error"] or ""])
     return rows
 
 
@@ -284,7 +286,7 @@ def render_html(results: dict, images: dict) -> str:
     cfg = results["config"]
     title = f"mixprec compare: {cfg['model']} on {cfg['data']['name']}"
     runs_header = ["recipe", "seed", "backend", "status", results["summary"][0]["metric_name"],
-                   "final loss", "skipped", "step time", "saved bytes", "error"]
+                   "final loss", "skipped", "step time", "saved for backward (by dtype)", "error"]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<h2>Summary</h2><p>Step time and bytes saved for backward are relative to the "

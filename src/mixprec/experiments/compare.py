@@ -53,6 +53,11 @@ class CompareConfig:
     above (relative) the FP32 run's; its loss curve "departs" from the step after which
     its moving-average loss stays above (1 + ``loss_tol``) x FP32's + ``loss_abs_tol``
     (the absolute part keeps noise on near-zero late losses from counting).
+
+    ``threads``: torch CPU threads during the comparison (None: leave torch's setting).
+    One thread by default: these models are small, and on a busy machine several
+    threads per op spend most of their time waiting for each other (measured 3-30x
+    slower steps on 2 shared cores), which would swamp the step-time ratios.
     """
     recipes: tuple = DEFAULT_RECIPES
     workload: str = DEFAULT_WORKLOAD
@@ -64,6 +69,7 @@ class CompareConfig:
     lr: Optional[float] = None
     seeds: tuple = (0,)
     hist_points: int = 3
+    threads: Optional[int] = 1
     accuracy_tol: float = 0.01
     perplexity_tol: float = 0.02
     loss_tol: float = 0.10
@@ -85,6 +91,8 @@ class CompareConfig:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
 
@@ -322,6 +330,17 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
     >>> results = run_compare(CompareConfig(recipes=("fp32", "bf16-mixed"), steps=50))
     >>> [row["verdict"] for row in results["summary"]]
     """
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_compare(cfg, progress, prepare, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable],
+                 log: Optional[Callable[[str], None]]) -> dict:
     started = time.perf_counter()
     workload = resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)
     data = workload.make_data()
@@ -356,6 +375,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
             "data": data.describe(), "recipes": list(cfg.recipes), "baseline": BASELINE,
             "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
             "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
+            "threads": cfg.threads,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
                            "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
             "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,

@@ -72,7 +72,8 @@ class SavedTensorBytes:
     """Count the bytes autograd saves for backward inside the context, each storage once.
 
     Storages of the model's own parameters and buffers are left out, so the count is what
-    the forward pass *adds*: activations, and any low-precision copies of the weights.
+    the forward pass *adds*: activations, and any low-precision copies of the weights that
+    a layer keeps for its backward.  ``by_dtype`` splits the count by storage dtype.
 
     >>> with SavedTensorBytes(model) as saved:
     ...     loss = model(x).sum()
@@ -83,6 +84,7 @@ class SavedTensorBytes:
         self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
         self._seen: set = set()
         self.nbytes = 0
+        self.by_dtype: dict = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     @staticmethod
@@ -98,6 +100,8 @@ class SavedTensorBytes:
         if key not in self._seen and key not in self._exclude:
             self._seen.add(key)
             self.nbytes += key[1]
+            dtype = str(t.dtype).removeprefix("torch.")
+            self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + key[1]
         return t
 
     def __enter__(self) -> "SavedTensorBytes":
@@ -254,6 +258,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "final_scale": finite_or_none(final_scale),
         "step_time_s": statistics.median(timed) if timed else None,
         "saved_activation_bytes": saved.nbytes,
+        "saved_bytes_by_dtype": dict(sorted(saved.by_dtype.items())),
         "grad_histograms": hists,
         "wall_time_s": time.perf_counter() - start,
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
