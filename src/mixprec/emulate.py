@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -190,7 +191,8 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     attn = run_fp32(torch.softmax, "softmax", (scores, -1), {})
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)
-    return _matmul(attn.to(v.dtype), v, c_out)
+    out = _matmul(attn, v, c_out)   # the FP32 probabilities are rounded once, per policy
+    return out if c_out.policy.rounds_output else out.to(q.dtype)
 
 
 def qscaled_dot_product_attention(query, key, value, policy: LayerPolicy,
@@ -287,15 +289,53 @@ _ROUTES = {
 }
 
 
-def _common_dtype(args: tuple) -> tuple:
-    """Operands in one floating dtype (the widest): an FP32 layer may receive activations
+# Ops that run torch's own kernels under PrecisionMode even when a policy is active:
+# composite functions whose inner linears and matmuls PrecisionMode cannot see.
+_OPAQUE = {f for f in (
+    getattr(F, "multi_head_attention_forward", None), getattr(F, "bilinear", None),
+    getattr(F, "conv_transpose1d", None), getattr(F, "conv_transpose2d", None),
+    getattr(F, "conv_transpose3d", None), getattr(torch, "lstm", None),
+    getattr(torch, "gru", None), getattr(torch, "rnn_tanh", None),
+    getattr(torch, "rnn_relu", None), getattr(torch, "_transformer_encoder_layer_fwd", None),
+    getattr(torch, "_native_multi_head_attention", None)) if f is not None}
+_warned: set = set()
+
+
+def _warn_opaque(func) -> None:
+    name = getattr(func, "__name__", repr(func))
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"{name} is not emulated by PrecisionMode: it runs torch's own kernel "
+                      f"in the widest dtype of its inputs", stacklevel=3)
+
+
+def _floating_dtypes(values, into: set) -> set:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point():
+                into.add(v.dtype)
+        elif type(v) in (list, tuple):
+            _floating_dtypes(v, into)
+    return into
+
+
+def _cast_floating(v, dtype: torch.dtype):
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if type(v) in (list, tuple):
+        return type(v)(_cast_floating(i, dtype) for i in v)
+    return v
+
+
+def _common_dtype(args: tuple, kwargs: dict) -> tuple:
+    """Floating operands in one dtype (the widest): an FP32 layer may receive activations
     that an emulated layer stored in float16 or bfloat16."""
-    dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+    dtypes = _floating_dtypes(kwargs.values(), _floating_dtypes(args, set()))
     if len(dtypes) < 2:
-        return args
+        return args, kwargs
     wide = functools.reduce(torch.promote_types, dtypes)
-    return tuple(a.to(wide) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+    return (tuple(_cast_floating(a, wide) for a in args),
+            {k: _cast_floating(v, wide) for k, v in kwargs.items()})
 
 
 class _OneSlotState(LayerState):
@@ -337,13 +377,19 @@ class PrecisionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None:
+        if route is not None or func in _OPAQUE:
             layer = current_layer() or self._default
-            if layer is not None and not layer.policy.is_identity:
-                out = route(layer, self.generator, args, kwargs)
-                if out is not _PLAIN:
-                    return out
-            return func(*_common_dtype(args), **kwargs)
+            if layer is None:
+                return func(*args, **kwargs)
+            if not layer.policy.is_identity:
+                if route is None:
+                    _warn_opaque(func)
+                else:
+                    out = route(layer, self.generator, args, kwargs)
+                    if out is not _PLAIN:
+                        return out
+            args, kwargs = _common_dtype(args, kwargs)
+            return func(*args, **kwargs)
         name = self._fp32.get(func)
         if name is not None:
             return run_fp32(func, name, args, kwargs)

@@ -120,7 +120,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     if spec.scaling is ScalingKind.NONE:
         if x.dtype == fmt.torch_dtype and not spec.saturate:
             lp = x                          # already fmt's values, whatever the rounding
-        elif _cast_rounds(spec, fmt):
+        elif _cast_rounds(spec, fmt) and x.dtype != torch.float64:   # float64 casts twice
             lp = x.to(fmt.torch_dtype)
         else:
             values = quantize_spec(x.to(torch.float32), spec, cfg, generator=generator)
