@@ -141,3 +141,16 @@ def test_load_state_dict_checks_parameter_names():
     state["names"] = ["weight", "other"]
     with pytest.raises(ValueError, match=r"checkpoint master weights are for parameters"):
         w.load_state_dict(state)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "e5m2"])
+def test_round_into_agrees_with_quantize(fmt):
+    """The cast shortcut for fp16/bf16 is bit-identical to quant.quantize (specials too)."""
+    from mixprec.quant import quantize
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-30, 20, (4096,), generator=g))
+    x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 65520.0, 2.0 ** -25, -0.0])
+    got = round_into_(torch.empty_like(x), x, TensorSpec(fmt))
+    want = quantize(x, fmt)
+    assert torch.equal(got.view(torch.int32)[3:], want.view(torch.int32)[3:])
+    assert torch.isnan(got[2]) and torch.isnan(want[2]) and torch.equal(got[:2], want[:2])
