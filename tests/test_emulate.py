@@ -212,6 +212,14 @@ def test_qconv_geometry_forward_and_backward(nd, stride, padding, dilation, grou
     assert representable(w.grad, "fp16") and representable(b.grad, "fp16")
 
 
+def test_round_output_false_keeps_fp32_sums():
+    x, w = randn(4, 64, seed=41), randn(8, 64, seed=42)
+    y = qlinear(x, w, None, policy("fp16", round_output=False))
+    xr, wr = ref_round(np64(x), "fp16"), ref_round(np64(w), "fp16")
+    assert y.dtype == torch.float32 and not representable(y, "fp16")
+    assert_fp32_accumulated(y, xr @ wr.T, 66 * U32 * (np.abs(xr) @ np.abs(wr).T))
+
+
 def test_qconv_rejects_emulated_accumulation():
     with pytest.raises(ValueError, match="implemented for linear and matmul only.*fp32"):
         qconv(randn(1, 2, 4, 4), randn(2, 2, 1, 1), None, 1, 0, 1, 1,
@@ -432,6 +440,10 @@ def test_precision_mode_routes_linear_in_sequential():
     h = torch.relu(qlinear(x, model[0].weight, model[0].bias, policy("e5m2")))
     assert torch.equal(y, qlinear(h, model[2].weight, model[2].bias, policy("e5m2")))
     assert representable(y, "e5m2") and not torch.equal(y, model(x))
+    a, b = randn(2, 3, 16, seed=43), randn(2, 16, 4, seed=44)
+    with PrecisionMode(default_policy=policy("e5m2")):
+        calls = [torch.bmm(a, mat2=b), a.bmm(b), a @ b, torch.matmul(a, b), a.matmul(b)]
+    assert all(torch.equal(c, qmatmul(a, b, policy("e5m2"))) for c in calls)
 
 
 def test_attach_gives_layers_their_own_policy_and_exempt_runs_identity():
@@ -558,6 +570,8 @@ def test_fp32_op_result_dtypes_losses_reductions_and_running_stats():
     assert total == x.float().sum()
     assert rows.dtype == square.dtype == normed.dtype == torch.bfloat16
     assert torch.equal(rows, x.float().sum(dim=1).to(torch.bfloat16))
+    with PrecisionMode():
+        assert x.softmax(-1, dtype=torch.float32).dtype == torch.float32   # asked for
     expected_mean = (0.1 * x.float().mean(0)).to(torch.bfloat16)
     assert torch.equal(bn.running_mean, expected_mean)   # in-place update written back
 

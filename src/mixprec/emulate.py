@@ -31,6 +31,7 @@ __all__ = ["LayerPolicy", "LayerState", "AttachHandle", "attach", "current_layer
            "qlinear", "qconv", "qmatmul", "qembedding", "qscaled_dot_product_attention",
            "PrecisionMode", "run_fp32"]
 
+
 # --------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, c: OpContext) -> t
     if extra is not None:
         x = F.pad(x, extra)
     y = QConv.apply(x, weight, bias, (stride, padding, dilation, groups), c,
-                     _needs(x), _needs(weight))
+                    _needs(x), _needs(weight))
     return y.squeeze(0) if unbatched else y
 
 
@@ -121,7 +122,7 @@ def _matmul(a, b, c: OpContext) -> torch.Tensor:
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
     y = QMatmul.apply(a.unsqueeze(0) if vec_a else a, b.unsqueeze(-1) if vec_b else b,
-                       c, _needs(a), _needs(b))
+                      c, _needs(a), _needs(b))
     if vec_b:
         y = y.squeeze(-1)
     return y.squeeze(-1 if vec_b else -2) if vec_a else y
@@ -246,7 +247,7 @@ def _route_conv(layer: Layer, gen, args, kwargs):
 
 
 def _route_matmul(layer: Layer, gen, args, kwargs, swap=False, batched=False):
-    bound = _bind(args, kwargs, ("input", "other"), {})
+    bound = _bind(args, kwargs, ("input", "mat2" if batched else "other"), {})
     if bound is None or not _all_floating(*bound):
         return _PLAIN
     a, b = reversed(bound) if swap else bound

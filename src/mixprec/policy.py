@@ -38,9 +38,9 @@ class LayerPolicy:
 
     ``round_output``: a layer whose activation spec is unscaled (``scaling="none"``) stores
     its output in that format ("accumulate in FP32, store FP16"): rounded, and held in
-    the narrowest torch dtype containing the format (float16 for fp16 and for the 8-bit
-    and narrower formats, bfloat16 for bf16), so activations that other ops save for
-    backward take 16 bits, as on the hardware. Scaled formats (per-tensor, MX) have no
+    the narrowest of float16 / bfloat16 / float32 containing every value of the format
+    (float16 for fp16 and the OCP FP8, FP6 and FP4 formats, bfloat16 for bf16), so
+    activations that other ops save for backward take 16 bits, as on the hardware. Scaled formats (per-tensor, MX) have no
     scale for the output and keep it in the input's dtype, as FP8 GEMMs write high
     precision. ``round_output=False``: every output in the input's dtype, unrounded.
     """

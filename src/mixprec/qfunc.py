@@ -11,9 +11,12 @@ Every emulated GEMM-like op follows one rule (the 2018 mixed-precision recipe)::
 (none / current / delayed / MX scaling); products are exact in FP32 and summed in FP32,
 or with the emulated accumulator of ``policy.accumulation`` (:func:`mixprec.accum.matmul_accum`)
 in all three GEMMs of linear and matmul. ``store`` rounds the output to the activation
-format when that format is unscaled ("accumulate in FP32, store FP16"); the bias is
-added in FP32, as stored. Results come back in the input's dtype; gradients in the
-dtypes of the tensors they belong to.
+format when that format is unscaled ("accumulate in FP32, store FP16") and returns it in
+the narrowest float dtype holding the format (:func:`container_dtype`: float16 for fp16
+and e5m2, bfloat16 for bf16); otherwise the output keeps the input's dtype. The bias is
+added in FP32, as stored. Gradients come back in the dtypes of their tensors; the
+gradient of a float16 output therefore reaches ``round_grad`` already in float16, as it
+would from the next layer's half-precision GEMM on the hardware.
 
 MX blocks lie along the reduction dimension of the GEMM that consumes the tensor, so a
 tensor used by two GEMMs is quantized twice from high precision (as MX hardware
@@ -41,10 +44,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .accum import matmul_accum, sum_accum
 from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
-from . import quant
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
