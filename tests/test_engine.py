@@ -260,7 +260,9 @@ def _run(recipe, steps, start=0, state=None, opt_cls=torch.optim.Adam):
 
 
 RESUME = ["fp16-mixed:loss_scale.growth_interval=2,loss_scale.init_scale=1e6",
-          "fp8-e5m2:loss_scale.growth_interval=2", "fp16-pure:loss_scale.growth_interval=2"]
+          "fp8-e5m2:loss_scale.growth_interval=2", "fp16-pure:loss_scale.growth_interval=2",
+          "fp8-hybrid:weight.scaling=delayed,activation.scaling=delayed,grads.scaling=delayed,"
+          "keep_high_precision=none,loss_scale=dynamic,loss_scale.growth_interval=2"]
 
 
 @pytest.mark.parametrize("recipe", RESUME)
@@ -272,6 +274,9 @@ def test_checkpoint_resume_is_bit_identical(recipe):
     assert_same([m.detach() for m in resumed_mp.master_params],
                 [m.detach() for m in full_mp.master_params])
     assert resumed_mp.scale == full_mp.scale and resumed_mp.history == full_mp.history
+    assert_same(resumed_mp.state_dict()["layer_states"], full_mp.state_dict()["layer_states"])
+    if "delayed" in recipe:     # amax histories of every layer are part of the checkpoint
+        assert set(state["engine"]["layer_states"]) == {"0", "2"}
     assert any(h["scale"] != full_mp.history[0]["scale"] for h in full_mp.history)
 
 
@@ -388,6 +393,24 @@ def test_fp32_recipe_matches_plain_torch():
         assert train_step(mp, model, x, y)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_recipe_objects_and_strings_are_the_same_path():
+    from dataclasses import replace
+    from mixprec.recipe import LossScaleConfig, Recipe, TensorSpec
+    fp16 = TensorSpec("fp16")
+    built = Recipe(name="fp16-mixed", weight=fp16, activation=fp16, grad_output=fp16,
+                   weight_grad=fp16, loss_scale=LossScaleConfig(kind="dynamic"))
+    assert built == get_recipe("fp16-mixed")
+    runs = []
+    for recipe in (built, "fp16-mixed", replace(built, master=TensorSpec("bf16"))):
+        model = mlp()
+        mp = prepare(model, torch.optim.Adam(model.parameters(), lr=1e-2), recipe, seed=0)
+        for s in range(3):
+            assert train_step(mp, model, *batch(s))
+        runs.append(model.state_dict())
+    assert_same(runs[0], runs[1])
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0].values(), runs[2].values()))
 
 
 def test_stages_out_of_order_raise():
