@@ -350,6 +350,10 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
         initial = workload.make_model()
         _check_model(initial, data, workload.model_name)
         tcfg = _train_config(cfg, workload, data, seed)
+        if not runs:   # untimed warm-up: one-off imports and allocator growth hit no recipe
+            train_recipe(copy.deepcopy(initial), data, BASELINE,
+                         TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr, seed=seed,
+                                     hist_points=1), prepare=prepare)
         seed_runs = []
         for spec in cfg.recipes:
             run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,

@@ -48,7 +48,7 @@ WORKLOADS: dict = {w.name: w for w in [
              lr=3e-3, model_name="digits_cnn", data_name="digits"),
     Workload("digits-mlp", digits_mlp, load_digits_dataset, steps=300, batch_size=64,
              lr=2e-3, model_name="digits_mlp", data_name="digits"),
-    Workload("text-transformer", CharTransformer, load_text_dataset, steps=300, batch_size=32,
+    Workload("text-transformer", CharTransformer, load_text_dataset, steps=200, batch_size=32,
              lr=3e-3, model_name="CharTransformer", data_name="stdlib-text"),
 ]}
 DEFAULT_WORKLOAD = "digits-cnn"
