@@ -405,7 +405,8 @@ def _recipe_text(recipe: Recipe) -> str:
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             recipe: Union[str, Recipe] = "fp16-mixed", *, backend: Optional[str] = None,
-            keep_high_precision=None, generator: Optional[torch.Generator] = None,
+            keep_high_precision: Union[KeepFilter, Sequence[KeepFilter], None] = None,
+            generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None) -> Engine:
     """Set up ``model`` and ``optimizer`` for training with ``recipe``.
 

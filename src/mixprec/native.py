@@ -106,7 +106,7 @@ def keep_full_precision(model: nn.Module, keep: Collection[str], device_type: st
     handles = []
     for name, module in model.named_modules():
         parent = name.rpartition(".")[0]
-        if name not in keep or (name and parent in keep and parent != name):
+        if name not in keep or (name and parent in keep):
             continue
         regions: list = []
 
