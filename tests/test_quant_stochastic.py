@@ -135,3 +135,52 @@ def test_overflow_follows_nearest_rules():
     assert set(q[~q.isnan()].unique().tolist()) == {448.0} and q.isnan().any()
     q = quantize(x, "e4m3", rounding="stochastic", saturate=True, generator=gen(6))
     assert set(q.unique().tolist()) == {448.0}
+
+
+# -- the random bits, from their definition ----------------------------------------------
+M64 = (1 << 64) - 1
+
+
+def splitmix64(state: int, k: int) -> int:
+    """Output number k+1 of SplitMix64 (Steele, Lea, Flood 2014) started at state."""
+    z = (state + (k + 1) * 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_reference_value():
+    # the first output of SplitMix64 from state 0 in the reference implementation
+    assert splitmix64(0, 0) == 0xE220A8397B1DCDAF
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_decisions_follow_the_documented_random_bits(backend, in_place):
+    # r_i = 0.(A_i: 31 bits)(B_i: 63 bits); up iff r_i < low / 2^shift.  Build float64
+    # values in [1, 2) whose top 31 dropped bits equal A_i, so that B_i decides: e5m2
+    # keeps 2 of the 52 mantissa bits (shift 50), 19 bits lie below A's 31.
+    n, seed = 256, int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,
+                                     generator=gen(77))) & M64
+    rng = np.random.default_rng(0)
+    words = [splitmix64(seed, i // 2) >> (32 * (i % 2)) & 0xFFFFFFFF for i in range(n)]
+    x, want = [], []
+    for i in range(n):
+        kept, a, rem = int(rng.integers(0, 4)), words[i] >> 1, int(rng.integers(0, 1 << 19))
+        mant = kept << 50 | a << 19 | rem
+        x.append(1.0 + mant / 2.0 ** 52)
+        b = splitmix64(seed ^ 0xD1B54A32D192ED03, i) >> 1
+        want.append(1.0 + (kept + (b < rem << 44)) / 4)
+    xt = torch.tensor(x, dtype=torch.float64)
+    got = quantize(xt, "e5m2", rounding="stochastic", generator=gen(77), backend=backend,
+                   out=xt if in_place else None)
+    assert got.tolist() == want
+    # where A alone decides: all 50 dropped bits set, top = 2^31 - 1, up iff A < top
+    # (or A == top and B < (2^19 - 1) << 44)
+    ones = torch.full((n,), 1.0 + (2.0 ** 50 - 1) / 2.0 ** 52, dtype=torch.float64)
+    up = quantize(ones, "e5m2", rounding="stochastic", generator=gen(77), backend=backend)
+    top = (1 << 31) - 1
+    assert up.tolist() == [
+        1.25 if (w >> 1) < top or ((w >> 1) == top and splitmix64(
+            seed ^ 0xD1B54A32D192ED03, i) >> 1 < (1 << 19) - 1 << 44) else 1.0
+        for i, w in enumerate(words)]

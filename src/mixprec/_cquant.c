@@ -13,14 +13,14 @@
  *
  *   nearest      up = low > half, or low == half and the kept code is odd
  *                (never when shift > MW + 1: the value is below Q / 2)
- *   stochastic   up = u < low * 2^(63 - shift), u uniform in [0, 2^63): P = low / 2^shift
+ *   stochastic   up = r < low / 2^shift for a uniform r (see stochastic_up): P exact
  *   toward_zero  up = 0
  *
  * then overflow (rounded result > max), +-inf and NaN take the patterns the caller
  * computed from the format's convention.  Every parameter is derived in
  * mixprec/quant.py from (ebits, mbits, bias, convention); the pure-torch path there
- * runs the same algorithm, and the random bits u are SplitMix64 of (seed, flat index)
- * in both, so both paths give identical results.
+ * runs the same algorithm with the same random bits (SplitMix64 of the seed and the
+ * flat element index), so both paths give identical results.
  *
  * Integer-only: no floating-point instruction touches the data, so the result does not
  * depend on the FPU rounding mode or on flush-to-zero settings.
@@ -29,6 +29,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <string.h>
 
 #define MODE_NEAREST 0
 #define MODE_STOCHASTIC 1
@@ -41,13 +42,35 @@ typedef struct {
     uint64_t max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
 } plan_t;
 
-/* SplitMix64 output number i+1 for state `seed`, shifted to 63 bits. */
-static inline uint64_t random_u63(uint64_t seed, uint64_t i) {
-    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
+/* SplitMix64: output number k+1 of the generator whose state starts at `seed`. */
+static inline uint64_t splitmix(uint64_t seed, uint64_t k) {
+    uint64_t z = seed + (k + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z = z ^ (z >> 31);
-    return z >> 1;
+    return z ^ (z >> 31);
+}
+
+/* The uniform r in [0, 1) of element i is 0.(31 bits of A_i)(63 bits of B_i):
+ *   A_i = 32-bit word i of splitmix(seed, 0), splitmix(seed, 1), ... (low word first), >> 1
+ *   B_i = splitmix(seed ^ SEED_B, i) >> 1
+ * and stochastic rounding goes up iff r < low / 2^shift.  With shift <= 31 the first
+ * 31 bits decide exactly; otherwise B is read only when A ties with the top bits of
+ * the fraction (probability 2^-31). */
+#define SEED_B 0xD1B54A32D192ED03ULL
+
+static inline uint64_t word_a(uint64_t seed, uint64_t i) {
+    return (uint32_t)(splitmix(seed, i >> 1) >> (32 * (i & 1))) >> 1;
+}
+
+static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uint64_t i) {
+    uint64_t a = word_a(seed, i);
+    if (shift <= 31) return a < (low << (31 - shift));
+    uint64_t s = shift - 31;                       /* fraction bits below A's 31 */
+    uint64_t top = s < 64 ? low >> s : 0;
+    if (a != top) return a < top;
+    uint64_t rem = s < 63 ? low & (((uint64_t)1 << s) - 1) : low;   /* low < 2^54 */
+    uint64_t thr = s <= 63 ? rem << (63 - s) : (s - 63 < 64 ? rem >> (s - 63) : 0);
+    return (splitmix(seed ^ SEED_B, i) >> 1) < thr;
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -56,10 +79,7 @@ static inline uint64_t random_u63(uint64_t seed, uint64_t i) {
 #define MULTIVERSION
 #endif
 
-/* One loop per (input type, rounding mode) so that each vectorizes without branches. */
-#define DEFINE_LOOP(NAME, UINT, MW, MODE)                                              \
-MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
-                              const plan_t *pl, uint64_t seed) {                       \
+#define PLAN_LOCALS(UINT, MW)                                                          \
     const UINT SIGN = (UINT)1 << (sizeof(UINT) * 8 - 1);                               \
     const UINT MMASK = ((UINT)1 << MW) - 1;                                            \
     const UINT s0 = (UINT)pl->s0, m0 = (UINT)pl->m0, m0_adj = (UINT)pl->m0_adj;       \
@@ -68,45 +88,100 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
     const UINT inf_bits = (UINT)pl->inf_bits, nan_bits = (UINT)pl->nan_bits;           \
     const UINT ovf_bits = (UINT)pl->ovf_bits, infin_bits = (UINT)pl->infin_bits;       \
     const UINT uz = (UINT)pl->unsigned_zero;                                           \
-    (void)seed; (void)m0; (void)m0_adj;                                                \
+    (void)m0; (void)m0_adj;
+
+/* a = |x|, shift, the clamped shift sh <= MW + 1, significand sig, dropped bits low */
+#define SPLIT(UINT, MW, B)                                                             \
+    UINT sign = (B) & SIGN, a = (B) ^ sign;                                            \
+    UINT field = a >> MW;                                                              \
+    int64_t d = te - (int64_t)(field ? field : 1);                                     \
+    UINT shift = s0 + (UINT)(d > 0 ? d : 0);                                           \
+    UINT sh = shift < MW + 1 ? shift : MW + 1;                                         \
+    UINT sig = field ? (a & MMASK) | (MMASK + 1) : a;                                  \
+    UINT low = sig & (((UINT)1 << sh) - 1);
+
+/* rounded magnitude, then overflow, inf, NaN and the sign */
+#define FINISH(UINT, MW, UP, OUT)                                                      \
+    {                                                                                  \
+        UINT r = shift <= MW ? a - low + ((UP) << sh) : ((UP) ? q_bits : 0);           \
+        r = r > max_bits ? ovf_bits : r;                                               \
+        r = a == inf_bits ? infin_bits : r;                                            \
+        r = a > inf_bits ? nan_bits : r;                                               \
+        sign = (uz & ((r == 0) | (r == nan_bits))) ? 0 : sign;                         \
+        OUT = r | sign;                                                                \
+    }
+
+/* Nearest and toward-zero: one flat loop each, vectorized without branches. */
+#define DEFINE_LOOP(NAME, UINT, MW, MODE)                                              \
+MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
+                              const plan_t *pl, uint64_t seed) {                       \
+    PLAN_LOCALS(UINT, MW)                                                              \
+    (void)seed;                                                                        \
     for (int64_t i = begin; i < end; i++) {                                            \
-        UINT b = src[i];                                                               \
-        UINT sign = b & SIGN, a = b ^ sign;                                            \
-        UINT field = a >> MW;                                                          \
-        int64_t d = te - (int64_t)(field ? field : 1);                                 \
-        UINT shift = s0 + (UINT)(d > 0 ? d : 0);                                       \
-        UINT sh = shift < MW + 1 ? shift : MW + 1;                                     \
-        UINT sig = field ? (a & MMASK) | (MMASK + 1) : a;                              \
-        UINT low = sig & (((UINT)1 << sh) - 1);                                        \
-        UINT up;                                                                       \
+        SPLIT(UINT, MW, src[i])                                                        \
+        UINT up = 0;                                                                   \
         if (MODE == MODE_NEAREST) {                                                    \
             UINT lsb = (sig >> sh) & 1;                                                \
             lsb = (m0 & (shift == s0)) ? ((field + m0_adj) & 1) : lsb;                 \
             UINT twice = low << 1, full = (UINT)1 << sh;                               \
             up = ((twice > full) | ((twice == full) & lsb)) & (shift <= MW + 1);      \
-        } else if (MODE == MODE_STOCHASTIC) {                                          \
-            uint64_t u = random_u63(seed, (uint64_t)i);                                \
-            uint64_t rs = shift > 63 ? (shift - 63 > 63 ? 63 : shift - 63) : 0;        \
-            uint64_t thr = shift <= 63 ? ((uint64_t)low << (63 - shift))               \
-                                       : ((uint64_t)sig >> rs);                        \
-            up = u < thr;                                                              \
-        } else {                                                                       \
-            up = 0;                                                                    \
         }                                                                              \
-        UINT r = shift <= MW ? a - low + (up << sh) : (up ? q_bits : 0);               \
-        r = r > max_bits ? ovf_bits : r;                                               \
-        r = a == inf_bits ? infin_bits : r;                                            \
-        r = a > inf_bits ? nan_bits : r;                                               \
-        sign = (uz & ((r == 0) | (r == nan_bits))) ? 0 : sign;                         \
-        dst[i] = r | sign;                                                             \
+        FINISH(UINT, MW, up, dst[i])                                                   \
+    }                                                                                  \
+}
+
+/* Stochastic: blocks of BLOCK elements.  The A words of a block are made first (one
+ * SplitMix64 serves two elements), then a flat loop decides with the 31 bits of A; a
+ * block where some element needs B (A tied with the fraction's top bits) is redone
+ * element by element with stochastic_up.  In-place calls go through a block buffer so
+ * that the redo still sees the input. */
+#define BLOCK 1024
+#define DEFINE_STOCHASTIC(NAME, UINT, MW)                                              \
+MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
+                              const plan_t *pl, uint64_t seed) {                       \
+    PLAN_LOCALS(UINT, MW)                                                              \
+    const UINT BITS = sizeof(UINT) * 8;                                                \
+    uint64_t pairs[BLOCK / 2 + 1];                                                     \
+    uint32_t words[BLOCK + 2];                                                         \
+    UINT tmp[BLOCK], flags[BLOCK];                                                     \
+    for (int64_t blk = begin; blk < end; blk += BLOCK) {                               \
+        int64_t len = end - blk < BLOCK ? end - blk : BLOCK;                           \
+        int64_t k0 = blk >> 1, npairs = ((blk & 1) + len + 1) >> 1;                    \
+        for (int64_t k = 0; k < npairs; k++) pairs[k] = splitmix(seed, (uint64_t)(k0 + k)); \
+        for (int64_t k = 0; k < npairs; k++) {                                         \
+            words[2 * k] = (uint32_t)pairs[k];                                         \
+            words[2 * k + 1] = (uint32_t)(pairs[k] >> 32);                             \
+        }                                                                              \
+        const uint32_t *w = words + (blk & 1);                                         \
+        const UINT *in = src + blk;                                                    \
+        UINT *out = (src == dst) ? tmp : dst + blk;                                    \
+        UINT need = 0;                                                                 \
+        for (int64_t j = 0; j < len; j++) { /* (a reduction here stops vectorization) */ \
+            SPLIT(UINT, MW, in[j])                                                     \
+            UINT ra = w[j] >> 1;                                                       \
+            UINT top = shift <= 31 ? low << (31 - shift)                               \
+                                   : (shift - 31 < BITS ? low >> (shift - 31) : 0);    \
+            UINT up = ra < top;                                                        \
+            flags[j] = (shift > 31) & (ra == top);                                     \
+            FINISH(UINT, MW, up, out[j])                                               \
+        }                                                                              \
+        for (int64_t j = 0; j < len; j++) need |= flags[j];                            \
+        if (need) {                                                                    \
+            for (int64_t j = 0; j < len; j++) {                                        \
+                SPLIT(UINT, MW, in[j])                                                 \
+                UINT up = (UINT)stochastic_up(low, shift, seed, (uint64_t)(blk + j));  \
+                FINISH(UINT, MW, up, out[j])                                           \
+            }                                                                          \
+        }                                                                              \
+        if (out == tmp) memcpy(dst + blk, tmp, (size_t)len * sizeof(UINT));            \
     }                                                                                  \
 }
 
 DEFINE_LOOP(loop_f32_nearest, uint32_t, 23, MODE_NEAREST)
-DEFINE_LOOP(loop_f32_stochastic, uint32_t, 23, MODE_STOCHASTIC)
+DEFINE_STOCHASTIC(loop_f32_stochastic, uint32_t, 23)
 DEFINE_LOOP(loop_f32_toward_zero, uint32_t, 23, MODE_TOWARD_ZERO)
 DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
-DEFINE_LOOP(loop_f64_stochastic, uint64_t, 52, MODE_STOCHASTIC)
+DEFINE_STOCHASTIC(loop_f64_stochastic, uint64_t, 52)
 DEFINE_LOOP(loop_f64_toward_zero, uint64_t, 52, MODE_TOWARD_ZERO)
 
 typedef struct {

@@ -8,7 +8,7 @@ read as an integer, field = a >> MW (MW = 23 or 52), sig = significand with impl
     q     = a - low + up * 2^shift                        (shift <= MW; else 0 or Q)
 
     nearest      up = low > 2^(shift-1), or low == 2^(shift-1) and the kept code is odd
-    stochastic   up = u63 < low * 2^(63 - shift)   ->  P(up) = low / 2^shift, exactly
+    stochastic   up = r < low / 2^shift, r uniform     ->  P(up) = low / 2^shift, exactly
     toward_zero  up = 0
 
 The carry of a - low + 2^shift walks into the exponent field by itself, so one formula
@@ -23,10 +23,11 @@ the overflow test (e4m3: 460 -> 448, 464 -> 448, 465 -> NaN).  Then, by conventi
 e8m0 follows ml_dtypes' float8_e8m0fnu: ties round away from zero; values in
 (2^-127, 2^-126) go to 2^-126 and (0, 2^-127] to 2^-127; zero, negatives, NaN -> NaN.
 
-The random bits u63 are SplitMix64 output number i+1 (i = flat index in row-major order)
-from a 64-bit seed drawn from ``generator`` (or torch's default generator), shifted to 63
-bits.  The C kernel (mixprec/_cquant.c) and the pure-torch path compute the same bits,
-so both give identical results on any layout and device.
+The uniform r of element i (flat index in row-major order) is built from SplitMix64
+streams of a 64-bit seed drawn from ``generator`` (or torch's default generator): 31 bits
+decide whenever they can, 63 more where they tie (see _stochastic_up).  The C kernel
+(mixprec/_cquant.c) and the pure-torch path compute the same bits, so both give
+identical results on any layout and device.
 
 Float64 inputs are rounded once, directly (torch and ml_dtypes cast float64 via float32,
 which double-rounds).  bfloat16/float16 inputs are widened to float32 exactly; a result
@@ -173,8 +174,8 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in
-                         (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2, _SEED_B = (_signed64(c) for c in (
+    0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03))
 
 
 def _draw_seed(generator: Optional[torch.Generator]) -> int:
@@ -189,12 +190,35 @@ def _lshr(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def _random_u63(seed: int, n: int, device) -> torch.Tensor:
-    """SplitMix64: z = seed + (i+1)*golden; two xor-shift-multiply rounds; >> 1."""
-    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN + seed
+def _splitmix(seed: int, k: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 output k+1 from state seed: z = seed + (k+1)*golden, two mixing rounds."""
+    z = (k + 1) * _GOLDEN + seed
     z = (z ^ _lshr(z, 30)) * _MIX1
     z = (z ^ _lshr(z, 27)) * _MIX2
-    return _lshr(z ^ _lshr(z, 31), 1)
+    return z ^ _lshr(z, 31)
+
+
+def _stochastic_up(low: torch.Tensor, shift: torch.Tensor, seed: int) -> torch.Tensor:
+    """up = r < low / 2^shift, r = 0.(A_i: 31 bits)(B_i: 63 bits) uniform, i = flat index.
+
+    A_i = 32-bit word i (low word first) of splitmix(seed, 0), splitmix(seed, 1), ..., >> 1;
+    B_i = splitmix(seed ^ SEED_B, i) >> 1, read only where A_i ties with the top 31 bits
+    of the fraction (shift > 31, probability 2^-31).  int64 inputs, same shape.
+    """
+    n, dev = low.numel(), low.device
+    pairs = _splitmix(seed, torch.arange((n + 1) // 2, device=dev))
+    a = torch.stack([pairs & 0xFFFFFFFF, _lshr(pairs, 32)], 1).view(-1)[:n].view(low.shape) >> 1
+    s = shift - 31
+    top = torch.where(s <= 0, low << (-s).clamp(min=0), low >> s.clamp(0, 63))
+    up = a < top
+    need = ((s > 0) & (a == top)).view(-1)
+    if bool(need.any()):
+        idx = need.nonzero().squeeze(1)
+        sn, ln = s.reshape(-1)[idx], low.reshape(-1)[idx]
+        rem = ln & ((torch.ones_like(sn) << sn.clamp(max=62)) - 1)
+        thr = torch.where(sn <= 63, rem << (63 - sn).clamp(min=0), rem >> (sn - 63).clamp(0, 63))
+        up.view(-1)[idx] = _lshr(_splitmix(seed ^ _SEED_B, idx), 1) < thr
+    return up
 
 
 # -- the two kernels ----------------------------------------------------------------------
@@ -218,11 +242,7 @@ def _round_bits_torch(bits: torch.Tensor, p: _Plan, lay: _Layout, mode: Rounding
         # shift > MW + 1: the value is below Q / 2 (sh is clamped, so say it)
         up = ((twice > full) | ((twice == full) & (lsb == 1))) & (shift <= lay.mw + 1)
     elif mode is Rounding.STOCHASTIC:
-        u = _random_u63(seed, bits.numel(), bits.device).view(bits.shape)
-        shift64 = shift.long()
-        thr = torch.where(shift64 <= 63, low.long() << (63 - shift64).clamp(min=0),
-                          sig.long() >> (shift64 - 63).clamp(0, 63))
-        up = u < thr
+        up = _stochastic_up(low.long(), shift.long(), seed)
     else:
         up = torch.zeros_like(a, dtype=torch.bool)
     up = up.to(a.dtype)
@@ -254,7 +274,7 @@ def _round_e8m0(x: torch.Tensor, mode: Rounding, saturate: bool, seed: int) -> t
     if mode is Rounding.NEAREST:   # ties away from zero; (2^-127, 2^-126) up, below: 2^-127
         r = torch.where(a < lo2, torch.where(a <= lo, lo, lo2), (a + (1 << 51)) & ~mmask)
     elif mode is Rounding.STOCHASTIC:
-        up = _random_u63(seed, a.numel(), a.device).view(a.shape) < ((a & mmask) << 11)
+        up = _stochastic_up(a & mmask, torch.full_like(a, 52), seed)
         r = torch.where(a < lo, lo, (a & ~mmask) + (up.long() << 52))
     else:
         r = torch.where(a < lo, lo, a & ~mmask)
