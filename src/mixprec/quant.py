@@ -267,7 +267,7 @@ def _round_c(src: torch.Tensor, dst: torch.Tensor, p: _Plan, lay: _Layout,
 
 def _round_e8m0(x: torch.Tensor, mode: Rounding, saturate: bool, seed: int) -> torch.Tensor:
     """ml_dtypes' float8_e8m0fnu rule on float64 bits (all its values are normal there)."""
-    bits = x.double().view(torch.int64)
+    bits = x.double().contiguous().view(torch.int64)
     lo, lo2, top = (_F64.bits_of(2.0 ** k) for k in (-127, -126, 127))
     inf, nan, mmask = _F64.bits_of(math.inf), _F64.bits_of(math.nan), (1 << 52) - 1
     a = bits & ((1 << 63) - 1)
@@ -306,12 +306,11 @@ def _quantize_work(x: torch.Tensor, fmt: FloatFormat, mode: Rounding, saturate: 
                          f"(extension built: {_cquant is not None}, device: {x.device})")
     if fmt.convention is Convention.E8M0:
         return _round_e8m0(x, mode, saturate, seed).to(lay.dtype), lay
-    xw = x.to(lay.dtype)
+    xw = x.to(lay.dtype).contiguous()   # the random bits follow the row-major index
     if not use_c:
         r = _round_bits_torch(xw.view(lay.int_dtype), _plan(fmt, lay, saturate), lay,
                               mode, seed)
         return r.view(lay.dtype), lay
-    xw = xw.contiguous()
     if dst is None or dst.dtype != lay.dtype or not dst.is_contiguous():
         dst = torch.empty_like(xw, memory_format=torch.contiguous_format)
     if xw.numel():
