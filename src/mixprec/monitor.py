@@ -31,6 +31,7 @@ update (or with :meth:`NumericsMonitor.begin_step`); ``every`` records one step 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -47,15 +48,14 @@ __all__ = ["NumericsMonitor", "TensorStats", "Thresholds", "format_thresholds", 
 ROLES = ("activation", "weight", "grad_output", "weight_grad", "update")
 GRAD_ROLES = frozenset({"grad_output", "weight_grad"})   # the roles the loss scale multiplies
 DEFAULT_EDGES = tuple(range(-40, 21))
-# Index i of the exponent histogram holds floor(log2 a) = i - 127; index 0 also holds
-# every nonzero value below 2^-126 (float32 subnormals).
+# Index i of the exponent histogram holds the binade (2^(i-127), 2^(i-126)]: closed on the
+# right, so "rounds to zero when |x| <= 2^k" reads straight off it. Index 0 holds every
+# nonzero value up to 2^-126 (float32 subnormals included).
 _EXP_BINS, _EXP_OFFSET = 256, 127
-_KEY_SHIFT = 12                # keep sign-less exponent (8) + top 11 mantissa bits
-_MANTISSA_KEYS = 1 << (23 - _KEY_SHIFT)
+_COARSE_SHIFT = 17             # small tensors: buckets of 1/64 binade
+_FINEST_SHIFT = 12             # 2^20 keys: puts every bound of formats with M <= 10 on an edge
 _INF_BITS = 0x7F800000         # bit patterns at or above are inf/NaN
 _F32_MAX = float(np.finfo(np.float32).max)
-_KEY_MASK = (1 << (31 - _KEY_SHIFT)) - 1
-_SMALL = 4096                  # up to this many elements sorting beats a dense bincount
 
 LayerFilter = Union[None, Callable[[str, nn.Module], bool], Iterable[str]]
 
@@ -105,55 +105,106 @@ def _format_bounds(fmt: FloatFormat, scale: float) -> tuple[int, int, int]:
             _bit_bound(th.over, inclusive=not th.over_inclusive))
 
 
-class _MagnitudeCounts:
-    """``count(bits(|x|) < B)`` for any bound B, from one histogram of the top bits of |x|."""
+@dataclass(frozen=True)
+class _Counts:
+    """One tensor's magnitude counts (see :func:`_count_magnitudes`)."""
+    n: int
+    zeros: int
+    finite: int
+    below: np.ndarray          # count(bits(|x|) < B) for each requested bound B
+    exp_counts: np.ndarray     # nonzero finite values per binade
+    amax: float                # largest finite |x|, 0 when none
 
-    def __init__(self, x: torch.Tensor):
-        self.x = x.reshape(-1)
-        self.n = self.x.numel()
-        keys = self.x.view(torch.int32) >> _KEY_SHIFT
-        self.keys_t = keys.bitwise_and_(_KEY_MASK)                 # drops the sign
-        if self.n <= _SMALL:
-            uniq, cnt = torch.unique(keys, sorted=True, return_counts=True)
+
+class _Scratch(threading.local):
+    """Per-thread buffers reused across tensors: a fresh large result costs page faults."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bufs = self.buffers.get(device)
+        if bufs is None or bufs[0].numel() < n:
+            bufs = self.buffers[device] = (torch.empty(n, dtype=torch.int32, device=device),
+                                           torch.empty(n, dtype=torch.int32, device=device),
+                                           torch.empty(n, dtype=torch.bool, device=device))
+        return bufs[0][:n], bufs[1][:n], bufs[2][:n]
+
+
+_SCRATCH = _Scratch()
+
+
+def _key_shift(bounds: Sequence[int], n: int) -> int:
+    """Bucket width 2^shift in bit patterns: the coarsest that puts every bound B (or B - 1
+    for an inclusive bound) on a bucket edge, unless that needs more buckets than there are
+    elements; then 1/64 binade, and a bound inside an occupied bucket costs a comparison."""
+    aligned = 23
+    for b in bounds:
+        v = b - (b & 1)
+        if v:
+            aligned = min(aligned, (v & -v).bit_length() - 1)
+    if aligned >= _FINEST_SHIFT and (2 << (31 - aligned)) <= max(n, 1 << 15):
+        return aligned
+    return max(aligned, _COARSE_SHIFT)
+
+
+def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
+    """Count ``bits(|x|) < B`` for each bound B from one histogram of the bit patterns of |x|.
+
+    key = 2 * (bits >> shift) + (any bit below shift set): for a bound on a bucket edge e,
+    ``bits < e`` and ``bits <= e`` (B = e + 1) are both sums of whole keys, and so are the
+    zeros, infinities and NaNs. Other bounds inside an occupied bucket cost one comparison.
+    """
+    x = x.detach().reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.float()
+    n = x.numel()
+    if n == 0:
+        return _Counts(0, 0, 0, np.zeros(len(bounds), np.int64), np.zeros(_EXP_BINS, np.int64), 0.0)
+    shift = _key_shift(bounds, n)
+    buckets, low = 1 << (31 - shift), (1 << shift) - 1
+    per_binade = 2 << (23 - shift)                                    # keys per binade
+    work, keys, mask = _SCRATCH.get(n, x.device)
+    bits = x.view(torch.int32)
+    torch.bitwise_right_shift(bits, shift, out=keys).bitwise_and_(buckets - 1).mul_(2)  # drops the sign
+    keys.add_(torch.bitwise_and(bits, low, out=work).clamp_(max=1))
+    dense_t = torch.bincount(keys, minlength=2 * buckets).cpu()
+    floor_binades = dense_t.view(_EXP_BINS, per_binade).sum(1).numpy()   # [2^e, 2^(e+1)), e + 127
+    dense = dense_t.numpy()
+    below_binade = np.concatenate(([0], np.cumsum(floor_binades)))
+
+    def below_key(k: int) -> int:                                     # elements with key < k
+        e = k // per_binade
+        return int(below_binade[e] + dense[e * per_binade:k].sum())
+
+    abs_ready = []
+
+    def count_below(b: int) -> int:                                   # a comparison pass
+        if not abs_ready:
+            abs_ready.append(torch.bitwise_and(bits, 0x7FFFFFFF, out=work))   # ordered like |x|
+        return int(torch.count_nonzero(torch.lt(work, b, out=mask)))
+
+    res = np.empty(len(bounds), np.int64)
+    for i, b in enumerate(bounds):
+        k, r = b >> shift, b & low
+        if r > 1 and dense[2 * k + 1]:
+            res[i] = count_below(b)                                   # the bound splits a bucket
         else:
-            dense = torch.bincount(keys)
-            uniq = dense.nonzero().squeeze(1)
-            cnt = dense[uniq]
-        self.keys = uniq.numpy().astype(np.int64)
-        self.counts = cnt.numpy()
-        self.cum = np.concatenate(([0], np.cumsum(self.counts)))
-        self.zeros = self.n - int(torch.count_nonzero(self.x))
-
-    def below(self, bounds: Sequence[int]) -> np.ndarray:
-        """count(bits(|x|) < B) for each B; bounds inside an occupied bucket cost one pass."""
-        bs = np.asarray(bounds, np.int64)
-        ks = bs >> _KEY_SHIFT
-        idx = np.searchsorted(self.keys, ks)
-        res = self.cum[idx]
-        hit = self.keys[np.minimum(idx, len(self.keys) - 1)] == ks
-        partial_ = np.flatnonzero((bs & ((1 << _KEY_SHIFT) - 1) != 0) & (idx < len(self.keys)) & hit)
-        if len(partial_):
-            wanted = np.unique(ks[partial_]).tolist()
-            sel = self.keys_t == wanted[0]
-            for k in wanted[1:]:
-                sel |= self.keys_t == k
-            sub = self.x[sel].view(torch.int32).numpy() & 0x7FFFFFFF
-            for i in partial_:
-                res[i] += np.count_nonzero((sub >> _KEY_SHIFT == ks[i]) & (sub < bs[i]))
-        return res
-
-    def exp_counts(self) -> np.ndarray:
-        """Elements per float32 exponent field (index = floor(log2|x|) + 127; 0: zero/subnormal)."""
-        return np.bincount(self.keys // _MANTISSA_KEYS, weights=self.counts,
-                           minlength=_EXP_BINS).astype(np.int64)
-
-    def amax(self, finite: int) -> float:
-        """Largest finite |x| (0 when none)."""
-        if finite == self.n:
-            lo, hi = torch.aminmax(self.x)
-            return max(-float(lo), float(hi))
-        fin = self.x[torch.isfinite(self.x)]
-        return float(fin.abs().amax()) if finite else 0.0
+            res[i] = below_key(2 * k + min(r, 1))
+    zeros = int(dense[0])
+    inf_key = 2 * (_INF_BITS >> shift)
+    finite, n_inf = below_key(inf_key), int(dense[inf_key])
+    if finite == n:
+        lo, hi = torch.aminmax(x)
+        amax = max(-float(lo), float(hi))
+    else:
+        amax = float(x[torch.isfinite(x)].abs().amax()) if finite else 0.0
+    # (2^e, 2^(e+1)] = [2^e, 2^(e+1)) - {2^e} + {2^(e+1)}; exact powers sit alone in a key
+    powers = dense[::per_binade].astype(np.int64)                    # powers[0]: the zeros
+    exp_counts = floor_binades - powers + np.append(powers[1:], 0)
+    exp_counts[-2] -= n_inf                                           # 2^128 is inf
+    exp_counts[-1] = 0                                                # inf/NaN exponent field
+    return _Counts(n, zeros, finite, res, exp_counts, amax)
 
 
 @dataclass
@@ -181,12 +232,12 @@ class TensorStats:
     def frac(self, count: int) -> float:
         return count / self.finite_nonzero if self.finite_nonzero else 0.0
 
-    def count_below_pow2(self, j: int) -> int:
-        """Nonzero finite values with ``|x| < 2^j``, read from the exponent histogram."""
+    def count_at_most_pow2(self, j: int) -> int:
+        """Nonzero finite values with ``|x| <= 2^j``, read from the binade histogram."""
         return int(self.exp_counts[: min(max(j + _EXP_OFFSET, 0), _EXP_BINS)].sum())
 
     def hist(self, edges: Sequence[int]) -> dict:
-        """log2 histogram on integer ``edges``: below, counts per [e_i, e_i+1), above."""
+        """log2 histogram on integer ``edges``: below (<= 2^e_0), counts per (2^e_i, 2^e_i+1], above."""
         idx = np.searchsorted(np.asarray(edges) + _EXP_OFFSET, np.arange(_EXP_BINS), side="right")
         binned = np.bincount(idx, weights=self.exp_counts, minlength=len(edges) + 1).astype(np.int64)
         return {"below": int(binned[0]), "counts": binned[1:-1].tolist(), "above": int(binned[-1])}
@@ -195,48 +246,43 @@ class TensorStats:
         """log2(max / (amax * S)): binades left before overflow; None without nonzero values."""
         return math.log2(fmt.max / (self.amax * self.scale)) if self.amax > 0 else None
 
-    def add(self, x: torch.Tensor, fmts: Sequence[FloatFormat], scale: float) -> int:
-        """Count ``x`` (any float dtype) into the stats; return its number of inf/NaN values."""
-        return self._add_counts(_MagnitudeCounts(_as_float32(x)), fmts, scale)
-
-    def add_update(self, u: torch.Tensor, w: torch.Tensor, fmts: Sequence[FloatFormat]) -> int:
-        """Count update ``u`` of weights ``w``, and the nonzero updates a weight in each format loses."""
-        u, w = _as_float32(u), _as_float32(w)
-        c = _MagnitudeCounts(u)
-        nonfinite = self._add_counts(c, fmts, 1.0)
-        aw = w.abs()
-        # |u| < 2^-p |w|  <=>  |u| / |w| < 2^-p: float32 division is correctly rounded and the
-        # quotient of two float32 values is never within half an ulp below a power of two.
-        ratio = _MagnitudeCounts(torch.div(u.abs(), aw))
-        # zero updates (|0| / |w| = 0 where w != 0) pass the test but move nothing
-        idle = int(torch.count_nonzero((u == 0) & (aw > 0))) if c.zeros else 0
-        rel_bounds = [_bit_bound(2.0 ** -(f.mbits + 1), inclusive=False) for f in fmts]
-        abs_bounds = [_bit_bound(f.min_subnormal, inclusive=False) for f in fmts]
-        for f, r, a in zip(fmts, ratio.below(rel_bounds), c.below(abs_bounds)):
-            _bump(self.below_rel, f.name, int(r) - idle)       # paper rule: fp16 swallows < 2^-11 |w|
-            _bump(self.below_abs, f.name, int(a) - c.zeros)
-        return nonfinite
-
-    def _add_counts(self, c: _MagnitudeCounts, fmts: Sequence[FloatFormat], scale: float) -> int:
-        bounds = [_INF_BITS] + [b for f in fmts for b in _format_bounds(f, scale)]
-        res = [int(v) for v in c.below(bounds)]
-        finite, zeros = res[0], c.zeros
+    def add(self, x: torch.Tensor, fmts: Sequence[FloatFormat], scale: float,
+            extra_bounds: Sequence[int] = ()) -> _Counts:
+        """Count ``x`` (any float dtype) into the stats; ``extra_bounds`` are counted too."""
+        bounds = [b for f in fmts for b in _format_bounds(f, scale)]
+        c = _count_magnitudes(x, bounds + list(extra_bounds))
         for i, f in enumerate(fmts):
-            to_zero, to_normal, in_range = res[1 + 3 * i: 4 + 3 * i]
-            _bump(self.underflow, f.name, to_zero - zeros)
+            to_zero, to_normal, in_range = (int(v) for v in c.below[3 * i: 3 * i + 3])
+            _bump(self.underflow, f.name, to_zero - c.zeros)
             _bump(self.subnormal, f.name, to_normal - to_zero if f.mbits > 0 else 0)
-            _bump(self.overflow, f.name, finite - in_range)
-        counts = c.exp_counts()
-        counts[0] -= zeros
-        counts[-1] -= c.n - finite                  # inf/NaN live in the top exponent field
-        self.amax = max(self.amax, c.amax(finite))
-        self.exp_counts += counts
+            _bump(self.overflow, f.name, c.finite - in_range)
+        self.exp_counts += c.exp_counts
+        self.amax = max(self.amax, c.amax)
         self.tensors += 1
         self.numel += c.n
-        self.zeros += zeros
-        self.nonfinite += c.n - finite
+        self.zeros += c.zeros
+        self.nonfinite += c.n - c.finite
         self.scale = scale
-        return c.n - finite
+        return c
+
+    def add_update(self, u: torch.Tensor, w: torch.Tensor, fmts: Sequence[FloatFormat]) -> _Counts:
+        """Count update ``u`` of weights ``w``, and the nonzero updates a weight in each format loses.
+
+        ``|u| < 2^-p |w|`` is tested as ``|u / w| < 2^-p``: float32 division rounds correctly
+        and a quotient of two float32 values never lies within half an ulp below a power of
+        two, so the test is exact.
+        """
+        u, w = _as_float32(u), _as_float32(w)
+        abs_bounds = [_bit_bound(f.min_subnormal, inclusive=False) for f in fmts]
+        c = self.add(u, fmts, 1.0, abs_bounds)
+        rel_bounds = [_bit_bound(2.0 ** -(f.mbits + 1), inclusive=False) for f in fmts]
+        ratio = _count_magnitudes(torch.div(u, w).abs_(), rel_bounds)
+        # zero updates (0 / w = 0 where w != 0) pass the ratio test but move nothing
+        idle = int(torch.count_nonzero((u == 0) & (w != 0))) if c.zeros else 0
+        for f, r, a in zip(fmts, ratio.below, c.below[3 * len(fmts):]):
+            _bump(self.below_rel, f.name, int(r) - idle)       # paper rule: fp16 swallows < 2^-11 |w|
+            _bump(self.below_abs, f.name, int(a) - c.zeros)
+        return c
 
 
 def _bump(d: dict, key: str, n: int) -> None:
@@ -290,12 +336,6 @@ def _select_layers(model: nn.Module, layers: LayerFilter) -> dict[str, nn.Module
 def _float_tensors(obj) -> list[torch.Tensor]:
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
     return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-
-
-def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """One flat tensor per layer and role: the statistics are per layer, the cost per call."""
-    ts = [t.detach().reshape(-1) for t in tensors]
-    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 class NumericsMonitor:
@@ -421,7 +461,7 @@ class NumericsMonitor:
         params = list(module.parameters(recurse=False))
         if params and name not in self._weights_seen:
             self._weights_seen.add(name)
-            self._record(name, "weight", _flat(params))
+            self._record(name, "weight", *params)
 
     def _on_forward(self, name, module, args, output) -> None:
         if not self._active:
@@ -449,7 +489,7 @@ class NumericsMonitor:
         for layer in [name] if name else list(self._grads):
             grads = self._grads.pop(layer, [])
             if grads:
-                self._record(layer, "weight_grad", _flat(grads))
+                self._record(layer, "weight_grad", *grads)
 
     def _stats_for(self, layer: str, role: str) -> TensorStats:
         st = self.stats.get((layer, role))
@@ -457,9 +497,12 @@ class NumericsMonitor:
             st = self.stats[(layer, role)] = TensorStats(layer, role)
         return st
 
-    def _record(self, layer: str, role: str, x: torch.Tensor) -> None:
+    def _record(self, layer: str, role: str, *tensors: torch.Tensor) -> None:
+        """Count tensors into (layer, role); one non-finite event however many of them had inf/NaN."""
+        st = self._stats_for(layer, role)
         scale = self._scale if role in GRAD_ROLES else 1.0
-        if self._stats_for(layer, role).add(x, self.formats, scale):
+        counts = [st.add(t, self.formats, scale) for t in tensors]
+        if any(c.finite < c.n for c in counts):
             self.last_step_nonfinite.append((layer, role))
 
     # -- updates --------------------------------------------------------------------------
@@ -480,9 +523,10 @@ class NumericsMonitor:
         for layer, ps in self._params.items():
             if not ps:
                 continue
-            old = _flat(before[f"{layer}.{pn}"] for pn in ps)
-            new = _flat(p for p in ps.values())
-            if self._stats_for(layer, "update").add_update(new - old, old, self.formats):
+            st = self._stats_for(layer, "update")
+            counts = [st.add_update(p.detach() - before[f"{layer}.{pn}"], before[f"{layer}.{pn}"], self.formats)
+                      for pn, p in ps.items()]
+            if any(c.finite < c.n for c in counts):
                 self.last_step_nonfinite.append((layer, "update"))
 
     def observe_update(self, before_params: Mapping[str, torch.Tensor]) -> None:
@@ -603,8 +647,8 @@ class NumericsMonitor:
 
         * scale: the largest power of two S with ``margin * S * max|grad| < fmt.max`` (the
           paper's rule S * max|grad| < 65504, with a safety margin); its effect on gradient
-          underflow (``|g * S| <= min_subnormal / 2``) is read from the log2 histograms, so
-          values exactly at the power-of-two threshold count as kept.
+          underflow (``|g * S| <= min_subnormal / 2``) is read exactly from the binade
+          histograms (S and the threshold are powers of two).
         * master weights: needed when more than ``threshold`` of the nonzero updates are
           below 2^-(m+1) of their weight (fp16: 2^-11), which the weight would swallow.
         * layers to keep in higher precision: any role above ``threshold`` underflow or
@@ -618,7 +662,7 @@ class NumericsMonitor:
         amax_g = max((st.amax for st in grads), default=0.0)
         n_g = sum(st.finite_nonzero for st in grads)
         j_zero = f.emin - f.mbits - 1                    # |g| <= 2^j_zero rounds to zero
-        under = lambda k: sum(st.count_below_pow2(j_zero - k) for st in grads) / n_g if n_g else 0.0
+        under = lambda k: sum(st.count_at_most_pow2(j_zero - k) for st in grads) / n_g if n_g else 0.0
         k = None
         if amax_g > 0:
             k = math.floor(math.log2(f.max / (margin * amax_g)))
@@ -641,7 +685,7 @@ class NumericsMonitor:
             if st.role == "update":
                 continue
             if st.role in GRAD_ROLES and k is not None:
-                u, o = st.count_below_pow2(j_zero - k) / max(st.finite_nonzero, 1), 0.0
+                u, o = st.count_at_most_pow2(j_zero - k) / max(st.finite_nonzero, 1), 0.0
             else:
                 u, o = st.frac(st.underflow[f.name]), st.frac(st.overflow[f.name])
             cur = worst.get(st.layer)
