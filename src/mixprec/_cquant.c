@@ -184,16 +184,70 @@ DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
 DEFINE_STOCHASTIC(loop_f64_stochastic, uint64_t, 52)
 DEFINE_LOOP(loop_f64_toward_zero, uint64_t, 52, MODE_TOWARD_ZERO)
 
+/* Codes of values that are already representable: s << (E+M) | e << M | m.  Below the
+ * format's smallest normal the code is k = sig >> shift, the count of smallest
+ * subnormals (the value is exact, so nothing is dropped). */
+typedef struct {
+    int64_t s0, te, mbits, width;
+    uint64_t inf_bits, inf_code, nan_code;
+} codes_t;
+
+#define DEFINE_ENCODE(NAME, UINT, MW, OUT_T)                                           \
+MULTIVERSION static void NAME(const UINT *src, OUT_T *dst, int64_t begin, int64_t end, \
+                              const codes_t *c) {                                      \
+    const UINT SIGN = (UINT)1 << (sizeof(UINT) * 8 - 1);                               \
+    const UINT MMASK = ((UINT)1 << MW) - 1;                                            \
+    const UINT s0 = (UINT)c->s0, mbits = (UINT)c->mbits, width = (UINT)c->width;       \
+    const int64_t te = c->te;                                                          \
+    const UINT inf_bits = (UINT)c->inf_bits, inf_code = (UINT)c->inf_code;             \
+    const UINT nan_code = (UINT)c->nan_code;                                           \
+    for (int64_t i = begin; i < end; i++) {                                            \
+        UINT b = src[i];                                                               \
+        UINT a = b & ~SIGN, sign = b >> (sizeof(UINT) * 8 - 1);                        \
+        UINT field = a >> MW;                                                          \
+        int64_t d = te - (int64_t)(field ? field : 1);                                 \
+        UINT shift = s0 + (UINT)(d > 0 ? d : 0);                                       \
+        shift = shift < MW + 1 ? shift : MW + 1;                                       \
+        UINT sig = field ? (a & MMASK) | (MMASK + 1) : a;                              \
+        UINT normal = ((field - (UINT)te + 1) << mbits) | ((a & MMASK) >> s0);         \
+        UINT mag = (int64_t)field >= te ? normal : sig >> shift;                       \
+        mag = a == inf_bits ? inf_code : mag;                                          \
+        UINT code = mag | (sign << width);                                             \
+        dst[i] = (OUT_T)(a > inf_bits ? nan_code : code);                              \
+    }                                                                                  \
+}
+
+DEFINE_ENCODE(encode_f32_u8, uint32_t, 23, uint8_t)
+DEFINE_ENCODE(encode_f32_i32, uint32_t, 23, uint32_t)
+DEFINE_ENCODE(encode_f64_u8, uint64_t, 52, uint8_t)
+DEFINE_ENCODE(encode_f64_i32, uint64_t, 52, uint32_t)
+
 typedef struct {
     const void *src;
     void *dst;
     int64_t begin, end;
-    const plan_t *plan;
+    const plan_t *plan;     /* rounding jobs */
+    const codes_t *codes;   /* encoding jobs (plan == NULL) */
     uint64_t seed;
-    int is_f64, mode;
+    int is_f64, mode, wide_codes;
 } job_t;
 
+static void run_encode(const job_t *j) {
+    if (j->is_f64 && j->wide_codes)
+        encode_f64_i32((const uint64_t *)j->src, (uint32_t *)j->dst, j->begin, j->end, j->codes);
+    else if (j->is_f64)
+        encode_f64_u8((const uint64_t *)j->src, (uint8_t *)j->dst, j->begin, j->end, j->codes);
+    else if (j->wide_codes)
+        encode_f32_i32((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end, j->codes);
+    else
+        encode_f32_u8((const uint32_t *)j->src, (uint8_t *)j->dst, j->begin, j->end, j->codes);
+}
+
 static void run_job(const job_t *j) {
+    if (j->plan == NULL) {
+        run_encode(j);
+        return;
+    }
     static void (*const f32[3])(const uint32_t *, uint32_t *, int64_t, int64_t,
                                 const plan_t *, uint64_t) = {
         loop_f32_nearest, loop_f32_stochastic, loop_f32_toward_zero};
@@ -270,8 +324,39 @@ static PyObject *round_bits(PyObject *self, PyObject *args) {
     if (n <= 0) Py_RETURN_NONE;
     plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits,
                    ovf_bits, infin_bits};
-    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, &plan,
-                  (uint64_t)seed, is_f64, mode};
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, &plan, NULL,
+                  (uint64_t)seed, is_f64, mode, 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(encode_doc,
+"encode_codes(src_ptr, dst_ptr, n, is_f64, wide_codes, nthreads, s0, te, mbits, width,\n"
+"             inf_bits, inf_code, nan_code)\n"
+"\n"
+"Write the codes s << width | e << mbits | m of n representable float32/float64 values\n"
+"as uint8 (wide_codes=0) or 32-bit (wide_codes=1) integers.");
+
+static PyObject *encode_codes(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, inf_bits, inf_code, nan_code;
+    long long n, s0, te, mbits, width;
+    int is_f64, wide, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLiiiLLLLKKK", &src, &dst, &n, &is_f64, &wide, &nthreads,
+                          &s0, &te, &mbits, &width, &inf_bits, &inf_code, &nan_code))
+        return NULL;
+    int mw = is_f64 ? 52 : 23;
+    if (s0 < 0 || s0 > mw || te < 1 || width < 1 || width > 31) {
+        PyErr_Format(PyExc_ValueError, "code plan out of range: s0=%lld te=%lld width=%lld",
+                     s0, te, width);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    codes_t codes = {s0, te, mbits, width, inf_bits, inf_code, nan_code};
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, &codes,
+                  0, is_f64, 0, wide};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(base, n, nthreads);
     Py_END_ALLOW_THREADS
@@ -280,6 +365,7 @@ static PyObject *round_bits(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"round_bits", round_bits, METH_VARARGS, round_doc},
+    {"encode_codes", encode_codes, METH_VARARGS, encode_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -373,28 +373,35 @@ def _nan_code(fmt: FloatFormat) -> Optional[int]:
     return None
 
 
-def _values_to_codes(q: torch.Tensor, fmt: FloatFormat, lay: _Layout) -> torch.Tensor:
+def _values_to_codes(q: torch.Tensor, fmt: FloatFormat, lay: _Layout,
+                     backend: Backend) -> torch.Tensor:
     """code = s << (E+M) | e << M | m for values already representable in fmt."""
-    nan_code = _nan_code(fmt)
-    isnan = torch.isnan(q)
-    if nan_code is None and bool(isnan.any()):
+    nan_code, width = _nan_code(fmt), fmt.ebits + fmt.mbits
+    if nan_code is None and bool(torch.isnan(q).any()):
         raise ValueError(f"format {fmt.name!r} has no NaN code, and the input holds NaN")
+    s0, te = lay.mw - fmt.mbits, 1 - fmt.bias + lay.bw
+    inf_bits = ((1 << lay.ew) - 1) << lay.mw
+    inf_code = ((1 << fmt.ebits) - 1) << fmt.mbits if fmt.has_inf else 0
+    out_dtype = _code_dtype(fmt)
+    if _cquant is not None and q.device.type == "cpu" and backend is not Backend.TORCH:
+        q = q.contiguous()
+        out = torch.empty(q.shape, dtype=out_dtype)
+        _cquant.encode_codes(q.data_ptr(), out.data_ptr(), q.numel(), int(lay is _F64),
+                             int(out_dtype == torch.int32), torch.get_num_threads(), s0, te,
+                             fmt.mbits, width, inf_bits, inf_code, nan_code or 0)
+        return out
     bits = q.view(lay.int_dtype).long()
     a = bits & ((1 << (lay.ew + lay.mw)) - 1)
     field = a >> lay.mw
-    s0, te = lay.mw - fmt.mbits, 1 - fmt.bias + lay.bw
-    normal = ((field - lay.bw + fmt.bias) << fmt.mbits) | ((a & ((1 << lay.mw) - 1)) >> s0)
+    normal = ((field - te + 1) << fmt.mbits) | ((a & ((1 << lay.mw) - 1)) >> s0)
     # below 2^emin: the code is the count k of smallest subnormals, k = sig >> shift
     sig = torch.where(field > 0, (a & ((1 << lay.mw) - 1)) | (1 << lay.mw), a)
     shift = ((te - field.clamp(min=1)).clamp(min=0) + s0).clamp(max=lay.mw + 1)
     mag = torch.where(field >= te, normal, sig >> shift)
-    if fmt.has_inf:
-        mag = torch.where(torch.isinf(q), ((1 << fmt.ebits) - 1) << fmt.mbits, mag)
-    sign = (bits < 0).long() << (fmt.ebits + fmt.mbits)
-    code = mag | sign
-    if nan_code is not None:
-        code = torch.where(isnan, nan_code, code)
-    return code.to(_code_dtype(fmt))
+    mag = torch.where(a == inf_bits, inf_code, mag)
+    code = mag | ((bits < 0).long() << width)
+    code = torch.where(a > inf_bits, nan_code or 0, code)
+    return code.to(out_dtype)
 
 
 def encode(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding] = "nearest",
@@ -415,12 +422,12 @@ def encode(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding] =
     mode = _choice(Rounding, rounding, "rounding")
     _check_input(x)
     # round in the working layout, never via x's own dtype (bf16 cannot hold fp16's max)
-    q, lay = _quantize_work(x, fmt, mode, saturate, generator,
-                            _choice(Backend, backend, "backend"))
+    backend = _choice(Backend, backend, "backend")
+    q, lay = _quantize_work(x, fmt, mode, saturate, generator, backend)
     q = q.view(x.shape)
     if fmt.torch_dtype is not None:
         return q.to(fmt.torch_dtype)   # exact: every value of q is representable
-    return _values_to_codes(q, fmt, lay)
+    return _values_to_codes(q, fmt, lay, backend)
 
 
 def _codes_to_values(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
