@@ -361,6 +361,16 @@ def test_baseline_failure_stops_the_comparison():
         run_compare(cfg, prepare=stand_in(fp32={"fail_at": 1}))
 
 
+def test_thread_setting_applies_to_the_run_only():
+    before = torch.get_num_threads()
+    cfg = CompareConfig(recipes=("fp32",), workload="digits-mlp", steps=2, threads=1)
+    res = run_compare(cfg, prepare=stand_in())
+    assert res["environment"]["torch_threads"] == 1 and res["config"]["threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        CompareConfig(threads=0)
+
+
 def test_seeds_give_one_record_each_and_means():
     cfg = CompareConfig(recipes=("fp32",), workload="digits-mlp", steps=3, seeds=(0, 1))
     res = run_compare(cfg, prepare=stand_in())

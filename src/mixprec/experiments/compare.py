@@ -200,7 +200,8 @@ def _verdict(runs: list, base: list, cfg: CompareConfig, is_baseline: bool) -> t
                      f"+ {cfg.loss_abs_tol:g} from step {where}")
     if not metric_ok:
         name = runs[0]["metric"]["name"]
-        tol = (f"{100 * cfg.accuracy_tol:g} points" if name == "accuracy"
+        points = 100 * cfg.accuracy_tol
+        tol = (f"{points:g} percentage point{'' if points == 1 else 's'}" if name == "accuracy"
                else f"{cfg.perplexity_tol:.0%}")
         parts.append(f"{name} {_metric_text(name, _mean([r['metric']['value'] for r in runs]))} "
                      f"vs fp32 {_metric_text(name, _mean([r['metric']['value'] for r in base]))}"

@@ -33,7 +33,11 @@ _TYPES = {
 
 @functools.lru_cache(maxsize=1)
 def _schema_text() -> str:
-    return resources.files("mixprec.experiments").joinpath(SCHEMA_FILE).read_text()
+    try:
+        return resources.files("mixprec.experiments").joinpath(SCHEMA_FILE).read_text()
+    except FileNotFoundError as e:   # a build that left the package data out
+        raise RuntimeError(f"{SCHEMA_FILE} is missing from the installed mixprec.experiments "
+                           f"package; the build must include it as package data") from e
 
 
 def load_schema() -> dict:

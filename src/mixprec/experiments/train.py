@@ -241,7 +241,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     finally:
         if bar is not None:
             bar.close()
-    tail = [v for v in losses[-max(1, len(losses) // 10):]]
+    tail = losses[-max(1, len(losses) // 10):]
     timed = sorted(times[1:] if len(times) > 2 else times)   # step 0 pays one-off set-up costs
     record.update({
         "recipe": {"name": recipe.short_str(), "preset": recipe.name, "spec": _spec(recipe)},
