@@ -68,10 +68,15 @@ def fmt_max(fmt) -> float:
     return grid(fmt.name)[0][-1]
 
 
+@functools.lru_cache(maxsize=None)
+def extended(name):
+    values, beyond = grid(name)
+    return values + [beyond]
+
+
 def neighbours(name, a: float):
     """(i, lo, hi): lo = values[i] <= a < hi (hi may be the 'beyond' value)."""
-    values, beyond = grid(name)
-    ext = values + [beyond]
+    ext = extended(name)
     i = bisect.bisect_right(ext, a) - 1
     return i, ext[i], (ext[i + 1] if i + 1 < len(ext) else math.inf)
 
