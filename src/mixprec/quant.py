@@ -22,6 +22,8 @@ the overflow test (e4m3: 460 -> 448, 464 -> 448, 465 -> NaN).  Then, by conventi
 
 e8m0 follows ml_dtypes' float8_e8m0fnu: ties round away from zero; values in
 (2^-127, 2^-126) go to 2^-126 and (0, 2^-127] to 2^-127; zero, negatives, NaN -> NaN.
+Toward zero and stochastic rounding clamp values below 2^-127 to 2^-127 (no zero).
+e8m0 always takes the torch path (scale tensors are small).
 
 The uniform r of element i (flat index in row-major order) is built from SplitMix64
 streams of a 64-bit seed drawn from ``generator`` (or torch's default generator): 31 bits
@@ -334,7 +336,7 @@ def quantize(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding]
         backend: "auto", "c" (CPU kernel) or "torch" (integer torch ops): same results.
 
     >>> quantize(torch.tensor([460.0, 465.0, 1e-4]), "e4m3")
-    tensor([448.,    nan,   0.])
+    tensor([448.,  nan,   0.])
     """
     fmt = get_format(fmt)
     mode = _choice(Rounding, rounding, "rounding")
