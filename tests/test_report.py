@@ -1,8 +1,6 @@
 """The report draws what the records say: a hand-written results document goes in, and
 the table, plots and HTML must show exactly its numbers."""
 import base64
-import copy
-import json
 import re
 
 import pytest

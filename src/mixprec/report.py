@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-from mixprec.experiments.compare import load_results
+from mixprec.experiments.schema import load_results
 
 __all__ = ["format_table", "table_rows", "plot_loss_curves", "plot_loss_scales",
            "plot_grad_histograms", "figure_png", "render_html", "write_report", "PLOTS"]

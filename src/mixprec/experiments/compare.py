@@ -21,8 +21,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,12 +29,13 @@ from mixprec.formats import get_format
 from mixprec.recipe import PRESETS, get_recipe
 
 from .data import Dataset, Task
-from .schema import SCHEMA_FILE, load_schema, validate_results
+from .schema import load_results, save_results
 from .train import TrainConfig, train_recipe
 from .workloads import DEFAULT_WORKLOAD, resolve_workload
 
 __all__ = ["DEFAULT_RECIPES", "BASELINE", "HISTOGRAM_FORMATS", "CompareConfig", "split_recipes",
-           "run_compare", "save_results", "load_results", "divergence_step"]
+           "run_compare", "save_results", "load_results", "divergence_step", "environment",
+           "format_ranges"]
 
 DEFAULT_RECIPES = ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8")
 BASELINE = "fp32"
@@ -391,31 +391,3 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
         "summary": _summarize(runs, cfg),
         "wall_time_s": time.perf_counter() - started,
     }
-
-
-def save_results(results: dict, out_dir: Union[str, Path]) -> Path:
-    """Validate and write ``results.json`` (and a copy of its schema) into ``out_dir``."""
-    import json
-    validate_results(results)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out / SCHEMA_FILE).write_text(json.dumps(load_schema(), indent=1) + "\n")
-    return path
-
-
-def load_results(path: Union[str, Path]) -> dict:
-    """Read and validate a ``results.json`` (a file or the run folder holding it)."""
-    import json
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ValueError(f"no results file at {str(p)!r}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(p)!r} is not valid JSON: {e}") from e
-    validate_results(doc)
-    return doc

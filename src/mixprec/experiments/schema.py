@@ -11,9 +11,11 @@ import functools
 import json
 import math
 from importlib import resources
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Union
 
-__all__ = ["SCHEMA_FILE", "load_schema", "schema_errors", "validate_results"]
+__all__ = ["SCHEMA_FILE", "load_schema", "schema_errors", "validate_results", "save_results",
+           "load_results"]
 
 SCHEMA_FILE = "results.schema.json"
 
@@ -111,3 +113,29 @@ def validate_results(doc: Any) -> None:
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError(f"results do not match {SCHEMA_FILE}: " + "; ".join(errors[:5]) + more)
+
+
+def save_results(results: dict, out_dir: Union[str, Path]) -> Path:
+    """Validate and write ``results.json`` (and a copy of its schema) into ``out_dir``."""
+    validate_results(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    (out / SCHEMA_FILE).write_text(json.dumps(load_schema(), indent=1) + "\n")
+    return path
+
+
+def load_results(path: Union[str, Path]) -> dict:
+    """Read and validate a ``results.json`` (a file or the run folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise ValueError(f"no results file at {str(p)!r}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(p)!r} is not valid JSON: {e}") from e
+    validate_results(doc)
+    return doc
