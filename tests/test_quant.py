@@ -347,3 +347,10 @@ def test_c_path_equals_torch_path(dtype, mode):
             assert torch.equal(c.view(torch.int64 if dtype == torch.float64 else torch.int32),
                                t.view(torch.int64 if dtype == torch.float64 else torch.int32)), \
                 (name, saturate)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import mixprec.quant
+    assert doctest.testmod(mixprec.quant).failed == 0

@@ -73,7 +73,9 @@ static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uin
     return (splitmix(seed ^ SEED_B, i) >> 1) < thr;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* AVX-512 and AVX2 clones picked at load time; x86-64-v4 as an arch name needs GCC 11. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MULTIVERSION
