@@ -178,17 +178,21 @@ class MasterOptimizer:
     # -- stage 4: step the master ---------------------------------------------------
     def step(self) -> float:
         """Run the optimizer on the masters, then re-round each master to its ``keep``
-        format. Returns the fraction of elements whose update was lost to that rounding
-        (changed by the optimizer, rounded back to the old value)."""
+        format. Returns the fraction of elements whose update was lost to that rounding:
+
+            lost = #(updated != old) - #(round(updated) != old)
+
+        (an unchanged element rounds to itself, so the second set lies in the first).
+        """
         rounded = [s for s in self.slots if not s.keep.is_identity]
         before = [s.master.detach().clone() for s in rounded]
         self.optimizer.step()
         lost = 0
         with torch.no_grad():
             for s, old in zip(rounded, before):
-                updated = s.master.detach().clone()
+                lost += int(torch.count_nonzero(s.master != old))
                 round_into_(s.master.data, s.master.data, s.keep, self.scaling, self.generator)
-                lost += int(((updated != old) & (s.master == old)).sum())
+                lost -= int(torch.count_nonzero(s.master != old))
         self.lost_update_fraction = lost / self._numel
         return self.lost_update_fraction
 
