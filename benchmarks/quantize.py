@@ -11,9 +11,11 @@ it prints millions of elements per second for
 
 and the ratios nearest / torch rt buf (the faster torch figure) and stochastic / nearest.
 Every variant runs in each of --rounds interleaved rounds and keeps its best time, so a
-busy machine slows all columns alike.
+busy machine slows all columns alike.  On a shared machine, --clock cpu measures the
+CPU time of one thread instead (torch.set_num_threads(1)), which other processes
+disturb far less than wall time.
 
-    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N]
+    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -45,16 +47,16 @@ def variants(x: torch.Tensor, out: torch.Tensor) -> dict:
     return runs
 
 
-def measure(runs: dict, n: int, rounds: int) -> dict:
+def measure(runs: dict, n: int, rounds: int, clock=time.perf_counter) -> dict:
     """Best seconds per variant over interleaved rounds, as M elements / s."""
     best = {k: float("inf") for k in runs}
     for f in runs.values():   # warm up: first-touch page faults, thread pools
         f()
     for _ in range(rounds):
         for k, f in runs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[k] = min(best[k], clock() - t0)
     return {k: n / t / 1e6 for k, t in best.items()}
 
 
@@ -63,16 +65,22 @@ def main() -> None:
     ap.add_argument("--log2n", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: one thread's CPU time (robust on a busy machine)")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 1 << args.log2n
     x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
     out = torch.empty_like(x)
-    rate = measure(variants(x, out), n, args.rounds)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    rate = measure(variants(x, out), n, args.rounds, clock)
 
     print(f"mixprec.quant on {n} float32 values, {torch.get_num_threads()} threads, "
-          f"C extension: {has_c_extension()}; M elements / s (best of {args.rounds})")
+          f"C extension: {has_c_extension()}; M elements / s of {args.clock} time "
+          f"(best of {args.rounds})")
     print(f"copy (bandwidth ceiling): {rate['copy']:8.0f}")
     head = (f"{'format':8} {'nearest':>8} {'stoch':>8} {'torch rt':>9} {'rt buf':>8}"
             f" {'near/rt':>8} {'stoch/near':>10}")
