@@ -67,6 +67,29 @@ def test_fractions_agree_with_casts(fmt, scale, n):
     assert st.zeros == 2 and st.nonfinite == 3
 
 
+@pytest.mark.parametrize("n", [3000, 1 << 20])        # 1/64-binade buckets, then exact edges
+def test_all_formats_at_once_agree_with_casts(n):
+    fmts = ["fp16", "bf16", "e5m2", "e4m3"]
+    x = torch.cat([log_uniform(n, -30, 18, seed=7)] + [edge_values(f, 1.0) for f in fmts])
+    st = TensorStats("layer", "activation")
+    st.add(x, [get_format(f) for f in fmts], 1.0)
+    for f in fmts:
+        want = oracle_counts(x, f)
+        assert (st.underflow[f], st.subnormal[f], st.overflow[f]) == (
+            want["underflow"], want["subnormal"], want["overflow"]), f
+
+
+def test_half_and_strided_inputs_count_like_their_float32_copies():
+    x = log_uniform(4096, -30, 10, seed=9).reshape(64, 64)
+    fmts = [get_format("fp16"), get_format("e4m3")]
+    for view in (x.t(), x[:, ::3], x.to(torch.bfloat16), x.to(torch.float16)):
+        a, b = TensorStats("l", "activation"), TensorStats("l", "activation")
+        a.add(view, fmts, 1.0)
+        b.add(view.float().contiguous(), fmts, 1.0)
+        assert (a.underflow, a.subnormal, a.overflow, a.amax) == (b.underflow, b.subnormal, b.overflow, b.amax)
+        assert (a.exp_counts == b.exp_counts).all()
+
+
 def test_zero_count_matches_float16_cast():
     x = log_uniform(5000, -30, -20, seed=3)
     st = TensorStats("l", "activation")
@@ -279,8 +302,8 @@ def test_every_records_one_step_in_n():
         for _ in range(5):
             model(torch.ones(2, 4)).sum().backward()
     assert mon.report()["steps"] == 3
-    acts = {(d["layer"], d["role"]): d["tensors"] for d in mon.report()["tensors"]}
-    assert acts[("0", "activation")] == 3 and acts[("0", "weight_grad")] == 2 * 3   # weight, bias
+    acts = {(d["layer"], d["role"]): d["records"] for d in mon.report()["tensors"]}
+    assert acts[("0", "activation")] == 3 and acts[("0", "weight_grad")] == 3
 
 
 def test_layer_selection_and_bad_configuration():

@@ -53,6 +53,7 @@ DEFAULT_EDGES = tuple(range(-40, 21))
 # nonzero value up to 2^-126 (float32 subnormals included).
 _EXP_BINS, _EXP_OFFSET = 256, 127
 _COARSE_SHIFT = 17             # small tensors: buckets of 1/64 binade
+_BATCH_NUMEL = 1 << 16
 _FINEST_SHIFT = 12             # 2^20 keys: puts every bound of formats with M <= 10 on an edge
 _INF_BITS = 0x7F800000         # bit patterns at or above are inf/NaN
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -134,15 +135,22 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _key_shift(bounds: Sequence[int], n: int) -> int:
-    """Bucket width 2^shift in bit patterns: the coarsest that puts every bound B (or B - 1
-    for an inclusive bound) on a bucket edge, unless that needs more buckets than there are
-    elements; then 1/64 binade, and a bound inside an occupied bucket costs a comparison."""
+@lru_cache(maxsize=1024)
+def _alignment(bounds: tuple[int, ...]) -> int:
+    """Largest shift <= 23 with every bound B (B - 1 for an inclusive, odd B) a multiple of 2^shift."""
     aligned = 23
     for b in bounds:
         v = b - (b & 1)
         if v:
             aligned = min(aligned, (v & -v).bit_length() - 1)
+    return aligned
+
+
+def _key_shift(bounds: tuple[int, ...], n: int) -> int:
+    """Bucket width 2^shift in bit patterns: the coarsest that puts every bound on a bucket
+    edge, unless that needs more keys than there are elements; then 1/64 binade, and a
+    bound inside an occupied bucket costs a comparison pass."""
+    aligned = _alignment(bounds)
     if aligned >= _FINEST_SHIFT and (2 << (31 - aligned)) <= max(n, 1 << 15):
         return aligned
     return max(aligned, _COARSE_SHIFT)
@@ -161,7 +169,7 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
     n = x.numel()
     if n == 0:
         return _Counts(0, 0, 0, np.zeros(len(bounds), np.int64), np.zeros(_EXP_BINS, np.int64), 0.0)
-    shift = _key_shift(bounds, n)
+    shift = _key_shift(tuple(bounds), n)
     buckets, low = 1 << (31 - shift), (1 << shift) - 1
     per_binade = 2 << (23 - shift)                                    # keys per binade
     work, keys, mask = _SCRATCH.get(n, x.device)
@@ -169,42 +177,33 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
     torch.bitwise_right_shift(bits, shift, out=keys).bitwise_and_(buckets - 1).mul_(2)  # drops the sign
     keys.add_(torch.bitwise_and(bits, low, out=work).clamp_(max=1))
     dense_t = torch.bincount(keys, minlength=2 * buckets).cpu()
-    floor_binades = dense_t.view(_EXP_BINS, per_binade).sum(1).numpy()   # [2^e, 2^(e+1)), e + 127
-    dense = dense_t.numpy()
+    dense = dense_t.numpy().reshape(_EXP_BINS, per_binade)
+    floor_binades = dense.sum(1)                                      # [2^e, 2^(e+1)) at e + 127
     below_binade = np.concatenate(([0], np.cumsum(floor_binades)))
-
-    def below_key(k: int) -> int:                                     # elements with key < k
-        e = k // per_binade
-        return int(below_binade[e] + dense[e * per_binade:k].sum())
-
-    abs_ready = []
-
-    def count_below(b: int) -> int:                                   # a comparison pass
-        if not abs_ready:
-            abs_ready.append(torch.bitwise_and(bits, 0x7FFFFFFF, out=work))   # ordered like |x|
-        return int(torch.count_nonzero(torch.lt(work, b, out=mask)))
-
-    res = np.empty(len(bounds), np.int64)
-    for i, b in enumerate(bounds):
-        k, r = b >> shift, b & low
-        if r > 1 and dense[2 * k + 1]:
-            res[i] = count_below(b)                                   # the bound splits a bucket
-        else:
-            res[i] = below_key(2 * k + min(r, 1))
-    zeros = int(dense[0])
-    inf_key = 2 * (_INF_BITS >> shift)
-    finite, n_inf = below_key(inf_key), int(dense[inf_key])
+    # Elements with key < K, for all bounds and for inf at once: whole binades, then a prefix
+    bs = np.asarray([*bounds, _INF_BITS], np.int64)
+    ks = 2 * (bs >> shift) + np.minimum(bs & low, 1)
+    e, off = ks // per_binade, ks % per_binade
+    rows = np.cumsum(dense[e], axis=1)
+    res = below_binade[e] + np.where(off > 0, rows[np.arange(len(ks)), np.maximum(off - 1, 0)], 0)
+    split = np.flatnonzero(((bs & low) > 1) & (dense.reshape(-1)[ks] > 0))    # bound inside a bucket
+    if len(split):
+        torch.bitwise_and(bits, 0x7FFFFFFF, out=work)                 # ordered like |x|
+        for i in split.tolist():
+            res[i] = int(torch.count_nonzero(torch.lt(work, int(bs[i]), out=mask)))
+    zeros, finite = int(dense[0, 0]), int(res[-1])
+    n_inf = int(dense.reshape(-1)[ks[-1]])
     if finite == n:
         lo, hi = torch.aminmax(x)
         amax = max(-float(lo), float(hi))
     else:
         amax = float(x[torch.isfinite(x)].abs().amax()) if finite else 0.0
     # (2^e, 2^(e+1)] = [2^e, 2^(e+1)) - {2^e} + {2^(e+1)}; exact powers sit alone in a key
-    powers = dense[::per_binade].astype(np.int64)                    # powers[0]: the zeros
+    powers = dense[:, 0]                                              # powers[0]: the zeros
     exp_counts = floor_binades - powers + np.append(powers[1:], 0)
     exp_counts[-2] -= n_inf                                           # 2^128 is inf
     exp_counts[-1] = 0                                                # inf/NaN exponent field
-    return _Counts(n, zeros, finite, res, exp_counts, amax)
+    return _Counts(n, zeros, finite, res[:-1], exp_counts, amax)
 
 
 @dataclass
@@ -212,7 +211,7 @@ class TensorStats:
     """Counts accumulated over every tensor recorded for one (layer, role)."""
     layer: str
     role: str
-    tensors: int = 0
+    records: int = 0                        # hook calls (a layer's weight and bias are one)
     numel: int = 0
     zeros: int = 0
     nonfinite: int = 0
@@ -258,7 +257,6 @@ class TensorStats:
             _bump(self.overflow, f.name, c.finite - in_range)
         self.exp_counts += c.exp_counts
         self.amax = max(self.amax, c.amax)
-        self.tensors += 1
         self.numel += c.n
         self.zeros += c.zeros
         self.nonfinite += c.n - c.finite
@@ -336,6 +334,14 @@ def _select_layers(model: nn.Module, layers: LayerFilter) -> dict[str, nn.Module
 def _float_tensors(obj) -> list[torch.Tensor]:
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
     return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+
+
+def _batched(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Small tensors of one record (a weight and its bias) counted in one call: the cost of
+    a call is mostly fixed below about 2^16 elements."""
+    if len(tensors) > 1 and sum(t.numel() for t in tensors) <= _BATCH_NUMEL:
+        return [torch.cat([t.detach().reshape(-1).float() for t in tensors])]
+    return list(tensors)
 
 
 class NumericsMonitor:
@@ -501,7 +507,8 @@ class NumericsMonitor:
         """Count tensors into (layer, role); one non-finite event however many of them had inf/NaN."""
         st = self._stats_for(layer, role)
         scale = self._scale if role in GRAD_ROLES else 1.0
-        counts = [st.add(t, self.formats, scale) for t in tensors]
+        counts = [st.add(t, self.formats, scale) for t in _batched(tensors)]
+        st.records += 1
         if any(c.finite < c.n for c in counts):
             self.last_step_nonfinite.append((layer, role))
 
@@ -524,8 +531,10 @@ class NumericsMonitor:
             if not ps:
                 continue
             st = self._stats_for(layer, "update")
-            counts = [st.add_update(p.detach() - before[f"{layer}.{pn}"], before[f"{layer}.{pn}"], self.formats)
-                      for pn, p in ps.items()]
+            olds = [before[f"{layer}.{pn}"] for pn in ps]
+            news = _batched([p.detach() - old for p, old in zip(ps.values(), olds)])
+            counts = [st.add_update(u, w, self.formats) for u, w in zip(news, _batched(olds))]
+            st.records += 1
             if any(c.finite < c.n for c in counts):
                 self.last_step_nonfinite.append((layer, "update"))
 
@@ -560,7 +569,7 @@ class NumericsMonitor:
         return f
 
     def _stats_dict(self, st: TensorStats) -> dict:
-        d = {"layer": st.layer, "role": st.role, "tensors": st.tensors, "numel": st.numel,
+        d = {"layer": st.layer, "role": st.role, "records": st.records, "numel": st.numel,
              "zeros": st.zeros, "nonfinite": st.nonfinite, "amax": st.amax, "scale": st.scale,
              "hist": st.hist(self.edges), "formats": {}}
         for f in self.formats:
@@ -607,7 +616,7 @@ class NumericsMonitor:
         """One flat row per (layer, role, format), for tables and data frames."""
         rows = []
         for d in self.report()["tensors"]:
-            base = {k: d[k] for k in ("layer", "role", "tensors", "numel", "zeros", "nonfinite", "amax", "scale")}
+            base = {k: d[k] for k in ("layer", "role", "records", "numel", "zeros", "nonfinite", "amax", "scale")}
             rows += [{**base, "format": name, **vals} for name, vals in d["formats"].items()]
         return rows
 
