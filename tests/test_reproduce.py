@@ -230,7 +230,7 @@ def test_mx_sqnr_against_ml_dtypes(quick_run):
     ours = quantize_four_ways(x, "e4m3")
     assert np.array_equal(ours["mx"].numpy(), mx_ref)
     assert np.array_equal(ours["plain"].numpy(), e4m3(xn))
-    assert sqnr_db(x, ours["mx"]) == pytest.approx(
+    assert float(sqnr_db(x, ours["mx"])) == pytest.approx(
         10 * np.log10((xn.astype(np.float64) ** 2).sum() / ((xn - mx_ref).astype(np.float64) ** 2).sum()))
 
 

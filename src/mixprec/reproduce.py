@@ -37,13 +37,17 @@ def _environment() -> dict:
 
 
 def reproduce(*, only: Optional[Sequence[str]] = None, quick: bool = False, seed: int = 0,
-              progress: Optional[Callable[[str], None]] = None) -> dict:
+              threads: int = 1, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the selected claims and return the results document (JSON-ready).
 
     Args:
         only: claim ids to run (default: all, in report order).
         quick: smoke-test sizes (a few seconds per claim).
         seed: seed of every random stream.
+        threads: torch intra-op threads during the run (restored afterwards). One is the
+            default: the experiments use small tensors, and on a shared machine extra
+            threads spin-wait for cores (a digits step ran ~10x slower with 2 threads
+            under load).
         progress: called with one line per finished claim.
 
     Returns:
@@ -52,17 +56,26 @@ def reproduce(*, only: Optional[Sequence[str]] = None, quick: bool = False, seed
     from .claims import RunContext, claims, run_claim
     selected = claims(list(only) if only else None)
     ctx = RunContext(quick=quick, seed=seed)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     t0 = time.perf_counter()
     records = []
-    for i, c in enumerate(selected, 1):
-        rec = run_claim(c, ctx)
-        records.append(rec)
-        if progress is not None:
-            progress(f"[{i}/{len(selected)}] {c.id}: {rec['verdict']} ({rec['seconds']:.1f} s)")
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        env = _environment()
+        for i, c in enumerate(selected, 1):
+            rec = run_claim(c, ctx)
+            records.append(rec)
+            if progress is not None:
+                progress(f"[{i}/{len(selected)}] {c.id}: {rec['verdict']} ({rec['seconds']:.1f} s)")
+    finally:
+        torch.set_num_threads(saved_threads)
     return {"schema": SCHEMA,
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "args": {"quick": quick, "seed": seed, "only": list(only) if only else None},
-            "environment": _environment(),
+            "args": {"quick": quick, "seed": seed, "threads": threads,
+                     "only": list(only) if only else None},
+            "environment": env,
             "seconds": round(time.perf_counter() - t0, 2),
             "records": records}
 
@@ -96,6 +109,8 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output directory (default runs/reproduce-<timestamp>)")
     p.add_argument("--seed", type=int, default=0, help="seed of all randomness (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads during the run (default 1: small tensors)")
     p.add_argument("--list", action="store_true", help="list the claim ids and exit")
     p.set_defaults(func=run_reproduce)
     return p
@@ -113,6 +128,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     claims(args.only)     # unknown ids: ValueError before any work
     out = args.out or Path("runs") / f"reproduce-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     doc = reproduce(only=args.only, quick=args.quick, seed=args.seed,
+                    threads=getattr(args, "threads", 1),
                     progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_results(doc, out)
     print(terminal_table(doc["records"]))

@@ -200,11 +200,14 @@ def heavy_tailed(kind: str, rows: int, cols: int, generator: torch.Generator) ->
     raise ValueError(f"unknown tensor kind {kind!r}; valid choices: {', '.join(HEAVY_TAILED_KINDS)}")
 
 
-def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
-    """10 log10(sum x^2 / sum (x - q)^2), in float64 (200 dB when q == x)."""
+def sqnr_db(x: torch.Tensor, q: torch.Tensor, dim=None) -> torch.Tensor:
+    """10 log10(sum x^2 / sum (x - q)^2) over ``dim`` (all elements by default), in
+    float64; 200 dB where q == x exactly."""
     x, q = x.double(), q.double()
-    noise = ((x - q) ** 2).sum()
-    return 200.0 if noise == 0 else float(10 * torch.log10((x ** 2).sum() / noise))
+    dims = tuple(range(x.dim())) if dim is None else dim
+    signal, noise = (x ** 2).sum(dims), ((x - q) ** 2).sum(dims)
+    db = 10 * torch.log10(signal / noise)
+    return torch.where(noise == 0, torch.full_like(db, 200.0), db)
 
 
 def quantize_four_ways(x: torch.Tensor, fmt: str) -> dict:
@@ -233,10 +236,10 @@ def mx_vs_per_tensor(ctx: RunContext) -> Outcome:
         x = heavy_tailed(kind, rows, cols, g)
         for fmt in ("e4m3", "e2m1"):
             for name, q in quantize_four_ways(x, fmt).items():
-                put_finite(m, f"{fmt}_{kind}_sqnr_db_{name}", sqnr_db(x, q))
+                put_finite(m, f"{fmt}_{kind}_sqnr_db_{name}", float(sqnr_db(x, q)))
                 # the worst tenth of the rows: a row of small values counts as much as an
                 # outlier row, which whole-tensor SQNR (dominated by the largest values) hides
-                per_row = torch.tensor([sqnr_db(x[r], q[r]) for r in range(rows)])
+                per_row = sqnr_db(x, q, dim=-1)
                 m[f"{fmt}_{kind}_row_p10_sqnr_db_{name}"] = float(per_row.quantile(0.1))
     get = lambda k: m.get(k, math.nan)
     iid = {k: get(f"e4m3_{k}_sqnr_db_mx") > get(f"e4m3_{k}_sqnr_db_per_tensor")
