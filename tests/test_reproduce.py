@@ -96,6 +96,15 @@ def test_only_and_unknown_ids(tmp_path, capsys):
         run_reproduce(_parse(["--only", "nope", "--out", str(tmp_path)]))
 
 
+def test_threads_restored_and_validated():
+    from mixprec.reproduce import reproduce
+    before = torch.get_num_threads()
+    doc = reproduce(only=["biglstm"], threads=1)
+    assert doc["args"]["threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        reproduce(only=["biglstm"], threads=0)
+
+
 def test_list(capsys):
     assert run_reproduce(_parse(["--list"])) == 0
     out = capsys.readouterr().out
@@ -299,4 +308,7 @@ def test_activation_memory_baseline_is_plain_torch(quick_run):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         torch.nn.functional.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long))
     plain = sum(n for n, is_param in sizes.values() if not is_param)
-    assert rec["measured"]["fp32_activation_bytes"] == plain
+    m = rec["measured"]
+    assert m["fp32_saved_activations_bytes"] == plain
+    # FP16 storage is two bytes an element: half of plain torch's float32 activations
+    assert abs(m["fp16_mixed_saved_activations_bytes"] / plain - 0.5) < 0.05
