@@ -20,12 +20,15 @@ gradient roles, 1 otherwise)::
     overflow    a > f.max + ulp(f.max) / 2   (>= where the tie rounds up, i.e. the code
                 of f.max is odd, as in IEEE formats: fp16 overflows from 65520)
 
-Fractions are of the nonzero finite values. Counting is exact: the float32 bit patterns
-of ``|x|`` are ordered like the values, so one histogram of their top 19 bits (exponent
-and 11 mantissa bits) answers ``count(|x| < t)`` for every bound of every format with at
-most 10 mantissa bits at a power-of-two scale; any other bound, and the rare occupied
-bucket that holds a bound, costs one comparison pass. float64 tensors are rounded to
-float32 first. A *step* opens at the model's forward call after a backward pass or an
+Fractions are of the nonzero finite values. Counting is exact and takes about one
+histogram pass per tensor: float32 bit patterns of ``|x|`` are ordered like the values,
+and one bincount of ``2 * (bits >> 17) + (low bits nonzero)`` gives ``count(|x| < t)`` and
+``count(|x| <= t)`` for every bound on a 1/64-binade edge: at a power-of-two scale, all
+bounds of e5m2 and e4m3 and the zero bounds of fp16 and bf16. Any other bound costs one
+comparison pass when its bucket is occupied (in practice fp16's normal bound, 2^-14 -
+2^-25). float64 tensors are rounded to float32 first.
+
+A *step* opens at the model's forward call after a backward pass or an
 update (or with :meth:`NumericsMonitor.begin_step`); ``every`` records one step in N.
 """
 from __future__ import annotations
@@ -52,9 +55,8 @@ DEFAULT_EDGES = tuple(range(-40, 21))
 # right, so "rounds to zero when |x| <= 2^k" reads straight off it. Index 0 holds every
 # nonzero value up to 2^-126 (float32 subnormals included).
 _EXP_BINS, _EXP_OFFSET = 256, 127
-_COARSE_SHIFT = 17             # small tensors: buckets of 1/64 binade
+_KEY_SHIFT = 17                # finest buckets: 1/64 binade (2^15 keys with the sticky bit)
 _BATCH_NUMEL = 1 << 16
-_FINEST_SHIFT = 12             # 2^20 keys: puts every bound of formats with M <= 10 on an edge
 _INF_BITS = 0x7F800000         # bit patterns at or above are inf/NaN
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -136,24 +138,16 @@ _SCRATCH = _Scratch()
 
 
 @lru_cache(maxsize=1024)
-def _alignment(bounds: tuple[int, ...]) -> int:
-    """Largest shift <= 23 with every bound B (B - 1 for an inclusive, odd B) a multiple of 2^shift."""
+def _key_shift(bounds: tuple[int, ...]) -> int:
+    """Bucket width 2^shift in bit patterns: at most 1/64 binade (2^17), coarser while every
+    bound B (B - 1 for an inclusive, odd B) stays on a bucket edge. FP8 and bf16 bounds all
+    fall on 1/64-binade edges; fp16's normal and overflow bounds need 1/1024 and 1/2048."""
     aligned = 23
     for b in bounds:
         v = b - (b & 1)
         if v:
             aligned = min(aligned, (v & -v).bit_length() - 1)
-    return aligned
-
-
-def _key_shift(bounds: tuple[int, ...], n: int) -> int:
-    """Bucket width 2^shift in bit patterns: the coarsest that puts every bound on a bucket
-    edge, unless that needs more keys than there are elements; then 1/64 binade, and a
-    bound inside an occupied bucket costs a comparison pass."""
-    aligned = _alignment(bounds)
-    if aligned >= _FINEST_SHIFT and (2 << (31 - aligned)) <= max(n, 1 << 15):
-        return aligned
-    return max(aligned, _COARSE_SHIFT)
+    return max(aligned, _KEY_SHIFT)
 
 
 def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
@@ -169,7 +163,7 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
     n = x.numel()
     if n == 0:
         return _Counts(0, 0, 0, np.zeros(len(bounds), np.int64), np.zeros(_EXP_BINS, np.int64), 0.0)
-    shift = _key_shift(tuple(bounds), n)
+    shift = _key_shift(tuple(bounds))
     buckets, low = 1 << (31 - shift), (1 << shift) - 1
     per_binade = 2 << (23 - shift)                                    # keys per binade
     work, keys, mask = _SCRATCH.get(n, x.device)
