@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mixprec.claims import ORDER, RECORD_FIELDS, REGISTRY, VERDICTS, Verdict
-from mixprec.claims.base import Outcome, RunContext, run_claim
+from mixprec.claims.base import RunContext, run_claim
 from mixprec.claims.render import html_page, markdown, terminal_table
 from mixprec.reproduce import add_reproduce_parser, run_reproduce
 

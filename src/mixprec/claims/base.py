@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["Verdict", "RunContext", "Outcome", "Claim", "claim", "REGISTRY", "run_claim",
-           "RECORD_FIELDS", "put_finite", "verdict_of"]
+           "RECORD_FIELDS", "put_finite", "verdict_of", "explain"]
 
 RECORD_FIELDS = ("id", "claim", "source", "paper_value", "measured", "summary", "verdict",
                  "reason", "config", "seconds", "plot")
@@ -106,6 +106,13 @@ def verdict_of(checks: dict, *, partly: bool = False) -> Verdict:
     return Verdict.PARTLY if partly else Verdict.REPRODUCED
 
 
+def explain(checks: dict, reason: str) -> str:
+    """``reason``, prefixed with the names of the failed checks if any failed (so a
+    reason written for the expected outcome never stands unqualified)."""
+    failed = [name for name, ok in checks.items() if not ok]
+    return f"checks failed: {failed}. {reason}" if failed else reason
+
+
 def _missing(needs: tuple) -> Optional[str]:
     for name in needs:
         try:
@@ -126,10 +133,9 @@ def run_claim(c: Claim, ctx: RunContext) -> dict:
     else:
         try:
             out = c.run(ctx)
-        except Exception as exc:  # a failed experiment is reported, not hidden
+        except Exception:  # a failed experiment is reported as such, never hidden
             tail = traceback.format_exc(limit=3).strip().splitlines()[-1]
             out = Outcome({}, "-", Verdict.NOT_RUN, f"the experiment raised: {tail}")
-            del exc
     record.update(measured=out.measured, summary=out.summary, verdict=out.verdict.value,
                   reason=out.reason, config={"quick": ctx.quick, "seed": ctx.seed, **out.config},
                   seconds=round(time.perf_counter() - t0, 3), plot=out.plot)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Outcome, RunContext, claim, put_finite, verdict_of
+from .base import Outcome, RunContext, Verdict, claim, explain, put_finite, verdict_of
 from .numerics import flushed_fraction, sample_gradients
 
 __all__ = ["scale_for", "accumulate_updates", "heavy_tailed", "sqnr_db", "overflow_schedule",
@@ -51,7 +51,7 @@ def e5m2_underflow(ctx: RunContext) -> Outcome:
               f"half-keeps ({100 * (1 - m['flushed_fp16_unscaled']):.0f}% survive) is almost "
               "wiped out; one power-of-two scale chosen by the 2018 rule brings it back "
               "without overflow. Synthetic gradients, not the paper's networks.")
-    return Outcome(m, summary, verdict_of(checks), reason, {"amax": amax})
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {"amax": amax})
 
 
 # --------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def stochastic_rounding(ctx: RunContext) -> Outcome:
               "tracks the exact sum. A sum of 2^-18 gradients is lost entirely with nearest "
               "E5M2 and kept on average with stochastic. Isolated numerics, not the paper's "
               "networks (see stochastic-rounding-training).")
-    return Outcome(m, summary, verdict_of(checks), reason,
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"trials": trials, "cases": {k: list(v) for k, v in cases.items()}})
 
 
@@ -169,7 +169,7 @@ def scale_floor(ctx: RunContext) -> Outcome:
               "2000-step growth interval never restores it, so gradients end up flushed; the "
               "floor (our schedule 1 -> 16 -> 256 at steps 0/2000/4000, since the paper's "
               "values are unconfirmed) holds it. Injected overflows, not an FP8 network.")
-    return Outcome(m, summary, verdict_of(checks, partly=True), reason,
+    return Outcome(m, summary, verdict_of(checks, partly=True), explain(checks, reason),
                    {"floor": [list(p) for p in enhanced.floor],
                     "growth_interval": enhanced.growth_interval,
                     "init_scale": enhanced.init_scale}, plot)
@@ -264,11 +264,11 @@ def mx_vs_per_tensor(ctx: RunContext) -> Outcome:
               "exceeds the element format's (rows far below the tensor's amax, or FP4). The "
               "OCP spec states the scheme, not an accuracy figure.")
     if all(iid.values()) and all(wide.values()):
-        verdict = verdict_of({"all": True})
+        verdict = Verdict.REPRODUCED
     elif any(wide.values()) or any(fp4.values()):
-        verdict = verdict_of({"mechanism": True}, partly=True)
+        verdict = Verdict.PARTLY          # MX wins only where the range exceeds the format's
     else:
-        verdict = verdict_of({"none": False})
+        verdict = Verdict.NOT_REPRODUCED
     return Outcome(m, summary, verdict, reason,
                    {"rows": rows, "cols": cols, "block_size": 32, "scale_rule": "ocp",
                     "kinds": list(HEAVY_TAILED_KINDS)})

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import Outcome, RunContext, Verdict, claim, put_finite, verdict_of
+from .base import Outcome, RunContext, claim, explain, put_finite, verdict_of
 
 __all__ = ["GRAD_LOG2_MEAN", "GRAD_LOG2_STD", "sample_gradients", "normal_cdf",
            "flushed_fraction", "SWAMP_TERM", "SWAMP_COUNT", "SWAMP_CHUNK"]
@@ -83,9 +83,8 @@ def fp16_underflow(ctx: RunContext) -> Outcome:
     reason = ("Every boundary behaves as stated (mixprec.quant, nearest-even). The gradient "
               "distribution is synthetic (log2|g| ~ N(-25, 2.5)), not the paper's Mandarin "
               "or SSD model, so the flushed fraction illustrates the mechanism rather than "
-              "reproducing the 5% figure." if all(checks.values()) else
-              f"boundary checks failed: {[k for k, v in checks.items() if not v]}")
-    return Outcome(m, summary, verdict_of(checks), reason,
+              "reproducing the 5% figure.")
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"gradients": n, "log2_mean": GRAD_LOG2_MEAN, "log2_std": GRAD_LOG2_STD})
 
 
@@ -136,9 +135,7 @@ def swamping(ctx: RunContext) -> Outcome:
               f"{m['sum_fp16_chunk64_fp32_across']:g}); chunk length 64 is our assumption "
               "(unconfirmed in the paper). FP32 accumulation cuts the matmul error by "
               f"{pos[0] / max(pos[1], 1e-300):.0f}x on positive inputs.")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks), reason,
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"term": SWAMP_TERM, "count": SWAMP_COUNT, "chunk": SWAMP_CHUNK,
                     "matmul_k": k, "matmul_mn": n})
 
@@ -236,9 +233,7 @@ def fp32_reductions(ctx: RunContext) -> Outcome:
               "and overflows for large activations; the same FP16 inputs reduced in FP32 "
               "stay within FP16 output rounding. Without max-subtraction exp() overflows "
               "FP16 above 11.09. The paper gives the rule, not a number.")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks), reason,
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"rows": rows, "n": n, "logit_std": 2.0,
                     "bn_cases": {k: list(v) for k, v in _BN_CASES.items()}})
 
@@ -267,4 +262,4 @@ def bf16_range(ctx: RunContext) -> Outcome:
     reason = ("BF16's 8 exponent bits keep every gradient of the distribution, each within "
               "half a bf16 ulp (2^-8 relative); FP16 loses half of them to zero. Numerics only "
               "(training: bf16-training).")
-    return Outcome(m, summary, verdict_of(checks), reason, {})
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {})

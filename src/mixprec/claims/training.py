@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from .base import Outcome, RunContext, Verdict, claim, put_finite, verdict_of
+from .base import Outcome, RunContext, Verdict, claim, explain, put_finite, verdict_of
 from .digits import TrainConfig, multiplier_for, smooth, train_digits
 
 __all__ = ["base_config", "run_recipes", "saved_tensor_bytes"]
@@ -153,9 +153,7 @@ def loss_scaling(ctx: RunContext) -> Outcome:
               + (f"{rescue:g}" if rescue else "none of those tried") +
               " (the paper's SSD needed 8; its gradients sat higher, in [2^-27, 2^-24)). A "
               "digits MLP, not SSD: mechanism only.")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks, partly=True), reason,
+    return Outcome(m, summary, verdict_of(checks, partly=True), explain(checks, reason),
                    {"train": repr(cfg), "scales": list(_SCALES), "target_grad_log2": -28},
                    _loss_plot("FP16 with gradients near 2^-28", res))
 
@@ -188,9 +186,7 @@ def e5m2_training(ctx: RunContext) -> Outcome:
               f"are zero (enhanced scaling: {100 * m['e5m2_enhanced_zero_grad_fraction']:.0f}%, "
               f"FP32: {100 * m['fp32_zero_grad_fraction']:.0f}%). A digits MLP, not the "
               "paper's ImageNet/WMT models: mechanism only.")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks, partly=True), reason,
+    return Outcome(m, summary, verdict_of(checks, partly=True), explain(checks, reason),
                    {"train": repr(cfg), "target_grad_log2": -20},
                    _loss_plot("E5M2 with and without loss scaling", res))
 
@@ -268,9 +264,7 @@ def bf16_training(ctx: RunContext) -> Outcome:
     reason = (f"bf16-mixed ({res['bf16']['backend']} backend) has no loss scaler and skipped no "
               "step; with gradients pushed to ~2^-28 it still trains where unscaled FP16 "
               "does not. One digits MLP (360 test images: one image is 0.28 points).")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks), reason, {"train": repr(cfg)})
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {"train": repr(cfg)})
 
 
 # --------------------------------------------------------------------------------------
@@ -350,7 +344,5 @@ def activation_memory(ctx: RunContext) -> Outcome:
                  "keeps the first and last layers in FP16. ")
               + "The paper's 'nearly 2x' total also counts weights (+50% for the master copy) "
               "and workspace, which this row does not measure.")
-    if not all(checks.values()):
-        reason = f"checks failed: {[c for c, v in checks.items() if not v]}. " + reason
-    return Outcome(m, summary, verdict_of(checks, partly=True), reason,
+    return Outcome(m, summary, verdict_of(checks, partly=True), explain(checks, reason),
                    {"hidden": list(hidden), "batch": len(x), "backend": "emulated"})
