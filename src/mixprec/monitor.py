@@ -56,7 +56,8 @@ DEFAULT_EDGES = tuple(range(-40, 21))
 # nonzero value up to 2^-126 (float32 subnormals included).
 _EXP_BINS, _EXP_OFFSET = 256, 127
 _KEY_SHIFT = 17                # finest buckets: 1/64 binade (2^15 keys with the sticky bit)
-_BATCH_NUMEL = 1 << 16
+_BATCH_NUMEL = 1 << 16         # a layer's small tensors are counted together
+_SORT_NUMEL = 4096             # up to this size, sorting the bit patterns is cheaper
 _INF_BITS = 0x7F800000         # bit patterns at or above are inf/NaN
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -106,6 +107,18 @@ def _format_bounds(fmt: FloatFormat, scale: float) -> tuple[int, int, int]:
     th = format_thresholds(fmt, scale)
     return (_bit_bound(th.zero, inclusive=True), _bit_bound(th.normal, inclusive=False),
             _bit_bound(th.over, inclusive=not th.over_inclusive))
+
+
+@lru_cache(maxsize=256)
+def _all_bounds(fmts: tuple[FloatFormat, ...], scale: float) -> tuple[int, ...]:
+    return tuple(b for f in fmts for b in _format_bounds(f, scale))
+
+
+@lru_cache(maxsize=256)
+def _update_bounds(fmts: tuple[FloatFormat, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """|u / w| < 2^-(m+1) (paper rule: fp16 swallows |u| < 2^-11 |w|) and |u| < min_subnormal."""
+    return (tuple(_bit_bound(2.0 ** -(f.mbits + 1), inclusive=False) for f in fmts),
+            tuple(_bit_bound(f.min_subnormal, inclusive=False) for f in fmts))
 
 
 @dataclass(frozen=True)
@@ -161,14 +174,15 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
     if x.dtype != torch.float32:
         x = x.float()
     n = x.numel()
-    if n == 0:
-        return _Counts(0, 0, 0, np.zeros(len(bounds), np.int64), np.zeros(_EXP_BINS, np.int64), 0.0)
+    if n <= _SORT_NUMEL and x.device.type == "cpu":
+        return _count_sorted(x.numpy(), bounds)
     shift = _key_shift(tuple(bounds))
     buckets, low = 1 << (31 - shift), (1 << shift) - 1
     per_binade = 2 << (23 - shift)                                    # keys per binade
     work, keys, mask = _SCRATCH.get(n, x.device)
     bits = x.view(torch.int32)
-    torch.bitwise_right_shift(bits, shift, out=keys).bitwise_and_(buckets - 1).mul_(2)  # drops the sign
+    # 2 * (|bits| >> shift), the sign dropped by the mask, plus 1 where a low bit is set
+    torch.bitwise_right_shift(bits, shift - 1, out=keys).bitwise_and_((buckets - 1) << 1)
     keys.add_(torch.bitwise_and(bits, low, out=work).clamp_(max=1))
     dense_t = torch.bincount(keys, minlength=2 * buckets).cpu()
     dense = dense_t.numpy().reshape(_EXP_BINS, per_binade)
@@ -198,6 +212,19 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
     exp_counts[-2] -= n_inf                                           # 2^128 is inf
     exp_counts[-1] = 0                                                # inf/NaN exponent field
     return _Counts(n, zeros, finite, res[:-1], exp_counts, amax)
+
+
+def _count_sorted(x: np.ndarray, bounds: Sequence[int]) -> _Counts:
+    """The same counts for a small tensor, by sorting its bit patterns (cheaper per call)."""
+    bits = np.sort(x.view(np.int32) & 0x7FFFFFFF)
+    res = np.searchsorted(bits, np.asarray([*bounds, 1, _INF_BITS, _INF_BITS + 1], np.int64))
+    zeros, finite, n_inf = int(res[-3]), int(res[-2]), int(res[-1] - res[-2])
+    live = bits[zeros:finite]                                         # nonzero finite, ascending
+    powers = live[(live & 0x7FFFFF) == 0] >> 23                       # exact powers of two
+    exp_counts = (np.bincount(live >> 23, minlength=_EXP_BINS)        # [2^e, 2^(e+1)) at e + 127
+                  - np.bincount(powers, minlength=_EXP_BINS) + np.bincount(powers - 1, minlength=_EXP_BINS))
+    amax = float(live[-1:].view(np.float32)[0]) if len(live) else 0.0
+    return _Counts(len(bits), zeros, finite, res[:-3], exp_counts.astype(np.int64), amax)
 
 
 @dataclass
@@ -242,8 +269,7 @@ class TensorStats:
     def add(self, x: torch.Tensor, fmts: Sequence[FloatFormat], scale: float,
             extra_bounds: Sequence[int] = ()) -> _Counts:
         """Count ``x`` (any float dtype) into the stats; ``extra_bounds`` are counted too."""
-        bounds = [b for f in fmts for b in _format_bounds(f, scale)]
-        c = _count_magnitudes(x, bounds + list(extra_bounds))
+        c = _count_magnitudes(x, _all_bounds(tuple(fmts), scale) + tuple(extra_bounds))
         for i, f in enumerate(fmts):
             to_zero, to_normal, in_range = (int(v) for v in c.below[3 * i: 3 * i + 3])
             _bump(self.underflow, f.name, to_zero - c.zeros)
@@ -265,14 +291,13 @@ class TensorStats:
         two, so the test is exact.
         """
         u, w = _as_float32(u), _as_float32(w)
-        abs_bounds = [_bit_bound(f.min_subnormal, inclusive=False) for f in fmts]
+        rel_bounds, abs_bounds = _update_bounds(tuple(fmts))
         c = self.add(u, fmts, 1.0, abs_bounds)
-        rel_bounds = [_bit_bound(2.0 ** -(f.mbits + 1), inclusive=False) for f in fmts]
         ratio = _count_magnitudes(torch.div(u, w).abs_(), rel_bounds)
         # zero updates (0 / w = 0 where w != 0) pass the ratio test but move nothing
         idle = int(torch.count_nonzero((u == 0) & (w != 0))) if c.zeros else 0
         for f, r, a in zip(fmts, ratio.below, c.below[3 * len(fmts):]):
-            _bump(self.below_rel, f.name, int(r) - idle)       # paper rule: fp16 swallows < 2^-11 |w|
+            _bump(self.below_rel, f.name, int(r) - idle)
             _bump(self.below_abs, f.name, int(a) - c.zeros)
         return c
 
@@ -401,6 +426,7 @@ class NumericsMonitor:
         for h in self._handles + self._grad_handles:
             h.remove()
         self._handles, self._grad_handles = [], []
+        _SCRATCH.buffers.clear()           # this thread's work buffers (9 bytes per element)
 
     def __enter__(self) -> "NumericsMonitor":
         return self.attach()
@@ -651,7 +677,8 @@ class NumericsMonitor:
         * scale: the largest power of two S with ``margin * S * max|grad| < fmt.max`` (the
           paper's rule S * max|grad| < 65504, with a safety margin); its effect on gradient
           underflow (``|g * S| <= min_subnormal / 2``) is read exactly from the binade
-          histograms (S and the threshold are powers of two).
+          histograms (S and the threshold are powers of two). S multiplies the gradients as
+          recorded: where the watched loss is already scaled by S0, the total is S0 * S.
         * master weights: needed when more than ``threshold`` of the nonzero updates are
           below 2^-(m+1) of their weight (fp16: 2^-11), which the weight would swallow.
         * layers to keep in higher precision: any role above ``threshold`` underflow or
@@ -711,8 +738,8 @@ def _advice_text(adv: dict, f: FloatFormat) -> str:
             f"- Loss scale: S = {_num(adv['scale'])}, the largest power of two with {adv['margin']:g} x S x "
             f"max|grad| < {f.max:g} (max|grad| = {adv['max_grad']:.3g}). Gradient values that round to zero "
             f"(|g*S| <= {_num(f.min_subnormal / 2)}): {pct(adv['underflow_at_1'])} at S = 1, "
-            f"{pct(adv['underflow_at_scale'])} at S = {_num(adv['scale'])}; it lifts {pct(adv['lifted'])} of them "
-            f"above the threshold. Loss scaling is {'needed' if adv['scaling_needed'] else 'not needed'}.")
+            f"{pct(adv['underflow_at_scale'])} at S = {_num(adv['scale'])}, so S lifts {pct(adv['lifted'])} of the "
+            f"nonzero gradient values above the threshold. Loss scaling is {'needed' if adv['scaling_needed'] else 'not needed'}.")
     m = adv["master_weights"]
     rel = f"2^{m['rel_threshold_log2']}"
     if m["needed"] is None:
