@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mixprec.formats import get_format
-from mixprec.inspect import add_inspect_parser, load_factory, run_inspect
+from mixprec.inspect import add_inspect_parser, run_inspect
 from mixprec.monitor import NumericsMonitor, TensorStats, format_thresholds
 
 FP16_MAX = 65504.0
@@ -362,18 +362,23 @@ def test_inspect_digits_prints_table_and_advice(capsys, tmp_path):
 def test_inspect_user_factories_and_errors(capsys, tmp_path, monkeypatch):
     (tmp_path / "usermod.py").write_text(
         "import torch\n"
+        "from mixprec.experiments.data import Dataset\n"
         "def model():\n    return torch.nn.Sequential(torch.nn.Linear(3, 2))\n"
-        "def data():\n    return [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]\n")
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(20, 3, generator=g), torch.arange(20) % 2\n"
+        "    return Dataset('toy', 'classification', x, y, x, y, 2)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     args = parse(["--model", "usermod:model", "--data", "usermod:data", "--steps", "2",
-                  "--formats", "bf16,fp16", "--optimizer", "sgd"])
+                  "--formats", "bf16,fp16", "--optimizer", "sgd", "--batch-size", "5"])
     assert run_inspect(args) == 0
-    assert "Advice for bf16" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"cannot load 'no_such_mod:f'.*'package.module:factory'"):
-        load_factory("no_such_mod:f")
-    with pytest.raises(ValueError, match=r"bad factory spec 'usermod'; expected"):
-        load_factory("usermod")
-    with pytest.raises(ValueError, match="--model needs --data"):
-        run_inspect(parse(["--model", "usermod:model", "--steps", "1"]))
+    out = capsys.readouterr().out
+    assert "Advice for bf16" in out and "0      weight_grad" in out
+    with pytest.raises(ValueError, match=r"'no_such_mod:f'.*cannot import.*'package.module:callable'"):
+        run_inspect(parse(["--model", "no_such_mod:f", "--steps", "1"]))
+    with pytest.raises(ValueError, match=r"bad --model spec 'usermod': expected the form"):
+        run_inspect(parse(["--model", "usermod", "--steps", "1"]))
     with pytest.raises(ValueError, match="--advise 'e5m2' is not among --formats"):
         run_inspect(parse(["--formats", "fp16", "--advise", "e5m2", "--steps", "1"]))
+    with pytest.raises(ValueError, match="unknown format 'fp17'"):
+        run_inspect(parse(["--formats", "fp16,fp17", "--steps", "1"]))
