@@ -373,7 +373,7 @@ def test_inspect_user_factories_and_errors(capsys, tmp_path, monkeypatch):
                   "--formats", "bf16,fp16", "--optimizer", "sgd", "--batch-size", "5"])
     assert run_inspect(args) == 0
     out = capsys.readouterr().out
-    assert "Advice for bf16" in out and "0      weight_grad" in out
+    assert "Advice for bf16" in out and "0      Linear  weight_grad" in out
     with pytest.raises(ValueError, match=r"'no_such_mod:f'.*cannot import.*'package.module:callable'"):
         run_inspect(parse(["--model", "no_such_mod:f", "--steps", "1"]))
     with pytest.raises(ValueError, match=r"bad --model spec 'usermod': expected the form"):

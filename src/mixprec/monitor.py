@@ -57,7 +57,7 @@ DEFAULT_EDGES = tuple(range(-40, 21))
 _EXP_BINS, _EXP_OFFSET = 256, 127
 _KEY_SHIFT = 17                # finest buckets: 1/64 binade (2^15 keys with the sticky bit)
 _BATCH_NUMEL = 1 << 16         # a layer's small tensors are counted together
-_SORT_NUMEL = 4096             # up to this size, sorting the bit patterns is cheaper
+_SORT_NUMEL = 1 << 14          # up to this size, sorting the bit patterns is cheaper
 _INF_BITS = 0x7F800000         # bit patterns at or above are inf/NaN
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -589,7 +589,9 @@ class NumericsMonitor:
         return f
 
     def _stats_dict(self, st: TensorStats) -> dict:
-        d = {"layer": st.layer, "role": st.role, "records": st.records, "numel": st.numel,
+        module = self.layers.get(st.layer)
+        d = {"layer": st.layer, "module": type(module).__name__ if module is not None else None,
+             "role": st.role, "records": st.records, "numel": st.numel,
              "zeros": st.zeros, "nonfinite": st.nonfinite, "amax": st.amax, "scale": st.scale,
              "hist": st.hist(self.edges), "formats": {}}
         for f in self.formats:
@@ -636,7 +638,8 @@ class NumericsMonitor:
         """One flat row per (layer, role, format), for tables and data frames."""
         rows = []
         for d in self.report()["tensors"]:
-            base = {k: d[k] for k in ("layer", "role", "records", "numel", "zeros", "nonfinite", "amax", "scale")}
+            base = {k: d[k] for k in ("layer", "module", "role", "records", "numel", "zeros", "nonfinite",
+                                      "amax", "scale")}
             rows += [{**base, "format": name, **vals} for name, vals in d["formats"].items()]
         return rows
 
@@ -646,11 +649,12 @@ class NumericsMonitor:
         names = rep["formats"]
         lines = [f"Numerics over {rep['steps']} recorded step(s); gradient roles scaled by S = {_num(self._scale)}; "
                  "under/over = fraction of nonzero finite values that round to 0 / overflow"]
-        rows = [[d["layer"], d["role"], str(d["numel"]), f"{d['amax']:.3g}", str(d["nonfinite"])]
+        rows = [[d["layer"], d["module"] or "", d["role"], str(d["numel"]), f"{d['amax']:.3g}", str(d["nonfinite"])]
                 + [f"{_pct(d['formats'][n]['underflow'], d['numel'] - d['zeros'] - d['nonfinite'])}/"
                    f"{_pct(d['formats'][n]['overflow'], d['numel'] - d['zeros'] - d['nonfinite'])}" for n in names]
                 for d in rep["tensors"]]
-        lines += _table(["layer", "role", "numel", "amax", "nonfinite"] + [f"{n} under/over" for n in names], rows)
+        lines += _table(["layer", "module", "role", "numel", "amax", "nonfinite"]
+                        + [f"{n} under/over" for n in names], rows)
         if rep["closest_to_overflow"]:
             lines += ["", "Closest to overflow: headroom log2(max / (amax * S)) in binades"]
             rows = [[c["layer"], c["role"], f"{c['amax'] * c['scale']:.3g}"]
@@ -727,7 +731,7 @@ class NumericsMonitor:
 
 
 def _advice_text(adv: dict, f: FloatFormat) -> str:
-    pct = lambda v: "0" if v == 0 else f"{100 * v:.3g}%"
+    pct = lambda v: "0" if v == 0 else "<0.01%" if v < 1e-4 else f"{100 * v:.2f}%"
     thr = pct(adv["threshold"])
     lines = [f"Advice for {f.name} (round to nearest even; 'significant' means more than {thr} "
              "of nonzero finite values):"]
