@@ -373,6 +373,11 @@ class NumericsMonitor:
         bins: integer log2 edges of the reported magnitude histogram, within [-126, 128].
         every: record one step in ``every``.
 
+    Cost: one histogram pass (plus about five cheap elementwise passes) per recorded
+    tensor, and two for each weight-sized update. On one CPU thread a fully recorded step
+    of the digits CNN takes about 3x an unrecorded one, of a 784-1024-10 MLP (weights
+    dominate) about 4.5x; ``every=4`` brings both under 2x.
+
     >>> mon = NumericsMonitor(model, formats=("fp16", "bf16"))
     >>> with mon:
     ...     loss_fn(model(x), y).backward()
