@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mixprec.formats import get_format
-from mixprec.inspect import add_inspect_parser, run_inspect
+from mixprec.inspection import add_inspect_parser, run_inspect
 from mixprec.monitor import NumericsMonitor, TensorStats, format_thresholds
 
 FP16_MAX = 65504.0
