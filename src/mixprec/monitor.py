@@ -736,7 +736,7 @@ class NumericsMonitor:
 
 
 def _advice_text(adv: dict, f: FloatFormat) -> str:
-    pct = lambda v: "0" if v == 0 else "<0.01%" if v < 1e-4 else f"{100 * v:.2f}%"
+    pct = lambda v: "0" if v == 0 else "<0.01%" if v < 1e-4 else f"{100 * v:.4g}%"
     thr = pct(adv["threshold"])
     lines = [f"Advice for {f.name} (round to nearest even; 'significant' means more than {thr} "
              "of nonzero finite values):"]
