@@ -174,6 +174,21 @@ def test_tiny_gradients_underflow_and_advised_scale_lifts_them():
             assert torch.all(cast != 0) and torch.all(torch.isfinite(cast))
 
 
+def test_master_weight_advice_without_moving_updates():
+    model = make_linear()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)       # updates vanish even in float32
+    mon = NumericsMonitor(model, formats=("fp16",))
+    assert "no update was recorded" in mon.advice("fp16")["text"]
+    with mon:
+        tiny_grad_step(mon, scale_loss=1.0)
+        mon.snapshot_weights()
+        opt.step()
+        mon.record_updates()
+    m = mon.advice("fp16")["master_weights"]
+    assert m["needed"] is None and m["updates_recorded"] == 128 and m["nonzero_updates"] == 0
+    assert "all 128 recorded updates were zero" in mon.advice("fp16")["text"]
+
+
 def test_scale_applies_to_gradient_roles_only():
     model = make_linear()
     reports = []

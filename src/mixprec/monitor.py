@@ -717,6 +717,7 @@ class NumericsMonitor:
         rel = sum(st.below_rel[f.name] for st in ups) / n_u if n_u else None
         adv["master_weights"] = {
             "needed": None if rel is None else rel > threshold, "below_rel_frac": rel,
+            "updates_recorded": sum(st.numel for st in ups), "nonzero_updates": n_u,
             "rel_threshold_log2": -(f.mbits + 1), "abs_threshold": f.min_subnormal,
             "below_abs_frac": sum(st.below_abs[f.name] for st in ups) / n_u if n_u else None}
         worst: dict[str, dict] = {}
@@ -751,7 +752,10 @@ def _advice_text(adv: dict, f: FloatFormat) -> str:
             f"nonzero gradient values above the threshold. Loss scaling is {'needed' if adv['scaling_needed'] else 'not needed'}.")
     m = adv["master_weights"]
     rel = f"2^{m['rel_threshold_log2']}"
-    if m["needed"] is None:
+    if m["needed"] is None and m["updates_recorded"]:
+        lines.append(f"- Master weights: unknown; all {m['updates_recorded']} recorded updates were zero: the "
+                     "weights did not move (updates below their own precision, or a zero learning rate).")
+    elif m["needed"] is None:
         lines.append("- Master weights: unknown; no update was recorded (call snapshot_weights() before "
                      "optimizer.step() and record_updates() after it).")
     else:
