@@ -87,7 +87,7 @@ def test_half_and_strided_inputs_count_like_their_float32_copies():
         a.add(view, fmts, 1.0)
         b.add(view.float().contiguous(), fmts, 1.0)
         assert (a.underflow, a.subnormal, a.overflow, a.amax) == (b.underflow, b.subnormal, b.overflow, b.amax)
-        assert (a.exp_counts == b.exp_counts).all()
+        assert (a.binades == b.binades).all() and (a.powers == b.powers).all()
 
 
 def test_zero_count_matches_float16_cast():
@@ -109,9 +109,10 @@ def test_non_power_of_two_scale_is_exact():
     assert st.overflow["fp16"] == np.sum(live & ~np.isfinite(q))
 
 
-def test_histogram_matches_frexp_and_sums_to_numel():
+@pytest.mark.parametrize("n", [4000, 40000])          # sorted and dense histogram paths
+def test_histogram_matches_frexp_and_sums_to_numel(n):
     powers = torch.exp2(torch.arange(-45.0, 25.0))                  # the bins' closed ends
-    x = torch.cat([log_uniform(4000, -50, 30, seed=1), powers, -powers, torch.zeros(7),
+    x = torch.cat([log_uniform(n, -50, 30, seed=1), powers, -powers, torch.zeros(7),
                    torch.tensor([float("nan"), float("inf")])])
     mon_edges = list(range(-40, 21))
     st = TensorStats("l", "activation")
@@ -119,10 +120,12 @@ def test_histogram_matches_frexp_and_sums_to_numel():
     h = st.hist(mon_edges)
     assert st.zeros + st.nonfinite + h["below"] + sum(h["counts"]) + h["above"] == x.numel()
     v = x.numpy()
-    m, e = np.frexp(np.abs(v[np.isfinite(v) & (v != 0)]))
-    e = e - 1 - (m == 0.5)                       # |x| in (2^e, 2^(e+1)]: ceil(log2|x|) - 1, exact
+    e = np.frexp(np.abs(v[np.isfinite(v) & (v != 0)]))[1] - 1     # floor(log2|x|), exact
     assert h["below"] == np.sum(e < -40) and h["above"] == np.sum(e >= 20)
     assert h["counts"] == [int(np.sum(e == k)) for k in range(-40, 20)]
+    a = np.abs(v[np.isfinite(v) & (v != 0)]).astype(np.float64)
+    for j in (-126, -41, -25, 0, 19, 24, 128):                        # |x| <= 2^j, ties included
+        assert st.count_at_most_pow2(j) == np.sum(a <= 2.0 ** j), j
 
 
 def test_amax_ignores_nonfinite_and_bits_bound_neighbours():

@@ -51,9 +51,9 @@ __all__ = ["NumericsMonitor", "TensorStats", "Thresholds", "format_thresholds", 
 ROLES = ("activation", "weight", "grad_output", "weight_grad", "update")
 GRAD_ROLES = frozenset({"grad_output", "weight_grad"})   # the roles the loss scale multiplies
 DEFAULT_EDGES = tuple(range(-40, 21))
-# Index i of the exponent histogram holds the binade (2^(i-127), 2^(i-126)]: closed on the
-# right, so "rounds to zero when |x| <= 2^k" reads straight off it. Index 0 holds every
-# nonzero value up to 2^-126 (float32 subnormals included).
+# Index i of the binade histogram holds [2^(i-127), 2^(i-126)), index 0 every nonzero value
+# below 2^-126 (float32 subnormals); exact powers of two are counted apart as well, so that
+# "rounds to zero when |x| <= 2^k" is exact too.
 _EXP_BINS, _EXP_OFFSET = 256, 127
 _KEY_SHIFT = 17                # finest buckets: 1/64 binade (2^15 keys with the sticky bit)
 _BATCH_NUMEL = 1 << 16         # a layer's small tensors are counted together
@@ -128,7 +128,8 @@ class _Counts:
     zeros: int
     finite: int
     below: np.ndarray          # count(bits(|x|) < B) for each requested bound B
-    exp_counts: np.ndarray     # nonzero finite values per binade
+    binades: np.ndarray        # nonzero finite values per [2^e, 2^(e+1)), at e + 127
+    powers: np.ndarray         # values equal to 2^e, at e + 127
     amax: float                # largest finite |x|, 0 when none
 
 
@@ -206,12 +207,10 @@ def _count_magnitudes(x: torch.Tensor, bounds: Sequence[int]) -> _Counts:
         amax = max(-float(lo), float(hi))
     else:
         amax = float(x[torch.isfinite(x)].abs().amax()) if finite else 0.0
-    # (2^e, 2^(e+1)] = [2^e, 2^(e+1)) - {2^e} + {2^(e+1)}; exact powers sit alone in a key
-    powers = dense[:, 0]                                              # powers[0]: the zeros
-    exp_counts = floor_binades - powers + np.append(powers[1:], 0)
-    exp_counts[-2] -= n_inf                                           # 2^128 is inf
-    exp_counts[-1] = 0                                                # inf/NaN exponent field
-    return _Counts(n, zeros, finite, res[:-1], exp_counts, amax)
+    powers = dense[:, 0].copy()                      # an exact power of two sits alone in a key
+    powers[0] = powers[-1] = floor_binades[-1] = 0   # zeros; inf and NaN (exponent field 255)
+    floor_binades[0] -= zeros
+    return _Counts(n, zeros, finite, res[:-1], floor_binades, powers, amax)
 
 
 def _count_sorted(x: np.ndarray, bounds: Sequence[int]) -> _Counts:
@@ -220,11 +219,10 @@ def _count_sorted(x: np.ndarray, bounds: Sequence[int]) -> _Counts:
     res = np.searchsorted(bits, np.asarray([*bounds, 1, _INF_BITS, _INF_BITS + 1], np.int64))
     zeros, finite, n_inf = int(res[-3]), int(res[-2]), int(res[-1] - res[-2])
     live = bits[zeros:finite]                                         # nonzero finite, ascending
-    powers = live[(live & 0x7FFFFF) == 0] >> 23                       # exact powers of two
-    exp_counts = (np.bincount(live >> 23, minlength=_EXP_BINS)        # [2^e, 2^(e+1)) at e + 127
-                  - np.bincount(powers, minlength=_EXP_BINS) + np.bincount(powers - 1, minlength=_EXP_BINS))
+    powers = np.bincount(live[(live & 0x7FFFFF) == 0] >> 23, minlength=_EXP_BINS)
     amax = float(live[-1:].view(np.float32)[0]) if len(live) else 0.0
-    return _Counts(len(bits), zeros, finite, res[:-3], exp_counts.astype(np.int64), amax)
+    return _Counts(len(bits), zeros, finite, res[:-3], np.bincount(live >> 23, minlength=_EXP_BINS),
+                   powers, amax)
 
 
 @dataclass
@@ -238,7 +236,8 @@ class TensorStats:
     nonfinite: int = 0
     amax: float = 0.0                       # largest finite |x|
     scale: float = 1.0                      # scale in force at the last record
-    exp_counts: np.ndarray = field(default_factory=lambda: np.zeros(_EXP_BINS, np.int64))
+    binades: np.ndarray = field(default_factory=lambda: np.zeros(_EXP_BINS, np.int64))
+    powers: np.ndarray = field(default_factory=lambda: np.zeros(_EXP_BINS, np.int64))
     underflow: dict = field(default_factory=dict)   # per format name
     subnormal: dict = field(default_factory=dict)
     overflow: dict = field(default_factory=dict)
@@ -254,12 +253,13 @@ class TensorStats:
 
     def count_at_most_pow2(self, j: int) -> int:
         """Nonzero finite values with ``|x| <= 2^j``, read from the binade histogram."""
-        return int(self.exp_counts[: min(max(j + _EXP_OFFSET, 0), _EXP_BINS)].sum())
+        i = min(max(j + _EXP_OFFSET, 0), _EXP_BINS)
+        return int(self.binades[:i].sum() + (self.powers[i] if i < _EXP_BINS else 0))
 
     def hist(self, edges: Sequence[int]) -> dict:
-        """log2 histogram on integer ``edges``: below (<= 2^e_0), counts per (2^e_i, 2^e_i+1], above."""
+        """log2 histogram on integer ``edges``: below (< 2^e_0), counts per [2^e_i, 2^e_i+1), above."""
         idx = np.searchsorted(np.asarray(edges) + _EXP_OFFSET, np.arange(_EXP_BINS), side="right")
-        binned = np.bincount(idx, weights=self.exp_counts, minlength=len(edges) + 1).astype(np.int64)
+        binned = np.bincount(idx, weights=self.binades, minlength=len(edges) + 1).astype(np.int64)
         return {"below": int(binned[0]), "counts": binned[1:-1].tolist(), "above": int(binned[-1])}
 
     def headroom_log2(self, fmt: FloatFormat) -> Optional[float]:
@@ -275,7 +275,8 @@ class TensorStats:
             _bump(self.underflow, f.name, to_zero - c.zeros)
             _bump(self.subnormal, f.name, to_normal - to_zero if f.mbits > 0 else 0)
             _bump(self.overflow, f.name, c.finite - in_range)
-        self.exp_counts += c.exp_counts
+        self.binades += c.binades
+        self.powers += c.powers
         self.amax = max(self.amax, c.amax)
         self.numel += c.n
         self.zeros += c.zeros
