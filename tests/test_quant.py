@@ -13,7 +13,7 @@ import torch
 
 from mixprec.formats import get_format
 from mixprec.quant import Rounding, has_c_extension, quantize
-from test_quant_reference import ML, fmt_max, ref_round
+from test_quant_reference import ML, extended, fmt_max, ref_round
 
 BACKENDS = ["c", "torch"] if has_c_extension() else ["torch"]
 ML_FORMATS = [n for n in ML if n not in ("fp16", "bf16")]
@@ -205,7 +205,7 @@ CUSTOM = ["e6m9", "e3m3fin", "e5m7", "e4m4fn", "e5m2b13", "e3m0fn", "e2m0fin", "
 def custom_samples(name: str, n: int, seed: int) -> np.ndarray:
     """Values around every binade of the format, its ties, and beyond both ends."""
     fmt = get_format(name)
-    fmax = fmt_max(fmt)   # from the reference's grid (FloatFormat.max is 0 for e3m0fn)
+    fmax = fmt_max(fmt)   # from the reference's grid
     rng = np.random.default_rng(seed)
     lo, hi = math.log2(fmt.min_subnormal or fmt.min_normal) - 3, math.log2(fmax) + 2
     x = rng.choice([-1.0, 1.0], n) * np.exp2(rng.uniform(lo, hi, n))
@@ -354,3 +354,12 @@ def test_docstring_examples():
 
     import mixprec.quant
     assert doctest.testmod(mixprec.quant).failed == 0
+
+
+@pytest.mark.parametrize("name", CUSTOM)
+def test_format_limits_match_the_reference_grid(name):
+    # FloatFormat's closed-form limits against the slow reference's enumerated grid
+    fmt = get_format(name)
+    values = [v for v in extended(name)[:-1] if v > 0]
+    assert fmt.max == fmt_max(fmt) == values[-1]
+    assert (fmt.min_subnormal or fmt.min_normal) == values[0]

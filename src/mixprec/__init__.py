@@ -1,8 +1,38 @@
-"""mixprec: reduced-precision training for PyTorch, bit-exact on any CPU."""
+"""mixprec: reduced-precision training for PyTorch, bit-exact on any CPU.
+
+Numerics: :func:`get_format`, :func:`quantize`, :func:`encode`/:func:`decode`,
+:func:`quantize_mx`, per-tensor scaling and reduced-precision accumulation.
+Training: :func:`prepare` wraps a model and optimizer in an :class:`Engine` that runs a
+:class:`Recipe` (a preset name such as ``"fp16-mixed"`` or ``"fp8-e5m2"``, with
+``key=value`` overrides). Diagnostics: :class:`NumericsMonitor`.
+"""
 from .formats import Convention, FloatFormat, get_format, list_formats, make_format
+from .quant import Rounding, decode, encode, has_c_extension, quantize
+from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_scaled, tensor_to_amax
+from .accum import matmul_accum, sum_accum
+from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
+from .recipe import (PRESETS, AccumulationConfig, LossScaleConfig, Recipe, Role,
+                     ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
+from .policy import LayerPolicy, attach
+from .emulate import PrecisionMode
+from .engine import Engine, NonFiniteError, prepare
+from .monitor import NumericsMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # formats and numerics
     "Convention", "FloatFormat", "get_format", "list_formats", "make_format",
+    "Rounding", "quantize", "encode", "decode", "has_c_extension",
+    "tensor_to_amax", "amax_to_scale", "quantize_scaled", "DelayedScaling", "quantize_mx",
+    "sum_accum", "matmul_accum",
+    # loss scaling
+    "LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale",
+    # recipes
+    "Recipe", "Role", "TensorSpec", "ScalingKind", "ScalingConfig", "AccumulationConfig",
+    "LossScaleConfig", "PRESETS", "get_recipe", "list_presets",
+    # training
+    "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
+    # diagnostics
+    "NumericsMonitor",
 ]

@@ -3,6 +3,8 @@
   mixprec formats [NAME ...]    the table of number formats and their limits
   mixprec compare [options]     train one model under several recipes, compare to FP32
   mixprec report RUN_DIR        redraw the plots and report.html of a saved comparison
+  mixprec reproduce [--quick]   run the papers' claims as experiments, with verdicts
+  mixprec inspect [options]     per-layer numerics of a model: what each format would lose
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Optional, Sequence
 from .formats import get_format, list_formats
 
 __all__ = ["main", "build_parser", "add_formats_parser", "add_compare_parser",
-           "add_report_parser", "cmd_formats", "cmd_compare", "cmd_report"]
+           "add_report_parser", "add_reproduce_parser", "add_inspect_parser", "cmd_formats", "cmd_compare", "cmd_report"]
 
 
 # --------------------------------------------------------------------------------------
@@ -167,7 +169,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------
-SUBCOMMANDS = (add_formats_parser, add_compare_parser, add_report_parser)
+def add_reproduce_parser(sub) -> argparse.ArgumentParser:
+    from .reproduce import add_reproduce_parser as add
+    return add(sub)
+
+
+def add_inspect_parser(sub) -> argparse.ArgumentParser:
+    from .inspection import add_inspect_parser as add
+    return add(sub)
+
+
+SUBCOMMANDS = (add_formats_parser, add_compare_parser, add_report_parser,
+               add_reproduce_parser, add_inspect_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

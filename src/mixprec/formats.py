@@ -97,7 +97,7 @@ class FloatFormat:
         e, m = "1" * self.ebits, self.mbits
         return {
             Convention.IEEE: f"S.{e}.(non-zero mantissa)",
-            Convention.FN: f"S.{e}.{'1' * m}",
+            Convention.FN: f"S.{e}.{'1' * m}" if m else f"S.{e}",
             Convention.FNUZ: "1." + "0" * (self.ebits + self.mbits) + " only",
             Convention.FINITE: "none",
             Convention.E8M0: "0xFF",
@@ -109,6 +109,8 @@ class FloatFormat:
         top = (1 << self.ebits) - 1
         if self.convention is Convention.IEEE:
             top -= 1
+        elif self.convention is Convention.FN and self.mbits == 0:
+            top -= 1       # the top binade's only code, S.111..1, is NaN
         return top - self.bias
 
     @property
@@ -121,8 +123,8 @@ class FloatFormat:
         """Largest finite value."""
         m_codes = 1 << self.mbits
         top_mantissa = m_codes - 1
-        if self.convention is Convention.FN:
-            top_mantissa -= 1          # S.1111.111 is NaN
+        if self.convention is Convention.FN and self.mbits > 0:
+            top_mantissa -= 1          # S.1111.111 is NaN (mbits = 0: emax steps down instead)
         elif self.convention is Convention.E8M0:
             return 2.0 ** (self.emax - 1)   # 0xFF is NaN, so the top code is 0xFE
         return 2.0 ** self.emax * (1.0 + top_mantissa / m_codes)

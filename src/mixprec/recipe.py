@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 from .formats import get_format
+from .quant import Rounding
 
 __all__ = [
     "Role", "Rounding", "ScalingKind", "TensorSpec", "ScalingConfig", "AccumulationConfig",
@@ -27,12 +28,6 @@ class Role(str, enum.Enum):
     WEIGHT_GRAD = "weight_grad"          # weight gradients
     MASTER = "master"                    # the copy the optimizer updates
     OPTIMIZER_STATE = "optimizer_state"  # optimizer moments
-
-
-class Rounding(str, enum.Enum):
-    NEAREST = "nearest"          # round half to even
-    STOCHASTIC = "stochastic"    # up with probability (x - lo) / (hi - lo)
-    TOWARD_ZERO = "toward_zero"  # truncate the magnitude
 
 
 class ScalingKind(str, enum.Enum):
