@@ -18,7 +18,7 @@ install: $(PY)
 	$(PY) -m pip install -q -e ".[all]"
 
 run: install
-	$(VENV)/bin/mixprec formats
+	$(VENV)/bin/mixprec compare
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.engine import prepare
+from mixprec.native import cpu_has_bf16_dot
 from mixprec.recipe import list_presets
 
 SIZES = (784, 1024, 1024, 10)
@@ -164,6 +165,8 @@ def main() -> int:
     print(f"MLP {'-'.join(map(str, SIZES))}, batch {args.batch}, {torch.get_num_threads()} "
           f"thread(s), median of {args.rounds} steps after {args.warmup} warm-up; torch "
           f"{torch.__version__}. Shared machine: timings are noisy; ratios use CPU time.")
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, bf16 dot-product instructions: "
+          f"{'yes' if cpu_has_bf16_dot() else 'no (native bf16 GEMMs are slow here)'}")
     print(f"{'variant':<48}{'cpu ms':>8}{'wall ms':>9}{'vs fp32':>9}{'vs amp16':>9}"
           f"{'saved MiB':>11}{'vs fp32':>9}  target")
     failures = 0

@@ -325,7 +325,8 @@ class Attention(nn.Module):
 def test_bf16_mixed_native_on_cpu():
     torch.manual_seed(0)
     model = Attention()
-    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed")
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed",
+                 backend="native")
     assert mp.backend == "native"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(m.dtype == torch.float32 for m in mp.master_params)
@@ -344,7 +345,7 @@ def test_bf16_mixed_native_on_cpu():
 def test_native_keeps_requested_modules_in_fp32():
     model = mlp()
     mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed",
-                 keep_high_precision=("last",))
+                 backend="native", keep_high_precision=("last",))
     assert model[0].weight.dtype == torch.bfloat16 and model[2].weight.dtype == torch.float32
     spy = SpyDtypes()
     with mp.autocast(), spy:
@@ -470,3 +471,21 @@ def test_keep_override_reaches_the_recipe():
     # the kept layer stores FP32 weights, the other FP16 values
     assert not torch.equal(model[0].weight, model[0].weight.half().float())
     assert torch.equal(model[2].weight, model[2].weight.half().float())
+
+
+@pytest.mark.parametrize("has_bf16_dot", [False, True])
+def test_auto_backend_per_device_and_cpu(monkeypatch, has_bf16_dot):
+    # bf16 runs natively on CPU only where the CPU has bf16 dot products; fp16 and FP8
+    # are emulated on CPU; CUDA runs every native-capable recipe natively.
+    from mixprec import native
+    monkeypatch.setattr(native, "cpu_has_bf16_dot", lambda: has_bf16_dot)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp16, fp8 = (get_recipe(n) for n in ("bf16-mixed", "fp16-mixed", "fp8-e5m2"))
+    assert native.resolve_backend("auto", bf16, cpu) == ("native" if has_bf16_dot else "emulated")
+    assert native.resolve_backend("auto", fp16, cpu) == "emulated"
+    assert native.resolve_backend("auto", fp8, cpu) == "emulated"
+    assert native.resolve_backend("auto", fp16, cuda) == "native"
+    assert native.resolve_backend("auto", fp8, cuda) == "emulated"
+    assert native.resolve_backend("native", fp16, cpu) == "native"
+    with pytest.raises(ValueError, match="valid choices: auto, emulated, native"):
+        native.resolve_backend("fast", fp16, cpu)

@@ -27,7 +27,8 @@ from torch import nn
 from .recipe import BACKENDS, Recipe, Rounding, ScalingKind
 
 __all__ = [
-    "NATIVE_DTYPES", "resolve_backend", "native_dtype", "native_problems", "convert_parameters_",
+    "NATIVE_DTYPES", "cpu_has_bf16_dot", "resolve_backend", "native_dtype", "native_problems",
+    "convert_parameters_",
     "keep_full_precision", "native_autocast", "scaled_mm_available", "fp8_linear_native",
 ]
 
@@ -61,16 +62,30 @@ def native_problems(recipe: Recipe) -> list:
     return problems
 
 
+def cpu_has_bf16_dot() -> bool:
+    """True when this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), the
+    only CPUs where torch's bf16 GEMMs are faster than its float32 ones. Elsewhere (AVX2
+    machines) they run a conversion loop that is many times slower than float32."""
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_backend(requested: str, recipe: Recipe, device: torch.device) -> str:
     """"emulated" or "native". "auto": native for fp16/bf16 recipes on CUDA, and for bf16
-    on CPU too (where it is the fast one); everything else (FP8, MX, ...) emulated."""
+    on CPUs with bf16 dot-product instructions (see :func:`cpu_has_bf16_dot`); everything
+    else (FP8, MX, fp16 on CPU, bf16 on CPUs without bf16 hardware) emulated."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; valid choices: {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
     if native_problems(recipe):
         return "emulated"
-    return "native" if device.type == "cuda" or recipe.weight.format == "bf16" else "emulated"
+    if device.type == "cuda":
+        return "native"
+    if device.type == "cpu" and recipe.weight.format == "bf16" and cpu_has_bf16_dot():
+        return "native"
+    return "emulated"
 
 
 def native_dtype(recipe: Recipe) -> torch.dtype:
