@@ -25,6 +25,7 @@ from torch import nn
 from .recipe import (AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind, TensorSpec,
                      get_recipe)
 from .scaling import DelayedScaling
+from .recompute import run_recomputed
 
 __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "current_layer",
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
@@ -357,15 +358,20 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
     softmax, layer_norm and sum in bf16; CUDA autocast forces FP32: we do the latter
     everywhere). Results are cast back to the widest floating input dtype, except that
     losses, reductions to a 0-d scalar and calls with an explicit ``dtype=`` keep the
-    op's own dtype (float32). Inputs the op updates in place (batch-norm running
-    statistics) are written back to the caller's tensors. Without narrow inputs or
-    active autocast the op is called as is.
+    op's own dtype (float32); softmax and the normalisations return their input's dtype
+    and save only 16-bit tensors for backward (:mod:`mixprec.recompute`). Inputs the op
+    updates in place (batch-norm running statistics) are written back to the caller's
+    tensors. Without narrow inputs or active autocast the op is called as is.
     """
     tensors = _floating(args) + _floating(kwargs.values())
     autocasting = {t.device.type for t in tensors if torch.is_autocast_enabled(t.device.type)}
     narrow = [t for t in tensors if t.dtype.itemsize < 4]
     if (not narrow and not autocasting) or "out" in kwargs:
         return func(*args, **kwargs)
+    if narrow:
+        out = run_recomputed(func, name, args, kwargs)   # saves 16-bit tensors, not FP32
+        if out is not None:
+            return out
     widest = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     copies: list = []
 
