@@ -51,6 +51,7 @@ from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+from .shared import shared_operand
 
 __all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
            "container_dtype"]
@@ -63,7 +64,9 @@ _MX = ScalingKind.MX
 # Rounding and low-precision storage
 # --------------------------------------------------------------------------------------
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
-# "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales).
+# "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
+# "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
 
@@ -166,6 +169,8 @@ def _unpack(pack: Pack) -> torch.Tensor:
         return _from_storage(tensors[0], fmt)
     if kind == "scaled":
         return _from_storage(tensors[0], fmt) / tensors[1]
+    if kind == "requant":
+        return _round(tensors[0], fmt, ScalingConfig(), None, axis, None)[0]
     elems = _from_storage(tensors[0], fmt)
     scales = _from_storage(tensors[1], _E8M0)
     return elems * _expand_blocks(scales, axis, block, elems.shape[axis])
@@ -234,9 +239,23 @@ class OpContext:
         y = quantize_spec(y, spec, self.policy.scaling, generator=self.generator)
         return y.to(container_dtype(fmt))
 
-    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand=""):
+    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand="", source=None):
         """Forward copy of x and, when ``keep``, the pack saved for backward (MX: a second
-        quantization along the backward GEMM's reduction axis)."""
+        quantization along the backward GEMM's reduction axis).
+
+        An activation whose producer already saved its values (``source``: the tensor
+        as the op received it, x a reshape of it) is stored as that saved tensor
+        (:func:`mixprec.shared.shared_operand`)."""
+        if role == "activation":
+            spec = self.policy.activation
+            share = shared_operand(x if source is None else source, spec)
+            how, stored = share if share is not None else (None, None)
+            if how == "exact":
+                pack = ("raw", None, fwd_axis, 0, (stored.reshape(x.shape),))
+                return x.to(torch.float32), (pack if keep else None)
+            if how == "requantize" and keep:
+                xq = self.round(x, role, fwd_axis, operand)[0]
+                return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.is_mx(role)
         xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
         if keep and mx:
@@ -276,7 +295,7 @@ class QLinear(torch.autograd.Function):
             c.observe("activation", x)
             c.observe("weight", weight)
             x2 = x.reshape(-1, x.shape[-1])
-            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w)
+            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w, source=x)
             wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
             y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
