@@ -201,3 +201,23 @@ def test_relu_untagged_or_inplace_runs_torch():
             assert F.relu(t).grad_fn is None
         F.relu(t, inplace=True)
         assert t.grad_fn.name().startswith("ReluBackward")
+
+
+def test_e5m2_cast_is_quantize_nearest():
+    """The layers round e5m2 (nearest, non-saturating) by torch's float8 cast: it must
+    equal quantize() on every float16 and on float32 values around every midpoint."""
+    from mixprec.quant import quantize
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2)
+    vals = codes.float()
+    vals = vals[torch.isfinite(vals)].double().sort().values
+    mids = ((vals[1:] + vals[:-1]) / 2).float()
+    mids = torch.cat([mids, torch.tensor([57344.0, 61440.0, 65536.0, 1e38])])
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    f = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down)])
+    f = torch.cat([f, -f, h.float()])
+    want = quantize(f, "e5m2")
+    got = f.to(torch.float8_e5m2).float()
+    assert torch.equal(torch.isnan(want), torch.isnan(got))
+    ok = ~torch.isnan(want)
+    assert torch.equal(want[ok].view(torch.int32), got[ok].view(torch.int32))
