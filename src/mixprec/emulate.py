@@ -24,8 +24,11 @@ from torch.overrides import TorchFunctionMode
 
 from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, current_layer,
                      resolve_fp32_ops, run_fp32)
+from .formats import get_format
 from .qfunc import CONV_FUNCS, OpContext, QConv, QEmbedding, QLinear, QMatmul
 from .recipe import DEFAULT_FP32_OPS
+from .shared import relu as _shared_relu
+from .shared import tag_output
 
 __all__ = ["LayerPolicy", "LayerState", "AttachHandle", "attach", "current_layer",
            "qlinear", "qconv", "qmatmul", "qembedding", "qscaled_dot_product_attention",
@@ -45,8 +48,15 @@ def _check_policy(policy: Any) -> LayerPolicy:
     return policy
 
 
+def _tagged(y: torch.Tensor, c: OpContext) -> torch.Tensor:
+    """Tag an output rounded to the activation format with that format (mixprec.shared)."""
+    if c.policy.rounds_output:
+        tag_output(y, get_format(c.policy.activation.format))
+    return y
+
+
 def _linear(x, weight, bias, c: OpContext) -> torch.Tensor:
-    return QLinear.apply(x, weight, bias, c, _needs(x), _needs(weight))
+    return _tagged(QLinear.apply(x, weight, bias, c, _needs(x), _needs(weight)), c)
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -101,7 +111,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, c: OpContext) -> t
         x = F.pad(x, extra)
     y = QConv.apply(x, weight, bias, (stride, padding, dilation, groups), c,
                     _needs(x), _needs(weight))
-    return y.squeeze(0) if unbatched else y
+    return _tagged(y.squeeze(0) if unbatched else y, c)
 
 
 def qconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -125,7 +135,7 @@ def _matmul(a, b, c: OpContext) -> torch.Tensor:
                       c, _needs(a), _needs(b))
     if vec_b:
         y = y.squeeze(-1)
-    return y.squeeze(-1 if vec_b else -2) if vec_a else y
+    return _tagged(y.squeeze(-1 if vec_b else -2) if vec_a else y, c)
 
 
 def qmatmul(a: torch.Tensor, b: torch.Tensor, policy: LayerPolicy,
@@ -301,6 +311,16 @@ _OPAQUE = {f for f in (
     getattr(torch, "_native_multi_head_attention", None)) if f is not None}
 _warned: set = set()
 
+# Non-in-place ReLU spellings: run as mixprec.shared.QReLU on tagged activations.
+_RELUS = (F.relu, torch.relu, torch.Tensor.relu)
+
+
+def _route_relu(args: tuple, kwargs: dict):
+    bound = _bind(args, kwargs, ("input", "inplace"), {"inplace": False})
+    if bound is None or bound[1] or not isinstance(bound[0], torch.Tensor):
+        return None
+    return _shared_relu(bound[0])
+
 
 def _warn_opaque(func) -> None:
     name = getattr(func, "__name__", repr(func))
@@ -355,8 +375,10 @@ class PrecisionMode(TorchFunctionMode):
     FP32 softmax and qmatmul). Each uses the policy of the innermost running layer
     registered by :func:`attach`, else ``default_policy``; with no policy or the
     identity policy the plain op runs (no overhead beyond the dispatch).
-    Ops named in ``fp32_ops`` follow :func:`mixprec.policy.run_fp32`. Stochastic
-    rounding draws from ``generator``.
+    Ops named in ``fp32_ops`` follow :func:`mixprec.policy.run_fp32`. ReLU of an
+    output that an emulated layer rounded to its activation format saves that output
+    once, in the format's own storage, for itself and the next layer
+    (:mod:`mixprec.shared`). Stochastic rounding draws from ``generator``.
 
     >>> with PrecisionMode(default_policy=LayerPolicy.from_recipe("bf16-mixed")):
     ...     y = model(x)
@@ -394,4 +416,8 @@ class PrecisionMode(TorchFunctionMode):
         name = self._fp32.get(func)
         if name is not None:
             return run_fp32(func, name, args, kwargs)
+        if func in _RELUS:
+            out = _route_relu(args, kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)

@@ -51,6 +51,7 @@ from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+from .shared import shared_operand
 
 __all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
            "container_dtype"]
@@ -63,7 +64,9 @@ _MX = ScalingKind.MX
 # Rounding and low-precision storage
 # --------------------------------------------------------------------------------------
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
-# "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales).
+# "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
+# "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
 
@@ -100,11 +103,23 @@ def _expand_blocks(scales: torch.Tensor, axis: int, block: int, n: int) -> torch
     return scales.repeat_interleave(block, dim=axis).narrow(axis, 0, n)
 
 
+# torch dtypes whose cast from float32 is IEEE nearest-even with overflow to inf:
+# quantize's non-saturating nearest rounding, bit for bit (e5m2: checked on every float16
+# and on float32 rounding midpoints in the tests).
+_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e5m2)
+
+
 def _cast_rounds(spec: TensorSpec, fmt: FloatFormat) -> bool:
-    """True when torch's own cast to fmt's dtype is the spec's rounding: IEEE nearest-even
-    with overflow to inf (quantize's non-saturating semantics) for float16 / bfloat16."""
-    return (fmt.torch_dtype in (torch.float16, torch.bfloat16) and not spec.saturate
+    """True when torch's own cast to fmt's dtype is the spec's rounding."""
+    return (fmt.torch_dtype in _CAST_DTYPES and not spec.saturate
             and spec.rounding.value == "nearest")
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype); to float8 through float32 (exact from 16 bits, faster on CPU)."""
+    if dtype.itemsize == 1 and x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return x.to(dtype)
 
 
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
@@ -124,7 +139,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         if x.dtype == fmt.torch_dtype and not spec.saturate:
             lp = x                          # already fmt's values, whatever the rounding
         elif _cast_rounds(spec, fmt) and x.dtype != torch.float64:   # float64 casts twice
-            lp = x.to(fmt.torch_dtype)
+            lp = _cast(x, fmt.torch_dtype)
         else:
             values = quantize_spec(x.to(torch.float32), spec, cfg, generator=generator)
             return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),))
@@ -166,6 +181,8 @@ def _unpack(pack: Pack) -> torch.Tensor:
         return _from_storage(tensors[0], fmt)
     if kind == "scaled":
         return _from_storage(tensors[0], fmt) / tensors[1]
+    if kind == "requant":
+        return _round(tensors[0], fmt, ScalingConfig(), None, axis, None)[0]
     elems = _from_storage(tensors[0], fmt)
     scales = _from_storage(tensors[1], _E8M0)
     return elems * _expand_blocks(scales, axis, block, elems.shape[axis])
@@ -229,14 +246,28 @@ class OpContext:
             return y.to(dtype)
         spec = self.policy.activation
         fmt = get_format(spec.format)
-        if _cast_rounds(spec, fmt):
+        if _cast_rounds(spec, fmt) and fmt.torch_dtype.itemsize == 2:
             return y.to(fmt.torch_dtype)
         y = quantize_spec(y, spec, self.policy.scaling, generator=self.generator)
         return y.to(container_dtype(fmt))
 
-    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand=""):
+    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand="", source=None):
         """Forward copy of x and, when ``keep``, the pack saved for backward (MX: a second
-        quantization along the backward GEMM's reduction axis)."""
+        quantization along the backward GEMM's reduction axis).
+
+        An activation whose producer already saved its values (``source``: the tensor
+        as the op received it, x a reshape of it) is stored as that saved tensor
+        (:func:`mixprec.shared.shared_operand`)."""
+        if role == "activation":
+            spec = self.policy.activation
+            share = shared_operand(x if source is None else source, spec)
+            how, stored = share if share is not None else (None, None)
+            if how == "exact":
+                pack = ("raw", None, fwd_axis, 0, (stored.reshape(x.shape),))
+                return x.to(torch.float32), (pack if keep else None)
+            if how == "requantize" and keep:
+                xq = self.round(x, role, fwd_axis, operand)[0]
+                return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.is_mx(role)
         xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
         if keep and mx:
@@ -276,7 +307,7 @@ class QLinear(torch.autograd.Function):
             c.observe("activation", x)
             c.observe("weight", weight)
             x2 = x.reshape(-1, x.shape[-1])
-            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w)
+            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w, source=x)
             wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
             y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:

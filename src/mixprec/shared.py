@@ -1,0 +1,159 @@
+"""Activations saved once: outputs that remember their format and their saved copy.
+
+An emulated layer that rounds its output to an unscaled activation format (see
+:attr:`mixprec.policy.LayerPolicy.round_output`) returns it in a 16-bit container
+(float16 for fp16 and e5m2, bfloat16 for bf16) and tags it with that format. Under
+:class:`~mixprec.emulate.PrecisionMode` a ReLU of a tagged tensor runs :class:`QReLU`,
+which saves its output for backward in the narrowest storage that holds it exactly
+(``float8_e5m2`` codes for an e5m2 activation: ReLU maps format values to format
+values) and tags its result with that saved tensor. The next emulated layer, which
+would otherwise save its own low-precision copy of the same values, saves that tensor
+instead (:func:`shared_operand`): one stored activation per ReLU/GEMM pair, as on
+hardware that keeps FP8 activations, instead of a 16-bit copy plus an 8-bit copy.
+
+A tag records the tensor's version counter; any in-place change of the tensor (or of a
+view sharing its storage) makes it stale and it is then ignored. Values, gradients and
+the random stream are the same with and without sharing: a saved tensor is reused only
+where it holds exactly the values the layer would store, or where the layer's rounding
+is deterministic and can be applied again in backward.
+
+:func:`sharing_disabled` turns the mechanism off (every layer stores its own copy).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+from .formats import FloatFormat, get_format
+from .quant import Rounding
+from .recipe import ScalingKind, TensorSpec
+
+__all__ = ["Tag", "tag_output", "get_tag", "QReLU", "sharing_enabled", "sharing_disabled",
+           "shared_operand"]
+
+_ATTR = "_mixprec_tag"
+_local = threading.local()
+
+# Code ranges of the OCP float8 dtypes, as uint8: codes 0x01..0x7F are positive (or
+# +inf, +NaN); codes at or above this bound are negative NaNs.
+_NEG_NAN_FROM = {torch.float8_e5m2: 0xFD, torch.float8_e4m3fn: 0xFF}
+
+
+class Tag(NamedTuple):
+    """What a tensor's values are: members of ``fmt``; ``stored``: a tensor saved for
+    backward holding exactly those values (None: not saved by anyone); ``version``: the
+    tensor's version counter when tagged."""
+    fmt: FloatFormat
+    stored: Optional[torch.Tensor]
+    version: int
+
+
+def sharing_enabled() -> bool:
+    return getattr(_local, "enabled", True)
+
+
+@contextlib.contextmanager
+def sharing_disabled() -> Iterator[None]:
+    """Within the block no output is tagged and no saved tensor is shared."""
+    before = sharing_enabled()
+    _local.enabled = False
+    try:
+        yield
+    finally:
+        _local.enabled = before
+
+
+def tag_output(t: torch.Tensor, fmt: FloatFormat,
+               stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Record that ``t`` holds values of ``fmt`` (and that ``stored`` is saved with them)."""
+    if sharing_enabled():
+        setattr(t, _ATTR, Tag(fmt, stored, t._version))
+    return t
+
+
+def get_tag(t: torch.Tensor) -> Optional[Tag]:
+    """The tensor's tag, or None when it has none, is stale, or sharing is disabled."""
+    tag = getattr(t, _ATTR, None)
+    if tag is None or tag.version != t._version or not sharing_enabled():
+        return None
+    return tag
+
+
+def _narrow_copy(y: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """``y`` (values of fmt) in fmt's own torch dtype when that is an OCP float8 dtype
+    narrower than y's, else ``y`` itself. The cast is exact."""
+    dtype = fmt.torch_dtype
+    if dtype in _NEG_NAN_FROM and dtype.itemsize < y.dtype.itemsize:
+        # float16 -> float8 goes through float32: same result, several times faster on CPU
+        return y.to(torch.float32).to(dtype)
+    return y
+
+
+class QReLU(torch.autograd.Function):
+    """``torch.relu`` of a tensor of ``fmt`` values, saving its output exactly in the
+    narrowest storage (see module docstring) and tagging it with that saved tensor.
+    Backward is torch's: the gradient where the output is > 0 or NaN, +0 elsewhere (a
+    -0 output masks the gradient too)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: FloatFormat):
+        with torch._C.DisableTorchFunction():
+            y = torch.relu(x)
+            stored = _narrow_copy(y, fmt)
+        ctx.save_for_backward(stored)
+        return tag_output(y, fmt, stored)
+
+    @staticmethod
+    def backward(ctx, g):
+        (stored,) = ctx.saved_tensors
+        with torch._C.DisableTorchFunction():
+            if stored.dtype not in _NEG_NAN_FROM:
+                return torch.ops.aten.threshold_backward(g, stored, 0), None
+            codes = stored.view(torch.uint8)
+            # output > 0 or NaN: codes 0x01..0x7F (uint8 wraps 0 - 1 to 0xFF), negative NaNs
+            keep = ((codes - 1) < 0x7F) | (codes >= _NEG_NAN_FROM[stored.dtype])
+            return torch.where(keep, g, g.new_zeros(())), None
+
+
+def relu(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """:class:`QReLU` of ``x`` when ``x`` carries a valid tag and needs a gradient; else
+    None (the caller runs torch's relu)."""
+    tag = get_tag(x)
+    if tag is None or not (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return QReLU.apply(x, tag.fmt)
+
+
+_DETERMINISTIC = (Rounding.NEAREST, Rounding.TOWARD_ZERO)
+
+
+def shared_operand(x: torch.Tensor, spec: TensorSpec) -> Optional[tuple]:
+    """How an emulated layer stores its activation operand ``x`` (rounded per ``spec``)
+    without a copy of its own, or None when it must make one. Two cases:
+
+    ``("exact", stored)``: x's values are already ``spec``'s values (its tag names the
+    spec's format, or x is held in the format's own dtype) and ``stored``, saved by the
+    producer, holds them exactly. The layer computes with ``x`` as float32.
+
+    ``("requantize", x)``: the producer saved x itself, in a wider format, and ``spec``
+    rounds deterministically: the layer saves x (no new storage) and backward rounds it
+    again, giving the forward's values.
+
+    Only unscaled, non-saturating specs qualify (scaled and MX specs need their scales;
+    saturation would change infinities); stochastic rounding never does (it would
+    change the random stream).
+    """
+    tag = get_tag(x)
+    if (tag is None or tag.stored is None or spec.is_identity
+            or spec.scaling is not ScalingKind.NONE or spec.saturate
+            or spec.rounding not in _DETERMINISTIC):
+        return None
+    fmt = get_format(spec.format)
+    if tag.fmt == fmt or x.dtype == fmt.torch_dtype:
+        return "exact", tag.stored
+    if tag.stored is x:
+        return "requantize", x
+    return None

@@ -1,0 +1,223 @@
+"""Activations saved once (mixprec.shared): exact byte counts, bit-identical training with
+and without sharing, stale tags after in-place changes, ReLU backward on every code."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.emulate import PrecisionMode, attach
+from mixprec.engine import prepare
+from mixprec.formats import get_format
+from mixprec.policy import LayerPolicy
+from mixprec.shared import QReLU, get_tag, sharing_disabled, tag_output
+
+B, SIZES = 8, (12, 16, 16, 4)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(SIZES[0], SIZES[1]), nn.ReLU(),
+                         nn.Linear(SIZES[1], SIZES[2]), nn.ReLU(),
+                         nn.Linear(SIZES[2], SIZES[3]))
+
+
+def data(seed=1, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, SIZES[0], generator=g) * scale,
+            torch.randint(0, SIZES[3], (B,), generator=g))
+
+
+def saved_by_dtype(fn) -> dict:
+    """Bytes saved for backward per dtype, once per storage (as benchmarks/step.py)."""
+    storages = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        size = t.numel() * t.element_size()
+        storages[key] = (t.dtype, max(size, storages.get(key, (None, 0))[1]))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    totals: dict = {}
+    for dtype, size in storages.values():
+        totals[dtype] = totals.get(dtype, 0) + size
+    return totals
+
+
+def engine_loss(recipe):
+    model = mlp()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), recipe,
+                 backend="emulated", seed=0)
+    x, y = data()
+
+    def loss():
+        with mp.autocast():
+            return F.cross_entropy(model(x), y)
+    return mp, loss
+
+
+def test_fp8_preset_saved_bytes_by_dtype():
+    # first and last layer FP16: x (fp16); ReLU 1 output (fp16, reused by layer 2, which
+    # rounds it again in backward); layer 2 weight (e5m2); ReLU 2 output (e5m2, reused by
+    # layer 3); layer 3 weight (fp16); the loss's float32 log-softmax, int64 targets
+    _, loss = engine_loss("fp8-e5m2")
+    got = saved_by_dtype(loss)
+    assert got[torch.float16] == 2 * (B * SIZES[0] + B * SIZES[1] + SIZES[3] * SIZES[2])
+    assert got[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[2]
+    assert got[torch.float32] == 4 * (B * SIZES[3] + 1)
+    assert got[torch.int64] == 8 * B
+    with sharing_disabled():
+        before = saved_by_dtype(loss)
+    # without sharing: ReLU 2 keeps its fp16 output, layer 2 its own e5m2 copy of its input
+    assert before[torch.float16] == got[torch.float16] + 2 * B * SIZES[2]
+    assert before[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[1]
+
+
+def test_all_fp8_saved_bytes_by_dtype():
+    _, loss = engine_loss("fp8-e5m2:keep_high_precision=none")
+    got = saved_by_dtype(loss)
+    assert torch.float16 not in got
+    weights = sum(a * b for a, b in zip(SIZES, SIZES[1:])) - SIZES[0] * SIZES[1]
+    assert got[torch.float8_e5m2] == B * sum(SIZES[:3]) + weights
+
+
+@pytest.mark.parametrize("recipe", ["fp8-e5m2", "fp8-e5m2:keep_high_precision=none",
+                                    "fp16-mixed", "bf16-mixed"])
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_training_bit_identical_without_sharing(recipe, scale):
+    """Losses, gradients and weights of three steps equal those of the unshared path
+    (scale 1e-4 puts activations into the e5m2 subnormals and below)."""
+    runs = []
+    for ctx in (contextlib.nullcontext, sharing_disabled):
+        model = mlp()
+        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                     recipe, backend="emulated", seed=0)
+        x, y = data(scale=scale)
+        seen = []
+        with ctx():
+            for _ in range(3):
+                with mp.autocast():
+                    h = model[:2](x)
+                    out = model[2:](h)
+                    loss = F.cross_entropy(out, y)
+                h.retain_grad()
+                mp.backward(loss)
+                seen += [loss.detach(), out.detach(), h.grad.clone()]
+                seen += [p.grad.clone() for p in model.parameters()]
+                mp.step()
+                mp.zero_grad()
+        seen += [p.detach().clone() for p in model.parameters()]
+        runs.append(seen)
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype.itemsize == 1 else a, b)
+
+
+def e5m2_policy():
+    return LayerPolicy.from_recipe("fp8-e5m2")
+
+
+def test_in_place_change_invalidates_shared_copy():
+    """After ``h.mul_(3)`` the next layer must not reuse ReLU's saved copy of h: the result
+    equals that of the out-of-place ``h * 3`` (whose product carries no tag)."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(6, 5), nn.Linear(5, 3)
+    model = nn.Sequential(lin1, nn.ReLU(), lin2)
+    x = torch.randn(4, 6)
+
+    def grads(in_place):
+        torch.manual_seed(1)           # the same stochastic rounding of the gradients
+        for p in model.parameters():
+            p.grad = None
+        with attach(model, lambda n, m: e5m2_policy() if n else None), PrecisionMode():
+            h = F.relu(lin1(x))
+            assert get_tag(h).stored.dtype == torch.float8_e5m2
+            if in_place:
+                h.mul_(3.0)              # off the e5m2 grid: the tag is stale now
+                assert get_tag(h) is None
+            else:
+                h = h * 3.0
+            out = lin2(h)
+        out.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(in_place=True), grads(in_place=False)):
+        assert torch.equal(a, b)
+
+
+def test_view_of_tagged_tensor_is_not_shared():
+    t = torch.zeros(4, 4, dtype=torch.float16)
+    tag_output(t, get_format("e5m2"), t.to(torch.float8_e5m2))
+    assert get_tag(t) is not None
+    assert get_tag(t[1:]) is None and get_tag(t.detach()) is None
+    t[0, 0] = 1.0
+    assert get_tag(t) is None
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.float8_e5m2, "e5m2"),
+                                       (torch.float8_e4m3fn, "e4m3")])
+def test_relu_backward_every_code(dtype, fmt):
+    """QReLU on every float8 value (±0, subnormals, ±inf, NaNs of both signs) matches
+    torch's relu forward and backward bit for bit, and saves the codes, not 16 bits."""
+    x = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float16)
+    g = torch.linspace(-3, 3, 256, dtype=torch.float16)
+    xa = x.clone().requires_grad_()
+    ya = torch.relu(xa)
+    ya.backward(g)
+    xb = x.clone().requires_grad_()
+    got = saved_by_dtype(lambda: QReLU.apply(xb, get_format(fmt)))
+    assert got == {dtype: 256}
+    yb = QReLU.apply(xb, get_format(fmt))
+    yb.backward(g)
+    i16 = torch.int16
+    assert torch.equal(ya.detach().view(i16), yb.detach().view(i16))
+    assert torch.equal(xa.grad.view(i16), xb.grad.view(i16))
+    assert get_tag(yb).stored.dtype == dtype
+
+
+def test_relu_backward_fp16_container_saves_output():
+    x = torch.tensor([-1.0, -0.0, 0.0, 2.0 ** -24, float("nan"), -float("nan")],
+                     dtype=torch.float16, requires_grad=True)
+    y = QReLU.apply(x, get_format("fp16"))
+    assert get_tag(y).stored is y
+    y.backward(torch.full_like(y, -2.0))
+    want = torch.tensor([0.0, 0.0, 0.0, -2.0, -2.0, -2.0], dtype=torch.float16)
+    assert torch.equal(x.grad.view(torch.int16), want.view(torch.int16))
+
+
+def test_relu_untagged_or_inplace_runs_torch():
+    x = torch.randn(3, 4, dtype=torch.float16, requires_grad=True)
+    with PrecisionMode(default_policy=e5m2_policy()):
+        assert F.relu(x * 1).grad_fn.name() == "ReluBackward0"
+        t = tag_output(x * 1, get_format("e5m2"))
+        assert type(F.relu(t).grad_fn).__name__ == "QReLUBackward"
+        assert type(torch.relu(t).grad_fn).__name__ == "QReLUBackward"
+        assert type(t.relu().grad_fn).__name__ == "QReLUBackward"
+        with torch.no_grad():
+            assert F.relu(t).grad_fn is None
+        F.relu(t, inplace=True)
+        assert t.grad_fn.name().startswith("ReluBackward")
+
+
+def test_e5m2_cast_is_quantize_nearest():
+    """The layers round e5m2 (nearest, non-saturating) by torch's float8 cast: it must
+    equal quantize() on every float16 and on float32 values around every midpoint."""
+    from mixprec.quant import quantize
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2)
+    vals = codes.float()
+    vals = vals[torch.isfinite(vals)].double().sort().values
+    mids = ((vals[1:] + vals[:-1]) / 2).float()
+    mids = torch.cat([mids, torch.tensor([57344.0, 61440.0, 65536.0, 1e38])])
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    f = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down)])
+    f = torch.cat([f, -f, h.float()])
+    want = quantize(f, "e5m2")
+    got = f.to(torch.float8_e5m2).float()
+    assert torch.equal(torch.isnan(want), torch.isnan(got))
+    ok = ~torch.isnan(want)
+    assert torch.equal(want[ok].view(torch.int32), got[ok].view(torch.int32))
