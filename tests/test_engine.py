@@ -203,7 +203,8 @@ def test_small_updates_survive_only_with_master_weights(recipe, backend):
     Natively the weights are real float16 tensors (no "unscale FP16 gradients" error)."""
     model = nn.Linear(4, 1, bias=False)
     nn.init.ones_(model.weight)
-    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=1.0), recipe, backend=backend)
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=1.0), recipe, backend=backend,
+                 count_lost_updates=True)
     assert model.weight.dtype == (torch.float16 if backend == "native" else torch.float32)
     x = torch.ones(1, 4)
     for k in range(1, 9):
@@ -489,3 +490,12 @@ def test_auto_backend_per_device_and_cpu(monkeypatch, has_bf16_dot):
     assert native.resolve_backend("native", fp16, cpu) == "native"
     with pytest.raises(ValueError, match="valid choices: auto, emulated, native"):
         native.resolve_backend("fast", fp16, cpu)
+
+
+def test_lost_updates_are_counted_by_default_only_without_master_weights():
+    for recipe, counted in [("fp16-pure", True), ("fp16-mixed", False)]:
+        model = mlp()
+        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe)
+        assert train_step(mp, model, *batch(0))
+        assert (mp.history[-1]["lost_updates"] is not None) == counted
+        assert (mp.lost_update_fraction is not None) == counted

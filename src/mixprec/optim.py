@@ -11,7 +11,8 @@ every ``optimizer.step()`` updates the masters. After each step:
 ``recipe.master = None`` ("fp16-pure") keeps no extra precision: the master *is* the
 stored weight, rounded to the weight format after every update, so an update smaller
 than half an ulp of the weight is lost; :attr:`MasterOptimizer.lost_update_fraction`
-counts such elements.
+counts such elements (when ``count_lost_updates`` is on: the count costs a copy and two
+comparisons of every parameter per step, a few percent of a small model's step).
 """
 from __future__ import annotations
 
@@ -95,13 +96,15 @@ class MasterOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot], *,
                  optimizer_state: TensorSpec = TensorSpec(),
                  scaling: ScalingConfig = ScalingConfig(),
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None,
+                 count_lost_updates: bool = True):
         self.optimizer = optimizer
+        self.count_lost_updates = count_lost_updates
         self.slots = list(slots)
         self.optimizer_state = optimizer_state
         self.scaling = scaling
         self.generator = generator
-        self.lost_update_fraction = 0.0
+        self.lost_update_fraction: Optional[float] = 0.0 if count_lost_updates else None
         self._numel = sum(s.master.numel() for s in self.slots) or 1
         self._swap_into_optimizer()
 
@@ -176,24 +179,28 @@ class MasterOptimizer:
                                         error_if_nonfinite=False)
 
     # -- stage 4: step the master ---------------------------------------------------
-    def step(self) -> float:
+    def step(self) -> Optional[float]:
         """Run the optimizer on the masters, then re-round each master to its ``keep``
-        format. Returns the fraction of elements whose update was lost to that rounding:
+        format. Returns the fraction of elements whose update was lost to that rounding
+        (None when ``count_lost_updates`` is off):
 
             lost = #(updated != old) - #(round(updated) != old)
 
         (an unchanged element rounds to itself, so the second set lies in the first).
         """
         rounded = [s for s in self.slots if not s.keep.is_identity]
-        before = [s.master.detach().clone() for s in rounded]
+        count = self.count_lost_updates
+        before = [s.master.detach().clone() if count else None for s in rounded]
         self.optimizer.step()
         lost = 0
         with torch.no_grad():
             for s, old in zip(rounded, before):
-                lost += int(torch.count_nonzero(s.master != old))
+                if count:
+                    lost += int(torch.count_nonzero(s.master != old))
                 round_into_(s.master.data, s.master.data, s.keep, self.scaling, self.generator)
-                lost -= int(torch.count_nonzero(s.master != old))
-        self.lost_update_fraction = lost / self._numel
+                if count:
+                    lost -= int(torch.count_nonzero(s.master != old))
+        self.lost_update_fraction = lost / self._numel if count else None
         return self.lost_update_fraction
 
     # -- stage 5: round master -> model weights --------------------------------------

@@ -108,7 +108,8 @@ def train_digits(cfg: TrainConfig) -> dict:
     x, y, x_test, y_test = digits_split(cfg.seed)
     model = make_mlp(cfg.hidden, cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr / cfg.loss_multiplier)
-    mp = prepare(model, opt, cfg.recipe, backend=cfg.backend, seed=cfg.seed)
+    mp = prepare(model, opt, cfg.recipe, backend=cfg.backend, seed=cfg.seed,
+                 count_lost_updates=True)
     losses, zero_fracs, error = [], [], None
     weights = [p for p in model.parameters() if p.dim() > 1]
     try:
