@@ -499,3 +499,55 @@ def test_lost_updates_are_counted_by_default_only_without_master_weights():
         assert train_step(mp, model, *batch(0))
         assert (mp.history[-1]["lost_updates"] is not None) == counted
         assert (mp.lost_update_fraction is not None) == counted
+
+
+class _InfGrad(nn.Module):
+    """Identity forward; backward turns the gradient into inf (a blown-up backward)."""
+
+    def forward(self, x):
+        y = x * 1.0
+        if y.requires_grad:
+            y.register_hook(lambda g: g * float("inf"))
+        return y
+
+
+def test_monitor_names_the_first_nonfinite_tensor_of_a_skipped_step():
+    from mixprec import NumericsMonitor
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _InfGrad(), nn.Linear(16, 4))
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                 "fp16-mixed:max_consecutive_skips=2")
+    mon = mp.attach_monitor(NumericsMonitor(model, formats=("fp16",)))
+    x, y = batch(0, n=8)
+    x = x[:, :8]
+    y = y % 4
+    before = [p.detach().clone() for p in model.parameters()]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x), y)
+    mp.backward(loss)
+    assert not mp.step()
+    assert mp.history[-1]["first_nonfinite"] == "0/grad_output"   # fc1's output gradient
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    mp.zero_grad()
+    with mp.autocast():
+        loss = F.cross_entropy(model(x), y)
+    mp.backward(loss)
+    with pytest.raises(NonFiniteError, match="monitor saw the first non-finite tensor.*"
+                                             "layer '0', role grad_output"):
+        mp.step()
+    assert mon.steps_recorded == 2
+    mp.attach_monitor(None)
+    assert mp.monitor is None and not mon._handles
+
+
+def test_monitor_records_applied_updates_through_the_engine():
+    from mixprec import NumericsMonitor
+    model = mlp()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp16-mixed")
+    mon = mp.attach_monitor(NumericsMonitor(model, formats=("fp16",)))
+    assert train_step(mp, model, *batch(0))
+    assert mp.history[-1]["first_nonfinite"] is None
+    roles = {role for (_, role) in mon.stats}
+    assert {"activation", "weight", "grad_output", "weight_grad", "update"} <= roles
+    updates = [st for (_, role), st in mon.stats.items() if role == "update"]
+    assert updates and all(st.finite_nonzero > 0 for st in updates)

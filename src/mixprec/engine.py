@@ -136,6 +136,7 @@ class Engine:
         self._stage = Stage.READY
         self._reset_step_flags()
         self._hooks, self._attached = [], None
+        self.monitor = None            # a NumericsMonitor attached by attach_monitor()
         if backend == "native":      # validate before the optimizer is touched
             self._dtype = native_dtype(recipe)
             if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -265,13 +266,19 @@ class Engine:
         # (3) check finite -> skip: a skipped step touches no weight and no optimizer state
         skipped = self._found_inf or not self._loss_finite
         lost = 0.0 if self._masters.count_lost_updates else None
+        mon = self.monitor
+        self._culprit = mon.first_nonfinite() if (mon is not None and skipped) else None
         if not skipped:
+            if mon is not None:
+                mon.snapshot_weights()
             # (4) step the master (and re-round it to the master format)
             lost = self._masters.step()
             # (5) round master -> model weights
             self._masters.copy_to_model_()
             # (6) optimizer state precision
             self._masters.round_optimizer_state_()
+        if mon is not None:
+            mon.record_updates()       # ends the monitor's step (no update when skipped)
         # (7) update the loss scale; a forward NaN is no overflow, so it leaves S alone
         if self._loss_finite:
             self.loss_scaler.update(self._found_inf)
@@ -290,14 +297,18 @@ class Engine:
 
     # -- counters and diagnosis ------------------------------------------------------
     def _record(self, scale: float, skipped: bool, lost: Optional[float]) -> None:
-        self._history.append({"step": self._steps, "scale": scale, "skipped": skipped,
-                              "loss_finite": self._loss_finite,
-                              "grads_finite": not self._found_inf, "lost_updates": lost})
+        entry = {"step": self._steps, "scale": scale, "skipped": skipped,
+                 "loss_finite": self._loss_finite, "grads_finite": not self._found_inf,
+                 "lost_updates": lost}
+        if self.monitor is not None:
+            entry["first_nonfinite"] = ("/".join(self._culprit) if self._culprit else None)
+        self._history.append(entry)
         self._steps += 1
         if skipped:
             self._skipped += 1
             self._consecutive += 1
-            self._run.append((self._steps - 1, scale, self._loss_finite, self._bad_slot))
+            self._run.append((self._steps - 1, scale, self._loss_finite, self._bad_slot,
+                              self._culprit if self.monitor is not None else None))
         else:
             self._consecutive = 0
             self._run = []
@@ -306,10 +317,13 @@ class Engine:
         n, last = len(self._run), self._run[-1]
         head = (f"mixprec: {n} consecutive steps skipped (recipe {self.recipe.short_str()!r}, "
                 f"max_consecutive_skips={self.recipe.max_consecutive_skips}). ")
-        slot = last[3]
+        slot, culprit = last[3], last[4]
         where = (f"First parameter (model order) with a non-finite gradient: {slot.describe()}."
                  if slot is not None else
                  "No gradient on this rank was non-finite (another rank's was).")
+        if culprit is not None:
+            where += (f" The monitor saw the first non-finite tensor (execution order) in "
+                      f"layer {culprit[0]!r}, role {culprit[1]}.")
         forward = [r for r in self._run if not r[2]]
         if forward:
             return (head + f"The loss was already NaN/inf in the forward pass ({len(forward)} of "
@@ -321,6 +335,19 @@ class Engine:
         return (head + f"The loss was finite but the gradients overflowed in backward at loss "
                 f"scale {last[1]:g} (last scales: {scales}). " + where +
                 " Lower loss_scale.init_scale or max_scale, or keep that layer in high precision.")
+
+    def attach_monitor(self, monitor) -> "object":
+        """Run ``monitor`` (a :class:`mixprec.NumericsMonitor` of this model) with the
+        engine: it records every step's tensors (gradients as the engine computes them,
+        i.e. multiplied by the loss scale, so leave the monitor's own scale at 1) and the
+        applied updates; a skipped step's history entry and the diagnosis of repeated
+        skips name the first non-finite tensor it saw (layer and role, execution order).
+        Returns the monitor, attached; ``monitor.detach()`` or ``attach_monitor(None)``
+        ends it."""
+        if self.monitor is not None and self.monitor is not monitor:
+            self.monitor.detach()
+        self.monitor = monitor.attach() if monitor is not None else None
+        return self.monitor
 
     @property
     def scale(self) -> float:
