@@ -85,7 +85,7 @@ static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uin
     const UINT SIGN = (UINT)1 << (sizeof(UINT) * 8 - 1);                               \
     const UINT MMASK = ((UINT)1 << MW) - 1;                                            \
     const UINT s0 = (UINT)pl->s0, m0 = (UINT)pl->m0, m0_adj = (UINT)pl->m0_adj;       \
-    const int64_t te = pl->te;                                                         \
+    const UINT te = (UINT)pl->te;                                                      \
     const UINT max_bits = (UINT)pl->max_bits, q_bits = (UINT)pl->q_bits;               \
     const UINT inf_bits = (UINT)pl->inf_bits, nan_bits = (UINT)pl->nan_bits;           \
     const UINT ovf_bits = (UINT)pl->ovf_bits, infin_bits = (UINT)pl->infin_bits;       \
@@ -96,8 +96,8 @@ static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uin
 #define SPLIT(UINT, MW, B)                                                             \
     UINT sign = (B) & SIGN, a = (B) ^ sign;                                            \
     UINT field = a >> MW;                                                              \
-    int64_t d = te - (int64_t)(field ? field : 1);                                     \
-    UINT shift = s0 + (UINT)(d > 0 ? d : 0);                                           \
+    UINT f1 = field ? field : 1;  /* same width as the data: no 64-bit lanes */        \
+    UINT shift = s0 + (te > f1 ? te - f1 : 0);                                         \
     UINT sh = shift < MW + 1 ? shift : MW + 1;                                         \
     UINT sig = field ? (a & MMASK) | (MMASK + 1) : a;                                  \
     UINT low = sig & (((UINT)1 << sh) - 1);
