@@ -11,7 +11,7 @@ from mixprec.emulate import PrecisionMode, attach
 from mixprec.engine import prepare
 from mixprec.formats import get_format
 from mixprec.policy import LayerPolicy
-from mixprec.shared import QReLU, get_tag, sharing_disabled, tag_output
+from mixprec.shared import QReLU, e5m2_as_float16, get_tag, sharing_disabled, tag_output
 
 B, SIZES = 8, (12, 16, 16, 4)
 
@@ -177,6 +177,15 @@ def test_relu_backward_every_code(dtype, fmt):
     assert torch.equal(ya.detach().view(i16), yb.detach().view(i16))
     assert torch.equal(xa.grad.view(i16), xb.grad.view(i16))
     assert get_tag(yb).stored.dtype == dtype
+
+
+def test_e5m2_as_float16_is_the_cast_on_every_code():
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2)
+    got = e5m2_as_float16(codes)
+    # same values; the cast quiets the signalling NaN codes 0x7D and 0xFD
+    torch.testing.assert_close(got, codes.to(torch.float16), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.to(torch.float32).view(torch.int32),
+                       codes.to(torch.float32).view(torch.int32))
 
 
 def test_relu_backward_fp16_container_saves_output():
