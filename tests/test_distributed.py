@@ -1,4 +1,5 @@
 """Cross-rank reductions on two CPU processes (gloo), and the single-process identity."""
+import datetime
 import math
 import os
 
@@ -20,7 +21,7 @@ EXPECTED_AMAX = [2.0, NAN, NAN, 0.5, INF, NAN]
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         res = {"is_distributed": is_distributed()}
         res["one_inf"] = all_reduce_found_inf(rank == 1)       # only rank 1 overflowed

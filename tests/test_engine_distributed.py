@@ -1,10 +1,9 @@
 """Data-parallel training: every rank skips the same steps and the weights stay equal."""
+import datetime
 import os
-import socket
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (DistributedDataParallel imports it: once here, not per child)
 import torch.distributed as dist
 import torch.multiprocessing as mp_
 import torch.nn.functional as F
@@ -19,16 +18,12 @@ STEPS = 4
 INJECT_AT = 2            # rank 1 puts an inf into one gradient at this step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)      # before any parallel op in the forked child
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    # Spawned, not forked (a fork of a process with running torch threads can deadlock),
+    # rendezvous through a file (no port to race for), and a timeout rather than a hang.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -55,8 +50,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
-    mp_.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
-                        start_method="fork")
+    mp_.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     expected = [step != INJECT_AT for step in range(STEPS)]
     assert r0["applied"] == expected and r1["applied"] == expected
