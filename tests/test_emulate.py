@@ -626,3 +626,25 @@ def test_observer_sees_every_role():
     assert ("0", "activation", (4, 16)) in seen and ("2", "weight", (8, 32)) in seen
     assert ("2", "grad_output", (4, 8)) in seen and ("0", "weight_grad", (32, 16)) in seen
     assert LayerState().on_tensor is None
+
+
+@pytest.mark.parametrize("high,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                        ("fp16", torch.float16)])
+def test_scaled_layers_write_the_high_precision_dtype(high, dtype):
+    # per-tensor and MX layers have no scale for their output: they write it in the
+    # recipe's high precision, rounded to nearest (the FP8 GEMM's 16-bit output)
+    x = randn(16, 64, seed=31).requires_grad_()
+    w = randn(24, 64, seed=32).requires_grad_()
+    for preset in ("fp8-hybrid", "mxfp8"):
+        p = LayerPolicy.from_recipe(f"{preset}:high_precision={high}")
+        y = qlinear(x, w, None, p)
+        ref = qlinear(x, w, None, LayerPolicy.from_recipe(preset))   # float32 output
+        assert y.dtype == dtype and torch.equal(y, ref.to(dtype))
+        y.float().sum().backward()
+        assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+        x.grad = w.grad = None
+
+
+def test_scaled_output_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="scaled_output 'e4m3' is not one of fp32, fp16, bf16"):
+        LayerPolicy(scaled_output="e4m3")

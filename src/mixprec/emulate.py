@@ -203,7 +203,8 @@ def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)
     out = _matmul(attn, v, c_out)   # the FP32 probabilities are rounded once, per policy
-    return out if c_out.policy.rounds_output else out.to(q.dtype)
+    keep = c_out.policy.rounds_output or c_out.policy.scaled_output_dtype is not None
+    return out if keep else out.to(q.dtype)
 
 
 def qscaled_dot_product_attention(query, key, value, policy: LayerPolicy,

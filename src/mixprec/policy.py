@@ -31,6 +31,8 @@ __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "curr
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
 
 LAYER_ROLES = (Role.WEIGHT, Role.ACTIVATION, Role.GRAD_OUTPUT, Role.WEIGHT_GRAD)
+# dtypes a scaled layer can write its output in (LayerPolicy.scaled_output)
+_SCALED_OUTPUT = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class LayerPolicy:
     activations that other ops save for backward take 16 bits, as on the hardware. Scaled formats (per-tensor, MX) have no
     scale for the output and keep it in the input's dtype, as FP8 GEMMs write high
     precision. ``round_output=False``: every output in the input's dtype, unrounded.
+
+    ``scaled_output``: where a scaled layer writes its output — "fp32" (the input's
+    dtype, the default) or "fp16"/"bf16" (a real 16-bit tensor, nearest rounding: an FP8
+    GEMM writing BF16 as on FP8 hardware). :meth:`from_recipe` takes it from
+    ``recipe.high_precision``.
     """
     weight: TensorSpec = TensorSpec()
     activation: TensorSpec = TensorSpec()
@@ -52,12 +59,16 @@ class LayerPolicy:
     accumulation: AccumulationConfig = AccumulationConfig()
     scaling: ScalingConfig = ScalingConfig()
     round_output: bool = True
+    scaled_output: str = "fp32"
 
     def __post_init__(self):
+        if self.scaled_output not in _SCALED_OUTPUT:
+            raise ValueError(f"LayerPolicy.scaled_output {self.scaled_output!r} is not one of "
+                             f"{', '.join(_SCALED_OUTPUT)}")
         for f in fields(self):
             value = getattr(self, f.name)
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
-                        "round_output": bool}.get(f.name, TensorSpec)
+                        "round_output": bool, "scaled_output": str}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
                 raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
                                  f"got {value!r}")
@@ -79,8 +90,9 @@ class LayerPolicy:
         if high_precision:
             spec = TensorSpec(recipe.high_precision)
             return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
+        out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
-                   recipe.accumulation, recipe.scaling)
+                   recipe.accumulation, recipe.scaling, scaled_output=out)
 
     @property
     def is_identity(self) -> bool:
@@ -88,6 +100,14 @@ class LayerPolicy:
         return (self.weight.is_identity and self.activation.is_identity
                 and self.grad_output.is_identity and self.weight_grad.is_identity
                 and self.accumulation.is_fp32)
+
+    @property
+    def scaled_output_dtype(self) -> Optional[torch.dtype]:
+        """The 16-bit dtype a scaled layer (per-tensor or MX activations) writes its
+        output in, or None (the input's dtype)."""
+        if self.activation.scaling is ScalingKind.NONE or not self.round_output:
+            return None
+        return _SCALED_OUTPUT[self.scaled_output]
 
     @property
     def rounds_output(self) -> bool:

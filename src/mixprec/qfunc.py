@@ -249,9 +249,10 @@ class OpContext:
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
         format and held in the narrowest float dtype containing that format (float16
-        for fp16 and the 8-bit and narrower formats, bfloat16 for bf16); else ``dtype``."""
+        for fp16 and the 8-bit and narrower formats, bfloat16 for bf16); a scaled layer
+        writes ``policy.scaled_output_dtype`` where set; else ``dtype``."""
         if not self.policy.rounds_output:
-            return y.to(dtype)
+            return y.to(self.policy.scaled_output_dtype or dtype)
         spec = self.policy.activation
         fmt = get_format(spec.format)
         if _cast_rounds(spec, fmt) and fmt.torch_dtype.itemsize == 2:
