@@ -109,3 +109,47 @@ def test_no_grad_and_fp32_inputs_take_the_plain_path():
     x32 = torch.randn(4, 5, requires_grad=True)
     out = run_fp32(F.softmax, "softmax", (x32, -1), {})
     assert type(out.grad_fn).__name__ == "SoftmaxBackward0"
+
+
+def _grads_and_saved(fn, x):
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    x = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    out.backward(torch.ones_like(out) if out.dim() else None)
+    return out, x.grad, saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spelling", ["torch.softmax", "Tensor.softmax", "torch.log_softmax",
+                                      "Tensor.log_softmax"])
+def test_torch_and_method_spellings_of_softmax(spelling, dtype):
+    ns, name = spelling.split(".")
+    func = getattr(torch if ns == "torch" else torch.Tensor, name)
+    x = (torch.randn(8, 16, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    out, grad, saved = _grads_and_saved(lambda t: run_fp32(func, name, (t, -1), {}), x)
+    ref, ref_grad, _ = _grads_and_saved(lambda t: func(t.float(), -1).to(dtype), x)
+    assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    assert not [s for s in saved if s[0] == torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_keeps_a_float32_loss_and_saves_16_bit_logits(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(32, 10, generator=gen) * 3).to(dtype)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    w = torch.rand(10, generator=gen) + 0.5
+    for kwargs in ({}, {"weight": w, "label_smoothing": 0.1}, {"reduction": "none"}):
+        out, grad, saved = _grads_and_saved(
+            lambda t: run_fp32(F.cross_entropy, "cross_entropy", (t, y), kwargs), x)
+        ref, ref_grad, naive = _grads_and_saved(
+            lambda t: F.cross_entropy(t.float(), y, **kwargs), x)
+        assert out.dtype == torch.float32 and torch.equal(out, ref)
+        assert grad.dtype == dtype and torch.equal(grad, ref_grad)
+        assert not [s for s in saved if s[0] == torch.float32 and s[1] == 320]
+        assert [s for s in naive if s[0] == torch.float32 and s[1] == 320]

@@ -1,4 +1,4 @@
-"""FP32 normalisation and softmax that keep only 16-bit tensors for backward.
+"""FP32 normalisation, softmax and cross-entropy that keep only 16-bit tensors for backward.
 
 The FP32-ops policy (:func:`mixprec.policy.run_fp32`) computes softmax and the
 normalisations in FP32 when their input is float16/bfloat16. Done naively, the op saves
@@ -15,8 +15,10 @@ Running statistics: batch-norm/instance-norm update them once, in forward. When 
 statistics are used the recomputation passes no running statistics (the output depends
 on the batch only); in evaluation mode the running statistics are saved for backward.
 
-The normalised output is returned in the input's dtype; softmax's too. Double backward
-through these ops is not supported (``create_graph=True`` raises).
+The normalised output is returned in the input's dtype, softmax's too; cross-entropy's
+loss stays float32 (the loss scale divides it later), and it too saves only its 16-bit
+logits. Double backward through these ops is not supported (``create_graph=True``
+raises).
 """
 from __future__ import annotations
 
@@ -34,8 +36,14 @@ _NARROW = (torch.float16, torch.bfloat16)
 # F.<name> -> the flag argument that says batch statistics are used (None: no statistics)
 _STATS_FLAG = {"batch_norm": "training", "instance_norm": "use_input_stats"}
 RECOMPUTED_OPS = frozenset({"batch_norm", "instance_norm", "layer_norm", "group_norm",
-                            "softmax", "log_softmax"})
+                            "softmax", "log_softmax", "cross_entropy"})
 _SIGNATURES = {name: inspect.signature(getattr(F, name)) for name in RECOMPUTED_OPS}
+# Results that stay float32 (a loss is divided by the loss scale later)
+_FP32_RESULT = frozenset({"cross_entropy"})
+# torch.softmax(x, dim, dtype=None) and x.softmax(dim, dtype=None): the same op as
+# F.softmax, whose third positional parameter differs (_stacklevel)
+_TORCH_SPELLINGS = {torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+                    torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax"}
 
 
 def _fp32(v):
@@ -60,7 +68,7 @@ class _RecomputedFP32(torch.autograd.Function):
         ctx.op = op
         out = op.forward(x, tensors)
         ctx.save_for_backward(x, *op.for_backward(tensors))
-        return out.to(x.dtype)
+        return out if op.name in _FP32_RESULT else out.to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -123,7 +131,14 @@ def run_recomputed(func: Callable, name: str, args: tuple, kwargs: dict) -> Opti
     this call is not one the recomputation handles (the caller then runs it plainly):
     not a recomputed op, an input that is not float16/bfloat16, no gradient needed,
     an explicit ``dtype=``, or arguments that do not bind to the functional signature."""
-    if name not in RECOMPUTED_OPS or func is not getattr(F, name, None):
+    if name not in RECOMPUTED_OPS:
+        return None
+    if _TORCH_SPELLINGS.get(func) == name:
+        names = ("input", "dim", "dtype")
+        if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+            return None
+        args, kwargs, func = (), {**dict(zip(names, args)), **kwargs}, getattr(F, name)
+    elif func is not getattr(F, name, None):
         return None
     try:
         bound = _SIGNATURES[name].bind(*args, **kwargs)
