@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 from .formats import get_format, list_formats
 
 __all__ = ["main", "build_parser", "add_formats_parser", "add_compare_parser",
-           "add_report_parser", "add_reproduce_parser", "add_inspect_parser", "cmd_formats", "cmd_compare", "cmd_report"]
+           "add_report_parser", "add_reproduce_parser", "add_inspect_parser", "cmd_formats",
+           "cmd_compare", "cmd_report"]
 
 
 # --------------------------------------------------------------------------------------

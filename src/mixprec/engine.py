@@ -210,6 +210,7 @@ class Engine:
         self._found_inf = False
         self._loss_finite = True
         self._bad_slot: Optional[ParamSlot] = None
+        self._culprit: Optional[tuple] = None     # (layer, role) the monitor saw go non-finite
 
     def _require(self, allowed: Sequence[Stage], call: str) -> None:
         if self._stage in allowed:
@@ -308,7 +309,7 @@ class Engine:
             self._skipped += 1
             self._consecutive += 1
             self._run.append((self._steps - 1, scale, self._loss_finite, self._bad_slot,
-                              self._culprit if self.monitor is not None else None))
+                              self._culprit))
         else:
             self._consecutive = 0
             self._run = []

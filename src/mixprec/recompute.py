@@ -52,12 +52,14 @@ def _fp32(v):
     return v
 
 
-def _call_fp32(func: Callable, arguments: dict, device_type: str) -> torch.Tensor:
-    """``func(**arguments)`` with narrow floating tensors upcast and autocast off."""
+def _call_fp32(func: Callable, arguments: dict, device_type: str) -> tuple:
+    """``func(**up)`` with autocast off, ``up`` being ``arguments`` with narrow floating
+    tensors upcast; returns (result, up)."""
+    up = {k: _fp32(v) for k, v in arguments.items()}
     off = (torch.autocast(device_type, enabled=False)
            if torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
     with off:
-        return func(**{k: _fp32(v) for k, v in arguments.items()})
+        return func(**up), up
 
 
 class _RecomputedFP32(torch.autograd.Function):
@@ -78,7 +80,7 @@ class _RecomputedFP32(torch.autograd.Function):
         with torch.enable_grad():
             x32 = x.detach().float().requires_grad_(ctx.needs_input_grad[1])
             leaves = [t.detach().requires_grad_(need) if t is not None else None
-                      for t, need in zip(op.rebuild_inputs(kept), ctx.needs_input_grad[2:])]
+                      for t, need in zip(kept, ctx.needs_input_grad[2:])]
             out = op.recompute(x32, leaves)
             wanted = [t for t in [x32, *leaves] if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype))
@@ -106,8 +108,7 @@ class _Op:
 
     def forward(self, x, tensors) -> torch.Tensor:
         arguments = self._arguments(x, tensors)
-        up = {k: _fp32(v) for k, v in arguments.items()}
-        out = _call_fp32(self.func, up, x.device.type)
+        out, up = _call_fp32(self.func, arguments, x.device.type)
         for key in ("running_mean", "running_var"):   # narrow statistics updated on a copy
             orig = arguments.get(key)
             if isinstance(orig, torch.Tensor) and up[key] is not orig and self.batch_stats:
@@ -119,11 +120,8 @@ class _Op:
         return [None if self.batch_stats and k.startswith("running_") else t
                 for k, t in zip(self.tensor_keys, tensors)]
 
-    def rebuild_inputs(self, kept) -> list:
-        return list(kept)
-
     def recompute(self, x32, leaves) -> torch.Tensor:
-        return _call_fp32(self.func, self._arguments(x32, leaves), x32.device.type)
+        return _call_fp32(self.func, self._arguments(x32, leaves), x32.device.type)[0]
 
 
 def run_recomputed(func: Callable, name: str, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
