@@ -134,13 +134,24 @@ def test_fp16_facts(label, x, want, backend):
     assert torch.equal(got.view(torch.int32), torch.tensor([want]).view(torch.int32))
 
 
-# e8m0 as ml_dtypes.float8_e8m0fnu casts it (observed rule, see mixprec.quant's docstring)
+# e8m0 from its definition (powers of two 2^-127..2^127, 0xFF NaN, no zero): nearest in
+# linear distance, ties (1.5 * 2^k) away from zero, one rule down to 2^-127 included.
+# Written out by hand so that it holds whatever ml_dtypes or torch version is installed.
+T = 2.0 ** -127
 E8M0_TABLE = [("0 -> NaN", 0.0, math.nan), ("-0 -> NaN", -0.0, math.nan),
               ("-1 -> NaN", -1.0, math.nan), ("1.5 ties up to 2", 1.5, 2.0),
               ("3.0 ties up to 4", 3.0, 4.0), ("1.49 -> 1", 1.49, 1.0), ("0.75 -> 1", 0.75, 1.0),
-              ("1e-40 -> 2^-127", 1e-40, 2.0 ** -127), ("1.4 * 2^-127 -> 2^-126", 1.4 * 2.0 ** -127,
-                                                        2.0 ** -126),
-              ("2^-127 stays", 2.0 ** -127, 2.0 ** -127), ("2^127 stays", 2.0 ** 127, 2.0 ** 127),
+              ("0.74 -> 0.5", 0.74, 0.5), ("1e-40 -> 2^-127", 1e-40, T),
+              ("min subnormal f32 -> 2^-127", 2.0 ** -149, T),
+              ("0.75 * 2^-127 -> 2^-127", 0.75 * T, T),
+              ("1.25 * 2^-127 -> 2^-127", 1.25 * T, T),
+              ("1.4 * 2^-127 -> 2^-127", 1.4 * T, T),
+              ("1.5 * 2^-127 ties up to 2^-126", 1.5 * T, 2 * T),
+              ("1.75 * 2^-127 -> 2^-126", 1.75 * T, 2 * T),
+              ("1.49 * 2^-126 -> 2^-126", 1.49 * 2 * T, 2 * T),
+              ("1.5 * 2^-126 ties up to 2^-125", 1.5 * 2 * T, 4 * T),
+              ("2^-127 stays", T, T), ("2^127 stays", 2.0 ** 127, 2.0 ** 127),
+              ("1.49 * 2^127 -> 2^127", 1.49 * 2.0 ** 127, 2.0 ** 127),
               ("1.5 * 2^127 overflows", 1.5 * 2.0 ** 127, math.nan), ("inf -> NaN", math.inf, math.nan)]
 
 

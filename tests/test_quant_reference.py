@@ -82,7 +82,8 @@ def neighbours(name, a: float):
 
 
 def ref_e8m0(x: float, mode: str, saturate: bool) -> float:
-    """ml_dtypes float8_e8m0fnu: ties away; (2^-127, 2^-126) -> 2^-126, below -> 2^-127."""
+    """e8m0 by its definition: nearest power of two in [2^-127, 2^127], ties (the binade's
+    linear midpoint 1.5 * 2^k) away from zero; nothing below 2^-127 (no zero)."""
     tiny = 2.0 ** -127
     if math.isnan(x) or x <= 0 or math.copysign(1, x) < 0:
         return math.nan
@@ -90,8 +91,6 @@ def ref_e8m0(x: float, mode: str, saturate: bool) -> float:
         return 2.0 ** 127 if saturate else math.nan
     if x <= tiny:                      # no zero: nothing smaller to go to
         return tiny
-    if x < 2 * tiny:                   # ml_dtypes rounds this whole interval up
-        return 2 * tiny if mode == "nearest" else tiny
     _, lo, hi = neighbours("e8m0", x)
     if mode == "toward_zero" or x == lo:
         r = lo

@@ -20,10 +20,15 @@ the overflow test (e4m3: 460 -> 448, 464 -> 448, 465 -> NaN).  Then, by conventi
     NaN              NaN (also for the finite formats, which have no NaN code)
     -0               -0, or +0 where the format has no negative zero (fnuz)
 
-e8m0 follows ml_dtypes' float8_e8m0fnu: ties round away from zero; values in
-(2^-127, 2^-126) go to 2^-126 and (0, 2^-127] to 2^-127; zero, negatives, NaN -> NaN.
-Toward zero and stochastic rounding clamp values below 2^-127 to 2^-127 (no zero).
-e8m0 always takes the torch path (scale tensors are small).
+e8m0 (powers of two 2^-127 .. 2^127, no zero) rounds to nearest by one rule over its
+whole range, 2^-127 included: x in [2^k, 2^(k+1)) goes up when x >= 1.5 * 2^k (the linear
+midpoint, ties away from zero), so (2^-127, 1.5 * 2^-127) -> 2^-127 and
+[1.5 * 2^-127, 2^-126) -> 2^-126; everything in (0, 2^-127] clamps to 2^-127 (no zero);
+zero, negatives, NaN -> NaN.  This is ml_dtypes' float8_e8m0fnu from 0.7 on.  torch's
+float8_e8m0fnu cast (2.13) differs in two places: it sends all of (2^-127, 2^-126) to
+2^-126, and it sends 0 to 2^-127 instead of NaN.  Toward zero and stochastic rounding
+clamp values below 2^-127 to 2^-127.  e8m0 always takes the torch path (scale tensors
+are small).
 
 The uniform r of element i (flat index in row-major order) is built from SplitMix64
 streams of a 64-bit seed drawn from ``generator`` (or torch's default generator): 31 bits
@@ -268,13 +273,13 @@ def _round_c(src: torch.Tensor, dst: torch.Tensor, p: _Plan, lay: _Layout,
 
 
 def _round_e8m0(x: torch.Tensor, mode: Rounding, saturate: bool, seed: int) -> torch.Tensor:
-    """ml_dtypes' float8_e8m0fnu rule on float64 bits (all its values are normal there)."""
+    """The e8m0 rule of the module docstring on float64 bits (all its values are normal there)."""
     bits = x.double().contiguous().view(torch.int64)
-    lo, lo2, top = (_F64.bits_of(2.0 ** k) for k in (-127, -126, 127))
+    lo, top = (_F64.bits_of(2.0 ** k) for k in (-127, 127))
     inf, nan, mmask = _F64.bits_of(math.inf), _F64.bits_of(math.nan), (1 << 52) - 1
     a = bits & ((1 << 63) - 1)
-    if mode is Rounding.NEAREST:   # ties away from zero; (2^-127, 2^-126) up, below: 2^-127
-        r = torch.where(a < lo2, torch.where(a <= lo, lo, lo2), (a + (1 << 51)) & ~mmask)
+    if mode is Rounding.NEAREST:   # up from the binade's 1.5 point (ties away); floor 2^-127
+        r = torch.clamp_min((a + (1 << 51)) & ~mmask, lo)
     elif mode is Rounding.STOCHASTIC:
         up = _stochastic_up(a & mmask, torch.full_like(a, 52), seed)
         r = torch.where(a < lo, lo, (a & ~mmask) + (up.long() << 52))

@@ -1,0 +1,42 @@
+"""Suite-wide checks.
+
+Oracle libraries (ml_dtypes, torchao) are the independent answers that mixprec's numerics
+are held to; their behaviour changes between releases (ml_dtypes 0.7 changed e8m0
+rounding below 2^-126).  A test module that imports one runs only against the version
+pinned in constraints.txt: with any other version each of its tests fails at once with a
+message that names both versions (printed once more at the end), instead of a wall of
+value mismatches.
+"""
+from __future__ import annotations
+
+import pytest
+
+from lockfile import oracle_version_problem
+
+ORACLES = ("ml_dtypes", "torchao")
+_seen: dict = {}
+
+
+def _problems(module) -> list:
+    found = []
+    for name in ORACLES:
+        oracle = vars(module).get(name)
+        if oracle is not None and getattr(oracle, "__version__", None):
+            problem = oracle_version_problem(name, oracle.__version__)
+            if problem:
+                found.append(problem)
+    return found
+
+
+def pytest_runtest_call(item):
+    problems = _problems(item.module) if getattr(item, "module", None) else []
+    if problems:
+        for p in problems:
+            _seen[p] = _seen.get(p, 0) + 1
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for problem, count in _seen.items():
+        terminalreporter.section("oracle version differs from the lock", red=True)
+        terminalreporter.write_line(f"{count} tests failed because: {problem}")
