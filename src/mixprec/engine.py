@@ -228,12 +228,19 @@ class Engine:
     # -- stage 1 --------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """Backward of ``loss * scale``; may be called several times before step()."""
-        self._require((Stage.READY, Stage.BACKWARD), "backward()")
+        self.scale_loss(loss, _call="backward()").backward(**kwargs)
+
+    def scale_loss(self, loss: torch.Tensor, *, _call: str = "scale_loss()") -> torch.Tensor:
+        """Stage 1 for a training loop that runs backward itself (a framework's own
+        backward hook): record whether ``loss`` is finite and return ``loss * S``, whose
+        backward the caller must run before step(). ``backward(loss)`` is
+        ``scale_loss(loss).backward()``."""
+        self._require((Stage.READY, Stage.BACKWARD), _call)
         # (1) backward: record a non-finite loss before backward turns it into NaN grads
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
-        self.loss_scaler.scale_loss(loss).backward(**kwargs)
         self._stage = Stage.BACKWARD
+        return self.loss_scaler.scale_loss(loss)
 
     # -- stage 2 --------------------------------------------------------------------
     def _unscale_once(self) -> None:
@@ -246,6 +253,13 @@ class Engine:
         self._found_inf = bool(all_reduce_found_inf(local_inf, device=self.device))
         self._loss_finite = not bool(all_reduce_found_inf(local_bad_loss, device=self.device))
         self._stage = Stage.UNSCALED
+
+    def unscale_(self) -> None:
+        """Stage 2 on its own: master gradients <- model gradients / S (once per step;
+        step() does it when not done). For code that reads or clips the FP32 master
+        gradients (``mp.master_params``) before step()."""
+        self._require((Stage.BACKWARD, Stage.UNSCALED), "unscale_()")
+        self._unscale_once()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Unscale (if not yet done) and clip the FP32 master gradients; returns their

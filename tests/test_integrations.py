@@ -1,0 +1,157 @@
+"""Framework integrations: a tiny model trained through each framework's own loop.
+
+Formats are checked against torch's own casts (round to nearest even): a value v is in
+fp16 / e5m2 exactly when ``v.to(dtype).float() == v``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+
+import mixprec
+from mixprec.integrations.lightning import MixprecPrecision
+
+E5M2 = torch.float8_e5m2
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    t = t.detach().float()
+    return bool(torch.equal(t.to(dtype).float(), t))
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch Lightning
+# --------------------------------------------------------------------------------------
+class _LitMLP(pl.LightningModule):
+    """8 -> 32 -> 32 -> 4 with a LayerNorm: under fp8-e5m2 ("first", "last", "norm" kept)
+    the middle Linear ``net.2`` runs in E5M2."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32),
+                                 nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+        self.seen_outputs: list = []
+        self.net[2].register_forward_hook(
+            lambda m, a, out: self.seen_outputs.append(out.detach().clone()))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _loader(n: int = 48, batch: int = 8):
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 8, generator=g),
+                                        torch.randint(0, 4, (n,), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=batch)
+
+
+def _fit(tmp_path, plugin, *, max_steps: int = 3, **trainer_kwargs):
+    torch.manual_seed(0)
+    module = _LitMLP()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, plugins=[plugin],
+                         logger=CSVLogger(tmp_path, name="lit"), log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         **trainer_kwargs)
+    trainer.fit(module, _loader())
+    return module, trainer
+
+
+def _csv_column(trainer, name: str) -> list:
+    import csv
+    path = f"{trainer.logger.log_dir}/metrics.csv"
+    with open(path) as f:
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+
+
+def test_lightning_plugin_trains_under_the_recipe(tmp_path):
+    plugin = MixprecPrecision("fp8-e5m2")
+    torch.manual_seed(0)
+    initial = _LitMLP().net[2].weight.detach().clone()
+    assert not _in_dtype(initial, E5M2)     # FP32 init: the check below can fail
+    module, trainer = _fit(tmp_path, plugin)
+    engine = plugin.engine
+    assert engine is not None and engine.steps == 3
+    # the middle layer's weights are stored in E5M2 and moved from their rounded init
+    w = module.net[2].weight
+    assert _in_dtype(w, E5M2)
+    assert not torch.equal(w.detach(), initial.to(E5M2).float())
+    # kept layers ("first", "last", "norm") stay FP32; their masters moved
+    assert not _in_dtype(module.net[0].weight, E5M2)
+    # FP32 master weights hold what E5M2 cannot
+    masters = dict(zip([n for n, _ in module.named_parameters()], engine.master_params))
+    assert not _in_dtype(masters["net.2.weight"], E5M2)
+    # the emulated layer's outputs are E5M2 values in every training step
+    assert len(module.seen_outputs) == 3
+    assert all(_in_dtype(o, E5M2) for o in module.seen_outputs)
+    # fp8-e5m2 scales the loss dynamically: the scale of each step is in the logs
+    logged = _csv_column(trainer, "mixprec/loss_scale")
+    assert logged == [h["scale"] for h in engine.history]
+    assert logged[0] == mixprec.get_recipe("fp8-e5m2").loss_scale.init_scale
+    assert _csv_column(trainer, "mixprec/skipped_steps")[-1] == engine.skipped_steps
+
+
+def test_lightning_plugin_fp32_matches_plain_lightning(tmp_path):
+    """The fp32 recipe through the plugin gives the weights of Lightning without it."""
+    plugin_module, _ = _fit(tmp_path / "a", MixprecPrecision("fp32"))
+    torch.manual_seed(0)
+    plain = _LitMLP()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path / "b")
+    trainer.fit(plain, _loader())
+    for (n, p), q in zip(plugin_module.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_lightning_plugin_clips_unscaled_gradients(tmp_path):
+    """gradient_clip_val acts on the unscaled FP32 gradients: under FP32 with a static
+    loss scale of 2^20 (exact in FP32) the result equals clipping at scale 1; a clip of
+    the scaled gradients would differ."""
+    results = []
+    for init in (1, 2 ** 20):
+        plugin = MixprecPrecision(f"fp32:loss_scale.kind=static,"
+                                  f"loss_scale.init_scale={init}")
+        module, _ = _fit(tmp_path / str(init), plugin, gradient_clip_val=0.05)
+        results.append([p.detach().clone() for p in module.parameters()])
+    # the plugin clipped (not a no-op): a run without clipping ends elsewhere
+    unclipped, _ = _fit(tmp_path / "noclip", MixprecPrecision(
+        "fp32:loss_scale.kind=static,loss_scale.init_scale=1"))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, p) for a, p in zip(results[0], unclipped.parameters()))
+
+
+def test_lightning_plugin_skips_nonfinite_steps(tmp_path):
+    """An overflowing scaled gradient skips the step (weights unchanged) and backs off S."""
+    plugin = MixprecPrecision("fp16-mixed:loss_scale.init_scale=1e38")
+    torch.manual_seed(0)
+    initial = [p.detach().clone() for p in _LitMLP().parameters()]
+    module, trainer = _fit(tmp_path, plugin, max_steps=1)
+    assert plugin.engine.skipped_steps == 1
+    assert plugin.engine.scale < 1e38
+    for p, q in zip(module.parameters(), initial):
+        assert torch.equal(p.detach(), q.half().float())     # rounded once, never stepped
+
+
+def test_lightning_precision_alias_and_errors():
+    import mixprec.lightning
+    assert mixprec.lightning.Precision is MixprecPrecision
+    with pytest.raises(ValueError, match="fp8-hybrid"):
+        MixprecPrecision("fp7-mixed")
+    with pytest.raises(RuntimeError, match="connects the plugin"):
+        MixprecPrecision("fp16-mixed").pre_backward(torch.ones(()), None)
+    assert math.isnan(MixprecPrecision().loss_scale)
