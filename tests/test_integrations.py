@@ -20,6 +20,15 @@ from mixprec.integrations.lightning import MixprecPrecision
 E5M2 = torch.float8_e5m2
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and several wait on each other on a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> bool:
     t = t.detach().float()
     return bool(torch.equal(t.to(dtype).float(), t))
@@ -155,3 +164,97 @@ def test_lightning_precision_alias_and_errors():
     with pytest.raises(RuntimeError, match="connects the plugin"):
         MixprecPrecision("fp16-mixed").pre_backward(torch.ones(()), None)
     assert math.isnan(MixprecPrecision().loss_scale)
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face Trainer
+# --------------------------------------------------------------------------------------
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """16 random token sequences of length 16, labels = inputs (causal LM)."""
+
+    def __init__(self):
+        self.ids = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _hf_train(tmp_path, model, *, trainer_cls=None, max_grad_norm=1.0, **kwargs):
+    from transformers import TrainingArguments
+    from mixprec.integrations.hf import MixprecTrainer
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=1, report_to="none",
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                             dataloader_num_workers=0, max_grad_norm=max_grad_norm)
+    trainer = (trainer_cls or MixprecTrainer)(model=model, args=args, train_dataset=_Tokens(),
+                                              **kwargs)
+    trainer.train()
+    return trainer
+
+
+def test_hf_trainer_trains_under_the_recipe(tmp_path):
+    model = _tiny_llama()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    initial = q_proj.weight.detach().clone()
+    assert not _in_dtype(initial, torch.float16)            # the check below can fail
+    outputs: list = []
+    q_proj.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))
+    trainer = _hf_train(tmp_path, model, recipe="fp16-mixed")
+    engine = trainer.engine
+    assert engine is not None and engine.steps == 3
+    # weights stored in FP16 (moved from the rounded init); FP32 masters
+    assert _in_dtype(q_proj.weight, torch.float16)
+    assert not torch.equal(q_proj.weight.detach(), initial.half().float())
+    names = [n for n, _ in model.named_parameters()]
+    master = dict(zip(names, engine.master_params))["model.layers.0.self_attn.q_proj.weight"]
+    assert not _in_dtype(master, torch.float16)
+    # activations: every q_proj output of the 3 training steps is FP16
+    assert len(outputs) == 3 and all(_in_dtype(o, torch.float16) for o in outputs)
+    # the loss scale of each step is in the Trainer's logs
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["loss_scale"] for h in steps] == [h["scale"] for h in engine.history]
+    assert steps[0]["loss_scale"] == 65536.0
+    assert all(math.isfinite(h["loss"]) for h in steps)
+
+
+def test_hf_trainer_fp32_matches_plain_trainer(tmp_path):
+    """fp32 through MixprecTrainer (engine backward and step) gives the plain Trainer's
+    weights bit for bit without clipping. With clipping the gradient norm sums the
+    tensors in the optimizer's group order (decay, then no-decay parameters) instead of
+    the model's, so the norm may differ in the last bit: it agrees to 1e-6."""
+    from transformers import Trainer
+    ours = _hf_train(tmp_path / "a", _tiny_llama(), recipe="fp32", max_grad_norm=0.0)
+    plain = _hf_train(tmp_path / "b", _tiny_llama(), trainer_cls=Trainer, max_grad_norm=0.0)
+    for (n, p), q in zip(ours.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(p, q), n
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h]
+             for t in (ours, plain)]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-6, abs=0)
+    clipped = [_hf_train(tmp_path / c, _tiny_llama(), max_grad_norm=0.5, **kw)
+               for c, kw in (("c", {"recipe": "fp32"}), ("d", {"trainer_cls": Trainer}))]
+    clipped_model = clipped[0].model
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in clipped]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6, abs=0)
+    assert not torch.equal(clipped_model.lm_head.weight, ours.model.lm_head.weight)  # it clipped
+
+
+def test_hf_trainer_rejects_autocast_on_top(tmp_path):
+    from transformers import TrainingArguments
+    from mixprec.integrations.hf import MixprecTrainer
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True,
+                             report_to="none")
+    with pytest.raises(ValueError, match="bf16=True"):
+        MixprecTrainer(model=_tiny_llama(), args=args, recipe="fp16-mixed")
+    with pytest.raises(ValueError, match="fp8-hybrid"):
+        MixprecTrainer(model=_tiny_llama(), args=args, recipe="fp9")
