@@ -258,3 +258,54 @@ def test_hf_trainer_rejects_autocast_on_top(tmp_path):
         MixprecTrainer(model=_tiny_llama(), args=args, recipe="fp16-mixed")
     with pytest.raises(ValueError, match="fp8-hybrid"):
         MixprecTrainer(model=_tiny_llama(), args=args, recipe="fp9")
+
+
+# --------------------------------------------------------------------------------------
+# TensorBoard
+# --------------------------------------------------------------------------------------
+def test_monitor_logs_to_tensorboard(tmp_path):
+    """What the event file holds equals the monitor's own report: fractions, log2
+    histogram counts, and the loss scale passed in."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mp = mixprec.prepare(model, opt, "fp16-mixed")
+    mon = mp.attach_monitor(mixprec.NumericsMonitor(model, formats=("fp16", "e4m3"),
+                                                    bins=range(-30, 5)))
+    x, y = torch.randn(32, 8) * 1e-4, torch.randint(0, 4, (32,))   # some e4m3 underflow
+    with mp.autocast():
+        loss = nn.functional.cross_entropy(model(x), y)
+    mp.backward(loss)
+    mp.step()
+    mp.zero_grad()
+    writer = SummaryWriter(str(tmp_path))
+    n = mon.log_to(writer, 7, loss_scale=mp.scale)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    report = mon.report()
+    tags = acc.Tags()
+    assert n == len(tags["scalars"]) + len(tags["histograms"])
+    [ls] = acc.Scalars("numerics/loss_scale")
+    assert (ls.step, ls.value) == (7, 65536.0)
+    checked_under = 0
+    for d in report["tensors"]:
+        tag = f"numerics/{d['layer']}/{d['role']}"
+        for fmt, vals in d["formats"].items():
+            for kind in ("underflow", "overflow"):
+                [ev] = acc.Scalars(f"{tag}/{kind}/{fmt}")
+                assert ev.step == 7
+                assert ev.value == pytest.approx(vals[f"{kind}_frac"], rel=1e-6, abs=0)
+                checked_under += kind == "underflow" and vals["underflow_frac"] > 0
+        if d["numel"] - d["zeros"] - d["nonfinite"]:
+            [h] = acc.Histograms(f"{tag}/log2_magnitude")
+            counts = [d["hist"]["below"], *d["hist"]["counts"], d["hist"]["above"]]
+            assert h.histogram_value.bucket == counts
+            assert list(h.histogram_value.bucket_limit)[:-1] == list(range(-30, 5))
+            assert h.histogram_value.num == sum(counts)
+            assert h.histogram_value.max == pytest.approx(math.log2(d["amax"]))
+    assert checked_under > 0                     # nonzero fractions were compared too
+    with pytest.raises(TypeError, match="SummaryWriter"):
+        mon.log_to(object())

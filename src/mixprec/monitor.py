@@ -649,6 +649,62 @@ class NumericsMonitor:
             rows += [{**base, "format": name, **vals} for name, vals in d["formats"].items()]
         return rows
 
+    def log_to(self, writer, step: Optional[int] = None, *, loss_scale: Optional[float] = None,
+               prefix: str = "numerics") -> int:
+        """Write what was recorded (since the last :meth:`reset`) to a TensorBoard writer.
+
+        ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` (anything with
+        ``add_scalar`` and ``add_histogram_raw``). Per layer and role, tags
+        ``{prefix}/{layer}/{role}/...``:
+
+        * ``log2_magnitude``: histogram of log2|x| over the nonzero finite values, on the
+          monitor's ``bins``: bucket ``[e_i, e_i+1)`` holds 2^e_i <= |x| < 2^e_i+1, the
+          first bucket everything below 2^e_0, the last everything from 2^e_-1 up;
+          ``min``/``max`` are the lowest occupied binade and log2(amax); ``sum`` and
+          ``sum_squares`` take each value at its binade's midpoint e + 1/2.
+        * ``underflow/{format}``, ``overflow/{format}``: fractions of the nonzero finite
+          values (as in :meth:`report`).
+
+        And ``{prefix}/loss_scale``: ``loss_scale``, default the monitor's :attr:`scale`
+        (under an engine the monitor's scale stays 1: pass ``loss_scale=mp.scale``).
+
+        Args:
+            step: the global step of every value (default: steps recorded so far).
+        Returns:
+            The number of values written.
+
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> mon.log_to(SummaryWriter("runs/x"), step, loss_scale=mp.scale)
+        """
+        if not (callable(getattr(writer, "add_scalar", None))
+                and callable(getattr(writer, "add_histogram_raw", None))):
+            raise TypeError(f"writer must have add_scalar and add_histogram_raw (a "
+                            f"torch.utils.tensorboard.SummaryWriter), got {type(writer).__name__}")
+        step = self.steps_recorded if step is None else int(step)
+        scale = self._scale if loss_scale is None else float(loss_scale)
+        limits = np.asarray(list(self.edges) + [float(_EXP_BINS - _EXP_OFFSET)], np.float64)
+        mid = np.arange(_EXP_BINS, dtype=np.float64) - _EXP_OFFSET + 0.5
+        written = 0
+        for st in self._ordered():
+            tag = f"{prefix}/{st.layer}/{st.role}"
+            num = int(st.binades.sum())
+            if num:
+                h = st.hist(self.edges)
+                counts = np.asarray([h["below"], *h["counts"], h["above"]], np.float64)
+                occupied = np.flatnonzero(st.binades)
+                writer.add_histogram_raw(
+                    f"{tag}/log2_magnitude", min=float(occupied[0] - _EXP_OFFSET),
+                    max=math.log2(st.amax), num=num,
+                    sum=float(st.binades @ mid), sum_squares=float(st.binades @ mid ** 2),
+                    bucket_limits=limits, bucket_counts=counts, global_step=step)
+                written += 1
+            for f in self.formats:
+                writer.add_scalar(f"{tag}/underflow/{f.name}", st.frac(st.underflow[f.name]), step)
+                writer.add_scalar(f"{tag}/overflow/{f.name}", st.frac(st.overflow[f.name]), step)
+                written += 2
+        writer.add_scalar(f"{prefix}/loss_scale", scale, step)
+        return written + 1
+
     def summary(self) -> str:
         """Text table: amax and underflow/overflow per layer and role, headroom, swallowed updates."""
         rep = self.report()
