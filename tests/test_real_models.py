@@ -1,0 +1,123 @@
+"""Real models through every preset: tiny random-init GPT-2, Llama and a ResNet with
+BatchNorm (Hugging Face transformers, built from configs, nothing downloaded).
+
+Each run takes 3 AdamW steps and asserts: it runs; the loss is finite; a probe layer's
+output under the recipe differs from the FP32 recomputation of the same call (same
+stored weights, same input) -- and equals it under fp32 --; every normalisation's stored
+weights moved.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixprec
+from mixprec.experiments.hf import tiny_batch, tiny_model
+
+PRESETS = mixprec.list_presets()
+STEPS = 3
+LR = 1e-2      # 3 AdamW steps move a weight by about 3e-2, above half a bf16 ulp at 1.0
+
+# Probe: a projection in the middle of each model (kept by no preset's rule).
+PROBES = {
+    "gpt2": "transformer.h.1.mlp.c_fc",
+    "llama": "model.layers.1.self_attn.o_proj",
+    "resnet": "resnet.encoder.stages.1.layers.0.layer.0.convolution",
+}
+
+# Known gaps, each an expected failure that must fail (strict): when the gap is closed the
+# test passes, xfail turns it into a failure, and the entry goes.
+_GPT2_ADDMM = ("transformers' Conv1D computes torch.addmm, which mixprec does not route: "
+               "under 16-bit storage the first forward crashes on mixed dtypes, otherwise "
+               "every GPT-2 projection runs unemulated in FP32")
+_RMSNORM = ("LlamaRMSNorm is not a torch norm class, so the 'norm' keep rule misses it: its "
+            "E5M2-stored weights stay at 1.0")
+KNOWN_GAPS = {
+    # bf16-mixed runs on the native backend (torch.autocast casts addmm's operands)
+    **{("gpt2", p): _GPT2_ADDMM for p in PRESETS if p not in ("fp32", "bf16-mixed")},
+    ("llama", "fp8-e5m2"): _RMSNORM,
+}
+
+
+def _norm_modules(model: nn.Module) -> dict:
+    """Normalisations by structure: torch's norm classes and any module whose class name
+    ends in Norm with a 1-d weight (LlamaRMSNorm)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+            or (type(m).__name__.endswith("Norm")
+                and getattr(m, "weight", None) is not None and m.weight.dim() == 1)}
+
+
+def _fp32_recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The probe's call in FP32 from its stored parameters (exactly widened from a 16-bit
+    dtype, as under bf16-mixed's native backend), outside any mixprec mode."""
+    w = module.weight.float()
+    b = None if module.bias is None else module.bias.float()
+    x = x.float()
+    if isinstance(module, nn.Linear):
+        return F.linear(x, w, b)
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+    # transformers' Conv1D: y = x @ W + b with W of shape (in, out)
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _cases():
+    for name in PROBES:
+        for preset in PRESETS:
+            reason = KNOWN_GAPS.get((name, preset))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(name, preset, id=f"{name}-{preset}", marks=marks)
+
+
+@pytest.mark.parametrize("name,preset", list(_cases()))
+def test_real_model_trains_under_preset(name, preset):
+    torch.manual_seed(0)
+    model = tiny_model(name).train()
+    norms = _norm_modules(model)
+    assert norms, "every model here has normalisations"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    mp = mixprec.prepare(model, optimizer, preset, seed=0)
+    stored = {n: m.weight.detach().clone() for n, m in norms.items()}   # after rounding
+    probe = dict(model.named_modules())[PROBES[name]]
+    seen: list = []
+    handle = probe.register_forward_hook(
+        lambda m, args, out: seen.append((args[0].detach().clone(), out.detach().clone())))
+    gen = torch.Generator().manual_seed(0)
+    losses, probes = [], []
+    for _ in range(STEPS):
+        batch = tiny_batch(name, gen)
+        with mp.autocast():
+            loss = model(**batch).loss
+        (x, y), = seen
+        seen.clear()
+        with torch.no_grad():      # outside the mode, before the step changes the weights
+            probes.append((y.float(), _fp32_recompute(probe, x)))
+        mp.backward(loss)
+        mp.step()
+        mp.zero_grad()
+        losses.append(float(loss))
+    handle.remove()
+    assert all(math.isfinite(v) for v in losses), losses
+    assert mp.skipped_steps == 0
+    # the probe: emulated calls differ from their FP32 recomputation; fp32 equals it
+    for y, ref in probes:
+        if preset == "fp32":
+            assert torch.equal(y, ref)
+        else:
+            assert not torch.equal(y, ref), f"{PROBES[name]} ran in FP32 under {preset}"
+    # every normalisation's stored weights moved
+    frozen = [n for n, m in norms.items() if torch.equal(m.weight.detach(), stored[n])]
+    assert not frozen, f"norm weights did not move under {preset}: {frozen}"
