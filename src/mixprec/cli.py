@@ -68,11 +68,15 @@ examples:
   mixprec compare --recipes fp32,fp16-mixed,fp8-e5m2:grads.rounding=nearest --steps 500
   mixprec compare --workload text-transformer --seeds 0,1
   mixprec compare --model mypkg.nets:make_model --data mypkg.data:make_dataset
+  mixprec compare --model hf:configs/tiny-llama.json --recipes fp16-mixed,fp8-hybrid
 
 --model names a callable returning a torch.nn.Module; --data one returning a
 mixprec.experiments.data.Dataset(name, task, x_train, y_train, x_test, y_test,
-num_classes) with task "classification" or "lm". fp32 is always run: it is the
-baseline of every ratio and verdict.
+num_classes) with task "classification" or "lm". --model hf:SPEC builds a Hugging
+Face causal LM with random weights from SPEC, a config.json, a directory holding one,
+or a model name already in the local cache (nothing is downloaded); without --data it
+trains on the text workload's data. fp32 is always run: it is the baseline of every
+ratio and verdict.
 """
 
 
@@ -96,7 +100,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help="comma list of presets or recipe strings (default: %(default)s)")
     p.add_argument("--workload", "--task", dest="workload", default=DEFAULT_WORKLOAD,
                    choices=list(WORKLOADS), help="built-in model and data (default: %(default)s)")
-    p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="your model factory")
+    p.add_argument("--model", metavar="PKG.MOD:FACTORY|hf:CONFIG",
+                   help="your model factory, or hf:CONFIG for a Hugging Face causal LM built "
+                        "from a config (random weights)")
     p.add_argument("--data", metavar="PKG.MOD:FACTORY", help="your data factory (a Dataset)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps per recipe "

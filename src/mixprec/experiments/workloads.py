@@ -9,6 +9,12 @@ own with ``package.module:callable`` specs:
 * ``--data pkg.mod:make_data`` -- called with no arguments, returns a
   :class:`mixprec.experiments.data.Dataset`.
 
+``--model hf:SPEC`` builds a Hugging Face causal LM from a config with random weights
+(:mod:`mixprec.experiments.hf`: a config.json, a directory holding one, or a model name in
+the local cache; nothing is downloaded). Without ``--data`` it trains on the text
+workload's data (``stdlib-text``, 256 byte tokens) and defaults; its vocabulary must
+cover the data's tokens.
+
 The working directory is importable, as with ``python -m``.
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 from torch import nn
@@ -52,6 +59,7 @@ WORKLOADS: dict = {w.name: w for w in [
              lr=3e-3, model_name="CharTransformer", data_name="stdlib-text"),
 ]}
 DEFAULT_WORKLOAD = "digits-cnn"
+LM_WORKLOAD = "text-transformer"     # data and defaults of a hf: causal LM without --data
 
 
 def get_workload(name: str) -> Workload:
@@ -114,6 +122,14 @@ def _checked_data(factory: Callable, spec: str) -> Callable[[], Dataset]:
     return make
 
 
+def _hf_spec(model: Optional[str]) -> Optional[str]:
+    """SPEC of a ``hf:SPEC`` model, else None."""
+    from .hf import HF_PREFIX
+    if isinstance(model, str) and model.startswith(HF_PREFIX):
+        return model[len(HF_PREFIX):]
+    return None
+
+
 def resolve_workload(workload: str = DEFAULT_WORKLOAD, *, model: Optional[str] = None,
                      data: Optional[str] = None) -> Workload:
     """The built-in ``workload`` with its model and/or data replaced by user factories.
@@ -122,9 +138,16 @@ def resolve_workload(workload: str = DEFAULT_WORKLOAD, *, model: Optional[str] =
     'mypkg.nets:small_cnn'
     """
     base = get_workload(workload)
+    hf_spec = _hf_spec(model)
+    if hf_spec is not None and data is None and base.name != LM_WORKLOAD:
+        base = get_workload(LM_WORKLOAD)     # a causal LM needs token data
     make_model, model_name = base.make_model, base.model_name
     make_data, data_name = base.make_data, base.data_name
-    if model is not None:
+    if hf_spec is not None:
+        from .hf import causal_lm_from_config, load_hf_config
+        load_hf_config(hf_spec)              # a bad spec fails here, before any training
+        make_model, model_name = partial(causal_lm_from_config, hf_spec), model
+    elif model is not None:
         make_model, model_name = _checked_model(load_factory(model, what="--model"), model), model
     if data is not None:
         make_data, data_name = _checked_data(load_factory(data, what="--data"), data), data
