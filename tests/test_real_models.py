@@ -121,3 +121,27 @@ def test_real_model_trains_under_preset(name, preset):
     # every normalisation's stored weights moved
     frozen = [n for n, m in norms.items() if torch.equal(m.weight.detach(), stored[n])]
     assert not frozen, f"norm weights did not move under {preset}: {frozen}"
+
+
+def test_real_models_benchmark_quick(capsys):
+    """benchmarks/real_models.py --quick: one row per model and preset, FP32 the 1.000x
+    reference, every Llama and ResNet preset finite."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "real_models.py"
+    spec = importlib.util.spec_from_file_location("real_models_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    previous = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[3:]]
+    assert [(r[0], r[1]) for r in rows] == [(m, p) for m in PROBES for p in PRESETS]
+    for r in rows:
+        if r[1] == "fp32":
+            assert r[3] == "1.000x" and r[5] == "1.000x"
+        if r[0] in ("llama", "resnet"):
+            assert math.isfinite(float(r[2])) and r[3].endswith("x"), r
