@@ -11,8 +11,9 @@ Per model and preset, after ``--steps`` steps:
   backward, step, zero_grad; step 0 excluded), as a ratio to FP32's in the same run;
   the presets of one model are interleaved step by step, so load from other processes
   spreads over all of them;
-* coverage: calls emulated / kept in high precision / not recognised, from the
-  coverage report where mixprec has one ("-" otherwise).
+* coverage: matmul-like calls of step 0 emulated / kept in high precision by a rule /
+  FP32 ops / not recognised, from ``mp.coverage()`` ("-" where the engine has no
+  coverage report, and under the native backend, which leaves precision to autocast).
 
 A preset that fails prints the error in its row. One intra-op thread (``--threads``).
 
@@ -45,6 +46,7 @@ class Run:
         self.preset, self.error = preset, None
         self.losses: list = []
         self.times: list = []
+        self.coverage = None      # mp.coverage() of step 0, where the engine reports it
         try:
             self.mp = mixprec.prepare(self.model, opt, preset, seed=0)
         except Exception as e:  # noqa: BLE001 -- a preset that cannot start is a result
@@ -65,6 +67,9 @@ class Run:
             return
         self.times.append(time.process_time() - c0)
         self.losses.append(float(loss.detach()))
+        report = getattr(self.mp, "coverage", None)
+        if report is not None and len(self.losses) == 1 and self.mp.backend != "native":
+            self.coverage = report()
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -78,20 +83,13 @@ class Run:
 
 
 def coverage_counts(run: Run) -> str:
-    """emulated/kept/unrecognised from mixprec's coverage report, when it has one."""
-    report = getattr(mixprec, "coverage_report", None)
-    if report is None or run.error is not None:
+    """emulated/kept/fp32/unrecognised calls of step 0, from ``mp.coverage()`` where the
+    engine has it ("-" otherwise, and under the native backend, which records nothing)."""
+    cov = run.coverage
+    if cov is None or run.error is not None:
         return "-"
-    try:
-        rep = report(run.mp)
-    except Exception as e:  # noqa: BLE001
-        return f"({type(e).__name__})"
-    counts = getattr(rep, "counts", None)
-    if callable(counts):
-        counts = counts()
-    if isinstance(counts, dict):
-        return "/".join(str(counts.get(k, 0)) for k in ("emulated", "kept", "unrecognised"))
-    return "-"
+    c = cov.counts()
+    return "/".join(str(c.get(k, 0)) for k in ("emulated", "kept", "fp32", "unrecognised"))
 
 
 def bench_model(name: str, presets: Sequence[str], steps: int) -> list:
@@ -131,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     presets.insert(0, "fp32")                 # the reference of every ratio
     torch.set_num_threads(args.threads)
     header = ("model", "preset", "final loss", "vs fp32", "step ms", "time vs fp32",
-              "emulated/kept/unrecognised", "error")
+              "emulated/kept/fp32/unrecognised", "error")
     rows = []
     for name in models:
         runs = bench_model(name, presets, steps)

@@ -156,6 +156,25 @@ def test_lightning_plugin_skips_nonfinite_steps(tmp_path):
         assert torch.equal(p.detach(), q.half().float())     # rounded once, never stepped
 
 
+def test_lightning_plugin_state_dict_restores_the_engine(tmp_path):
+    """The plugin's state (Lightning saves it in checkpoints) is the engine's: loaded
+    before the engine exists, it is applied when Lightning connects the plugin."""
+    recipe = "fp16-mixed:loss_scale.init_scale=1e38"        # the first step skips, S backs off
+    first = MixprecPrecision(recipe)
+    _fit(tmp_path, first, max_steps=2)
+    state = first.state_dict()
+    second = MixprecPrecision(recipe)
+    second.load_state_dict(state)
+    module = _LitMLP()
+    second.connect(module, [torch.optim.AdamW(module.parameters(), lr=1e-2)], [])
+    assert (second.engine.steps, second.engine.skipped_steps, second.engine.scale) == (
+        first.engine.steps, first.engine.skipped_steps, first.engine.scale)
+    assert first.engine.skipped_steps >= 1 and first.engine.scale < 1e38
+    for a, b in zip(second.engine.master_params, first.engine.master_params):
+        assert torch.equal(a, b)
+    second.teardown()
+
+
 def test_lightning_precision_alias_and_errors():
     import mixprec.lightning
     assert mixprec.lightning.Precision is MixprecPrecision
