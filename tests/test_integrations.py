@@ -380,3 +380,20 @@ def test_compare_hf_spec_errors(tmp_path, capsys):
     rc = main(["compare", "--model", f"hf:{tmp_path / 'small.json'}", "--steps", "1",
                "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "cannot run on the data" in capsys.readouterr().err
+
+
+def test_readme_hf_compare_command_builds_its_model():
+    """The README's `compare --model hf:` command names a config that builds the model."""
+    import re
+    import shlex
+    from pathlib import Path
+    from mixprec.experiments.workloads import resolve_workload
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    line = re.search(r"^mixprec compare --model hf:.*$", readme, flags=re.M).group(0)
+    spec = shlex.split(line)[shlex.split(line).index("--model") + 1]
+    workload = resolve_workload(model="hf:" + str(root / spec[len("hf:"):]))
+    assert workload.data_name == "stdlib-text"
+    model = workload.make_model()
+    assert type(model.model).__name__ == "LlamaForCausalLM"
+    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 512)
