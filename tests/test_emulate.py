@@ -648,3 +648,12 @@ def test_scaled_layers_write_the_high_precision_dtype(high, dtype):
 def test_scaled_output_rejects_other_dtypes():
     with pytest.raises(ValueError, match="scaled_output 'e4m3' is not one of fp32, fp16, bf16"):
         LayerPolicy(scaled_output="e4m3")
+
+
+def test_ieee_format_without_mantissa_saves_nan_inputs():
+    # e5m0 (IEEE, M = 0) has inf but no NaN code: a NaN activation makes the output NaN,
+    # and the saved copy stores 0 there, as for the MX FP6/FP4 elements, instead of failing
+    s = TensorSpec("e5m0")
+    x = torch.tensor([[1.0, float("nan")]], requires_grad=True)
+    y = qlinear(x, torch.ones(3, 2), None, LayerPolicy(s, s, s, s))
+    assert y.isnan().all()

@@ -77,6 +77,10 @@ class FloatFormat:
 
     @property
     def has_nan(self) -> bool:
+        # IEEE-style with no mantissa bits: the all-ones exponent is inf, and no code is left
+        # for NaN (quantize still returns NaN for NaN input; encode cannot store it)
+        if self.convention is Convention.IEEE and self.mbits == 0:
+            return False
         return self.convention is not Convention.FINITE
 
     @property
@@ -96,7 +100,7 @@ class FloatFormat:
         """The NaN encoding in words (for tables and error messages)."""
         e, m = "1" * self.ebits, self.mbits
         return {
-            Convention.IEEE: f"S.{e}.(non-zero mantissa)",
+            Convention.IEEE: f"S.{e}.(non-zero mantissa)" if m else "none",
             Convention.FN: f"S.{e}.{'1' * m}" if m else f"S.{e}",
             Convention.FNUZ: "1." + "0" * (self.ebits + self.mbits) + " only",
             Convention.FINITE: "none",
