@@ -4,7 +4,8 @@ A format is sign + ``ebits`` exponent bits + ``mbits`` mantissa bits with an exp
 ``bias``.  What the top of the code space means is the format's *convention*:
 
 * ``ieee``   -- the all-ones exponent is reserved: mantissa 0 is inf, anything else NaN
-               (fp32, bf16, fp16, OCP e5m2).
+               (fp32, bf16, fp16, OCP e5m2); with no mantissa bits (e5m0) there is no
+               NaN code.
 * ``fn``     -- finite + NaN: no inf; only the all-ones code S.1..1.1..1 is NaN, so the
                top binade holds normal numbers but its last mantissa code (OCP e4m3fn).
 * ``fnuz``   -- finite + NaN, unsigned zero: no inf, no -0; the code 1000...0 is the
