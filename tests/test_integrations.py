@@ -113,17 +113,46 @@ def test_lightning_plugin_trains_under_the_recipe(tmp_path):
     assert _csv_column(trainer, "mixprec/skipped_steps")[-1] == engine.skipped_steps
 
 
-def test_lightning_plugin_fp32_matches_plain_lightning(tmp_path):
-    """The fp32 recipe through the plugin gives the weights of Lightning without it."""
-    plugin_module, _ = _fit(tmp_path / "a", MixprecPrecision("fp32"))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_plugin_fp32_matches_plain_lightning(tmp_path, accumulate):
+    """The fp32 recipe through the plugin gives the weights of Lightning without it, with
+    and without gradient accumulation (several backward passes per step)."""
+    plugin_module, _ = _fit(tmp_path / "a", MixprecPrecision("fp32"),
+                            accumulate_grad_batches=accumulate)
     torch.manual_seed(0)
     plain = _LitMLP()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path / "b")
+                         enable_model_summary=False, default_root_dir=tmp_path / "b",
+                         accumulate_grad_batches=accumulate)
     trainer.fit(plain, _loader())
     for (n, p), q in zip(plugin_module.named_parameters(), plain.parameters()):
         assert torch.equal(p, q), n
+
+
+class _ManualMLP(_LitMLP):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_lightning_plugin_manual_optimization(tmp_path):
+    plugin = MixprecPrecision("fp16-mixed")
+    torch.manual_seed(0)
+    module = _ManualMLP()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, plugins=[plugin],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, _loader())
+    assert plugin.engine.steps == 3 and plugin.engine.skipped_steps == 0
+    assert all(_in_dtype(p, torch.float16) for p in module.parameters())
 
 
 def test_lightning_plugin_clips_unscaled_gradients(tmp_path):
