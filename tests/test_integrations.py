@@ -297,6 +297,31 @@ def test_hf_trainer_fp32_matches_plain_trainer(tmp_path):
     assert not torch.equal(clipped_model.lm_head.weight, ours.model.lm_head.weight)  # it clipped
 
 
+def test_hf_trainer_checkpoint_resumes_the_engine(tmp_path):
+    """A Trainer checkpoint holds the engine's state (optimizer.pt): a resumed run
+    continues the step count and the loss scale (growing x2 every step here), where a
+    fresh engine would start again from 2^16."""
+    from transformers import TrainingArguments
+    from mixprec.integrations.hf import MixprecTrainer
+    recipe = "fp16-mixed:loss_scale.growth_interval=1"
+
+    def run(max_steps, **train_kwargs):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps,
+                                 per_device_train_batch_size=4, learning_rate=1e-3,
+                                 report_to="none", save_strategy="steps", save_steps=2,
+                                 use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = MixprecTrainer(model=_tiny_llama(), args=args, train_dataset=_Tokens(),
+                                 recipe=recipe)
+        trainer.train(**train_kwargs)
+        return trainer
+
+    first = run(2)
+    assert first.engine.scale == 2.0 ** 18
+    resumed = run(4, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.engine.steps == 4 and resumed.engine.scale == 2.0 ** 20
+    assert [h["scale"] for h in resumed.engine.history] == [2.0 ** k for k in (16, 17, 18, 19)]
+
+
 def test_hf_trainer_rejects_autocast_on_top(tmp_path):
     from transformers import TrainingArguments
     from mixprec.integrations.hf import MixprecTrainer

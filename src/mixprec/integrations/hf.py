@@ -50,6 +50,7 @@ from transformers import Trainer
 
 from ..engine import Engine, KeepFilter, prepare
 from ..recipe import Recipe, get_recipe
+from . import _engine_ready, _load_when_ready
 
 __all__ = ["MixprecTrainer", "EngineOptimizer"]
 
@@ -111,10 +112,19 @@ class EngineOptimizer(torch.optim.Optimizer):
         self.engine.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
+        """The engine's state; the wrapped optimizer's own before the engine has master
+        weights (its keep rules wait for the first forward to be traced)."""
+        if not _engine_ready(self.engine):
+            return self.optimizer.state_dict()
         return self.engine.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.engine.load_state_dict(state_dict)
+        """An engine state (from :meth:`state_dict`), applied before the next forward
+        computes if the engine waits for its trace; or a plain optimizer state."""
+        if "masters" in state_dict and "loss_scaler" in state_dict:
+            _load_when_ready(self.engine, self.engine.model, state_dict)
+        else:
+            self.optimizer.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         return (f"EngineOptimizer({type(self.optimizer).__name__}, "

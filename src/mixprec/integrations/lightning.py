@@ -49,6 +49,7 @@ from torch import nn
 
 from ..engine import Engine, KeepFilter, prepare
 from ..recipe import Recipe, get_recipe
+from . import _engine_ready, _load_when_ready
 
 __all__ = ["MixprecPrecision"]
 
@@ -110,7 +111,7 @@ class MixprecPrecision(Precision):
         if self.monitor is not None:
             self.engine.attach_monitor(self.monitor)
         if self._pending_state is not None:
-            self.engine.load_state_dict(self._pending_state)
+            _load_when_ready(self.engine, model, self._pending_state)
             self._pending_state = None
         return model, optimizers, lr_schedulers
 
@@ -173,17 +174,21 @@ class MixprecPrecision(Precision):
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The engine's state (loss scale, masters, optimizer, counters, generator)."""
-        return self.engine.state_dict() if self.engine is not None else {}
+        """The engine's state (loss scale, masters, optimizer, counters, generator); empty
+        before the engine exists or has its master weights."""
+        if self.engine is None or not _engine_ready(self.engine):
+            return {}
+        return self.engine.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the engine's state (kept until the engine exists)."""
+        """Restore the engine's state: kept until the engine exists, applied before the
+        first forward computes when the engine waits for it to trace its keep rules."""
         if not state_dict:
             return
         if self.engine is None:
             self._pending_state = state_dict
         else:
-            self.engine.load_state_dict(state_dict)
+            _load_when_ready(self.engine, self.engine.model, state_dict)
 
     def teardown(self) -> None:
         """Remove the engine's hooks from the module (its weights stay rounded)."""
