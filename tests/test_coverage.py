@@ -175,3 +175,43 @@ def test_native_backend_records_nothing():
     with mp.autocast():
         model(torch.ones(2, 4))
     assert mp.coverage().total == 0
+
+
+def test_inspect_prints_and_saves_the_coverage_section(capsys, tmp_path, monkeypatch):
+    import argparse
+    import json
+    from mixprec.inspection import add_inspect_parser, run_inspect
+    (tmp_path / "covmod.py").write_text(
+        "import torch\n"
+        "from mixprec.experiments.data import Dataset\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(3, 4)\n"
+        "        self.w = torch.nn.Parameter(torch.randn(4, 2))\n"
+        "    def forward(self, x):\n"
+        "        h = torch.addmm(torch.zeros(2), self.fc(x), self.w)\n"
+        "        return torch.linalg.multi_dot([h, torch.eye(2), torch.eye(2)])\n"
+        "def model():\n    return Net()\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(20, 3, generator=g), torch.arange(20) % 2\n"
+        "    return Dataset('toy', 'classification', x, y, x, y, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parser = argparse.ArgumentParser()
+    add_inspect_parser(parser.add_subparsers(dest="command"))
+    path = tmp_path / "r.json"
+    args = parser.parse_args(["inspect", "--model", "covmod:model", "--data", "covmod:data",
+                              "--steps", "1", "--batch-size", "5", "--coverage", "mxfp8",
+                              "--json", str(path)])
+    with pytest.warns(CoverageWarning, match=r"multi_dot in module '\(root\)' is not emulated"):
+        assert run_inspect(args) == 0
+    out = capsys.readouterr().out
+    assert "Coverage under mxfp8" in out
+    assert "3 matmul-like calls: 2 emulated, 0 kept by a rule, 0 FP32 ops, 1 not recognised" in out
+    assert "weight e4m3/mx, activation e4m3/mx, grad_output e5m2/mx" in out
+    saved = json.loads(path.read_text())["coverage"]
+    assert [(r["op"], r["module"], r["status"]) for r in saved["rows"]] == [
+        ("linear", "fc", "emulated"), ("addmm", "", "emulated"), ("multi_dot", "", "unrecognised")]
+    with pytest.raises(ValueError, match="unknown recipe"):
+        run_inspect(parser.parse_args(["inspect", "--steps", "1", "--coverage", "fp9"]))
