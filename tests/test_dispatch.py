@@ -121,7 +121,8 @@ GEMM_CASES = {
     "Tensor.mm weight first": (
         lambda w, x: w.mm(x), lambda: (param(6, 8, seed=2), act(8, 5, seed=1)),
         lambda w, x: dict(A=w, B=x, roles=("weight", "activation"), grads=(w, x))),
-    "torch.bmm": (lambda a, b: torch.bmm(a, b), lambda: (act(3, 4, 8, seed=1), act(3, 8, 5, seed=2)),
+    "torch.bmm": (lambda a, b: torch.bmm(a, b),
+                  lambda: (act(3, 4, 8, seed=1), act(3, 8, 5, seed=2)),
                   lambda a, b: dict(A=a, B=b, roles=("activation", "activation"), grads=(a, b))),
     "Tensor.bmm": (lambda a, b: a.bmm(b), lambda: (act(3, 4, 8, seed=1), act(3, 8, 5, seed=2)),
                    lambda a, b: dict(A=a, B=b, roles=("activation", "activation"), grads=(a, b))),
@@ -171,14 +172,16 @@ GEMM_CASES = {
                           out=lambda y: y.squeeze(-1), grad_in=lambda g: g.unsqueeze(-1),
                           back=(None, lambda d: d.squeeze(-1)))),
     "torch.addmv": (
-        lambda i, w, v: torch.addmv(i, w, v, beta=2.0), lambda: (param(6, seed=3), param(6, 8, seed=2), act(8, seed=1)),
+        lambda i, w, v: torch.addmv(i, w, v, beta=2.0),
+        lambda: (param(6, seed=3), param(6, 8, seed=2), act(8, seed=1)),
         lambda i, w, v: dict(A=w, B=v.unsqueeze(-1), roles=("weight", "activation"),
                              addend=i.unsqueeze(-1), beta=2.0, addend_param=True,
                              grads=(w, v, i), out=lambda y: y.squeeze(-1),
                              grad_in=lambda g: g.unsqueeze(-1),
                              back=(None, lambda d: d.squeeze(-1), lambda d: d.squeeze(-1)))),
     "Tensor.addmv": (
-        lambda i, w, v: i.addmv(w, v), lambda: (act(6, seed=3), param(6, 8, seed=2), act(8, seed=1)),
+        lambda i, w, v: i.addmv(w, v),
+        lambda: (act(6, seed=3), param(6, 8, seed=2), act(8, seed=1)),
         lambda i, w, v: dict(A=w, B=v.unsqueeze(-1), roles=("weight", "activation"),
                              addend=i.unsqueeze(-1), grads=(w, v, i), out=lambda y: y.squeeze(-1),
                              grad_in=lambda g: g.unsqueeze(-1),
@@ -194,7 +197,8 @@ GEMM_CASES = {
                           grads=(a, b), back=(lambda d: d.reshape(5, 2, 4),
                                               lambda d: d.reshape(2, 4, 6)))),
     "torch.einsum linear": (
-        lambda x, w: torch.einsum("ij,jk->ik", x, w), lambda: (act(5, 8, seed=1), param(8, 6, seed=2)),
+        lambda x, w: torch.einsum("ij,jk->ik", x, w),
+        lambda: (act(5, 8, seed=1), param(8, 6, seed=2)),
         lambda x, w: dict(A=x, B=w, roles=("activation", "weight"), grads=(x, w))),
     "torch.einsum attention scores": (
         lambda q, k: torch.einsum("bhqd,bhkd->bhqk", q, k),
@@ -206,7 +210,8 @@ GEMM_CASES = {
                           back=(lambda d: d.reshape(2, 3, 4, 8),
                                 lambda d: d.transpose(-1, -2).reshape(2, 3, 5, 8)))),
     "torch.einsum list and ellipsis": (
-        lambda x, w: torch.einsum("...j,kj", [x, w]), lambda: (act(2, 5, 8, seed=1), param(6, 8, seed=2)),
+        lambda x, w: torch.einsum("...j,kj", [x, w]),
+        lambda: (act(2, 5, 8, seed=1), param(6, 8, seed=2)),
         lambda x, w: dict(A=x.reshape(10, 8), B=w.t(), roles=("activation", "weight"),
                           grads=(x, w), out=lambda y: y.reshape(2, 5, 6),
                           grad_in=lambda g: g.reshape(10, 6),

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from .recipe import ScalingKind, TensorSpec
 
 __all__ = ["STATUSES", "CoverageRow", "Coverage", "CoverageRecorder", "CoverageWarning",
-           "UnemulatedOpError", "spec_text", "OUTSIDE"]
+           "UnemulatedOpError", "spec_text", "policy_formats", "OUTSIDE"]
 
 STATUSES = ("emulated", "kept", "fp32", "unrecognised")
 _WHY = {"emulated": "", "kept": "kept by a rule", "fp32": "an FP32 op",
@@ -208,7 +208,3 @@ class CoverageRecorder:
 def policy_formats(policy, roles: Tuple[str, ...]) -> Tuple[Tuple[str, str], ...]:
     """(role, spec text) of ``roles`` under ``policy``."""
     return tuple((r, spec_text(getattr(policy, r))) for r in roles)
-
-
-def describe_kept(reason: Optional[str]) -> str:
-    return reason or ""

@@ -4,8 +4,11 @@ Public functions ``qlinear``, ``qconv``, ``qmatmul``, ``qembedding`` and
 ``qscaled_dot_product_attention`` compute their torch counterparts under a
 :class:`~mixprec.policy.LayerPolicy` (rules in :mod:`mixprec.qfunc`).
 :class:`PrecisionMode` routes a model's own calls of those ops to them, with the policy
-of the innermost layer registered by :func:`~mixprec.policy.attach`, and runs the
-recipe's FP32 ops in FP32 (:func:`~mixprec.policy.run_fp32`), the same on every device.
+of the layer registered by :func:`~mixprec.policy.attach` that owns the weight operand,
+through the one dispatch function of :mod:`mixprec.dispatch` (which also emulates
+addmm / baddbmm / addbmm / mv / addmv, tensordot, einsum, conv-transpose, bilinear and
+embedding_bag), and runs the recipe's FP32 ops in FP32
+(:func:`~mixprec.policy.run_fp32`), the same on every device.
 
 >>> handle = attach(model, lambda name, m: LayerPolicy.from_recipe("fp8-e5m2"))
 >>> with PrecisionMode():

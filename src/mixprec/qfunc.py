@@ -22,10 +22,18 @@ MX blocks lie along the reduction dimension of the GEMM that consumes the tensor
 tensor used by two GEMMs is quantized twice from high precision (as MX hardware
 pipelines keep a "row-wise" and a "column-wise" copy):
 
-    op       forward (x, w)        saved for dw / dx        grad for dx / dw
-    linear   x: last, w: in        x: tokens, w: out        g: out / tokens
-    matmul   a: -1, b: -2          a: -2, b: -1             g: -1 / -2
-    conv     x, w: C_in (dim 1)    x: batch, w: C_out       g: C_out / batch
+    op              forward (x, w)          saved for dw / dx       grad for dx / dw
+    linear          x: last, w: in          x: tokens, w: out       g: out / tokens
+    matmul          a: -1, b: -2            a: -2, b: -1            g: -1 / -2
+    conv            x, w: C_in (dim 1)      x: batch, w: C_out      g: C_out / batch
+    conv_transpose  x: C_in (1), w: C_in (0)  x: batch, w: C_out (1)  g: C_out / batch
+    bilinear        every operand once, along its last axis, for both passes
+
+QMatmul serves the whole matmul family (mm, bmm, matmul, mv, the addmm family, and the
+tensordot / einsum contractions of :mod:`mixprec.dispatch`): each operand is rounded in
+its role (an ``nn.Parameter`` operand as a weight, with a weight gradient), and
+``y = alpha * (a @ b) + beta * addend`` with the addend added in FP32 before the output
+is stored.
 
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
