@@ -442,3 +442,34 @@ def test_kept_module_is_reported_kept_not_emulated():
     assert (cov.emulated, cov.kept, cov.unrecognised) == (1, 1, 0)
     assert y.dtype == torch.float32      # the kept layer ran in FP32 on a float16 input
     assert "kept by a rule" in str(cov)
+
+
+# -- einsum beyond two operands -----------------------------------------------------------
+def test_einsum_three_operands_contract_left_to_right():
+    a, b, c = act(3, 4, seed=1), act(4, 5, seed=2), act(5, 2, seed=3)
+    y, G, grads, cov = run("fp16-mixed", lambda a, b, c: torch.einsum("ij,jk,kl->il", a, b, c),
+                           a, b, c)
+    ref = Ref("fp16-mixed")
+    ab = ref.store(ref.q(a, "activation", -1) @ ref.q(b, "activation", -2))
+    same(y, ref.store(ref.q(ab, "activation", -1) @ ref.q(c, "activation", -2)))
+    assert [(r.op, r.calls) for r in cov.rows] == [("einsum", 1)]
+    assert all(g is not None for g in grads)
+
+
+def test_einsum_sums_an_index_of_one_operand_before_the_product():
+    a, b = act(3, 4, seed=1), act(4, 5, seed=2)
+    y, G, grads, cov = run("mxfp8", lambda a, b: torch.einsum("ij,jk->i", a, b), a, b)
+    ref = Ref("mxfp8")
+    want = ref.q(a, "activation", -1) @ ref.q(b.sum(1, keepdim=True), "activation", -2)
+    same(y, want.squeeze(-1))
+
+
+def test_einsum_with_a_repeated_index_is_not_recognised_and_single_operands_not_recorded():
+    a, b = ints(4, 4, seed=1), ints(4, 3, seed=2)
+    with PrecisionMode(default_policy=LayerPolicy.from_recipe("fp16-mixed")) as mode:
+        with pytest.warns(UserWarning, match="einsum in module .* is not emulated.*'ii,ij->j'"):
+            y = torch.einsum("ii,ij->j", a, b)
+        torch.einsum("ij->ji", a)
+    assert torch.equal(y, torch.einsum("ii,ij->j", a, b))
+    cov = mode.recorder.coverage()
+    assert [(r.op, r.status, r.calls) for r in cov.rows] == [("einsum", "unrecognised", 1)]
