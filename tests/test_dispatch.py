@@ -473,3 +473,23 @@ def test_einsum_with_a_repeated_index_is_not_recognised_and_single_operands_not_
     assert torch.equal(y, torch.einsum("ii,ij->j", a, b))
     cov = mode.recorder.coverage()
     assert [(r.op, r.status, r.calls) for r in cov.rows] == [("einsum", "unrecognised", 1)]
+
+
+WEIGHTED_16_BIT = {
+    "conv2d": (lambda x: F.conv2d(x, param(6, 4, 3, 3, seed=2), param(6, seed=3)), (2, 4, 5, 5)),
+    "conv_transpose1d": (lambda x: F.conv_transpose1d(x, param(4, 6, 3, seed=2)), (2, 4, 5)),
+    "bilinear": (lambda x: F.bilinear(x, x, param(3, 4, 4, seed=2)), (5, 4)),
+}
+
+
+@pytest.mark.parametrize("policy", ["fp16-mixed", "fp32"])
+@pytest.mark.parametrize("case", list(WEIGHTED_16_BIT))
+def test_sixteen_bit_inputs_meet_fp32_weights_of_conv_and_bilinear(case, policy):
+    fn, shape = WEIGHTED_16_BIT[case]
+    x16 = (ints(*shape, seed=1) / 8).half().requires_grad_()
+    with PrecisionMode(default_policy=LayerPolicy.from_recipe(policy)):
+        y16 = fn(x16)
+        y32 = fn(x16.detach().float())
+    assert torch.equal(y16.double(), y32.double())
+    y16.float().sum().backward()
+    assert x16.grad.dtype == torch.float16 and torch.isfinite(x16.grad.float()).all()

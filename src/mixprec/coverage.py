@@ -26,6 +26,7 @@ An unrecognised call outside every kept module warns once per (op, module)
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -205,6 +206,7 @@ class CoverageRecorder:
         return f"CoverageRecorder(strict={self.strict}, rows={len(self._counts)})"
 
 
+@functools.lru_cache(maxsize=256)
 def policy_formats(policy, roles: Tuple[str, ...]) -> Tuple[Tuple[str, str], ...]:
-    """(role, spec text) of ``roles`` under ``policy``."""
+    """(role, spec text) of ``roles`` under ``policy`` (a frozen LayerPolicy; cached)."""
     return tuple((r, spec_text(getattr(policy, r))) for r in roles)
