@@ -97,6 +97,11 @@ def test_table_shows_the_recorded_numbers(results):
     assert "stopped at step 4: NonFiniteError: boom" in lines[-1]
 
 
+def test_table_lists_the_recorded_coverage_counts(results):
+    line = next(ln for ln in format_table(results).splitlines() if ln.startswith("matmul-like"))
+    assert line.endswith("(emulated/kept/fp32/not recognised): fp16-mixed 4/2/0/3")
+
+
 def test_table_reads_records_only(results):
     results["summary"][1]["metric_mean"] = 0.5            # no recomputation from runs
     assert "50.00%" in format_table(results)

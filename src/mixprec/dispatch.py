@@ -29,6 +29,10 @@ Reductions, each with rounded operands and FP32 accumulation::
     F.embedding, F.embedding_bag          QEmbedding, QEmbeddingBag
     F.scaled_dot_product_attention        matmul, FP32 softmax, matmul
 
+MX blocks of a reshaped operand run along its flattened reduction axis: in ``addbmm``
+and ``tensordot`` a block may span two batch entries or contracted dimensions when
+their size is not a multiple of the block size.
+
 Roles: an operand that is an ``nn.Parameter`` (or a view of one, such as ``w.t()``) is
 rounded as a weight and its gradient as a weight gradient; other operands are
 activations; the weight of linear, conv, bilinear and embedding is always a weight.

@@ -91,6 +91,10 @@ def format_table(results: dict) -> str:
     out.append(f"{cfg['model']} on {cfg['data']['name']}, {cfg['steps']} steps, batch "
                f"{cfg['batch_size']}, lr {cfg['lr']:g}, seeds {cfg['seeds']}; step time and "
                f"saved activations relative to fp32")
+    covered = [(r[0], r[1:5]) for r in coverage_rows(results) if r[1] != "-"]
+    if covered:
+        out.append("matmul-like calls of step 0 (emulated/kept/fp32/not recognised): "
+                   + ", ".join(f"{name} {'/'.join(map(str, c))}" for name, c in covered))
     return "\n".join(out + notes)
 
 
