@@ -190,6 +190,11 @@ GEMM_CASES = {
         lambda x, w: torch.tensordot(x, w, dims=([1], [0])),
         lambda: (act(5, 8, seed=1), param(8, 6, seed=2)),
         lambda x, w: dict(A=x, B=w, roles=("activation", "weight"), grads=(x, w))),
+    "torch.tensordot transposed weight": (
+        lambda x, w: torch.tensordot(x, w, dims=([1], [1])),
+        lambda: (act(5, 8, seed=1), param(6, 8, seed=2)),
+        lambda x, w: dict(A=x, B=w.t(), roles=("activation", "weight"), grads=(x, w),
+                          back=(None, lambda d: d.t()))),
     "torch.tensordot dims=2": (
         lambda a, b: torch.tensordot(a, b, dims=2),
         lambda: (act(5, 2, 4, seed=1), act(2, 4, 6, seed=2)),

@@ -97,16 +97,20 @@ def _role(t: torch.Tensor) -> str:
     return "weight" if parameter_of(t) is not None else "activation"
 
 
-def _gemm_call(a, b, addend=None, alpha=1.0, beta=1.0, reshape=None) -> _Call:
-    """A product a @ b (roles from Parameter-ness), with an optional addend."""
+def _gemm_call(a, b, addend=None, alpha=1.0, beta=1.0, operands=None, reshape=None) -> _Call:
+    """A product a @ b with an optional addend; each operand's role follows its
+    Parameter-ness. ``operands()`` (if given) returns the (A, B) actually multiplied, a
+    reshape of a and b built only when the call is emulated; ``reshape`` maps the
+    product back to the op's result shape."""
     roles = (_role(a), _role(b))
     spec = GemmSpec(roles, float(alpha), float(beta),
                     addend is not None and parameter_of(addend) is not None)
     weight = a if roles[0] == "weight" else b if roles[1] == "weight" else None
 
     def run(ctx):
-        y = _matmul(a, b, ctx(), spec, addend)
-        return y if reshape is None else reshape(y)
+        x, y = (a, b) if operands is None else operands()
+        out = _matmul(x, y, ctx(), spec, addend)
+        return out if reshape is None else reshape(out)
     return _Call(run, weight, _ALL_ROLES if weight is not None else _ACT_ROLES)
 
 
@@ -128,9 +132,8 @@ def _bind_linear(args, kwargs):
     return _Call(lambda ctx: _linear(*b, ctx()), b[1], _ALL_ROLES)
 
 
-def _bind_product(first: str, second: str, dims: Optional[Tuple[int, int]] = None,
-                  swap: bool = False):
-    names = ("input", first) if second == "" else ("input", first, second)
+def _bind_product(second: str, dims: Optional[Tuple[int, int]] = None, swap: bool = False):
+    names = ("input", second)
 
     def bind(args, kwargs):
         b = _bind(args, kwargs, names, {})
@@ -158,8 +161,8 @@ def _bind_add_product(first: str, second: str, dims: Tuple[int, int], stacked: b
         if stacked:      # sum_i A_i @ B_i == [A_0 .. A_n] @ [B_0; ..; B_n]
             if a.shape[0] != m.shape[0] or a.shape[2] != m.shape[1]:
                 return None
-            a = a.permute(1, 0, 2).reshape(a.shape[1], -1)
-            m = m.reshape(-1, m.shape[2])
+            return _gemm_call(a, m, addend, alpha, beta, operands=lambda: (
+                a.permute(1, 0, 2).reshape(a.shape[1], -1), m.reshape(-1, m.shape[2])))
         return _gemm_call(a, m, addend, alpha, beta)
     return bind
 
@@ -194,9 +197,9 @@ def _bind_tensordot(args, kwargs):
         return None
     k = math.prod(a.shape[i] for i in da)
     out_shape = [a.shape[i] for i in free_a] + [m.shape[i] for i in free_b]
-    a2 = a.permute(free_a + da).reshape(-1, k)
-    b2 = m.permute(db + free_b).reshape(k, -1)
-    return _gemm_call(a2, b2, reshape=lambda y: y.reshape(out_shape))
+    return _gemm_call(a, m, operands=lambda: (a.permute(free_a + da).reshape(-1, k),
+                                              m.permute(db + free_b).reshape(k, -1)),
+                      reshape=lambda y: y.reshape(out_shape))
 
 
 # -- einsum ----------------------------------------------------------------------------
@@ -293,12 +296,14 @@ def _bind_einsum(args, kwargs):
     terms, out = parsed
     weight = next((t for t in operands if parameter_of(t) is not None), None)
 
+    roles = [_role(t) for t in operands]
+
     def run(ctx):
         z, tz = operands[0], terms[0]
         for i in range(1, len(operands)):
             keep = out + "".join(terms[i + 1:])
+            spec = GemmSpec((roles[0] if i == 1 else "activation", roles[i]))
             a, b = z, operands[i]
-            spec = GemmSpec((_role(a), _role(b)))
             z, tz = einsum_contract(a, tz, b, terms[i], keep,
                                     lambda X, Y, spec=spec: _matmul(X, Y, ctx(), spec))
         extra = [j for j, c in enumerate(tz) if c not in out]
@@ -392,10 +397,10 @@ def _opaque(reason: str):
 def _table() -> dict:
     """{torch callable: (op name, binder)} for every spelling."""
     T = torch.Tensor
-    mm = _bind_product("mat2", "", (2, 2))
-    bmm = _bind_product("mat2", "", (3, 3))
-    matmul = _bind_product("other", "")
-    mv = _bind_product("vec", "", (2, 1))
+    mm = _bind_product("mat2", (2, 2))
+    bmm = _bind_product("mat2", (3, 3))
+    matmul = _bind_product("other")
+    mv = _bind_product("vec", (2, 1))
     addmm = _bind_add_product("mat1", "mat2", (2, 2))
     baddbmm = _bind_add_product("batch1", "batch2", (3, 3))
     addbmm = _bind_add_product("batch1", "batch2", (3, 3), stacked=True)
@@ -406,7 +411,7 @@ def _table() -> dict:
         torch.bmm: ("bmm", bmm), T.bmm: ("bmm", bmm),
         torch.matmul: ("matmul", matmul), T.matmul: ("matmul", matmul),
         torch.linalg.matmul: ("matmul", matmul), T.__matmul__: ("matmul", matmul),
-        T.__rmatmul__: ("matmul", _bind_product("other", "", swap=True)),
+        T.__rmatmul__: ("matmul", _bind_product("other", swap=True)),
         torch.mv: ("mv", mv), T.mv: ("mv", mv),
         torch.addmm: ("addmm", addmm), T.addmm: ("addmm", addmm),
         torch.baddbmm: ("baddbmm", baddbmm), T.baddbmm: ("baddbmm", baddbmm),
@@ -495,6 +500,8 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     if entry is None:
         return NOT_MATMUL
     op, bind = entry
+    if kwargs.get("out", False) is None:     # out=None spelled out: the same call
+        kwargs = {k: v for k, v in kwargs.items() if k != "out"}
     call = bind(args, kwargs)
     if call is None:
         return func(*args, **kwargs)
