@@ -498,3 +498,17 @@ def test_sixteen_bit_inputs_meet_fp32_weights_of_conv_and_bilinear(case, policy)
     assert torch.equal(y16.double(), y32.double())
     y16.float().sum().backward()
     assert x16.grad.dtype == torch.float16 and torch.isfinite(x16.grad.float()).all()
+
+
+def test_out_buffers_run_as_called_and_in_place_variants_are_not_recognised():
+    """out= is how compiled code runs the GEMMs it traced: plain and unrecorded."""
+    a, b, buf = ints(3, 4, seed=1), ints(4, 5, seed=2), torch.empty(3, 5)
+    x = ints(3, 5, seed=3)
+    with PrecisionMode(default_policy=LayerPolicy.from_recipe("fp8-hybrid")) as mode:
+        torch.mm(a + 0.1, b, out=buf)
+        y = torch.mm(a + 0.1, b, out=None)
+        with pytest.warns(UserWarning, match="addmm_ in module .* not emulated .*in-place"):
+            x.addmm_(a, b)
+    assert torch.equal(buf, torch.mm(a + 0.1, b)) and not torch.equal(y, buf)
+    assert [(r.op, r.status) for r in mode.recorder.coverage().rows] == [
+        ("mm", "emulated"), ("addmm_", "unrecognised")]

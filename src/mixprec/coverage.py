@@ -10,8 +10,8 @@ one dispatch function (:mod:`mixprec.dispatch`), which records it here with one 
     fp32          an FP32 op: the recipe computes it in FP32 (the policy is FP32,
                   the op is in ``recipe.fp32_ops``, or no policy applies)
     unrecognised  not recognised: the call ran torch's own kernel in the widest dtype
-                  of its operands (a composite such as an LSTM, an argument such as
-                  ``out=``, an einsum that is not a contraction); ``reason`` says which
+                  of its operands (a composite such as an LSTM, an in-place variant,
+                  an einsum that is not a contraction); ``reason`` says which
 
 Each call is attributed to the module that owns its weight operand (the innermost
 running module holding that Parameter), else to the innermost running module.
@@ -26,7 +26,6 @@ An unrecognised call outside every kept module warns once per (op, module)
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -173,16 +172,25 @@ class CoverageRecorder:
             raise TypeError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
         self._counts: Dict[tuple, int] = {}
+        self._policies: dict = {}
         self._warned: set = set()
 
-    def record(self, op: str, module: str, status: str, formats: tuple = (),
+    def record(self, op: str, module: str, status: str, policy=None, roles: tuple = (),
                reason: str = "", has_weight: bool = False) -> None:
-        key = (op, module, status, formats, reason, has_weight)
-        self._counts[key] = self._counts.get(key, 0) + 1
+        """Count one call; ``policy`` (a LayerPolicy) and ``roles`` give the formats,
+        spelled out only when :meth:`coverage` is asked for."""
+        key = (op, module, status, None if policy is None else id(policy), roles, reason,
+               has_weight)
+        count = self._counts.get(key)
+        if count is None:
+            if policy is not None:
+                self._policies[id(policy)] = policy     # keeps the id valid
+            count = 0
+        self._counts[key] = count + 1
 
     def unrecognised(self, op: str, module: str, reason: str, has_weight: bool = False) -> None:
         """Record an unrecognised call; warn once per (op, module), or raise if strict."""
-        self.record(op, module, "unrecognised", (), reason, has_weight)
+        self.record(op, module, "unrecognised", None, (), reason, has_weight)
         where = module or "(root)"
         message = (f"{op} in module {where!r} is not emulated ({reason}): it runs torch's own "
                    f"kernel in the widest dtype of its operands")
@@ -198,15 +206,16 @@ class CoverageRecorder:
         self._counts = {}
 
     def coverage(self) -> Coverage:
-        return Coverage(tuple(CoverageRow(op, module, status, n, formats, reason, has_weight)
-                              for (op, module, status, formats, reason, has_weight), n
-                              in self._counts.items()))
+        rows = []
+        for (op, module, status, pid, roles, reason, has_weight), n in self._counts.items():
+            formats = () if pid is None else policy_formats(self._policies[pid], roles)
+            rows.append(CoverageRow(op, module, status, n, formats, reason, has_weight))
+        return Coverage(tuple(rows))
 
     def __repr__(self) -> str:
         return f"CoverageRecorder(strict={self.strict}, rows={len(self._counts)})"
 
 
-@functools.lru_cache(maxsize=256)
 def policy_formats(policy, roles: Tuple[str, ...]) -> Tuple[Tuple[str, str], ...]:
-    """(role, spec text) of ``roles`` under ``policy`` (a frozen LayerPolicy; cached)."""
+    """(role, spec text) of ``roles`` under ``policy`` (a LayerPolicy)."""
     return tuple((r, spec_text(getattr(policy, r))) for r in roles)

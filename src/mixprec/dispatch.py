@@ -29,6 +29,9 @@ Reductions, each with rounded operands and FP32 accumulation::
     F.embedding, F.embedding_bag          QEmbedding, QEmbeddingBag
     F.scaled_dot_product_attention        matmul, FP32 softmax, matmul
 
+A call with an ``out=`` buffer runs as called and is not recorded: that is how compiled
+code (Inductor's extern kernels) runs the GEMMs of an emulation it traced.
+
 MX blocks of a reshaped operand run along its flattened reduction axis: in ``addbmm``
 and ``tensordot`` a block may span two batch entries or contracted dimensions when
 their size is not a multiple of the block size.
@@ -46,7 +49,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .coverage import OUTSIDE, policy_formats
+from .coverage import OUTSIDE
 from .emulate import (_bilinear, _conv, _conv_transpose, _embedding, _embedding_bag, _linear,
                       _matmul, _sdpa)
 from .policy import Layer, owner_layer, parameter_of, run_fp32
@@ -500,7 +503,11 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     if entry is None:
         return NOT_MATMUL
     op, bind = entry
-    if kwargs.get("out", False) is None:     # out=None spelled out: the same call
+    if "out" in kwargs:
+        if kwargs["out"] is not None:
+            # Compiled code (Inductor's extern kernels) calls GEMMs into out= buffers to
+            # compute what the traced emulation asked for: run as called, unrecorded.
+            return func(*args, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k != "out"}
     call = bind(args, kwargs)
     if call is None:
@@ -513,7 +520,7 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     rec = mode.recorder
     fp32_name = mode.fp32.get(func)
     if fp32_name is not None and layer is not None:
-        rec.record(op, module, "fp32", (), "in recipe.fp32_ops", has_weight)
+        rec.record(op, module, "fp32", None, (), "in recipe.fp32_ops", has_weight)
         return run_fp32(func, fp32_name, args, kwargs)
     if layer is None:      # no policy anywhere (torch.autocast decides, in native mode)
         return func(*args, **kwargs)
@@ -521,13 +528,13 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     if isinstance(call, _Unsupported) or policy.is_identity:
         reason = call.reason if isinstance(call, _Unsupported) else ""
         if layer.kept:
-            rec.record(op, module, "kept", (), reason, has_weight)
+            rec.record(op, module, "kept", None, (), reason, has_weight)
         elif policy.is_identity:
-            rec.record(op, module, "fp32", (), reason or "FP32 policy", has_weight)
+            rec.record(op, module, "fp32", None, (), reason or "FP32 policy", has_weight)
         else:
             rec.unrecognised(op, module, reason, has_weight)
         return _plain(func, args, kwargs)
-    rec.record(op, module, "kept" if layer.kept else "emulated",
-               policy_formats(policy, call.roles), "", has_weight)
+    rec.record(op, module, "kept" if layer.kept else "emulated", policy, call.roles, "",
+               has_weight)
     gen, state = mode.generator, layer.state
     return call.run(lambda: OpContext(policy, state, gen, state.next_slot()))
