@@ -106,6 +106,14 @@ def test_lightning_plugin_trains_under_the_recipe(tmp_path):
     # the emulated layer's outputs are E5M2 values in every training step
     assert len(module.seen_outputs) == 3
     assert all(_in_dtype(o, E5M2) for o in module.seen_outputs)
+    # the coverage report: the middle layer emulated in E5M2, first and last kept
+    cov = engine.coverage()
+    status = {r.module: (r.status, dict(r.formats)) for r in cov.rows if r.has_weight}
+    assert status["net.2"] == ("emulated", {"weight": "e5m2", "activation": "e5m2",
+                                            "grad_output": "e5m2/stochastic",
+                                            "weight_grad": "e5m2/stochastic"})
+    assert status["net.0"][0] == status["net.5"][0] == "kept"
+    assert cov.unrecognised == 0
     # fp8-e5m2 scales the loss dynamically: the scale of each step is in the logs
     logged = _csv_column(trainer, "mixprec/loss_scale")
     assert logged == [h["scale"] for h in engine.history]
@@ -269,6 +277,12 @@ def test_hf_trainer_trains_under_the_recipe(tmp_path):
     assert not _in_dtype(master, torch.float16)
     # activations: every q_proj output of the 3 training steps is FP16
     assert len(outputs) == 3 and all(_in_dtype(o, torch.float16) for o in outputs)
+    # the coverage report: every projection of the Llama emulated in FP16
+    cov = engine.coverage()
+    rows = [r for r in cov.rows if r.has_weight and r.op == "linear"]
+    assert len({r.module for r in rows}) == 2 * 7 + 1          # 7 per layer, lm_head
+    assert all(r.status == "emulated" and dict(r.formats)["weight"] == "fp16" for r in rows)
+    assert cov.unrecognised == 0
     # the loss scale of each step is in the Trainer's logs
     steps = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["loss_scale"] for h in steps] == [h["scale"] for h in engine.history]

@@ -17,7 +17,6 @@ from torch import nn
 
 import mixprec
 from mixprec.experiments.hf import tiny_batch, tiny_model
-from mixprec.native import resolve_backend
 
 PRESETS = mixprec.list_presets()
 STEPS = 3
@@ -32,21 +31,9 @@ PROBES = {
 
 # Known gaps, each an expected failure that must fail (strict): when the gap is closed the
 # test passes, xfail turns it into a failure, and the entry goes.
-_GPT2_ADDMM = ("transformers' Conv1D computes torch.addmm, which mixprec does not route: "
-               "under 16-bit storage the first forward crashes on mixed dtypes, otherwise "
-               "every GPT-2 projection runs unemulated in FP32")
 _RMSNORM = ("LlamaRMSNorm is not a torch norm class, so the 'norm' keep rule misses it: its "
             "E5M2-stored weights stay at 1.0")
-
-
-def _native_on_cpu(preset: str) -> bool:
-    """Whether ``auto`` runs ``preset`` natively here (bf16 on CPUs with bf16 dot products):
-    torch.autocast then casts addmm's operands itself."""
-    return resolve_backend("auto", mixprec.get_recipe(preset), torch.device("cpu")) == "native"
-
-
 KNOWN_GAPS = {
-    **{("gpt2", p): _GPT2_ADDMM for p in PRESETS if p != "fp32" and not _native_on_cpu(p)},
     ("llama", "fp8-e5m2"): _RMSNORM,
 }
 
@@ -58,6 +45,12 @@ def _norm_modules(model: nn.Module) -> dict:
             if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
             or (type(m).__name__.endswith("Norm")
                 and getattr(m, "weight", None) is not None and m.weight.dim() == 1)}
+
+
+def _is_projection(m: nn.Module) -> bool:
+    """Linear, Conv2d and transformers' Conv1D (a weight it passes to addmm)."""
+    return (isinstance(m, (nn.Linear, nn.Conv2d))
+            or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None))
 
 
 def _fp32_recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +119,25 @@ def test_real_model_trains_under_preset(name, preset):
             assert torch.equal(y, ref)
         else:
             assert not torch.equal(y, ref), f"{PROBES[name]} ran in FP32 under {preset}"
+    # coverage: every projection (and embedding) emulated in the recipe's formats,
+    # except the modules a keep rule names; nothing unrecognised
+    if mp.backend != "native":           # the native backend leaves precision to autocast
+        cov = mp.coverage()
+        projections = {n for n, m in model.named_modules() if _is_projection(m)}
+        assert projections <= set(cov.gemm_layers()), projections - set(cov.gemm_layers())
+        recipe = mixprec.get_recipe(preset)
+        for row in cov.rows:
+            if not row.has_weight:
+                continue
+            if preset == "fp32":
+                assert row.status == "fp32", row
+            elif row.module in mp.keep:
+                assert row.status == "kept", row
+            else:
+                assert row.status == "emulated", row
+                for role, fmt in row.formats:         # e.g. ("weight", "e4m3/current")
+                    assert fmt.split("/")[0] == getattr(recipe, role).format, row
+        assert cov.unrecognised == 0, str(cov)
     # every normalisation's stored weights moved
     frozen = [n for n, m in norms.items() if torch.equal(m.weight.detach(), stored[n])]
     assert not frozen, f"norm weights did not move under {preset}: {frozen}"
@@ -133,9 +145,12 @@ def test_real_model_trains_under_preset(name, preset):
 
 def test_real_models_benchmark_quick(capsys):
     """benchmarks/real_models.py --quick: one row per model and preset, FP32 the 1.000x
-    reference, every Llama and ResNet preset finite."""
+    reference, every loss finite, and the coverage counts of step 0 (none under the
+    native backend, which records nothing)."""
     import importlib.util
+    import re
     from pathlib import Path
+    from mixprec.native import resolve_backend
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "real_models.py"
     spec = importlib.util.spec_from_file_location("real_models_bench", path)
     bench = importlib.util.module_from_spec(spec)
@@ -149,7 +164,14 @@ def test_real_models_benchmark_quick(capsys):
     rows = [line.split() for line in lines[3:]]
     assert [(r[0], r[1]) for r in rows] == [(m, p) for m in PROBES for p in PRESETS]
     for r in rows:
+        assert len(r) == 7, r                       # no error column
+        assert math.isfinite(float(r[2])) and r[3].endswith("x"), r
         if r[1] == "fp32":
             assert r[3] == "1.000x" and r[5] == "1.000x"
-        if r[0] in ("llama", "resnet"):
-            assert math.isfinite(float(r[2])) and r[3].endswith("x"), r
+        native = resolve_backend("auto", mixprec.get_recipe(r[1]), torch.device("cpu"))
+        if native == "native":
+            assert r[6] == "-", r
+        else:
+            emulated, kept, fp32, unrecognised = map(int, re.fullmatch(
+                r"(\d+)/(\d+)/(\d+)/(\d+)", r[6]).groups())
+            assert unrecognised == 0 and (fp32 > 0 if r[1] == "fp32" else emulated > 0), r
