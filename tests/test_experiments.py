@@ -322,6 +322,16 @@ def test_train_record_holds_every_step(digits):
     assert rec["config"]["seed"] == 3 and rec["config"]["torch_version"] == torch.__version__
 
 
+def test_train_record_holds_the_optimizer_state_underflow(digits):
+    """AdamW moments in FP16 lose most of exp_avg_sq at this learning rate's gradients;
+    in FP32 (fp16-pure's default) nothing is counted."""
+    cfg = TrainConfig(steps=3, batch_size=32, seed=0, hist_points=1)
+    with pytest.warns(UserWarning, match="optimizer state underflows in fp16"):
+        fp16 = train_recipe(digits_mlp(), digits, "fp16-pure:optimizer_state=fp16", cfg)
+    assert fp16["state_underflow"] > 0.1
+    assert train_recipe(digits_mlp(), digits, "fp16-pure", cfg)["state_underflow"] is None
+
+
 def test_histograms_are_of_unscaled_gradients(digits):
     """The loss scale must not shift the recorded histogram (powers of two are exact)."""
     cfg = TrainConfig(steps=1, batch_size=16)
