@@ -159,3 +159,18 @@ def test_llama_rmsnorm_weights_move_under_fp8_e5m2():
     assert float((kept != 1.0).float().mean()) > 0.5
     stuck = norm_weights(("first", "last"))
     assert torch.equal(stuck, torch.ones_like(stuck))
+
+
+def test_gpt2_tied_lm_head_is_stored_in_fp16_under_fp8_e5m2():
+    """lm_head (kept, "last") shares its weight with transformer.wte (not kept): the one
+    tensor is stored in the preset's high precision (FP16), not in E5M2."""
+    model = gpt2()
+    mp = prepare(model, torch.optim.AdamW(model.parameters()), "fp8-e5m2", backend="emulated",
+                 example_inputs={"input_ids": tokens()})
+    assert "lm_head" in mp.keep and "transformer.wte" not in mp.keep
+    w = model.lm_head.weight.detach()
+    assert w is not None and model.transformer.wte.weight is model.lm_head.weight
+    assert torch.equal(w, w.half().float())
+    assert not torch.equal(w, w.to(torch.float8_e5m2).float())
+    c_fc = model.transformer.h[1].mlp.c_fc.weight.detach()          # an ordinary layer
+    assert torch.equal(c_fc, c_fc.to(torch.float8_e5m2).float())
