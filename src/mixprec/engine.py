@@ -1,5 +1,10 @@
 """The training engine: one object that runs a mixed-precision training step.
 
+Set-up: the keep rules are resolved (:func:`resolve_keep_high_precision`; "first" and
+"last" by one traced forward, from ``example_inputs`` or from the first forward under
+``autocast()``), then master weights, layer policies and the weights' storage formats
+are fixed.
+
 >>> mp = prepare(model, optimizer, recipe="fp16-mixed")
 >>> with mp.autocast():
 ...     loss = loss_fn(model(x), y)
@@ -17,7 +22,9 @@ A step, stage by stage (every recipe runs the same stages; "off" is an identity 
 4. step master   the user's optimizer updates the master weights (then re-rounded to
                  the recipe's master format)
 5. round         model weights <- round(master, weight format)
-6. state         optimizer moments <- round(moments, recipe.optimizer_state)
+6. state         optimizer moments <- round(moments, recipe.optimizer_state); elements
+                 rounded to zero where the gradient is not are counted (the history's
+                 state_underflow) and warned about once
 7. loss scale    S <- update(S, found_inf); a forward NaN leaves S alone (scaling
                  cannot fix it)
 """
