@@ -33,9 +33,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
-import fnmatch
 import warnings
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -44,8 +43,8 @@ from .distributed import all_reduce_found_inf
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
-from .layers import (GemmCall, first_gemm_layers, is_norm, last_gemm_layers, parameter_owners,
-                     split_example_inputs, trace_gemm_calls)
+from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, parameter_owners,
+                     resolve_keep_high_precision, split_example_inputs, trace_gemm_calls)
 from .optim import (MasterOptimizer, OptimizerStateUnderflowWarning, ParamSlot, StateUnderflow,
                     round_into_)
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
@@ -53,8 +52,6 @@ from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
            "STATE_UNDERFLOW_WARN", "needs_trace", "resolve_keep_high_precision"]
 
-KEEP_KEYWORDS = ("first", "last", "norm")
-KeepFilter = Union[str, Callable[[str, nn.Module], bool]]
 # Warn (once per engine) when more than this fraction of an optimizer moment's elements
 # are zero in the state format while their gradients are not.
 STATE_UNDERFLOW_WARN = 0.01
@@ -72,97 +69,8 @@ class Stage(str, enum.Enum):
 
 
 # --------------------------------------------------------------------------------------
-# Which modules stay in high precision
+# Storage of kept modules
 # --------------------------------------------------------------------------------------
-def needs_trace(filters) -> bool:
-    """True when ``filters`` name "first" or "last": positions in execution order, which
-    only a traced forward pass gives (:func:`mixprec.layers.trace_gemm_calls`)."""
-    return any(isinstance(f, str) and f in ("first", "last") for f in _as_filters(filters))
-
-
-def _as_filters(filters) -> tuple:
-    if filters is None:
-        return ()
-    if isinstance(filters, str) or callable(filters):
-        return (filters,)
-    return tuple(filters)
-
-
-def resolve_keep_high_precision(model: nn.Module, filters, *, example_inputs=None,
-                                calls: Optional[Sequence[GemmCall]] = None) -> frozenset:
-    """Qualified names of the modules kept in high precision.
-
-    ``filters``: any of
-
-    * "first": the first GEMM layer in execution order and every GEMM layer reading the
-      same input tensor (a Llama's layer-0 q_proj, k_proj and v_proj);
-    * "last": the last GEMM layer in execution order (and any reading its input);
-    * "norm": every normalisation, torch classes and modules recognised by name and
-      structure (Hugging Face ``*RMSNorm``, ``T5LayerNorm``, apex ``FusedLayerNorm``);
-    * fnmatch patterns on qualified names, or callables ``(name, module) -> bool``.
-
-    GEMM layers, norms and the trace are defined in :mod:`mixprec.layers`. "first" and
-    "last" need one forward pass: ``example_inputs`` (a tensor, a tuple of positional
-    arguments or a dict of keyword arguments for ``model``) or the ``calls`` of an
-    earlier trace. Submodules of a kept module are kept too.
-
-    >>> resolve_keep_high_precision(model, ("first", "norm"), example_inputs=x)
-    """
-    filters = _as_filters(filters)
-    if needs_trace(filters) and calls is None:
-        if example_inputs is None:
-            raise ValueError("keep_high_precision 'first' and 'last' are positions in execution "
-                             "order: pass example_inputs (a tensor, a tuple of positional "
-                             "arguments or a dict of keyword arguments) to trace one forward")
-        calls = trace_gemm_calls(model, *split_example_inputs(example_inputs))
-    modules = list(model.named_modules())
-    chosen: set = set()
-    for f in filters:
-        if callable(f):
-            chosen |= {n for n, m in modules if f(n, m)}
-        elif f in ("first", "last"):
-            found = first_gemm_layers(calls) if f == "first" else last_gemm_layers(calls)
-            if not found:
-                warnings.warn(f"keep_high_precision {f!r} keeps nothing: the traced forward ran "
-                              f"no GEMM layer (a module owning a >= 2-D weight parameter)",
-                              stacklevel=3)
-            chosen |= found
-        elif f == "norm":
-            chosen |= {n for n, m in modules if is_norm(m)}
-            _warn_norm_lookalikes(modules)
-        elif isinstance(f, str):
-            matched = {n for n, _ in modules if fnmatch.fnmatchcase(n, f)}
-            if not matched:
-                names = ", ".join(repr(n) for n, _ in modules[1:12])
-                raise ValueError(f"keep_high_precision pattern {f!r} matches no module; valid: "
-                                 f"{', '.join(KEEP_KEYWORDS)}, a callable, or a pattern on "
-                                 f"module names such as {names}")
-            chosen |= matched
-        else:
-            raise ValueError(f"keep_high_precision entry {f!r} is not a string or a callable; "
-                             f"valid: {', '.join(KEEP_KEYWORDS)}, fnmatch patterns, callables")
-    if "" in chosen:
-        return frozenset(n for n, _ in modules)
-    return frozenset(n for n, _ in modules
-                     if any(n == c or n.startswith(c + ".") for c in chosen))
-
-
-def _warn_norm_lookalikes(modules: list) -> None:
-    """A class named like a normalisation, owning parameters, that the structural rule
-    rejects is reported: "norm" does not keep it, and the user should know. (Wrappers
-    owning no parameter of their own, such as a PreNorm block, are not reported.)"""
-    odd = [f"{n!r} ({type(m).__name__}: parameters "
-           f"{sorted({tuple(p.shape) for p in m.parameters()})})"
-           for n, m in modules
-           if "norm" in type(m).__name__.lower() and not is_norm(m)
-           and any(True for _ in m.parameters(recurse=False))]
-    if odd:
-        warnings.warn(f"keep_high_precision 'norm' does not keep {', '.join(odd[:5])}"
-                      f"{' ...' if len(odd) > 5 else ''}: named like a normalisation but its "
-                      f"parameters are not 1-D of one size; name it with a pattern to keep it",
-                      stacklevel=3)
-
-
 def _storage_spec(recipe: Recipe, kept: bool) -> TensorSpec:
     """The format a model weight is stored in: the weight format, the high-precision
     format for kept modules, FP32 when the weight format is scaled (the layer scales and
@@ -196,7 +104,7 @@ class Engine:
         self._reset_step_flags()
         self._hooks, self._attached = [], None
         self.monitor = None            # a NumericsMonitor attached by attach_monitor()
-        self._filters = _as_filters(filters)
+        self._filters = as_keep_filters(filters)
         self._keep: Optional[frozenset] = None
         self._masters: Optional[MasterOptimizer] = None
         self._count_lost = (recipe.master is None if count_lost_updates is None

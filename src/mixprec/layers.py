@@ -32,13 +32,21 @@ GEMM layer and records which layer ran and the tensor it read. Then
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+import fnmatch
+import warnings
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 
 import torch
 from torch import nn
 
 __all__ = ["is_norm", "is_embedding", "is_gemm_layer", "GemmCall", "trace_gemm_calls",
-           "first_gemm_layers", "last_gemm_layers", "parameter_owners", "split_example_inputs"]
+           "first_gemm_layers", "last_gemm_layers", "parameter_owners", "split_example_inputs",
+           "KEEP_KEYWORDS", "KeepFilter", "as_keep_filters", "needs_trace",
+           "resolve_keep_high_precision"]
+
+KEEP_KEYWORDS = ("first", "last", "norm")
+KeepFilter = Union[str, Callable[[str, nn.Module], bool]]
 
 _TORCH_NORMS = tuple(m for m in (
     nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -184,3 +192,98 @@ def parameter_owners(model: nn.Module) -> Dict[int, List[str]]:
             if name not in names:
                 names.append(name)
     return owners
+
+
+# --------------------------------------------------------------------------------------
+# Keep rules: which modules stay in high precision
+# --------------------------------------------------------------------------------------
+def needs_trace(filters: Union[KeepFilter, Sequence[KeepFilter], None]) -> bool:
+    """True when ``filters`` name "first" or "last": positions in execution order, which
+    only a traced forward pass gives (:func:`mixprec.layers.trace_gemm_calls`)."""
+    return any(isinstance(f, str) and f in ("first", "last") for f in as_keep_filters(filters))
+
+
+def as_keep_filters(filters: Union[KeepFilter, Sequence[KeepFilter], None]) -> tuple:
+    """A tuple of keep filters from None, one filter or a sequence of them."""
+    if filters is None:
+        return ()
+    if isinstance(filters, str) or callable(filters):
+        return (filters,)
+    return tuple(filters)
+
+
+def resolve_keep_high_precision(model: nn.Module,
+                                filters: Union[KeepFilter, Sequence[KeepFilter], None], *,
+                                example_inputs: Any = None,
+                                calls: Optional[Sequence[GemmCall]] = None) -> frozenset:
+    """Qualified names of the modules kept in high precision.
+
+    ``filters``: any of
+
+    * "first": the first GEMM layer in execution order and every GEMM layer reading the
+      same input tensor (a Llama's layer-0 q_proj, k_proj and v_proj);
+    * "last": the last GEMM layer in execution order (and any reading its input);
+    * "norm": every normalisation, torch classes and modules recognised by name and
+      structure (Hugging Face ``*RMSNorm``, ``T5LayerNorm``, apex ``FusedLayerNorm``);
+    * fnmatch patterns on qualified names, or callables ``(name, module) -> bool``.
+
+    GEMM layers, norms and the trace are defined at the top of this module. "first" and
+    "last" need one forward pass: ``example_inputs`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments for ``model``) or the ``calls`` of an
+    earlier trace. Submodules of a kept module are kept too.
+
+    >>> resolve_keep_high_precision(model, ("first", "norm"), example_inputs=x)
+    """
+    filters = as_keep_filters(filters)
+    if needs_trace(filters) and calls is None:
+        if example_inputs is None:
+            raise ValueError("keep_high_precision 'first' and 'last' are positions in execution "
+                             "order: pass example_inputs (a tensor, a tuple of positional "
+                             "arguments or a dict of keyword arguments) to trace one forward")
+        calls = trace_gemm_calls(model, *split_example_inputs(example_inputs))
+    modules = list(model.named_modules())
+    chosen: set = set()
+    for f in filters:
+        if callable(f):
+            chosen |= {n for n, m in modules if f(n, m)}
+        elif f in ("first", "last"):
+            found = first_gemm_layers(calls) if f == "first" else last_gemm_layers(calls)
+            if not found:
+                warnings.warn(f"keep_high_precision {f!r} keeps nothing: the traced forward ran "
+                              f"no GEMM layer (a module owning a >= 2-D weight parameter)",
+                              stacklevel=3)
+            chosen |= found
+        elif f == "norm":
+            chosen |= {n for n, m in modules if is_norm(m)}
+            _warn_norm_lookalikes(modules)
+        elif isinstance(f, str):
+            matched = {n for n, _ in modules if fnmatch.fnmatchcase(n, f)}
+            if not matched:
+                names = ", ".join(repr(n) for n, _ in modules[1:12])
+                raise ValueError(f"keep_high_precision pattern {f!r} matches no module; valid: "
+                                 f"{', '.join(KEEP_KEYWORDS)}, a callable, or a pattern on "
+                                 f"module names such as {names}")
+            chosen |= matched
+        else:
+            raise ValueError(f"keep_high_precision entry {f!r} is not a string or a callable; "
+                             f"valid: {', '.join(KEEP_KEYWORDS)}, fnmatch patterns, callables")
+    if "" in chosen:
+        return frozenset(n for n, _ in modules)
+    return frozenset(n for n, _ in modules
+                     if any(n == c or n.startswith(c + ".") for c in chosen))
+
+
+def _warn_norm_lookalikes(modules: list) -> None:
+    """A class named like a normalisation, owning parameters, that the structural rule
+    rejects is reported: "norm" does not keep it, and the user should know. (Wrappers
+    owning no parameter of their own, such as a PreNorm block, are not reported.)"""
+    odd = [f"{n!r} ({type(m).__name__}: parameters "
+           f"{sorted({tuple(p.shape) for p in m.parameters()})})"
+           for n, m in modules
+           if "norm" in type(m).__name__.lower() and not is_norm(m)
+           and any(True for _ in m.parameters(recurse=False))]
+    if odd:
+        warnings.warn(f"keep_high_precision 'norm' does not keep {', '.join(odd[:5])}"
+                      f"{' ...' if len(odd) > 5 else ''}: named like a normalisation but its "
+                      f"parameters are not 1-D of one size; name it with a pattern to keep it",
+                      stacklevel=3)
