@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from mixprec.experiments import data as D
-from mixprec.experiments.compare import (CompareConfig, divergence_step, load_results,
+from mixprec.experiments.compare import (CompareConfig, _run_line, divergence_step, load_results,
                                          run_compare, save_results, split_recipes)
 from mixprec.experiments.models import CharTransformer, digits_cnn, digits_mlp
 from mixprec.experiments.schema import _check, load_schema, schema_errors
@@ -329,7 +330,11 @@ def test_train_record_holds_the_optimizer_state_underflow(digits):
     with pytest.warns(UserWarning, match="optimizer state underflows in fp16"):
         fp16 = train_recipe(digits_mlp(), digits, "fp16-pure:optimizer_state=fp16", cfg)
     assert fp16["state_underflow"] > 0.1
-    assert train_recipe(digits_mlp(), digits, "fp16-pure", cfg)["state_underflow"] is None
+    assert re.search(r"optimizer state \d+\.\d% zero where the gradient is not",
+                     _run_line(fp16, 1, 2))
+    fp32_state = train_recipe(digits_mlp(), digits, "fp16-pure", cfg)
+    assert fp32_state["state_underflow"] is None and "optimizer state" not in _run_line(
+        fp32_state, 2, 2)
 
 
 def test_histograms_are_of_unscaled_gradients(digits):

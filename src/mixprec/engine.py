@@ -45,16 +45,13 @@ from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, na
                      native_dtype, resolve_backend)
 from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, parameter_owners,
                      resolve_keep_high_precision, split_example_inputs, trace_gemm_calls)
-from .optim import (MasterOptimizer, OptimizerStateUnderflowWarning, ParamSlot, StateUnderflow,
-                    round_into_)
+from .optim import (STATE_UNDERFLOW_WARN, MasterOptimizer, OptimizerStateUnderflowWarning,
+                    ParamSlot, StateUnderflow, round_into_)
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
 
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
            "STATE_UNDERFLOW_WARN", "needs_trace", "resolve_keep_high_precision"]
 
-# Warn (once per engine) when more than this fraction of an optimizer moment's elements
-# are zero in the state format while their gradients are not.
-STATE_UNDERFLOW_WARN = 0.01
 
 
 class NonFiniteError(RuntimeError):

@@ -28,12 +28,15 @@ from .recipe import Rounding, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import quantize_spec
 
 __all__ = ["ParamSlot", "MasterOptimizer", "round_into_", "StateUnderflow",
-           "OptimizerStateUnderflowWarning"]
+           "OptimizerStateUnderflowWarning", "STATE_UNDERFLOW_WARN"]
 
 # Unscaled formats whose round-to-nearest is exactly torch's cast to a native dtype.
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # State entries that are counters, not per-element moments (never rounded).
 _COUNTER_KEYS = frozenset({"step"})
+# The engine warns (once per run) when more than this fraction of an optimizer moment's
+# elements are zero in the state format while their gradients are not.
+STATE_UNDERFLOW_WARN = 0.01
 
 
 def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
