@@ -46,8 +46,10 @@ class _LitMLP(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32),
                                  nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
         self.seen_outputs: list = []
+        # training forwards only: a keep-rule trace runs the model once without gradients
         self.net[2].register_forward_hook(
-            lambda m, a, out: self.seen_outputs.append(out.detach().clone()))
+            lambda m, a, out: self.seen_outputs.append(out.detach().clone())
+            if torch.is_grad_enabled() else None)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
