@@ -214,6 +214,32 @@ def test_lightning_plugin_state_dict_restores_the_engine(tmp_path):
     second.teardown()
 
 
+def test_lightning_plugin_state_waits_for_the_keep_rule_trace(tmp_path):
+    """Under fp8-hybrid ("first"/"last" by a traced forward) the engine has no masters
+    until the LightningModule's first forward: a loaded state is applied right after that
+    trace, before the forward computes; ``example_inputs`` makes the engine ready at once."""
+    first = MixprecPrecision("fp8-hybrid")
+    _fit(tmp_path, first, max_steps=2)
+    state = first.state_dict()
+    assert state["counters"]["steps"] == 2
+    second = MixprecPrecision("fp8-hybrid")
+    second.load_state_dict(state)
+    torch.manual_seed(0)
+    module = _LitMLP()
+    second.connect(module, [torch.optim.AdamW(module.parameters(), lr=1e-2)], [])
+    assert second.engine.keep is None and second.state_dict() == {}
+    with second.forward_context():
+        module(torch.randn(4, 8))
+    assert second.engine.keep == first.engine.keep == frozenset({"net.0", "net.3", "net.5"})
+    assert second.engine.steps == 2
+    for a, b in zip(second.engine.master_params, first.engine.master_params):
+        assert torch.equal(a, b)
+    third = MixprecPrecision("fp8-hybrid", example_inputs=torch.randn(4, 8))
+    module = _LitMLP()
+    third.connect(module, [torch.optim.AdamW(module.parameters(), lr=1e-2)], [])
+    assert third.engine.keep == frozenset({"net.0", "net.3", "net.5"})
+
+
 def test_lightning_precision_alias_and_errors():
     import mixprec.lightning
     assert mixprec.lightning.Precision is MixprecPrecision

@@ -137,7 +137,9 @@ class MixprecTrainer(Trainer):
     Args:
         *args, **kwargs: the ``Trainer``'s own arguments.
         recipe: a preset name, a recipe string or a :class:`~mixprec.Recipe`.
-        keep_high_precision, backend, seed: as in :func:`mixprec.prepare`.
+        keep_high_precision, backend, seed, example_inputs: as in
+            :func:`mixprec.prepare` (without ``example_inputs`` the keep rules "first"
+            and "last" trace the first training forward).
         monitor: a :class:`mixprec.NumericsMonitor` of the model, attached to the
             engine once it exists.
 
@@ -148,10 +150,12 @@ class MixprecTrainer(Trainer):
     def __init__(self, *args: Any, recipe: Union[str, Recipe] = "fp16-mixed",
                  keep_high_precision: Union[KeepFilter, Sequence[KeepFilter], None] = None,
                  backend: Optional[str] = None, seed: Optional[int] = None,
-                 monitor: Optional[Any] = None, **kwargs: Any) -> None:
+                 example_inputs: Any = None, monitor: Optional[Any] = None,
+                 **kwargs: Any) -> None:
         self.recipe = get_recipe(recipe)
         self._prepare_kwargs = {"keep_high_precision": keep_high_precision,
-                                "backend": backend, "seed": seed}
+                                "backend": backend, "seed": seed,
+                                "example_inputs": example_inputs}
         self.monitor = monitor
         self.engine: Optional[Engine] = None
         super().__init__(*args, **kwargs)

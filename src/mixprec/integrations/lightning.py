@@ -64,6 +64,10 @@ class MixprecPrecision(Precision):
             LightningModule, e.g. ``"net.0"``).
         backend: as in :func:`mixprec.prepare`.
         seed: seed of the stochastic-rounding generator (default: torch's initial seed).
+        example_inputs: as in :func:`mixprec.prepare`: inputs of one forward of the
+            LightningModule, traced to find the "first" and "last" layers. Without them
+            the first forward of the LightningModule itself under the recipe is traced,
+            so a ``training_step`` that calls only submodules needs them.
         monitor: a :class:`mixprec.NumericsMonitor` of the LightningModule, attached to
             the engine (see :meth:`mixprec.Engine.attach_monitor`).
         log_loss_scale: log ``mixprec/loss_scale`` (the scale the step's backward used)
@@ -82,10 +86,12 @@ class MixprecPrecision(Precision):
     def __init__(self, recipe: Union[str, Recipe] = "fp16-mixed", *,
                  keep_high_precision: Union[KeepFilter, Sequence[KeepFilter], None] = None,
                  backend: Optional[str] = None, seed: Optional[int] = None,
-                 monitor: Optional[Any] = None, log_loss_scale: bool = True) -> None:
+                 example_inputs: Any = None, monitor: Optional[Any] = None,
+                 log_loss_scale: bool = True) -> None:
         self.recipe = get_recipe(recipe)
         self._prepare_kwargs = {"keep_high_precision": keep_high_precision,
-                                "backend": backend, "seed": seed}
+                                "backend": backend, "seed": seed,
+                                "example_inputs": example_inputs}
         self.monitor = monitor
         self.log_loss_scale = log_loss_scale
         self.engine: Optional[Engine] = None
