@@ -240,6 +240,29 @@ def test_lightning_plugin_state_waits_for_the_keep_rule_trace(tmp_path):
     assert third.engine.keep == frozenset({"net.0", "net.3", "net.5"})
 
 
+class _LitEval(_LitMLP):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def test_lightning_plugin_evaluates_without_fit(tmp_path):
+    """Trainer.validate alone: the weights are rounded to the recipe's storage and the
+    forward runs under it, with an optimizer that never steps."""
+    plugin = MixprecPrecision("fp16-mixed")
+    torch.manual_seed(0)
+    module = _LitEval()
+    initial = module.net[2].weight.detach().clone()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, plugins=[plugin], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, _loader())
+    assert torch.equal(module.net[2].weight, initial.half().float())
+    assert module.seen_outputs == []                   # no gradients: validation forwards
+    assert plugin.engine.steps == 0
+    assert plugin.engine.coverage().emulated > 0
+
+
 def test_lightning_precision_alias_and_errors():
     import mixprec.lightning
     assert mixprec.lightning.Precision is MixprecPrecision

@@ -233,3 +233,22 @@ def test_e5m2_cast_is_quantize_nearest():
     assert torch.equal(torch.isnan(want), torch.isnan(got))
     ok = ~torch.isnan(want)
     assert torch.equal(want[ok].view(torch.int32), got[ok].view(torch.int32))
+
+
+@pytest.mark.parametrize("recipe", ["fp16-mixed", "fp8-e5m2"])
+def test_inference_mode_forward_equals_no_grad(recipe):
+    """Under torch.inference_mode (how Lightning runs validation) outputs are inference
+    tensors without a version counter: they stay untagged and the forward gives the
+    no_grad values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.LayerNorm(16),
+                          nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe,
+                 example_inputs=torch.randn(2, 8))
+    x = torch.randn(4, 8)
+    model.eval()
+    with torch.no_grad(), mp.autocast():
+        expected = model(x)
+    with torch.inference_mode(), mp.autocast():
+        got = model(x)
+    assert got.is_inference() and torch.equal(got, expected)

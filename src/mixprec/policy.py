@@ -435,7 +435,8 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
         if isinstance(v, torch.Tensor):
             if v.is_floating_point() and v.dtype.itemsize < 4:
                 c = v.to(torch.float32)
-                copies.append((v, c, c._version))
+                # an inference tensor has no version counter: None, compared by op only
+                copies.append((v, c, None if c.is_inference() else c._version))
                 return c
             return v
         if type(v) in (list, tuple):
@@ -450,7 +451,8 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
         out = func(*up_args, **up_kwargs)
     for orig, copy, version in copies:
         # batch-norm kernels update running statistics without bumping version counters
-        if copy._version != version or (name in _UPDATES_STATS and not orig.requires_grad):
+        changed = version is not None and copy._version != version
+        if changed or (name in _UPDATES_STATS and not orig.requires_grad):
             with torch.no_grad():
                 orig.copy_(copy)
     if _keeps_fp32(name, out, kwargs):

@@ -68,8 +68,11 @@ def sharing_disabled() -> Iterator[None]:
 
 def tag_output(t: torch.Tensor, fmt: FloatFormat,
                stored: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Record that ``t`` holds values of ``fmt`` (and that ``stored`` is saved with them)."""
-    if sharing_enabled():
+    """Record that ``t`` holds values of ``fmt`` (and that ``stored`` is saved with them).
+
+    Inference tensors (``torch.inference_mode``) stay untagged: they have no version
+    counter, and nothing is saved for backward there to share."""
+    if sharing_enabled() and not t.is_inference():
         setattr(t, _ATTR, Tag(fmt, stored, t._version))
     return t
 

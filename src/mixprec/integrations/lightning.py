@@ -111,8 +111,7 @@ class MixprecPrecision(Precision):
         else:
             # Evaluation only: an optimizer that never steps, so that the weights are
             # rounded to the recipe's storage and the forward runs under its policy.
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.SGD(params or [nn.Parameter(torch.zeros(()))], lr=0.0)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         self.engine = prepare(model, optimizer, self.recipe, **self._prepare_kwargs)
         if self.monitor is not None:
             self.engine.attach_monitor(self.monitor)
