@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipe import (AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind, TensorSpec,
-                     get_recipe)
+from .recipe import (AccumulationConfig, HadamardConfig, Recipe, Role, ScalingConfig,
+                     ScalingKind, TensorSpec, get_recipe)
 from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
@@ -60,6 +60,7 @@ class LayerPolicy:
     scaling: ScalingConfig = ScalingConfig()
     round_output: bool = True
     scaled_output: str = "fp32"
+    hadamard: HadamardConfig = HadamardConfig()
 
     def __post_init__(self):
         if self.scaled_output not in _SCALED_OUTPUT:
@@ -68,7 +69,8 @@ class LayerPolicy:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
-                        "round_output": bool, "scaled_output": str}.get(f.name, TensorSpec)
+                        "round_output": bool, "scaled_output": str,
+                        "hadamard": HadamardConfig}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
                 raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
                                  f"got {value!r}")
@@ -92,7 +94,8 @@ class LayerPolicy:
             return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
-                   recipe.accumulation, recipe.scaling, scaled_output=out)
+                   recipe.accumulation, recipe.scaling, scaled_output=out,
+                   hadamard=recipe.hadamard)
 
     @property
     def is_identity(self) -> bool:

@@ -27,6 +27,12 @@ pipelines keep a "row-wise" and a "column-wise" copy):
     matmul   a: -1, b: -2          a: -2, b: -1             g: -1 / -2
     conv     x, w: C_in (dim 1)    x: batch, w: C_out       g: C_out / batch
 
+Block schemes (``TensorSpec.scheme``: NVFP4, blockwise FP8, ...) are quantized twice the
+same way, through :func:`mixprec.quantize_blocked`; 1 x k blocks lie along the same axes as
+MX blocks, k x k tiles cover 2-D operands whichever axis is the reduction. With
+``policy.hadamard`` a GEMM's operands (fprop: x, w; dgrad: g, w; wgrad: g, x) are
+transformed along its reduction axis with shared signs, quantized, and transformed back.
+
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
 never mixes kernel positions; C_in / groups should be a multiple of the block size.
@@ -50,6 +56,8 @@ from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
+from .blocks import BlockQuantized, TE_NVFP4_SIGNS, fixed_signs, get_scheme, scheme_along
+from .blocks import quantize_blocked
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .shared import e5m2_as_float16, shared_operand
 
@@ -58,6 +66,8 @@ __all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
+_BLOCK = ScalingKind.BLOCK
+_TWO_COPIES = (ScalingKind.MX, ScalingKind.BLOCK)   # blocks along each GEMM's reduction axis
 
 
 # --------------------------------------------------------------------------------------
@@ -65,7 +75,8 @@ _MX = ScalingKind.MX
 # --------------------------------------------------------------------------------------
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
 # "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
-# "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# "block" (element codes, scale codes, tensor scale, Hadamard signs; fmt holds the
+# BlockScheme), "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
 # backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
@@ -132,7 +143,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
            scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
-           pack: bool = False) -> Tuple[torch.Tensor, Optional[Pack]]:
+           pack: bool = False, hadamard: Tuple[int, Optional[torch.Tensor]] = (0, None),
+           ) -> Tuple[torch.Tensor, Optional[Pack]]:
     """Round ``x`` (any float dtype) per ``spec``; return (float32 values, pack or None).
 
     Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
@@ -154,6 +166,8 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
     x = x.to(torch.float32)
+    if spec.scaling is _BLOCK:
+        return _round_block(x, spec, axis, generator, pack, hadamard)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
         values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
@@ -181,8 +195,47 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
 
 
+def _round_block(x: torch.Tensor, spec: TensorSpec, axis: int,
+                 generator: Optional[torch.Generator], pack: bool,
+                 hadamard: Tuple[int, Optional[torch.Tensor]]):
+    """A block-scheme spec: quantize_blocked along ``axis``, with the GEMM's Hadamard
+    transform (size, signs) when it has one; dequantized in x's domain."""
+    scheme = get_scheme(spec.scheme)
+    if scheme.is_2d and x.dim() > 2:
+        raise ValueError(f"block scheme {spec.scheme!r} has {scheme.block[0]}x{scheme.block[1]} "
+                         f"tiles, which apply to 2-D GEMM operands; got an operand of shape "
+                         f"{tuple(x.shape)} (a convolution?). Use a 1 x k scheme for it, or "
+                         "keep the layer in high precision")
+    scheme = scheme_along(scheme, axis)
+    size, signs = hadamard
+    if size:
+        scheme = scheme.with_(axis=axis if not scheme.is_2d else
+                              (-1 if axis % x.dim() == x.dim() - 1 else -2),
+                              hadamard=size, hadamard_signs="none")
+    q = quantize_blocked(x, scheme, rounding=spec.rounding.value, generator=generator,
+                         signs=signs if size else None)
+    values = q.dequantize()
+    if not pack:
+        return values, None
+    scale_fmt = scheme.scale_format.float_format
+    scales = q.block_scales if scale_fmt is None else _to_storage(q.block_scales, scale_fmt)
+    no_signs = torch.empty(0)
+    codes = (_to_storage(q.elements, get_format(spec.format)), scales, q.tensor_scale,
+             no_signs if q.signs is None else q.signs)
+    return values, ("block", scheme, axis, 0, codes)
+
+
 def _unpack(pack: Pack) -> torch.Tensor:
     kind, fmt, axis, block, tensors = pack
+    if kind == "block":
+        scheme, (elems, scales, tensor_scale, signs) = fmt, tensors
+        scale_fmt = scheme.scale_format.float_format
+        if scale_fmt is not None:
+            scales = _from_storage(scales, scale_fmt)
+        q = BlockQuantized.from_parts(_from_storage(elems, scheme.element), scales,
+                                      tensor_scale, scheme,
+                                      signs=signs if signs.numel() else None)
+        return q.dequantize()
     if kind == "raw":
         return _widen(tensors[0])
     if kind == "values":
@@ -233,18 +286,32 @@ class OpContext:
                  generator: Optional[torch.Generator], slot: int):
         self.policy, self.state, self.generator, self.slot = policy, state, generator, slot
 
-    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False):
+    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False,
+              gemm: str = ""):
+        """``gemm`` ("fprop", "dgrad", "wgrad") names the GEMM the copy feeds, for the
+        policy's per-GEMM Hadamard transform of block-scheme roles."""
         spec = getattr(self.policy, role)
         scaler = None if self.state is None else self.state.scaler(
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
-        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack)
+        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
+                      self._hadamard(spec, gemm))
+
+    def _hadamard(self, spec: TensorSpec, gemm: str) -> Tuple[int, Optional[torch.Tensor]]:
+        cfg = self.policy.hadamard
+        size = cfg.size(gemm) if spec.scaling is _BLOCK else 0
+        if not size or cfg.signs == "none":
+            return size, None
+        if cfg.signs == "te":
+            return size, torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32)
+        return size, fixed_signs(size, cfg.seed)
 
     def observe(self, role: str, x: torch.Tensor) -> None:
         if self.state is not None:
             self.state.observe(role, x)
 
     def is_mx(self, role: str) -> bool:
-        return getattr(self.policy, role).scaling is _MX
+        """True when the role is block-scaled (MX or a block scheme): one copy per GEMM."""
+        return getattr(self.policy, role).scaling in _TWO_COPIES
 
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
@@ -278,9 +345,12 @@ class OpContext:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.is_mx(role)
-        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
+        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop")
         if keep and mx:
-            pack = self.round(x, role, bwd_axis, operand, pack=True)[1]
+            # the saved copy of an activation feeds dW (wgrad), that of a weight (or of a
+            # matmul's right operand) dX (dgrad)
+            gemm = "wgrad" if role == "activation" and operand != "rhs" else "dgrad"
+            pack = self.round(x, role, bwd_axis, operand, pack=True, gemm=gemm)[1]
         return xq, pack
 
     def grads(self, g, row_axis, col_axis, need_row, need_col):
@@ -289,8 +359,8 @@ class OpContext:
         if not self.is_mx("grad_output"):
             gq = self.round(g, "grad_output", row_axis)[0]
             return gq, gq
-        row = self.round(g, "grad_output", row_axis)[0] if need_row else None
-        col = self.round(g, "grad_output", col_axis)[0] if need_col else None
+        row = self.round(g, "grad_output", row_axis, gemm="dgrad")[0] if need_row else None
+        col = self.round(g, "grad_output", col_axis, gemm="wgrad")[0] if need_col else None
         return row, col
 
     def weight_grad(self, dw, axis, operand=""):

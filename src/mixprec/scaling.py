@@ -22,8 +22,8 @@ from typing import Optional, Union
 import torch
 
 from .formats import FloatFormat, FormatLike, get_format
-from .blocks.quantize import _blocked_quantize, _from_blocks
-from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule
+from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
+from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
 from .quant import Rounding, _choice, quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
@@ -287,6 +287,8 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
     delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
     mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                  scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
+    block         -> quantize_blocked(x, spec.scheme with its 1 x k blocks along axis)
+                     .dequantize()
 
     No autograd: the result is detached; layers wrap this in their own autograd functions.
 
@@ -319,5 +321,9 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                scale_rule=cfg.mx_scale_rule, rounding=rounding,
                                generator=generator)[0]
+        if kind is ScalingKind.BLOCK:
+            scheme = scheme_along(get_scheme(spec.scheme), axis)
+            return quantize_blocked(x, scheme, rounding=rounding,
+                                    generator=generator).dequantize()
     raise ValueError(f"unknown scaling {kind!r}; valid choices: "
                      f"{', '.join(k.value for k in ScalingKind)}")

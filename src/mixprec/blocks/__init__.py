@@ -6,14 +6,15 @@ quantizer that runs it, and random Hadamard transforms.
 ``hadamard``  blockwise random Hadamard transforms and their sign sources
 """
 from .scheme import (HADAMARD_SIGNS, HADAMARD_SIZES, BlockScheme, ScaleFormat, ScaleRule,
-                     SchemeLike, Ties, get_scheme, list_schemes)
-from .hadamard import (TE_NVFP4_SIGNS, HadamardSigns, hadamard_matrix, hadamard_transform,
-                       random_signs)
+                     SchemeLike, Ties, get_scheme, list_schemes, scheme_along)
+from .hadamard import (TE_NVFP4_SIGNS, HadamardSigns, fixed_signs, hadamard_matrix,
+                       hadamard_transform, random_signs)
 from .quantize import BlockQuantized, quantize_blocked
 
 __all__ = [
     "BlockScheme", "ScaleFormat", "ScaleRule", "Ties", "SchemeLike", "get_scheme",
-    "list_schemes", "HADAMARD_SIZES", "HADAMARD_SIGNS",
+    "list_schemes", "scheme_along", "HADAMARD_SIZES", "HADAMARD_SIGNS",
     "BlockQuantized", "quantize_blocked",
-    "TE_NVFP4_SIGNS", "HadamardSigns", "hadamard_matrix", "hadamard_transform", "random_signs",
+    "TE_NVFP4_SIGNS", "HadamardSigns", "fixed_signs", "hadamard_matrix", "hadamard_transform",
+    "random_signs",
 ]

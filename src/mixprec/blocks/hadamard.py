@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TE_NVFP4_SIGNS", "hadamard_matrix", "random_signs", "hadamard_transform",
-           "HadamardSigns"]
+__all__ = ["TE_NVFP4_SIGNS", "hadamard_matrix", "random_signs", "fixed_signs",
+           "hadamard_transform", "HadamardSigns"]
 
 TE_NVFP4_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 _SIZES = (16, 32, 64, 128)
@@ -91,6 +91,17 @@ def random_signs(size: int, generator: Optional[torch.Generator] = None) -> torc
     device = generator.device if generator is not None else "cpu"
     bits = torch.randint(0, 2, (size,), generator=generator, device=device)
     return (bits * 2 - 1).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_signs(size: int, seed: int) -> torch.Tensor:
+    return random_signs(size, torch.Generator().manual_seed(seed))
+
+
+def fixed_signs(size: int, seed: int = 0) -> torch.Tensor:
+    """The signs of a "fixed" source: the first draw of a generator seeded with ``seed``
+    (the same vector as ``HadamardSigns(size, "fixed", seed=seed).current()``)."""
+    return _fixed_signs(_check_size(size), int(seed)).clone()
 
 
 def hadamard_transform(x: torch.Tensor, size: int, *, signs=None, axis: int = -1,

@@ -271,6 +271,23 @@ class BlockQuantized:
         scheme: the resolved BlockScheme. signs: the Hadamard signs used (None: none).
     """
 
+    @classmethod
+    def from_parts(cls, elements: torch.Tensor, block_scales: torch.Tensor,
+                   tensor_scale: torch.Tensor, scheme: SchemeLike, *,
+                   signs: Optional[torch.Tensor] = None,
+                   dtype: torch.dtype = torch.float32) -> "BlockQuantized":
+        """Rebuild a result from its parts (e.g. decoded from storage): the inverse of
+        reading ``elements``, ``block_scales``, ``tensor_scale`` and ``signs``."""
+        scheme = get_scheme(scheme)
+        g = _geometry(tuple(elements.shape), scheme)
+        blocked = _to_blocks(elements.to(torch.float32), g)
+        keep = list(g.blocked)
+        for d in g.reduce:
+            keep[d] = 1
+        scales = block_scales.to(torch.float32).reshape(keep)
+        ts = torch.as_tensor(tensor_scale, dtype=torch.float32).reshape(())
+        return cls(_Blocked(blocked, scales, ts, g, signs), scheme, dtype)
+
     def __init__(self, blocked: _Blocked, scheme: BlockScheme, dtype: torch.dtype):
         self._blocked = blocked
         self.scheme = scheme

@@ -37,7 +37,7 @@ from typing import Optional, Tuple, Union
 from ..formats import FloatFormat, FormatLike, get_format
 
 __all__ = ["ScaleFormat", "ScaleRule", "Ties", "BlockScheme", "SchemeLike", "get_scheme",
-           "list_schemes", "HADAMARD_SIZES", "HADAMARD_SIGNS"]
+           "list_schemes", "scheme_along", "HADAMARD_SIZES", "HADAMARD_SIGNS"]
 
 HADAMARD_SIZES = (16, 32, 64, 128)
 HADAMARD_SIGNS = ("te", "random", "none")
@@ -226,6 +226,14 @@ def get_scheme(scheme: SchemeLike) -> BlockScheme:
             return _SCHEMES[key]
     raise ValueError(f"unknown block scheme {scheme!r}; valid choices: a BlockScheme or one "
                      f"of {', '.join(_SCHEMES)}")
+
+
+def scheme_along(scheme: BlockScheme, axis: int) -> BlockScheme:
+    """The scheme with its 1 x k blocks along ``axis`` (k x k tiles: unchanged, they cover
+    the last two dimensions whichever of them is the reduction axis)."""
+    if scheme.is_2d or scheme.axis == axis:
+        return scheme
+    return scheme.with_(axis=axis)
 
 
 def list_schemes() -> dict:

@@ -1,0 +1,152 @@
+"""Block schemes in recipes: the grammar (scheme per role, Hadamard per GEMM), the nvfp4
+preset, and the emulated linear layer wiring each GEMM's operands as the recipe says."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixprec
+from mixprec import get_scheme, quantize_blocked
+from mixprec.blocks import TE_NVFP4_SIGNS, fixed_signs, hadamard_transform
+from mixprec.emulate import qlinear
+from mixprec.policy import LayerPolicy
+from mixprec.recipe import (HadamardConfig, ScalingKind, TensorSpec, format_recipe,
+                            get_recipe, parse_recipe)
+
+
+def test_nvfp4_preset_is_te_nvfp4_recipe():
+    r = get_recipe("nvfp4")
+    assert (r.weight.scheme, r.activation.scheme, r.grad_output.scheme) == \
+        ("nvfp4-2d", "nvfp4", "nvfp4")
+    assert r.weight.format == "e2m1" and r.weight.scaling is ScalingKind.BLOCK
+    assert r.grad_output.rounding.value == "stochastic" and r.activation.rounding.value == "nearest"
+    assert r.weight_grad.is_identity                       # dW stays in high precision
+    assert r.hadamard == HadamardConfig(signs="te", wgrad=16)
+    assert r.high_precision == "bf16"
+    assert "nvfp4" in mixprec.list_presets()
+
+
+@pytest.mark.parametrize("text", [
+    "fp32:activation.scheme=nvfp4,weight.scheme=nvfp4-2d,hadamard.wgrad=16",
+    "nvfp4:activation.scheme=none",
+    "nvfp4:grad_output.scheme=mxfp4,grad_output.rounding=nearest",
+    "nvfp4:hadamard.signs=fixed,hadamard.seed=3,hadamard.wgrad=64,hadamard.fprop=32",
+    "mxfp8:weight.scheme=fp8-block128x128,activation.scheme=fp8-block128,grads.scheme=fp8-block128",
+])
+def test_grammar_round_trips(text):
+    r = parse_recipe(text)
+    assert parse_recipe(format_recipe(r)) == r
+    assert parse_recipe(str(r)) == r
+
+
+def test_scheme_sets_format_and_scaling():
+    r = parse_recipe("fp32:activation.scheme=mxfp4")
+    assert r.activation == TensorSpec("e2m1", scaling="block", scheme="mxfp4")
+    assert format_recipe(r) == "fp32:activation.scheme=mxfp4"
+    back = parse_recipe("nvfp4:activation.scheme=none").activation
+    assert back == TensorSpec("e2m1") and back.scheme is None
+
+
+@pytest.mark.parametrize("text, match", [
+    ("nvfp4:activation.format=e4m3", "set by activation.scheme=nvfp4"),
+    ("nvfp4:weight.scaling=mx", "set by weight.scheme=nvfp4-2d"),
+    ("fp32:activation.scheme=nvfp8", "unknown block scheme 'nvfp8'; valid choices"),
+    ("fp32:activation.scaling=block", "scaling 'block' needs a scheme"),
+    ("fp32:hadamard.wgrad=24", "hadamard.wgrad 24 not supported; valid choices: 0, 16, 32, 64, 128"),
+    ("nvfp4:hadamard.wgrad=32", "needs hadamard.signs=fixed or none"),
+    ("fp32:hadamard.signs=random", "unknown hadamard.signs 'random'; valid choices: te, fixed, none"),
+])
+def test_bad_overrides(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(text)
+
+
+# --------------------------------------------------------------------------------------
+# The emulated linear layer
+# --------------------------------------------------------------------------------------
+def _deq(x, name, axis, rounding="nearest", generator=None, rht=0, signs=None):
+    """Reference: quantize one operand as the recipe says, back in x's domain."""
+    s = get_scheme(name)
+    s = s.with_(axis=axis) if not s.is_2d else s
+    if rht:
+        x = hadamard_transform(x, rht, signs=signs, axis=axis)
+    q = quantize_blocked(x, s, rounding=rounding, generator=generator).dequantize()
+    return hadamard_transform(q, rht, signs=signs, axis=axis, inverse=True) if rht else q
+
+
+def test_nvfp4_linear_forward_and_backward_wiring():
+    # y  = Q(x)_{1x16 along K} @ Q(w)_{16x16}^T
+    # dx = Q_sr(g)_{1x16 along N} @ Q(w)_{16x16}
+    # dw = [H^T Q_sr(H g)_{1x16 along M}]^T @ [H^T Q(H x)_{1x16 along M}]  (wgrad RHT-16, TE
+    #      signs, along the token dimension M), db = sum(g) in FP32 as dW is unquantized
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 48, generator=g0)
+    w = torch.randn(64, 48, generator=g0) * 0.1
+    b = torch.randn(64, generator=g0)
+    dy = torch.randn(32, 64, generator=g0)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    policy = LayerPolicy.from_recipe("nvfp4:high_precision=fp32")
+    gen = torch.Generator().manual_seed(11)
+    y = qlinear(xr, wr, br, policy, generator=gen)
+    y.backward(dy)
+
+    s = torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32)
+    y_ref = _deq(x, "nvfp4", -1) @ _deq(w, "nvfp4-2d", -1).t() + b
+    assert torch.equal(y, y_ref)
+    # the backward draws its stochastic rounding from the same generator (the forward
+    # rounds to nearest and draws nothing): the dX copy of g first, then the dW copy
+    gen_c = torch.Generator().manual_seed(11)
+    g_row = _deq(dy, "nvfp4", -1, "stochastic", gen_c)
+    g_col = _deq(dy, "nvfp4", 0, "stochastic", gen_c, rht=16, signs=s)
+    assert torch.equal(xr.grad, g_row @ _deq(w, "nvfp4-2d", 0))
+    assert torch.equal(wr.grad, g_col.t() @ _deq(x, "nvfp4", 0, rht=16, signs=s))
+    assert torch.equal(br.grad, g_col.sum(0))
+
+
+def test_hadamard_per_gemm_with_fixed_signs_and_real_storage(monkeypatch):
+    # fprop RHT-32 on x and w along K; nothing on dgrad/wgrad; the saved copies are element
+    # codes (uint8) and E4M3 block scales.
+    g0 = torch.Generator().manual_seed(1)
+    x, w = torch.randn(16, 64, generator=g0), torch.randn(32, 64, generator=g0)
+    policy = LayerPolicy.from_recipe(
+        "fp32:activation.scheme=nvfp4,weight.scheme=nvfp4,hadamard.seed=5,hadamard.fprop=32")
+    saved = []
+    real = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
+                        lambda ctx, *t: (saved.extend(t), real(ctx, *t))[1])
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = qlinear(xr, wr, None, policy)
+    s = fixed_signs(32, 5)
+    assert torch.equal(y, _deq(x, "nvfp4", -1, rht=32, signs=s) @ _deq(w, "nvfp4", -1, rht=32, signs=s).t())
+    assert {t.dtype for t in saved} >= {torch.uint8, torch.float8_e4m3fn}
+    y.backward(torch.ones_like(y))
+    assert torch.equal(wr.grad, torch.ones(16, 32).t() @ _deq(x, "nvfp4", 0))
+
+
+def test_two_d_tiles_refuse_conv_weights():
+    policy = LayerPolicy.from_recipe("nvfp4:hadamard.wgrad=0")
+    conv = torch.nn.Conv2d(16, 16, 3)
+    with pytest.raises(ValueError, match="16x16 tiles, which apply to 2-D GEMM operands"):
+        mixprec.emulate.qconv(torch.randn(2, 16, 8, 8), conv.weight, None, 1, 0, 1, 1, policy)
+
+
+def test_nvfp4_trains_an_mlp():
+    # 40 steps of AdamW on a fixed batch: the loss falls as under fp32 (both < 0.6 of start)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16))
+    x, y = torch.randn(64, 64), torch.randint(0, 16, (64,))
+    losses = {}
+    for recipe in ("fp32", "nvfp4"):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16))
+        m.load_state_dict(model.state_dict())
+        mp = mixprec.prepare(m, torch.optim.AdamW(m.parameters(), lr=3e-3), recipe=recipe)
+        for _ in range(40):
+            with mp.autocast():
+                loss = F.cross_entropy(m(x), y)
+            mp.backward(loss)
+            mp.step()
+            mp.zero_grad()
+            losses.setdefault(recipe, []).append(loss.item())
+    for recipe, curve in losses.items():
+        assert curve[-1] < 0.6 * curve[0], (recipe, curve[0], curve[-1])
