@@ -132,7 +132,8 @@ def test_two_d_tiles_refuse_conv_weights():
 
 
 def test_nvfp4_trains_an_mlp():
-    # 40 steps of AdamW on a fixed batch: the loss falls as under fp32 (both < 0.6 of start)
+    # 40 steps of AdamW on a fixed batch: the loss falls as under fp32 (measured: to 0.010x of
+    # the start under fp32, 0.014x under nvfp4; both must reach 0.05x)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16))
     x, y = torch.randn(64, 64), torch.randint(0, 16, (64,))
@@ -149,4 +150,22 @@ def test_nvfp4_trains_an_mlp():
             mp.zero_grad()
             losses.setdefault(recipe, []).append(loss.item())
     for recipe, curve in losses.items():
-        assert curve[-1] < 0.6 * curve[0], (recipe, curve[0], curve[-1])
+        assert curve[-1] < 0.05 * curve[0], (recipe, curve[0], curve[-1])
+
+
+def test_hadamard_on_mx_roles_and_on_nothing():
+    # MX roles take the transform through the MX setting of the block quantizer:
+    # dW = [H^T Q(H g)]^T [H^T Q(H x)], blocks of 32 along the token dimension
+    g0 = torch.Generator().manual_seed(2)
+    x, w, dy = (torch.randn(*s, generator=g0) for s in ((64, 32), (16, 32), (64, 16)))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    policy = LayerPolicy.from_recipe("mxfp4:weight_grad.format=fp32,weight_grad.scaling=none,"
+                                     "hadamard.seed=1,hadamard.wgrad=64")
+    qlinear(xr, wr, None, policy).backward(dy)
+    s = fixed_signs(64, 1)
+    mx = lambda t: _deq(t, "mxfp4", 0, rht=64, signs=s)       # noqa: E731
+    assert torch.equal(wr.grad, mx(dy).t() @ mx(x))
+    # a transform on a GEMM without block-scaled operands would change nothing: refused
+    with pytest.raises(ValueError, match="hadamard.wgrad=16 would change nothing"):
+        LayerPolicy.from_recipe("nvfp4:activation.scheme=none,grad_output.scheme=none")
+    LayerPolicy.from_recipe("nvfp4:activation.scheme=none,grad_output.scheme=none,hadamard.wgrad=0")

@@ -74,6 +74,7 @@ class LayerPolicy:
             if not isinstance(value, expected):
                 raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
                                  f"got {value!r}")
+        self.hadamard.check_operands({r.value: getattr(self, r.value) for r in LAYER_ROLES})
 
     @classmethod
     def from_recipe(cls, recipe: Union[Recipe, str], high_precision: bool = False) -> "LayerPolicy":

@@ -30,8 +30,9 @@ pipelines keep a "row-wise" and a "column-wise" copy):
 Block schemes (``TensorSpec.scheme``: NVFP4, blockwise FP8, ...) are quantized twice the
 same way, through :func:`mixprec.quantize_blocked`; 1 x k blocks lie along the same axes as
 MX blocks, k x k tiles cover 2-D operands whichever axis is the reduction. With
-``policy.hadamard`` a GEMM's operands (fprop: x, w; dgrad: g, w; wgrad: g, x) are
-transformed along its reduction axis with shared signs, quantized, and transformed back.
+``policy.hadamard`` a GEMM's block-scaled operands (MX or a scheme; fprop: x, w; dgrad:
+g, w; wgrad: g, x) are transformed along its reduction axis with shared signs,
+quantized, and transformed back.
 
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
@@ -56,7 +57,8 @@ from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
-from .blocks import BlockQuantized, TE_NVFP4_SIGNS, fixed_signs, get_scheme, scheme_along
+from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
+                     scheme_along)
 from .blocks import quantize_blocked
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .shared import e5m2_as_float16, shared_operand
@@ -167,7 +169,12 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
     x = x.to(torch.float32)
     if spec.scaling is _BLOCK:
-        return _round_block(x, spec, axis, generator, pack, hadamard)
+        return _round_block(x, get_scheme(spec.scheme), spec, axis, generator, pack, hadamard)
+    if spec.scaling is _MX and hadamard[0]:
+        # MX with a Hadamard transform: the same MX setting of the block quantizer
+        rule = "floor" if cfg.mx_scale_rule == "ocp" else "ceil"
+        scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", rule)
+        return _round_block(x, scheme, spec, axis, generator, pack, hadamard)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
         values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
@@ -195,12 +202,12 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
 
 
-def _round_block(x: torch.Tensor, spec: TensorSpec, axis: int,
+def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: int,
                  generator: Optional[torch.Generator], pack: bool,
                  hadamard: Tuple[int, Optional[torch.Tensor]]):
-    """A block-scheme spec: quantize_blocked along ``axis``, with the GEMM's Hadamard
-    transform (size, signs) when it has one; dequantized in x's domain."""
-    scheme = get_scheme(spec.scheme)
+    """quantize_blocked along ``axis`` with ``scheme`` (the spec's, or its MX setting),
+    with the GEMM's Hadamard transform (size, signs) when it has one; dequantized in x's
+    domain."""
     if scheme.is_2d and x.dim() > 2:
         raise ValueError(f"block scheme {spec.scheme!r} has {scheme.block[0]}x{scheme.block[1]} "
                          f"tiles, which apply to 2-D GEMM operands; got an operand of shape "
@@ -298,7 +305,7 @@ class OpContext:
 
     def _hadamard(self, spec: TensorSpec, gemm: str) -> Tuple[int, Optional[torch.Tensor]]:
         cfg = self.policy.hadamard
-        size = cfg.size(gemm) if spec.scaling is _BLOCK else 0
+        size = cfg.size(gemm) if spec.scaling in _TWO_COPIES else 0
         if not size or cfg.signs == "none":
             return size, None
         if cfg.signs == "te":

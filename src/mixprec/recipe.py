@@ -176,6 +176,9 @@ class LossScaleConfig:
 
 
 HADAMARD_SIGN_MODES = ("te", "fixed", "none")
+# The tensor roles of each GEMM of a layer (what a Hadamard transform of that GEMM touches).
+GEMM_OPERANDS = {"fprop": ("activation", "weight"), "dgrad": ("grad_output", "weight"),
+                 "wgrad": ("grad_output", "activation")}
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,9 @@ class HadamardConfig:
     ``fprop`` (y = x w^T), ``dgrad`` (dx = g w), ``wgrad`` (dw = g^T x): both operands
     of that GEMM are transformed along its reduction dimension with the same signs before
     they are block-quantized, and transformed back after (the product equals the GEMM of
-    the transformed operands, up to float32 rounding). Applies to block-scheme roles only.
+    the transformed operands, up to float32 rounding). It applies to the block-scaled
+    operands (a scheme or MX); a GEMM with none raises ValueError when the layer policy
+    is built (:meth:`check_operands`).
     ``signs``: "fixed" (one draw from ``seed`` per transform size, for the whole run),
     "te" (TransformerEngine's fixed NVFP4 vector; size 16 only) or "none" (all +1). The
     sign fields come first, so the printed form sets them before the sizes they allow.
@@ -211,6 +216,16 @@ class HadamardConfig:
     def size(self, gemm: str) -> int:
         """The transform size of a GEMM ("fprop", "dgrad", "wgrad"; "" -> 0)."""
         return getattr(self, gemm) if gemm else 0
+
+    def check_operands(self, specs: dict) -> None:
+        """Raise ValueError when a GEMM has a transform but no block-scaled operand
+        (``specs``: role name -> TensorSpec): the transform would change nothing."""
+        block_scaled = (ScalingKind.MX, ScalingKind.BLOCK)
+        for gemm, roles in GEMM_OPERANDS.items():
+            if getattr(self, gemm) and not any(specs[r].scaling in block_scaled for r in roles):
+                raise ValueError(f"hadamard.{gemm}={getattr(self, gemm)} would change nothing: "
+                                 f"neither of its operands ({', '.join(roles)}) is block-scaled; "
+                                 "give one a scheme or MX scaling, or set it to 0")
 
 
 # Ops that run in FP32 whatever the recipe (2018 paper: reductions in FP32), the same on
