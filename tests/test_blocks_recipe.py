@@ -124,11 +124,20 @@ def test_hadamard_per_gemm_with_fixed_signs_and_real_storage(monkeypatch):
     assert torch.equal(wr.grad, torch.ones(16, 32).t() @ _deq(x, "nvfp4", 0))
 
 
-def test_two_d_tiles_refuse_conv_weights():
-    policy = LayerPolicy.from_recipe("nvfp4:hadamard.wgrad=0")
-    conv = torch.nn.Conv2d(16, 16, 3)
-    with pytest.raises(ValueError, match="16x16 tiles, which apply to 2-D GEMM operands"):
-        mixprec.emulate.qconv(torch.randn(2, 16, 8, 8), conv.weight, None, 1, 0, 1, 1, policy)
+def test_two_d_tiles_on_conv_weights_span_the_channels():
+    # A conv weight (C_out, C_in, kh, kw) gets 16x16 tiles over (C_out, C_in) at every
+    # kernel position (one tensor scale for the whole weight): (kh, kw, C_out, C_in) tiled
+    # over its last two dimensions.
+    g0 = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 32, 5, 5, generator=g0), torch.randn(16, 32, 3, 3, generator=g0)
+    policy = LayerPolicy.from_recipe("fp32:weight.scheme=nvfp4-2d")
+    y = mixprec.emulate.qconv(x, w, None, 1, 0, 1, 1, policy)
+    q = quantize_blocked(w.movedim((0, 1), (-2, -1)), "nvfp4-2d")
+    assert q.block_scales.shape == (3, 3, 1, 2)
+    assert torch.equal(y, F.conv2d(x, q.dequantize().movedim((-2, -1), (0, 1))))
+    # tiling the kernel dimensions instead (the plain 4-D rule) gives other values
+    assert not torch.equal(y, F.conv2d(x, quantize_blocked(w, "nvfp4-2d").dequantize()))
+
 
 
 def test_nvfp4_trains_an_mlp():
@@ -169,3 +178,14 @@ def test_hadamard_on_mx_roles_and_on_nothing():
     with pytest.raises(ValueError, match="hadamard.wgrad=16 would change nothing"):
         LayerPolicy.from_recipe("nvfp4:activation.scheme=none,grad_output.scheme=none")
     LayerPolicy.from_recipe("nvfp4:activation.scheme=none,grad_output.scheme=none,hadamard.wgrad=0")
+
+
+def test_nvfp4_preset_equals_the_readme_override_line():
+    import dataclasses
+    # README: "The nvfp4 preset is the first line with FP32 master weights and BF16 outside
+    # the FP4 GEMMs"
+    line = ("fp32:weight.scheme=nvfp4-2d,activation.scheme=nvfp4,grad_output.scheme=nvfp4,"
+            "grad_output.rounding=stochastic,hadamard.signs=te,hadamard.wgrad=16")
+    spelled = dataclasses.replace(parse_recipe(line), name="nvfp4", high_precision="bf16",
+                                  master=TensorSpec())
+    assert spelled == get_recipe("nvfp4")

@@ -16,7 +16,7 @@ from .blocks import (BlockQuantized, BlockScheme, HadamardSigns, ScaleFormat, Sc
                      quantize_blocked)
 from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
-from .recipe import (PRESETS, AccumulationConfig, LossScaleConfig, Recipe, Role,
+from .recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfig, Recipe, Role,
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
 from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
@@ -39,7 +39,7 @@ __all__ = [
     "LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale",
     # recipes
     "Recipe", "Role", "TensorSpec", "ScalingKind", "ScalingConfig", "AccumulationConfig",
-    "LossScaleConfig", "PRESETS", "get_recipe", "list_presets",
+    "LossScaleConfig", "HadamardConfig", "PRESETS", "get_recipe", "list_presets",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     # diagnostics

@@ -29,7 +29,8 @@ pipelines keep a "row-wise" and a "column-wise" copy):
 
 Block schemes (``TensorSpec.scheme``: NVFP4, blockwise FP8, ...) are quantized twice the
 same way, through :func:`mixprec.quantize_blocked`; 1 x k blocks lie along the same axes as
-MX blocks, k x k tiles cover 2-D operands whichever axis is the reduction. With
+MX blocks; k x k tiles cover the two GEMM dimensions whichever is the reduction (for
+a convolution weight: C_out x C_in at every kernel position). With
 ``policy.hadamard`` a GEMM's block-scaled operands (MX or a scheme; fprop: x, w; dgrad:
 g, w; wgrad: g, x) are transformed along its reduction axis with shared signs,
 quantized, and transformed back.
@@ -208,11 +209,12 @@ def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: i
     """quantize_blocked along ``axis`` with ``scheme`` (the spec's, or its MX setting),
     with the GEMM's Hadamard transform (size, signs) when it has one; dequantized in x's
     domain."""
-    if scheme.is_2d and x.dim() > 2:
-        raise ValueError(f"block scheme {spec.scheme!r} has {scheme.block[0]}x{scheme.block[1]} "
-                         f"tiles, which apply to 2-D GEMM operands; got an operand of shape "
-                         f"{tuple(x.shape)} (a convolution?). Use a 1 x k scheme for it, or "
-                         "keep the layer in high precision")
+    # k x k tiles span the two GEMM dimensions: the last two of a linear or matmul
+    # operand; of a convolution's (dims 0 and 1, channels, reduction axis 0 or 1) those
+    # two, at every kernel position or pixel, so they are moved last for quantizing.
+    moved = scheme.is_2d and x.dim() > 2 and axis % x.dim() in (0, 1)
+    if moved:
+        x, axis = x.movedim((0, 1), (-2, -1)), axis % x.dim() - 2
     scheme = scheme_along(scheme, axis)
     size, signs = hadamard
     if size:
@@ -222,14 +224,17 @@ def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: i
     q = quantize_blocked(x, scheme, rounding=spec.rounding.value, generator=generator,
                          signs=signs if size else None)
     values = q.dequantize()
+    if moved:
+        values = values.movedim((-2, -1), (0, 1))
     if not pack:
         return values, None
     scale_fmt = scheme.scale_format.float_format
     scales = q.block_scales if scale_fmt is None else _to_storage(q.block_scales, scale_fmt)
     no_signs = torch.empty(0)
-    codes = (_to_storage(q.elements, get_format(spec.format)), scales, q.tensor_scale,
+    codes = (_to_storage(q.elements, scheme.element), scales, q.tensor_scale,
              no_signs if q.signs is None else q.signs)
-    return values, ("block", scheme, axis, 0, codes)
+    # the pack's block slot says whether the stored layout has dims 0, 1 moved last
+    return values, ("block", scheme, axis, int(moved), codes)
 
 
 def _unpack(pack: Pack) -> torch.Tensor:
@@ -242,7 +247,7 @@ def _unpack(pack: Pack) -> torch.Tensor:
         q = BlockQuantized.from_parts(_from_storage(elems, scheme.element), scales,
                                       tensor_scale, scheme,
                                       signs=signs if signs.numel() else None)
-        return q.dequantize()
+        return q.dequantize().movedim((-2, -1), (0, 1)) if block else q.dequantize()
     if kind == "raw":
         return _widen(tensors[0])
     if kind == "values":

@@ -83,8 +83,9 @@ class TensorSpec:
             object.__setattr__(self, "format", get_scheme(name).element.name)
             object.__setattr__(self, "scaling", ScalingKind.BLOCK)
         elif self.scaling is ScalingKind.BLOCK:
-            raise ValueError("scaling 'block' needs a scheme (e.g. scheme='nvfp4'); set the "
-                             "scheme, which sets format and scaling")
+            valid = ", ".join(k.value for k in ScalingKind if k is not ScalingKind.BLOCK)
+            raise ValueError(f"scaling 'block' needs a scheme (scheme='nvfp4', ...: it sets "
+                             f"format and scaling); valid choices without one: {valid}")
 
     @property
     def is_identity(self) -> bool:

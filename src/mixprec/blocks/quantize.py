@@ -88,7 +88,13 @@ def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, ceil: bool) -> torch.Tens
 
 
 def _apply_ties(src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat, ties: Ties) -> torch.Tensor:
-    """Move the ties of src that nearest-even rounded into q to the rule's neighbour."""
+    """Move the ties of src that nearest-even rounded into q to the rule's neighbour.
+
+    |v| is a tie when it lies exactly halfway between two neighbours: representable with
+    one more mantissa bit (same exponent range) but not in fmt, and below fmt's max.
+    Nearest-even picked one neighbour r; the other is 2|v| - r (exact: a format value).
+    half-up keeps the larger magnitude, half-down the smaller; the sign is v's.
+    """
     a = src.abs()
     wider = make_format(fmt.ebits, fmt.mbits + 1, fmt.convention, fmt.bias)
     tie = ((quantize(a, wider, rounding="toward_zero") == a)
@@ -243,7 +249,10 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
     elems = blocks * enc
     if rule is ScaleRule.DITHER:
         elems.mul_(_DITHER)
-    src = elems.clone() if (scheme.ties is not Ties.EVEN and mode is Rounding.NEAREST) else None
+    # float32 elements (23 mantissa bits) have no ties to move
+    moves_ties = (scheme.ties is not Ties.EVEN and mode is Rounding.NEAREST
+                  and scheme.element.mbits < 23)
+    src = elems.clone() if moves_ties else None
     quantize(elems, scheme.element, rounding=mode, saturate=True, generator=generator,
              out=elems)
     if src is not None:
