@@ -126,6 +126,22 @@ def test_scheme_hadamard_quantizes_the_transformed_tensor():
     assert torch.allclose(xt @ wt.t(), x @ w.t(), atol=1e-5)
 
 
+def test_transform_pads_a_short_axis_with_zeros():
+    # 20 elements along the axis: zero-padded to 32 before the 16-point transform; the
+    # elements keep the padded length, dequantize() returns x's shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, generator=g)
+    s = get_scheme("nvfp4").with_(hadamard=16, hadamard_signs="te")
+    q = quantize_blocked(x, s)
+    assert q.elements.shape == (3, 32) and q.shape == (3, 20) and q.dequantize().shape == (3, 20)
+    padded = torch.zeros(3, 32)
+    padded[:, :20] = x
+    qp = quantize_blocked(padded, s)
+    assert torch.equal(q.elements, qp.elements) and torch.equal(q.block_scales, qp.block_scales)
+    assert torch.equal(q.dequantize(), qp.dequantize()[:, :20])
+    assert torch.equal(q.dequantize(rotated=True), qp.dequantize(rotated=True))
+
+
 def test_random_signs_come_from_the_generator():
     x = torch.randn(4, 64)
     s = get_scheme("mxfp4").with_(block=(1, 64), hadamard=64, hadamard_signs="random")

@@ -79,7 +79,7 @@ _TWO_COPIES = (ScalingKind.MX, ScalingKind.BLOCK)   # blocks along each GEMM's r
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
 # "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
 # "block" (element codes, scale codes, tensor scale, Hadamard signs; fmt holds the
-# BlockScheme), "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# BlockScheme and the tensor's shape), "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
 # backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
@@ -233,19 +233,20 @@ def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: i
     no_signs = torch.empty(0)
     codes = (_to_storage(q.elements, scheme.element), scales, q.tensor_scale,
              no_signs if q.signs is None else q.signs)
-    # the pack's block slot says whether the stored layout has dims 0, 1 moved last
-    return values, ("block", scheme, axis, int(moved), codes)
+    # the pack's block slot says whether the stored layout has dims 0, 1 moved last; the
+    # format slot holds the scheme and x's shape (a Hadamard transform pads the elements)
+    return values, ("block", (scheme, q.shape), axis, int(moved), codes)
 
 
 def _unpack(pack: Pack) -> torch.Tensor:
     kind, fmt, axis, block, tensors = pack
     if kind == "block":
-        scheme, (elems, scales, tensor_scale, signs) = fmt, tensors
+        (scheme, shape), (elems, scales, tensor_scale, signs) = fmt, tensors
         scale_fmt = scheme.scale_format.float_format
         if scale_fmt is not None:
             scales = _from_storage(scales, scale_fmt)
         q = BlockQuantized.from_parts(_from_storage(elems, scheme.element), scales,
-                                      tensor_scale, scheme,
+                                      tensor_scale, scheme, shape=shape,
                                       signs=signs if signs.numel() else None)
         return q.dequantize().movedim((-2, -1), (0, 1)) if block else q.dequantize()
     if kind == "raw":

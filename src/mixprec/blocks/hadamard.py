@@ -14,6 +14,10 @@ This is TransformerEngine's NVFP4 reference exactly (``H = sign_mat @ H16`` appl
 
     TE_NVFP4_SIGNS = [1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1]
 
+``hadamard_transform`` needs whole groups; ``quantize_blocked`` zero-pads the axis to a
+multiple of n first (zeros add nothing to a GEMM's sums) and drops the padding again when
+it maps values back.
+
 A GEMM whose two operands are transformed with the same M along the reduction dimension
 is unchanged in exact arithmetic: (x M)(w M)^T = x M M^T w^T = x w^T. Quantizing the
 transformed operands spreads a block's outliers over all n elements first.

@@ -3,7 +3,8 @@
 Every step is one float32 operation (one rounding) as written; E_max is the element
 format's largest value (e2m1 6, e4m3 448), S_max the scale format's (e4m3 448)::
 
-    x      = hadamard(x)                        if scheme.hadamard (groups of n along axis)
+    x      = hadamard(x)                        if scheme.hadamard (groups of n along axis,
+                                                 the axis zero-padded to a multiple of n)
     blocks = x padded with zeros to whole blocks; amax_b = max |x| over each block
     tensor scale (tensor_scale=True, NVFP4):
         g_enc = min(S_max * E_max / amax(x), FLT_MAX);  g_enc = 1 where it is 0
@@ -148,6 +149,17 @@ def _to_blocks(hp: torch.Tensor, g: _Geometry) -> torch.Tensor:
     return hp.reshape(g.blocked)
 
 
+def _pad_axis(x: torch.Tensor, axis: int, multiple: int) -> torch.Tensor:
+    """x zero-padded along ``axis`` to a multiple of ``multiple`` (the Hadamard size)."""
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
+    ax = axis % x.dim()
+    pad = -x.shape[ax] % multiple
+    if not pad:
+        return x
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - ax) + (0, pad))
+
+
 def _from_blocks(blocked: torch.Tensor, g: _Geometry) -> torch.Tensor:
     out = blocked.reshape(g.padded)
     for d, (size, want) in enumerate(zip(g.shape, g.padded)):
@@ -231,7 +243,8 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
     signs = _resolve_signs(scheme, signs, generator)
     hp = x.detach().to(torch.float32)
     if scheme.hadamard is not None:
-        hp = hadamard_transform(hp, scheme.hadamard, signs=signs, axis=scheme.axis)
+        hp = hadamard_transform(_pad_axis(hp, scheme.axis, scheme.hadamard), scheme.hadamard,
+                                signs=signs, axis=scheme.axis)
     g = _geometry(tuple(hp.shape), scheme)
     blocks = _to_blocks(hp, g)
     amax = blocks.abs().amax(dim=g.reduce, keepdim=True)   # NaN propagates
@@ -271,8 +284,9 @@ class BlockQuantized:
     """The result of :func:`quantize_blocked`.
 
     Attributes:
-        elements: float32, x's shape: the element values before scaling (E2M1: 0.5, 6, ...),
-            in the Hadamard-transformed domain when the scheme has a transform.
+        elements: float32, x's shape: the element values before scaling (E2M1: 0.5, 6, ...).
+            With a Hadamard transform they are in the transformed domain, and ``axis`` is
+            zero-padded to a multiple of the transform size (``shape`` is x's shape).
         block_scales: float32 block decode scales, each a value of the scale format.
             1 x k blocks: x's shape with ``axis`` shortened to ceil(n / k); k x k tiles:
             ``x.shape[:-2] + (ceil(M / k), ceil(N / k))``.
@@ -283,10 +297,11 @@ class BlockQuantized:
     @classmethod
     def from_parts(cls, elements: torch.Tensor, block_scales: torch.Tensor,
                    tensor_scale: torch.Tensor, scheme: SchemeLike, *,
-                   signs: Optional[torch.Tensor] = None,
-                   dtype: torch.dtype = torch.float32) -> "BlockQuantized":
+                   signs: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                   shape: Optional[Tuple[int, ...]] = None) -> "BlockQuantized":
         """Rebuild a result from its parts (e.g. decoded from storage): the inverse of
-        reading ``elements``, ``block_scales``, ``tensor_scale`` and ``signs``."""
+        reading ``elements``, ``block_scales``, ``tensor_scale``, ``signs`` and ``shape``
+        (x's shape, when a Hadamard transform padded the elements)."""
         scheme = get_scheme(scheme)
         g = _geometry(tuple(elements.shape), scheme)
         blocked = _to_blocks(elements.to(torch.float32), g)
@@ -295,12 +310,14 @@ class BlockQuantized:
             keep[d] = 1
         scales = block_scales.to(torch.float32).reshape(keep)
         ts = torch.as_tensor(tensor_scale, dtype=torch.float32).reshape(())
-        return cls(_Blocked(blocked, scales, ts, g, signs), scheme, dtype)
+        return cls(_Blocked(blocked, scales, ts, g, signs), scheme, dtype, shape)
 
-    def __init__(self, blocked: _Blocked, scheme: BlockScheme, dtype: torch.dtype):
+    def __init__(self, blocked: _Blocked, scheme: BlockScheme, dtype: torch.dtype,
+                 shape: Optional[Tuple[int, ...]] = None):
         self._blocked = blocked
         self.scheme = scheme
         self.dtype = dtype
+        self.shape = tuple(blocked.geometry.shape if shape is None else shape)
         self.signs = blocked.signs
         self.tensor_scale = blocked.tensor_scale
         self.elements = _from_blocks(blocked.elems, blocked.geometry)
@@ -320,6 +337,8 @@ class BlockQuantized:
         if self.scheme.hadamard is not None and not rotated:
             out = hadamard_transform(out, self.scheme.hadamard, signs=self.signs,
                                      axis=self.scheme.axis, inverse=True)
+            ax = self.scheme.axis % out.dim()
+            out = out.narrow(ax, 0, self.shape[ax])    # drop the transform's zero padding
         return out.to(self.dtype)
 
     def __repr__(self) -> str:
@@ -355,4 +374,5 @@ def quantize_blocked(x: torch.Tensor, scheme: SchemeLike, *,
                          f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0:
         raise ValueError("quantize_blocked needs a tensor with at least one dimension")
-    return BlockQuantized(_blocked_quantize(x, scheme, mode, generator, signs), scheme, x.dtype)
+    return BlockQuantized(_blocked_quantize(x, scheme, mode, generator, signs), scheme, x.dtype,
+                          tuple(x.shape))
