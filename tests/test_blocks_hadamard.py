@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixprec import BlockScheme, HadamardSigns, get_scheme, hadamard_matrix, quantize_blocked
+from mixprec import HadamardSigns, get_scheme, hadamard_matrix, quantize_blocked
 from mixprec.blocks import TE_NVFP4_SIGNS, hadamard_transform
 
 SIZES = (16, 32, 64, 128)

@@ -34,7 +34,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
-from ..formats import FloatFormat, FormatLike, get_format
+from ..formats import FloatFormat, get_format
 
 __all__ = ["ScaleFormat", "ScaleRule", "Ties", "BlockScheme", "SchemeLike", "get_scheme",
            "list_schemes", "scheme_along", "HADAMARD_SIZES", "HADAMARD_SIGNS"]
