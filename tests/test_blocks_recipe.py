@@ -23,7 +23,7 @@ def test_nvfp4_preset_is_te_nvfp4_recipe():
     assert r.grad_output.rounding.value == "stochastic" and r.activation.rounding.value == "nearest"
     assert r.weight_grad.is_identity                       # dW stays in high precision
     assert r.hadamard == HadamardConfig(signs="te", wgrad=16)
-    assert r.high_precision == "bf16"
+    assert r.high_precision == "bf16" and r.attention == "high_precision"
     assert "nvfp4" in mixprec.list_presets()
 
 
@@ -204,10 +204,38 @@ def test_hadamard_on_mx_roles_and_on_nothing():
 
 def test_nvfp4_preset_equals_the_readme_override_line():
     import dataclasses
-    # README: "The nvfp4 preset is the first line with FP32 master weights and BF16 outside
-    # the FP4 GEMMs"
+    # README: "The nvfp4 preset is the first line with FP32 master weights, BF16 outside the
+    # FP4 GEMMs and attention in BF16"
     line = ("fp32:weight.scheme=nvfp4-2d,activation.scheme=nvfp4,grad_output.scheme=nvfp4,"
             "grad_output.rounding=stochastic,hadamard.signs=te,hadamard.wgrad=16")
     spelled = dataclasses.replace(parse_recipe(line), name="nvfp4", high_precision="bf16",
-                                  master=TensorSpec())
+                                  master=TensorSpec(), attention="high_precision")
     assert spelled == get_recipe("nvfp4")
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(2, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).sum()
+
+
+def test_attention_runs_in_high_precision_under_nvfp4():
+    # TE keeps attention out of NVFP4: calls whose operands are all activations run in
+    # the recipe's high_precision (BF16); the projection stays NVFP4
+    for recipe, sdpa in [("nvfp4", "bf16"), ("nvfp4:attention=quantized", "e2m1/nvfp4")]:
+        model = _Attention()
+        mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe)
+        with mp.autocast():
+            loss = model(torch.randn(2, 16, 32))
+        mp.backward(loss)
+        rows = {r.op: dict(r.formats) for r in mp.coverage().rows}
+        assert rows["linear"]["weight"] == "e2m1/nvfp4-2d", rows
+        assert rows["scaled_dot_product_attention"]["activation"] == sdpa, rows
+    assert format_recipe(parse_recipe("nvfp4:attention=quantized")) == "nvfp4:attention=quantized"
+    with pytest.raises(ValueError, match="unknown attention 'bf16'; valid choices: quantized, "
+                                         "high_precision"):
+        parse_recipe("fp32:attention=bf16")

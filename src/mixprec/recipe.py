@@ -261,10 +261,15 @@ class Recipe:
     fp32_ops: tuple = DEFAULT_FP32_OPS
     backend: str = "auto"           # "auto" | "emulated" | "native"
     max_consecutive_skips: int = 50
+    # "high_precision": matmul-like calls whose operands are all activations (attention's
+    # Q K^T and P V, scaled_dot_product_attention) run in `high_precision`, as
+    # TransformerEngine keeps attention out of its FP8/FP4 recipes
+    attention: str = "quantized"
 
     def __post_init__(self):
         object.__setattr__(self, "high_precision", get_format(self.high_precision).name)
         _choice(self.backend, BACKENDS, "backend")
+        _choice(self.attention, ATTENTION_MODES, "attention")
         object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
         if self.max_consecutive_skips < 1:
@@ -286,6 +291,7 @@ class Recipe:
 
 
 BACKENDS = ("auto", "emulated", "native")
+ATTENTION_MODES = ("quantized", "high_precision")
 
 
 # --------------------------------------------------------------------------------------
@@ -338,11 +344,12 @@ PRESETS: dict = {r.name: r for r in [
 # NVFP4 as TransformerEngine's NVFP4BlockScaling recipe: E2M1 with E4M3 block scales and
 # an FP32 tensor scale, 16x16 weight tiles, stochastic rounding of the output gradients,
 # a 16-point RHT with TE's signs on the operands of the weight-gradient GEMM, dW in high
-# precision, BF16 outside the FP4 GEMMs.
+# precision, BF16 outside the FP4 GEMMs and in attention.
 PRESETS["nvfp4"] = Recipe(
     name="nvfp4", weight=TensorSpec(scheme="nvfp4-2d"), activation=TensorSpec(scheme="nvfp4"),
     grad_output=TensorSpec(rounding=_STOCH, scheme="nvfp4"),
-    hadamard=HadamardConfig(signs="te", wgrad=16), high_precision="bf16")
+    hadamard=HadamardConfig(signs="te", wgrad=16), high_precision="bf16",
+    attention="high_precision")
 
 
 def list_presets() -> list:
@@ -363,7 +370,7 @@ _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TensorSpec))
 _NESTED = {"accumulation": AccumulationConfig, "loss_scale": LossScaleConfig,
            "scaling": ScalingConfig, "hadamard": HadamardConfig}
 _TOP = ("keep_high_precision", "high_precision", "fp32_ops", "backend",
-        "max_consecutive_skips")
+        "max_consecutive_skips", "attention")
 _ALIASES = {"grads": ("grad_output", "weight_grad"), "grad": ("grad_output", "weight_grad")}
 _SHORT = {"weight": "w", "activation": "a", "grad_output": "go", "weight_grad": "wg",
           "master": "m", "optimizer_state": "os", "accumulation": "acc", "loss_scale": "ls",
