@@ -94,7 +94,7 @@ def test_real_model_trains_under_preset(name, preset):
         mp.backward(loss)
         mp.step()
         mp.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     handle.remove()
     assert all(math.isfinite(v) for v in losses), losses
     assert mp.skipped_steps == 0
