@@ -263,6 +263,27 @@ def test_lightning_plugin_evaluates_without_fit(tmp_path):
     assert plugin.engine.coverage().emulated > 0
 
 
+def test_lightning_plugin_sanity_validation_changes_nothing(tmp_path):
+    """Lightning's sanity validation runs first, under torch.inference_mode: under
+    fp8-hybrid it is the forward the keep rules trace. Training after it ends with the
+    weights of a fit without validation, bit for bit."""
+    results = []
+    for validate in (True, False):
+        torch.manual_seed(0)
+        module, plugin = _LitEval(), MixprecPrecision("fp8-hybrid")
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, plugins=[plugin],
+                             logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, limit_val_batches=2,
+                             num_sanity_val_steps=2 if validate else 0)
+        trainer.fit(module, _loader(), _loader() if validate else None)
+        assert plugin.engine.steps == 3
+        assert plugin.engine.keep == frozenset({"net.0", "net.3", "net.5"})
+        results.append([p.detach().clone() for p in module.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_lightning_precision_alias_and_errors():
     import mixprec.lightning
     assert mixprec.lightning.Precision is MixprecPrecision
