@@ -45,7 +45,8 @@ def test_baseline_and_matches():
     _, rows = _summary([_run("fp32", FLAT, 0.95), _run("bf16-mixed", [1.05] * N, 0.941)])
     assert rows["fp32"]["verdict"] == "baseline" and rows["fp32"]["detail"] == ""
     # 0.941 >= 0.95 - 0.01 and 1.05 <= 1.1 * 1.0 + 0.02 at every step
-    assert (rows["bf16-mixed"]["verdict"], rows["bf16-mixed"]["departs_at"]) == ("matches fp32", None)
+    row = rows["bf16-mixed"]
+    assert (row["verdict"], row["departs_at"]) == ("matches fp32", None)
 
 
 def test_worse_than_fp32_names_metric_and_tolerance():

@@ -18,7 +18,7 @@ Verdicts keep apart what was measured from what was not:
                   not run       (a mixprec module is missing, or the experiment raised)
 
 ``checks`` maps each named test of the claim to whether it held; a "reproduced" record
-has every check true, and "partly" and "not reproduced" records name the failed ones.
+has every check true; "partly" and "not reproduced" records name any that failed.
 """
 from __future__ import annotations
 
