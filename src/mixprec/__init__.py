@@ -17,6 +17,8 @@ from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
 from .engine import Engine, NonFiniteError, prepare
 from .monitor import NumericsMonitor
+from .coverage import Coverage, CoverageRow, CoverageWarning, UnemulatedOpError
+from .layers import is_gemm_layer
 
 __version__ = "0.1.0"
 
@@ -34,5 +36,6 @@ __all__ = [
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     # diagnostics
-    "NumericsMonitor",
+    "NumericsMonitor", "Coverage", "CoverageRow", "CoverageWarning", "UnemulatedOpError",
+    "is_gemm_layer",
 ]

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
@@ -125,8 +126,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, *,
                  backend: str, keep: frozenset, generator: torch.Generator,
-                 count_lost_updates: Optional[bool] = None):
+                 count_lost_updates: Optional[bool] = None, strict: bool = False):
         self.model, self.optimizer, self.recipe = model, optimizer, recipe
+        self.recorder = CoverageRecorder(strict=strict)
         self.backend, self.keep, self.generator = backend, keep, generator
         self.loss_scaler = recipe.loss_scale.build()
         self.device = next(iter(model.parameters()), torch.empty(0)).device
@@ -178,7 +180,8 @@ class Engine:
         normal = LayerPolicy.from_recipe(self.recipe)
         high = LayerPolicy.from_recipe(self.recipe, high_precision=True)
         self._default_policy = normal
-        self._attached = attach(self.model, lambda n, m: high if n in self.keep else normal)
+        self._attached = attach(self.model, lambda n, m: high if n in self.keep else normal,
+                                kept=self.keep)
         # Weights not optimized (frozen) are rounded to their storage format once, here.
         optimized = {id(s.model) for s in self._masters.slots}
         for name, module in self.model.named_modules():
@@ -201,8 +204,23 @@ class Engine:
                 yield
         else:
             with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
-                               default_policy=self._default_policy, generator=self.generator):
+                               default_policy=self._default_policy, generator=self.generator,
+                               recorder=self.recorder):
                 yield
+
+    def coverage(self, *, reset: bool = False) -> Coverage:
+        """What the matmul-like calls under :meth:`autocast` did since the engine was
+        built (or the last reset): emulated and in which formats, kept by a rule, FP32
+        ops, or not recognised (:mod:`mixprec.coverage`). ``reset=True`` starts a new
+        count after returning this one. The native backend leaves precision to
+        torch.autocast and records nothing.
+
+        >>> print(mp.coverage())
+        """
+        out = self.recorder.coverage()
+        if reset:
+            self.recorder.reset()
+        return out
 
     # -- stage bookkeeping ------------------------------------------------------------
     def _reset_step_flags(self) -> None:
@@ -441,7 +459,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             keep_high_precision: Union[KeepFilter, Sequence[KeepFilter], None] = None,
             generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None,
-            count_lost_updates: Optional[bool] = None) -> Engine:
+            count_lost_updates: Optional[bool] = None, strict: bool = False) -> Engine:
     """Set up ``model`` and ``optimizer`` for training with ``recipe``.
 
     Args:
@@ -458,6 +476,9 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             update the master rounding lost (``Engine.lost_update_fraction`` and the
             history's ``lost_updates``). Default: only for recipes without master
             weights (fp16-pure), where it is the diagnosis; it costs a few percent.
+        strict: a matmul-like call that runs unemulated inside ``autocast()`` outside
+            any kept module raises :class:`mixprec.coverage.UnemulatedOpError` instead
+            of warning once (:meth:`Engine.coverage` lists every call).
 
     Returns:
         The :class:`Engine`.
@@ -479,4 +500,4 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() if seed is None else seed)
     return Engine(model, optimizer, recipe, backend=backend, keep=keep, generator=generator,
-                  count_lost_updates=count_lost_updates)
+                  count_lost_updates=count_lost_updates, strict=strict)
