@@ -32,9 +32,9 @@ def _summary(runs: list, **cfg) -> dict:
     config = CompareConfig(recipes=tuple(r["recipe"]["spec"] for r in runs), **cfg)
     for r in runs:
         _compare_to_baseline(r, runs[0], config)
-    results = {"summary": _summarize(runs, config),
+    results = {"summary": _summarize(runs, config), "runs": runs,
                "config": {"model": "m", "data": {"name": "d"}, "steps": N, "batch_size": 8,
-                          "lr": 0.1, "seeds": [0]}}
+                          "lr": 0.1, "seeds": [0], "recipes": list(config.recipes)}}
     return results, {row["spec"]: row for row in results["summary"]}
 
 
