@@ -88,6 +88,7 @@ def _watch(args: argparse.Namespace, formats: tuple[str, ...]) -> NumericsMonito
             task_loss(data.task, model(x), y).backward()
             mon.snapshot_weights()
             optimizer.step()
+            mon.record_optimizer_state(optimizer)
             mon.record_updates()
     return mon
 

@@ -201,7 +201,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     losses, scales, skipped_at, times, hists = [], [], [], [], []
     saved = SavedTensorBytes(model)
     record = {"status": "ok", "error": None, "backend": None, "lost_update_fraction": None,
-              "coverage": None}
+              "coverage": None, "state_underflow": None}
     bar = _progress(config.steps, recipe.short_str(), progress)
     start = time.perf_counter()
     try:
@@ -242,6 +242,9 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         lost = [h["lost_updates"] for h in getattr(mp, "history", [])
                 if h.get("lost_updates") is not None and not h.get("skipped")]
         record["lost_update_fraction"] = statistics.fmean(lost) if lost else None
+        dead = [h["state_underflow"] for h in getattr(mp, "history", [])
+                if h.get("state_underflow") is not None]
+        record["state_underflow"] = max(dead) if dead else None
     except Exception as e:       # noqa: BLE001 -- the failure itself is the finding
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         metric, test_loss, final_scale = math.nan, math.nan, scales[-1] if scales else math.nan
