@@ -31,7 +31,7 @@ import mixprec
 from mixprec.recipe import list_presets
 
 PRESETS = ("fp32", "fp16-mixed", "bf16-mixed", "fp16-pure", "fp8-e5m2", "fp8-hybrid",
-           "mxfp8", "mxfp6", "mxfp4")
+           "mxfp8", "mxfp6", "mxfp4", "nvfp4")
 STEPS, BATCH, BATCHES = 40, 24, 4      # 40 steps over 4 batches of a fixed training set
 
 # element format of MX saved tensors: (ml_dtypes type, largest value, emax of the element)
@@ -205,5 +205,7 @@ def test_preset_trains_in_its_formats_and_differs_from_fp32(preset, fp32_run):
         _check_cast(run, _CAST[preset])
     elif preset == "fp8-hybrid":
         _check_per_tensor(run)
-    else:
+    elif preset in _MX_ELEMENT:
         _check_mx(run, preset)
+    # nvfp4 (16-element blocks with E4M3 scales and a tensor scale): its saved blocks are
+    # not checked here; tests/test_blocks_torchao.py holds its quantization to torchao
