@@ -13,6 +13,7 @@ from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
 from .recipe import (PRESETS, AccumulationConfig, LossScaleConfig, Recipe, Role,
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
+from .conformance import CONFORMANCE, ConformanceEntry
 from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
 from .engine import Engine, NonFiniteError, prepare
@@ -32,7 +33,8 @@ __all__ = [
     "LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale",
     # recipes
     "Recipe", "Role", "TensorSpec", "ScalingKind", "ScalingConfig", "AccumulationConfig",
-    "LossScaleConfig", "PRESETS", "get_recipe", "list_presets",
+    "LossScaleConfig", "PRESETS", "get_recipe", "list_presets", "CONFORMANCE",
+    "ConformanceEntry",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     # diagnostics

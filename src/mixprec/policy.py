@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipe import (AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind, TensorSpec,
-                     get_recipe)
+from .recipe import (BIAS_GRADS, AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind,
+                     TensorSpec, get_recipe)
 from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
@@ -48,6 +48,9 @@ class LayerPolicy:
     scale for the output and keep it in the input's dtype, as FP8 GEMMs write high
     precision. ``round_output=False``: every output in the input's dtype, unrounded.
 
+    ``bias_grad``: "rounded" sums the rounded grad_output into the bias gradient, "hp"
+    sums grad_output as it arrived (:attr:`Recipe.bias_grad`).
+
     ``scaled_output``: where a scaled layer writes its output — "fp32" (the input's
     dtype, the default) or "fp16"/"bf16" (a real 16-bit tensor, nearest rounding: an FP8
     GEMM writing BF16 as on FP8 hardware). :meth:`from_recipe` takes it from
@@ -61,15 +64,20 @@ class LayerPolicy:
     scaling: ScalingConfig = ScalingConfig()
     round_output: bool = True
     scaled_output: str = "fp32"
+    bias_grad: str = "rounded"
 
     def __post_init__(self):
+        if self.bias_grad not in BIAS_GRADS:
+            raise ValueError(f"LayerPolicy.bias_grad {self.bias_grad!r} is not one of "
+                             f"{', '.join(BIAS_GRADS)}")
         if self.scaled_output not in _SCALED_OUTPUT:
             raise ValueError(f"LayerPolicy.scaled_output {self.scaled_output!r} is not one of "
                              f"{', '.join(_SCALED_OUTPUT)}")
         for f in fields(self):
             value = getattr(self, f.name)
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
-                        "round_output": bool, "scaled_output": str}.get(f.name, TensorSpec)
+                        "round_output": bool, "scaled_output": str,
+                        "bias_grad": str}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
                 raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
                                  f"got {value!r}")
@@ -90,10 +98,12 @@ class LayerPolicy:
             raise ValueError(f"recipe must be a Recipe or a recipe string, got {recipe!r}")
         if high_precision:
             spec = TensorSpec(recipe.high_precision)
-            return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
+            return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling,
+                       bias_grad=recipe.bias_grad)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
-                   recipe.accumulation, recipe.scaling, scaled_output=out)
+                   recipe.accumulation, recipe.scaling, scaled_output=out,
+                   bias_grad=recipe.bias_grad)
 
     @property
     def is_identity(self) -> bool:

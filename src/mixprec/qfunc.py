@@ -59,7 +59,8 @@ from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
-from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+from .scaling import (DelayedScaling, amax_to_scale, config_scale_kwargs, quantize_mx,
+                      quantize_spec, tensor_to_amax)
 from .shared import e5m2_as_float16, shared_operand
 
 __all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatmul",
@@ -67,6 +68,9 @@ __all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatm
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
+# Scalings whose scales run along the consuming GEMM's reduction dimension: a tensor used
+# by two GEMMs is quantized once per GEMM, from high precision.
+_PER_GEMM = (ScalingKind.MX, ScalingKind.AXISWISE)
 
 
 # --------------------------------------------------------------------------------------
@@ -175,8 +179,12 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         elems = torch.where(torch.isnan(wide), torch.zeros_like(values), values / wide)
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
-    if spec.scaling is ScalingKind.CURRENT:
-        scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+    if spec.scaling is ScalingKind.AXISWISE:
+        # quantize_axiswise spelled out: one scale per row along the reduction axis
+        scale = amax_to_scale(x.abs().amax(dim=axis, keepdim=True), fmt,
+                              **config_scale_kwargs(cfg))
+    elif spec.scaling is ScalingKind.CURRENT:
+        scale = amax_to_scale(tensor_to_amax(x), fmt, **config_scale_kwargs(cfg))
     elif scaler is None:
         raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
                          "or run the layer under attach()")
@@ -255,6 +263,16 @@ class OpContext:
     def is_mx(self, role: str) -> bool:
         return getattr(self.policy, role).scaling is _MX
 
+    def per_gemm(self, role: str) -> bool:
+        """True when the role's scales follow the consuming GEMM's reduction axis (MX
+        blocks, axiswise rows), so each GEMM quantizes it afresh from high precision."""
+        return getattr(self.policy, role).scaling in _PER_GEMM
+
+    def bias_source(self, g_rounded: torch.Tensor, g_hp: torch.Tensor) -> torch.Tensor:
+        """What the bias gradient sums: the rounded grad_output, or (``bias_grad="hp"``)
+        grad_output as it arrived, in float32."""
+        return g_hp.to(torch.float32) if self.policy.bias_grad == "hp" else g_rounded
+
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
         format and held in the narrowest float dtype containing that format (float16
@@ -286,7 +304,7 @@ class OpContext:
             if how == "requantize" and keep:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
-        mx = self.is_mx(role)
+        mx = self.per_gemm(role)
         xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
         if keep and mx:
             pack = self.round(x, role, bwd_axis, operand, pack=True)[1]
@@ -295,7 +313,7 @@ class OpContext:
     def grads(self, g, row_axis, col_axis, need_row, need_col):
         """grad_output rounded for dX (blocks along ``row_axis``) and dW (``col_axis``);
         unscaled and per-tensor specs round once and share the result."""
-        if not self.is_mx("grad_output"):
+        if not self.per_gemm("grad_output"):
             gq = self.round(g, "grad_output", row_axis)[0]
             return gq, gq
         row = self.round(g, "grad_output", row_axis)[0] if need_row else None
@@ -351,7 +369,8 @@ class QLinear(torch.autograd.Function):
             if need_w:
                 dw = c.weight_grad(_mm(g_col.t(), x_saved, acc), -1).to(ctx.dtypes[1])
             if need_b:
-                db = c.weight_grad(_sum(g_col, acc, 0), -1, "bias").to(ctx.dtypes[2])
+                db = _sum(c.bias_source(g_col, g2), acc, 0)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None
 
 
@@ -395,7 +414,8 @@ class QConv(torch.autograd.Function):
                 dw = c.weight_grad(dw, 1).to(ctx.dtypes[1])
             if need_b:
                 dims = [0] + list(range(2, g_col.dim()))
-                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+                db = c.bias_source(g_col, g).sum(dims)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None, None
 
 
@@ -464,7 +484,7 @@ class QMatmul(torch.autograd.Function):
                     db = c.weight_grad(db, -2, "rhs" if spec.roles[0] == "weight" else "")
                 db = db.to(ctx.dtypes[1])
             if need_add:
-                dadd = _scaled(g_col, spec.beta).sum_to_size(ctx.shapes[2])
+                dadd = _scaled(c.bias_source(g_col, g), spec.beta).sum_to_size(ctx.shapes[2])
                 if spec.addend_param:
                     dadd = c.weight_grad(dadd, -1, "bias")
                 dadd = dadd.to(ctx.add_dtype)
@@ -526,7 +546,8 @@ class QConvTranspose(torch.autograd.Function):
                 dw = c.weight_grad(dw, 0).to(ctx.dtypes[1])
             if need_b:
                 dims = [0] + list(range(2, g_col.dim()))
-                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+                db = c.bias_source(g_col, g).sum(dims)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None, None
 
 
@@ -576,7 +597,7 @@ class QBilinear(torch.autograd.Function):
                 dw = c.weight_grad(dw, -1).to(ctx.dtypes[2])
             db = None
             if needs[3]:
-                db = c.weight_grad(gq.sum(0), -1, "bias").to(ctx.dtypes[3])
+                db = c.weight_grad(c.bias_source(gq, g).sum(0), -1, "bias").to(ctx.dtypes[3])
         return (None if d1 is None else d1.to(ctx.dtypes[0]),
                 None if d2 is None else d2.to(ctx.dtypes[1]), dw, db, None, None)
 
