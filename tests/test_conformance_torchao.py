@@ -207,3 +207,30 @@ def test_mxfp8_blocks_at_the_smallest_scale_are_a_documented_difference():
     assert torch.equal(scales[:4], torch.full_like(scales[:4], 2.0 ** -127))
     assert torch.equal(ours[4:].view(torch.int32), theirs[4:].view(torch.int32))
     assert (theirs[:4] == 0).all() and (ours[:4] != 0).sum() > 100
+
+
+def test_amax_to_scale_matches_torchao():
+    """Per-tensor and rowwise scales: mixprec's amax_to_scale with the presets' settings
+    against torchao's own amax_to_scale, on amaxes around the clamp, around powers of two
+    and over the float32 range."""
+    from torchao.float8.float8_utils import amax_to_scale as ao_amax_to_scale
+    from mixprec import amax_to_scale
+    g = torch.Generator().manual_seed(2)
+    near = torch.tensor([448.0 * 2.0 ** -k for k in range(-20, 40)])
+    amax = torch.cat([
+        torch.tensor([0.0, 1e-14, 1e-12, 1.5e-12, 3.5, 448.0, 1e30]),
+        near, torch.nextafter(near, torch.tensor(float("inf"))),
+        torch.nextafter(near, torch.tensor(0.0)),
+        torch.exp2(torch.empty(2000).uniform_(-60, 60, generator=g))])
+    for fmt, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+        for pow2, rule in ((False, "none"), (True, "log2")):
+            theirs = ao_amax_to_scale(amax, dtype, round_scales_to_power_of_2=pow2)
+            ours = amax_to_scale(amax, fmt, eps=1e-12, pow2=rule)
+            assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), (fmt, rule)
+    # "floor" (mantissa zeroed) is the exact power of two below; torchao's log2 rounds up
+    # the scales just below a power of two
+    exact = amax_to_scale(amax, "e4m3", eps=1e-12, pow2="floor")
+    theirs = ao_amax_to_scale(amax, torch.float8_e4m3fn, round_scales_to_power_of_2=True)
+    raw = amax_to_scale(amax, "e4m3", eps=1e-12)
+    assert (exact <= raw).all() and (raw < 2 * exact).all()
+    assert ((theirs == 2 * exact) | (theirs == exact)).all() and (theirs == 2 * exact).any()

@@ -24,7 +24,8 @@ from typing import NamedTuple, Tuple
 
 from .recipe import PRESETS, Recipe, ScalingConfig, ScalingKind, TensorSpec
 
-__all__ = ["ConformanceEntry", "CONFORMANCE", "CONFORMANCE_PRESETS", "TORCHAO_VERSION"]
+__all__ = ["ConformanceEntry", "CONFORMANCE", "CONFORMANCE_PRESETS", "TORCHAO_VERSION",
+           "conformance_table"]
 
 TORCHAO_VERSION = "0.18"
 TORCHAO_AMAX_EPS = 1e-12        # torchao.float8.float8_utils.EPS
@@ -93,41 +94,46 @@ class ConformanceEntry(NamedTuple):
     differences: str        # documented differences, and why the preset keeps them
 
 
-_TORCHAO_TESTED = "y, dX, dW, dbias; real torchao on CPU, 256->256, 128 rows"
-_TE_TESTED = "y, dX, dW, dbias; hand-computed cases from TE's documented reference"
+_TORCHAO_TESTED = "y, dX, dW, dbias: torchao run on CPU"
+_TE_TESTED = "y, dX, dW, dbias: hand-computed cases"
+_TE_VERSION = "docs; not run (CUDA only)"
 
 CONFORMANCE: Tuple[ConformanceEntry, ...] = (
     ConformanceEntry(
-        "torchao-float8-tensorwise", "torchao Float8LinearConfig(emulate=True)",
+        "torchao-float8-tensorwise", "torchao `Float8LinearConfig(emulate=True)`",
         TORCHAO_VERSION, _TORCHAO_TESTED,
-        "none known. Follows torchao's amax clamp at 1e-12 (an all-zero tensor gets scale "
-        "448e12, not the previous one)."),
+        "none found; follows the amax clamp at 1e-12 (a zero tensor gets scale 4.48e14)"),
     ConformanceEntry(
-        "torchao-float8-rowwise", 'torchao Float8LinearConfig.from_recipe_name("rowwise")',
+        "torchao-float8-rowwise", 'torchao `Float8LinearConfig.from_recipe_name("rowwise")`',
         TORCHAO_VERSION, _TORCHAO_TESTED,
-        "none known. Follows torchao's power-of-two rounding exp2(floor(log2 s)) in "
-        "float32, which rounds a scale just below 2^k up to 2^k (tested)."),
+        "none found; follows exp2(floor(log2 s)) in float32, which rounds a scale just "
+        "below 2^k up to 2^k"),
     ConformanceEntry(
-        "torchao-mxfp8", "torchao MXFP8Linear / mx_mm (EMULATED, RCEIL)",
+        "torchao-mxfp8", "torchao `MXFP8Linear` (`mx_mm`, EMULATED, RCEIL)",
         TORCHAO_VERSION, _TORCHAO_TESTED,
-        "none known, apart from blocks with amax <= 448 * 2^-127 (scale 2^-127): torchao's "
-        "CPU path multiplies their elements by 1 instead of 2^127 and flushes them to 0; "
-        "mixprec keeps them, as the E8M0 scale defines (tested). Follows torchao's RCEIL "
-        "evaluated in float32 (ceil(log2(amax / 448))), whose log2 rounds a quotient a "
-        "few ulps above 2^k down to k (tested); TE and cuBLAS round it up (te-mxfp8)."),
+        "blocks with amax <= 448·2^-127: torchao flushes them to 0, mixprec keeps V/2^-127 "
+        "as E8M0 defines; follows RCEIL's float32 log2, which rounds a quotient a few "
+        "ulps above 2^k down to k"),
     ConformanceEntry(
-        "te-delayed", "TransformerEngine DelayedScaling (HYBRID, history 1024, max)",
-        "TE 2.x docs", _TE_TESTED,
-        "not run against TE (needs CUDA). The first step uses scale 1, as TE's "
-        "initial scale."),
+        "te-delayed", "TE `DelayedScaling` (HYBRID, history 1024, max, margin 0)",
+        _TE_VERSION, _TE_TESTED, "first step at scale 1, as TE initialises it"),
     ConformanceEntry(
-        "te-current", "TransformerEngine Float8CurrentScaling (HYBRID)", "TE 2.x docs",
-        _TE_TESTED, "not run against TE (needs CUDA)."),
+        "te-current", "TE `Float8CurrentScaling` (HYBRID)", _TE_VERSION, _TE_TESTED,
+        "none known"),
     ConformanceEntry(
-        "te-mxfp8", "TransformerEngine MXFP8BlockScaling (E4M3)", "TE 2.x docs", _TE_TESTED,
-        "not run against TE (needs CUDA). A reduction length that is not a multiple of "
-        "32 is zero-padded (TE requires multiples of 32)."),
+        "te-mxfp8", "TE `MXFP8BlockScaling` (E4M3)", _TE_VERSION, _TE_TESTED,
+        "a reduction length not a multiple of 32 is zero-padded (TE requires multiples)"),
 )
+
+
+def conformance_table() -> str:
+    """The conformance table as Markdown (the README prints it)."""
+    rows = ["| preset | stack | version | bit-identical | documented differences |",
+            "|---|---|---|---|---|"]
+    rows += [f"| `{e.preset}` | {e.stack} | {e.version} | {e.identical} | {e.differences} |"
+             for e in CONFORMANCE]
+    return "\n".join(rows)
+
 
 for _recipe in CONFORMANCE_PRESETS:
     if _recipe.name in PRESETS:
