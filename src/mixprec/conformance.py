@@ -59,7 +59,7 @@ def _all_e4m3(kind: ScalingKind, scaling: ScalingConfig, name: str) -> Recipe:
     return _gemm(spec, spec, spec, scaling, name)
 
 
-_TORCHAO_MXFP8 = ScalingConfig(mx_block_size=32, mx_scale_rule="rceil")
+_TORCHAO_MXFP8 = ScalingConfig(mx_block_size=32, mx_scale_rule="ceil-log2")
 _TE_MXFP8 = ScalingConfig(mx_block_size=32, mx_scale_rule="ceil")
 
 CONFORMANCE_PRESETS: Tuple[Recipe, ...] = (

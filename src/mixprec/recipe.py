@@ -89,20 +89,21 @@ class ScalingConfig:
     MX: blocks of ``mx_block_size`` along the reduction dimension share one E8M0 scale,
     X = 2**(floor(log2(amax)) - emax_elem) ("ocp"), 2**ceil(log2(amax / max_elem))
     exactly ("ceil"; equal to cuBLAS's and TransformerEngine's round-up of the float32
-    quotient), or ceil(log2(fl(amax / max_elem))) in float32 ("rceil", torchao's RCEIL,
-    which differs from "ceil" where a quotient a few ulps above 2^k has log2 rounded to k).
+    quotient), or ceil(log2(fl(amax / max_elem))) in float32 ("ceil-log2": torchao's RCEIL
+    as it evaluates it, which differs from "ceil" where a quotient a few ulps above 2^k
+    has its log2 rounded to k).
     """
     amax_history_len: int = 16
     amax_algo: str = "max"          # "max" | "most_recent"
     margin: int = 0
     mx_block_size: int = 32
-    mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "rceil"
+    mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "ceil-log2"
     amax_eps: float = 0.0
     pow2_scale: str = "none"        # "none" | "floor" | "log2"
 
     def __post_init__(self):
         _choice(self.amax_algo, ("max", "most_recent"), "amax_algo")
-        _choice(self.mx_scale_rule, ("ocp", "ceil", "rceil"), "mx_scale_rule")
+        _choice(self.mx_scale_rule, ("ocp", "ceil", "ceil-log2"), "mx_scale_rule")
         _choice(self.pow2_scale, ("none", "floor", "log2"), "pow2_scale")
         if not (isinstance(self.amax_eps, (int, float)) and 0.0 <= self.amax_eps < float("inf")):
             raise ValueError(f"amax_eps must be a finite float >= 0, got {self.amax_eps!r}")

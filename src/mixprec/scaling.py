@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 AMAX_ALGOS = ("max", "most_recent")
-MX_SCALE_RULES = ("ocp", "ceil", "rceil")
+MX_SCALE_RULES = ("ocp", "ceil", "ceil-log2")
 POW2_RULES = ("none", "floor", "log2")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
@@ -303,14 +303,14 @@ def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, scale_rule: str) -> torch
     ocp  : floor(log2 amax) - emax_elem
     ceil : ceil(log2(amax / max_elem)) = the ocp exponent, plus one when max_elem * X_ocp
            still lies below amax (comparing mantissas keeps this exact, no division).
-    rceil: ceil(log2(q)) of the float32 quotient q = fl(amax / max_elem), with log2 and
+    ceil-log2: ceil(log2(q)) of the float32 quotient q = fl(amax / max_elem), with log2 and
            ceil in float32, as torchao's RCEIL evaluates it. Rounding q up to a power of
            two exactly (cuBLAS, TransformerEngine float_to_e8m0) is "ceil": q never
            rounds down onto 2^k from above, because max_elem's mantissa is below 2. The
-           float32 log2 of a q a few ulps above 2^k rounds to k, so "rceil" gives 2^k
+           float32 log2 of a q a few ulps above 2^k rounds to k, so "ceil-log2" gives 2^k
            there (a saturated block maximum) where "ceil" gives 2^(k+1).
     """
-    if scale_rule == "rceil":
+    if scale_rule == "ceil-log2":
         q = amax / fmt.max
         shared = torch.ceil(torch.log2(q))
         # q == 0 (amax 0 or underflowed) gives -inf: E8M0's minimum, clamped by the caller
@@ -334,7 +334,7 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
 
         ocp : X = 2^(floor(log2 amax) - emax_elem)    (emax_elem = fmt.emax: e4m3 8, e5m2 15)
         ceil: X = 2^ceil(log2(amax / max_elem))        (exact; never saturates)
-        rceil: X = 2^ceil(log2(fl32(amax / max_elem))) in float32    (torchao RCEIL)
+        ceil-log2: X = 2^ceil(log2(fl32(amax / max_elem))) in float32  (torchao RCEIL)
         X clamped to E8M0's range [2^-127, 2^127]
 
     and stores quantize(V / X, fmt, saturate=True): under "ocp" an e4m3 V/X in (448, 512)
