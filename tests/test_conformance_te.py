@@ -139,3 +139,40 @@ def test_te_mxfp8_forward_block():
     expect_dw[0, :3] = T([0.6875 * 10.0, 0.6875 * 0.1015625, 0.6875 * 3.25])
     assert _same(dw, expect_dw)
     assert _same(db, T([0.7]))
+
+
+def test_te_blockwise_hand_case():
+    # x (1 token x 128): [3, 0.3, 0.5, 0...]; its 1x128 block: amax 3, 448 / 3 = 149.3
+    #   -> mantissa zeroed: scale 128.  3 * 128 = 384 exact; 0.3 * 128 = 38.4 -> 40 -> 0.3125;
+    #   0.5 exact
+    x = torch.zeros(1, 128)
+    x[0, :3] = T([3.0, 0.3, 0.5])
+    # W (2 x 128), one 128x128 tile: amax 7 (row 1), 448 / 7 = 64 -> scale 64 for both rows:
+    #   1, -2.5 (-160), 7 (448) exact; 0.0002 * 64 = 0.0128, an E4M3 subnormal (below
+    #   2^-6): 0.0128 / 2^-9 = 6.55 -> 7 -> 7 * 2^-9 / 64 = 7 / 32768
+    #   (a 1x128 block of row 0 alone would scale by 128: 0.0256 / 2^-9 = 13.1 -> 13,
+    #   13 / 65536)
+    w = torch.zeros(2, 128)
+    w[0, :3] = T([1.0, -2.5, 0.0002])
+    w[1, 0] = 7.0
+    b = T([0.25, -0.5])
+    g = T([[0.7, -0.2]])
+    y, dx, dw, db = _run("te-blockwise", x, w, b, g)
+    # y0 = 3 - 0.3125 * 2.5 + 0.5 * 7 / 32768 + 0.25 = 161799 / 65536
+    # y1 = 3 * 7 - 0.5 = 20.5
+    assert _same(y, T([[2.4688568115234375, 20.5]]))
+    # dgrad: g's 1x128 block along out: amax 0.7, 448 / 0.7 = 640 -> 512:
+    #   0.7 * 512 = 358.4 -> 352 -> 0.6875;  -0.2 * 512 = -102.4 -> -104 -> -0.203125
+    #   dX = 0.6875 * W0 - 0.203125 * W1 = [0.6875 - 1.421875, -1.71875, 77 / 524288]
+    expect_dx = torch.zeros(1, 128)
+    expect_dx[0, :3] = T([-0.734375, -1.71875, 0.0001468658447265625])
+    assert _same(dx, expect_dx)
+    # wgrad: blocks along the single token, each element alone:
+    #   g: 0.7 -> 0.6875 (scale 512); -0.2 -> 448 / 0.2 = 2240 -> 2048, -409.6 -> -416
+    #   -> -0.203125.  x: 3 -> 3; 0.3 -> scale 1024, 307.2 -> 320 -> 0.3125; 0.5 -> 0.5
+    expect_dw = torch.zeros(2, 128)
+    expect_dw[0, :3] = T([2.0625, 0.21484375, 0.34375])
+    expect_dw[1, :3] = T([-0.609375, -0.0634765625, -0.1015625])
+    # compared as values: row 1's zeros are -0.203125 * 0, whose sign the GEMM may keep
+    assert torch.equal(dw, expect_dw)
+    assert _same(db, g[0])

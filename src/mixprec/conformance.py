@@ -82,6 +82,11 @@ CONFORMANCE_PRESETS: Tuple[Recipe, ...] = (
     # E8M0 scales float_to_e8m0(amax / 448): the float32 quotient rounded up to a power
     # of two, which is the exact ceil(log2(amax / 448))
     _all_e4m3(_MX, _TE_MXFP8, "te-mxfp8"),
+    # TE Float8BlockScaling (DeepSeek-V3): E4M3 everywhere, 1x128 blocks of activations
+    # and gradients along each GEMM's reduction dim, 128x128 tiles of weights, scales
+    # 448 / amax with the mantissa zeroed (power_2_scale)
+    _gemm(TensorSpec(scheme="fp8-block128x128"), TensorSpec(scheme="fp8-block128"),
+          TensorSpec(scheme="fp8-block128"), ScalingConfig(), "te-blockwise"),
 )
 
 
@@ -116,13 +121,16 @@ CONFORMANCE: Tuple[ConformanceEntry, ...] = (
         "ulps above 2^k down to k"),
     ConformanceEntry(
         "te-delayed", "TE `DelayedScaling` (HYBRID, history 1024, max, margin 0)",
-        _TE_VERSION, _TE_TESTED, "first step at scale 1, as TE initialises it"),
+        _TE_VERSION, _TE_TESTED, "none known (the first step runs at scale 1, TE's initial scale)"),
     ConformanceEntry(
         "te-current", "TE `Float8CurrentScaling` (HYBRID)", _TE_VERSION, _TE_TESTED,
         "none known"),
     ConformanceEntry(
         "te-mxfp8", "TE `MXFP8BlockScaling` (E4M3)", _TE_VERSION, _TE_TESTED,
         "a reduction length not a multiple of 32 is zero-padded (TE requires multiples)"),
+    ConformanceEntry(
+        "te-blockwise", "TE `Float8BlockScaling` (E4M3, power-of-two scales)", _TE_VERSION,
+        _TE_TESTED, "FP32 (not power-of-two) scales are not offered as a preset option"),
 )
 
 
