@@ -91,3 +91,13 @@ def test_training_steps_under_each_preset(name):
         mp.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_delayed_scaling_keeps_eps_and_pow2_through_a_checkpoint():
+    a = mixprec.DelayedScaling(4, "max", 0, "e4m3", eps=1e-12, pow2="floor")
+    a.update(torch.tensor(3.0))               # 448 / 3 = 149.3 -> 128
+    assert a.scale.item() == 128.0
+    b = mixprec.DelayedScaling(4, "max", 0, "e4m3")
+    b.load_state_dict(a.state_dict())
+    b.update(torch.tensor(0.0))               # history max stays 3 -> 128 again
+    assert (b.eps, b.pow2, b.scale.item()) == (1e-12, "floor", 128.0)

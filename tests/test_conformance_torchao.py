@@ -53,6 +53,9 @@ def _inputs(kind: str):
         return torch.randn(ROWS, IN, generator=g), torch.randn(ROWS, OUT, generator=g)
     if kind == "heavy-tailed":
         return _heavy((ROWS, IN), g), _heavy((ROWS, OUT), g) * 1e-3
+    if kind == "batched":          # (batch, sequence, features): the 128 rows as 2 x 64
+        return (torch.randn(2, ROWS // 2, IN, generator=g) * 4,
+                torch.randn(2, ROWS // 2, OUT, generator=g) / 4)
     raise ValueError(kind)
 
 
@@ -108,7 +111,7 @@ def differing(ours, theirs) -> list:
 PRESETS = ("torchao-float8-tensorwise", "torchao-float8-rowwise", "torchao-mxfp8")
 
 
-@pytest.mark.parametrize("kind", ["normal", "heavy-tailed"])
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "batched"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_is_bit_identical_to_torchao(preset, kind):
     lin = _layer()
