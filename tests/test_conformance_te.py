@@ -17,6 +17,7 @@ the comments); the products and sums involved are exact in float32.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mixprec import get_recipe
@@ -176,3 +177,51 @@ def test_te_blockwise_hand_case():
     # compared as values: row 1's zeros are -0.203125 * 0, whose sign the GEMM may keep
     assert torch.equal(dw, expect_dw)
     assert _same(db, g[0])
+
+
+# --------------------------------------------------------------------------------------
+# te-blockwise on a full layer: a reference written from TE's Float8BlockScaling formula
+# (scale e = 448 / amax per block, power of two by zeroing its mantissa unless FP32
+# scales are asked for; elements e4m3(x * e) by torch's own cast; value = element / e)
+# --------------------------------------------------------------------------------------
+def _ref_blocks(t: torch.Tensor, rows: int, cols: int, pow2: bool) -> torch.Tensor:
+    """t quantized in rows x cols tiles (t's dims multiples of them)."""
+    r, c = t.shape
+    tiles = t.reshape(r // rows, rows, c // cols, cols)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
+    # a true float32 division (a Python number over a tensor would multiply by a reciprocal)
+    e = torch.where(amax > 0, torch.tensor(448.0) / amax, torch.ones_like(amax))
+    if pow2:
+        e = torch.exp2(torch.frexp(e)[1].float() - 1)      # mantissa zeroed
+    elems = (tiles * e).to(torch.float8_e4m3fn).float()
+    return (elems * (1.0 / e)).reshape(r, c)
+
+
+def _te_blockwise_reference(x, w, b, g, pow2: bool):
+    x_fprop = _ref_blocks(x, 1, 128, pow2)
+    wq = _ref_blocks(w, 128, 128, pow2)
+    y = x_fprop @ wq.t() + b
+    g_dgrad = _ref_blocks(g, 1, 128, pow2)
+    dx = g_dgrad @ wq
+    g_wgrad = _ref_blocks(g.t().contiguous(), 1, 128, pow2).t()   # 128 x 1: along tokens
+    x_wgrad = _ref_blocks(x.t().contiguous(), 1, 128, pow2).t()
+    return y, dx, g_wgrad.t() @ x_wgrad, g.sum(0)
+
+
+_FP32_SCALES = ("te-blockwise:weight.scheme=fp8-block128x128-fp32,"
+                "activation.scheme=fp8-block128-fp32,grad_output.scheme=fp8-block128-fp32")
+
+
+@pytest.mark.parametrize("recipe,pow2", [("te-blockwise", True), (_FP32_SCALES, False)],
+                         ids=["power-of-two scales", "fp32 scales"])
+def test_te_blockwise_layer_matches_the_reference(recipe, pow2):
+    g0 = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 256, generator=g0) * torch.logspace(-3, 2, 256)
+    w = torch.randn(256, 256, generator=g0) * 0.05
+    w[:128, :128] *= 1e-3                  # tiles with their own, much smaller amax
+    b = torch.randn(256, generator=g0)
+    g = torch.randn(128, 256, generator=g0) / (1 + torch.arange(128.0)[:, None])
+    ours = _run(recipe, x, w, b, g)
+    theirs = _te_blockwise_reference(x, w, b, g, pow2)
+    for name, a, t in zip(("y", "dX", "dW", "dbias"), ours, theirs):
+        assert _same(a, t), name

@@ -130,7 +130,8 @@ CONFORMANCE: Tuple[ConformanceEntry, ...] = (
         "a reduction length not a multiple of 32 is zero-padded (TE requires multiples)"),
     ConformanceEntry(
         "te-blockwise", "TE `Float8BlockScaling` (E4M3, power-of-two scales)", _TE_VERSION,
-        _TE_TESTED, "FP32 (not power-of-two) scales are not offered as a preset option"),
+        _TE_TESTED + "; a layer against TE's formula", "none known; FP32 scales (power_2_scale "
+        "off): the schemes fp8-block128-fp32 / fp8-block128x128-fp32"),
 )
 
 

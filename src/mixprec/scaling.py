@@ -66,10 +66,10 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
       scale = fmt.max / amax / 2**margin                   (float32, one rounding)
       if amax == 0 or amax is not finite: scale = prev_scale (1.0 if none)
     eps > 0 (torchao's clamp):
-      scale = float32(fmt.max / max(amax, eps)) / 2**margin  (quotient in float64, as
-              torchao computes it; the same float32 value wherever amax >= eps, since a
-              float64 quotient of float32 operands rounds to float32 without double
-              rounding); a zero amax is clamped, a non-finite one keeps prev_scale
+      scale = float32(fmt.max / max(amax, eps)) / 2**margin   (torchao's expression, in
+              float64; the same float32 value as the float32 quotient wherever amax >=
+              eps: its float64 error is far below any float32 quotient's distance from a
+              rounding midpoint); a zero amax is clamped, a non-finite one keeps prev_scale
     scale = min(scale, float32 max)                        (a tiny amax must not give inf)
     pow2 = "floor": scale with its mantissa bits zeroed    (2**floor(log2 scale), exact)
          = "log2" : exp2(floor(log2(scale))) in float32    (torchao; a scale just below
