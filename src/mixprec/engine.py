@@ -11,6 +11,7 @@
 A step, stage by stage (every recipe runs the same stages; "off" is an identity object):
 
 1. backward      (loss * S).backward(); remember whether the loss itself was finite
+                 (an FSDP2 model: (loss * S / world).backward(), gradients summed)
 2. unscale       master.grad = fp32(model.grad) / S, once per step; found_inf reduced
                  across ranks so every rank skips the same steps
 3. check finite  a non-finite gradient or loss skips the step: nothing is updated
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_found_inf
+from .distributed.fsdp import sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
@@ -142,6 +144,9 @@ class Engine:
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 raise ValueError("backend='native' converts parameter dtypes: call prepare() on "
                                  "the model before wrapping it in DistributedDataParallel")
+        # FSDP2: reduce-scatter as a sum; backward() divides the loss by the data-parallel
+        # size instead (see mixprec.distributed.fsdp)
+        self._dp_size = sum_gradient_reduction_(model)
         self._masters = MasterOptimizer(
             optimizer, self._make_slots(), optimizer_state=recipe.optimizer_state,
             scaling=recipe.scaling, generator=generator,
@@ -232,7 +237,12 @@ class Engine:
         # (1) backward: record a non-finite loss before backward turns it into NaN grads
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
-        self.loss_scaler.scale_loss(loss).backward(**kwargs)
+        scaled = self.loss_scaler.scale_loss(loss)
+        if self._dp_size > 1:
+            # each rank's gradient is its share of the global-batch gradient, as in one
+            # process; FSDP sums the shares (mixprec.distributed.fsdp)
+            scaled = scaled / self._dp_size
+        scaled.backward(**kwargs)
         self._stage = Stage.BACKWARD
 
     # -- stage 2 --------------------------------------------------------------------
@@ -393,33 +403,45 @@ class Engine:
 
     def state_dict(self) -> dict:
         """A snapshot of everything a bit-identical resume needs (model buffers aside:
-        save ``model.state_dict()`` too)."""
+        save ``model.state_dict()`` too). For torch.distributed.checkpoint use
+        :class:`mixprec.distributed.checkpoint.EngineState`."""
         return copy.deepcopy({
-            "recipe": _recipe_text(self.recipe), "backend": self.backend,
-            "loss_scaler": self.loss_scaler.state_dict(),
+            **self._extra_state(),
             "masters": self._masters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "counters": {"steps": self._steps, "skipped_steps": self._skipped,
-                         "consecutive_skips": self._consecutive},
-            "history": self._history, "generator": self.generator.get_state(),
-            "layer_states": self._layer_states(),
+            "generator": self.generator.get_state(),
         })
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; master and model weights are overwritten."""
+    def _extra_state(self) -> dict:
+        """The state that is neither a tensor to reshard nor per-rank: recipe, backend,
+        loss scaler, counters, history, delayed-scaling states (the same on every rank,
+        since found-inf and amax are reduced across ranks)."""
+        return {
+            "recipe": _recipe_text(self.recipe), "backend": self.backend,
+            "loss_scaler": self.loss_scaler.state_dict(),
+            "counters": {"steps": self._steps, "skipped_steps": self._skipped,
+                         "consecutive_skips": self._consecutive},
+            "history": self._history, "layer_states": self._layer_states(),
+        }
+
+    def _load_extra_state(self, state: dict) -> None:
         if state["recipe"] != _recipe_text(self.recipe):
             raise ValueError(f"checkpoint recipe {state['recipe']!r} differs from this "
                              f"engine's {_recipe_text(self.recipe)!r}")
         self.loss_scaler.load_state_dict(state["loss_scaler"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._masters.load_state_dict(state["masters"])
         counters = state["counters"]
         self._steps, self._skipped = counters["steps"], counters["skipped_steps"]
         self._consecutive = counters["consecutive_skips"]
         self._history = list(state["history"])
-        self.generator.set_state(state["generator"])
         if state.get("layer_states") is not None and self._attached is not None:
             self._attached.load_state_dict(state["layer_states"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; master and model weights are overwritten."""
+        self._load_extra_state(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._masters.load_state_dict(state["masters"])
+        self.generator.set_state(state["generator"])
 
     def remove(self) -> None:
         """Detach the precision hooks from the model (weights stay as they are)."""

@@ -29,10 +29,20 @@ from .scaling import quantize_spec
 
 __all__ = ["ParamSlot", "MasterOptimizer", "round_into_"]
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:       # a torch build without torch.distributed
+    _DTensor = None
+
 # Unscaled formats whose round-to-nearest is exactly torch's cast to a native dtype.
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # State entries that are counters, not per-element moments (never rounded).
 _COUNTER_KEYS = frozenset({"step"})
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's local shard of a DTensor (sharing its storage), else ``t`` itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
@@ -44,6 +54,13 @@ def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
     dtype cast itself, which rounds to nearest-even.
     """
     with torch.no_grad():
+        if _DTensor is not None and isinstance(dst, _DTensor):
+            # An FSDP2 shard is rounded through its local tensor: the rounding is
+            # element-wise, and kernels outside torch's dispatch need plain tensors.
+            same = dst is src
+            local = dst.to_local()
+            round_into_(local, local if same else _local(src), spec, cfg, generator)
+            return dst
         if dst.dtype != torch.float32 or spec.is_identity:
             return dst if dst is src else dst.copy_(src)
         cast = _CAST_DTYPES.get(spec.format)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from . import quant
 from .accum import matmul_accum, sum_accum
+from .distributed import reduce_amax_
 from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
@@ -167,7 +168,8 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
     if spec.scaling is ScalingKind.CURRENT:
-        scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+        # the global amax: every rank scales as one process would on the whole batch
+        scale = amax_to_scale(reduce_amax_(tensor_to_amax(x)), fmt, margin=cfg.margin)
     elif scaler is None:
         raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
                          "or run the layer under attach()")
