@@ -23,16 +23,17 @@ INJECT_AT = 2            # rank 1 puts an inf into its gradient shard at this st
 DELAYED = ("fp8-hybrid:weight.scaling=delayed,activation.scaling=delayed,"
            "grad_output.scaling=delayed,weight_grad.scaling=delayed")
 # (recipe, backend) compared with one process; bf16-mixed is native on CPU by default
-PRESETS = [("fp32", None), ("fp16-mixed", None), ("bf16-mixed", "emulated"), ("bf16-mixed", "native"),
+PRESETS = [("fp32", None), ("fp16-mixed", None), ("fp16-pure", None), ("bf16-mixed", "emulated"), ("bf16-mixed", "native"),
            ("fp8-hybrid", None), (DELAYED, None), ("mxfp8", None)]
 # Max |master(2 ranks) - master(1 process)| after STEPS AdamW steps (lr 1e-2), measured on
 # this model and data: the ranks round their own partial weight gradients (8 rows each)
 # before the reduce-scatter sums them, one process rounds the sum of 16 rows. fp32
 # (no rounding) differs by 3e-8, the summation order alone. Measured: fp32 3.0e-8,
 # fp16-mixed 2.3e-5, bf16-mixed 1.2e-4 (emulated) / 1.6e-4 (native), fp8-hybrid 3.1e-2
-# (current) / 1.8e-2 (delayed), mxfp8 2.4e-2.
+# (current) / 1.8e-2 (delayed), mxfp8 2.4e-2; fp16-pure 1.5, one FP16 ulp of weights that
+# grow to ~2500 in both runs (its FP16 exp_avg_sq underflows, so Adam's steps blow up).
 TOLERANCE = {"fp32": 1e-6, "fp16-mixed": 1e-4, "bf16-mixed": 5e-4, "fp8-hybrid": 5e-2,
-             DELAYED: 5e-2, "mxfp8": 5e-2}
+             DELAYED: 5e-2, "mxfp8": 5e-2, "fp16-pure": 2.0}
 CKPT_RECIPES = ("fp8-e5m2", DELAYED)     # stochastic rounding + rising floor; delayed amax
 
 

@@ -45,6 +45,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
+def _sum_over_shards(count: int, tensors: Sequence[torch.Tensor]) -> int:
+    """A count made on this rank's shards, summed over the ranks holding the other shards
+    (the mesh dimensions the first DTensor among ``tensors`` is sharded on), so that
+    every rank reports the whole tensor's count. Plain tensors: ``count`` itself."""
+    sharded = next((t for t in tensors if _DTensor is not None and isinstance(t, _DTensor)),
+                   None)
+    if sharded is None:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=sharded.to_local().device)
+    for dim, placement in enumerate(sharded.placements):
+        if placement.is_shard():
+            torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group(dim))
+    return int(total.item())
+
+
 def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
                 cfg: ScalingConfig = ScalingConfig(),
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -213,10 +228,12 @@ class MasterOptimizer:
         with torch.no_grad():
             for s, old in zip(rounded, before):
                 if count:
-                    lost += int(torch.count_nonzero(s.master != old))
+                    lost += int(torch.count_nonzero(_local(s.master) != _local(old)))
                 round_into_(s.master.data, s.master.data, s.keep, self.scaling, self.generator)
                 if count:
-                    lost -= int(torch.count_nonzero(s.master != old))
+                    lost -= int(torch.count_nonzero(_local(s.master) != _local(old)))
+        if count:
+            lost = _sum_over_shards(lost, [s.master for s in rounded])
         self.lost_update_fraction = lost / self._numel if count else None
         return self.lost_update_fraction
 
