@@ -84,8 +84,8 @@ class EngineState:
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                              get_optimizer_state_dict)
         eng = self.engine
+        extras = copy.deepcopy(eng._extra_state())      # raises if the engine is not set up
         masters = _masters_module(eng)
-        extras = copy.deepcopy(eng._extra_state())
         return {
             "model": get_model_state_dict(eng.model),
             "master": get_model_state_dict(masters),
