@@ -11,6 +11,7 @@ import torch.multiprocessing as mp_
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.distributed import local_amax, reduce_amax_
 from mixprec.distributed.checkpoint import EngineState
 from mixprec.engine import prepare
 
@@ -131,6 +132,10 @@ def _train_worker(rank: int, init_file: str, out_dir: str) -> None:
         applied += _train(model, engine, range(INJECT_AT + 1, STEPS), rank, WORLD)
         res["inject"] = {"applied": applied, "before": before, "after": after,
                          "end": _snapshot(engine)}
+        # amax reduction: global by default, rank-local inside local_amax()
+        with local_amax():
+            res["local_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
+        res["global_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
         torch.save(res, os.path.join(out_dir, f"train{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -246,6 +251,11 @@ def test_inf_on_one_rank_skips_on_both(trained):
     assert a["after"]["history"][-1]["skipped"] and not a["after"]["history"][-1]["grads_finite"]
 
 
+def test_amax_reduced_unless_local(trained):
+    assert [r["global_amax"] for r in trained] == [2.0, 2.0]
+    assert [r["local_amax"] for r in trained] == [1.0, 2.0]
+
+
 # --------------------------------------------------------------------------------------
 # torch.distributed.checkpoint
 # --------------------------------------------------------------------------------------
@@ -271,9 +281,11 @@ def _ckpt_worker(rank: int, init_file: str, out_dir: str) -> None:
             path = os.path.join(out_dir, f"ckpt{i}")
             dcp.save({"train": EngineState(engine)}, checkpoint_id=path)
             res[recipe, "saved"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+            # a fresh engine: the kept modules come from a traced example (DCP needs the
+            # masters and the optimizer state to load into before the first step)
             model = _sharded(seed=1)
             engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
-                             seed=99)
+                             seed=99, example_inputs=_rows(_batch(0)[0], rank, WORLD))
             dcp.load({"train": EngineState(engine)}, checkpoint_id=path)
             res[recipe, "loaded"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
             _train(model, engine, range(SAVE_AT, STEPS), rank, WORLD)
@@ -304,7 +316,8 @@ def test_dcp_saved_on_two_ranks_loads_on_one(checkpointed, recipe):
     d, ranks = checkpointed
     saved = ranks[0][recipe, "saved"]
     model = _model(seed=1)
-    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe, seed=99)
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe, seed=99,
+                     example_inputs=_batch(0)[0])
     dcp.load({"train": EngineState(engine)}, checkpoint_id=str(d / f"ckpt{CKPT_RECIPES.index(recipe)}"))
     loaded = {**_snapshot(engine), "rng": engine.generator.get_state()}
     # resharded: the full masters, weights and optimizer state of the 2-rank run, rank 0's
@@ -313,3 +326,12 @@ def test_dcp_saved_on_two_ranks_loads_on_one(checkpointed, recipe):
     assert engine.steps == SAVE_AT
     applied = _train(model, engine, range(SAVE_AT, STEPS), 0, 1)
     assert len(applied) == STEPS - SAVE_AT and engine.steps == STEPS
+
+
+def test_engine_state_needs_a_set_up_engine():
+    model = _model()
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp8-hybrid")
+    with pytest.raises(RuntimeError, match="example_inputs"):
+        EngineState(engine).state_dict()        # keep rules wait for the first forward
+    with pytest.raises(TypeError, match="mixprec Engine, got Sequential"):
+        EngineState(model)
