@@ -25,16 +25,18 @@ DELAYED = ("fp8-hybrid:weight.scaling=delayed,activation.scaling=delayed,"
            "grad_output.scaling=delayed,weight_grad.scaling=delayed")
 # (recipe, backend) compared with one process; bf16-mixed is native on CPU by default
 PRESETS = [("fp32", None), ("fp16-mixed", None), ("fp16-pure", None), ("bf16-mixed", "emulated"), ("bf16-mixed", "native"),
-           ("fp8-hybrid", None), (DELAYED, None), ("mxfp8", None)]
+           ("fp8-hybrid", None), (DELAYED, None), ("mxfp8", None), ("mxfp6", None),
+           ("mxfp4", None), ("nvfp4", None)]
 # Max |master(2 ranks) - master(1 process)| after STEPS AdamW steps (lr 1e-2), measured on
 # this model and data: the ranks round their own partial weight gradients (8 rows each)
 # before the reduce-scatter sums them, one process rounds the sum of 16 rows. fp32
 # (no rounding) differs by 3e-8, the summation order alone. Measured: fp32 3.0e-8,
 # fp16-mixed 2.3e-5, bf16-mixed 1.2e-4 (emulated) / 1.6e-4 (native), fp8-hybrid 3.1e-2
-# (current) / 1.8e-2 (delayed), mxfp8 2.4e-2; fp16-pure 1.5, one FP16 ulp of weights that
-# grow to ~2500 in both runs (its FP16 exp_avg_sq underflows, so Adam's steps blow up).
+# (current) / 1.8e-2 (delayed), mxfp8 2.4e-2, fp16-pure 2.4e-4.
 TOLERANCE = {"fp32": 1e-6, "fp16-mixed": 1e-4, "bf16-mixed": 5e-4, "fp8-hybrid": 5e-2,
-             DELAYED: 5e-2, "mxfp8": 5e-2, "fp16-pure": 2.0}
+             DELAYED: 5e-2, "mxfp8": 5e-2, "fp16-pure": 5e-4,
+             "mxfp6": 5e-2, "mxfp4": 1e-1, "nvfp4": 1e-1}
+OVERFLOW_GAIN = 8.0
 CKPT_RECIPES = ("fp8-e5m2", DELAYED)     # stochastic rounding + rising floor; delayed amax
 
 
@@ -44,11 +46,11 @@ def _model(seed: int = 0) -> nn.Sequential:
                          nn.Linear(32, 4))
 
 
-def _batch(step: int):
+def _batch(step: int, gain: float = 1.0):
     g = torch.Generator().manual_seed(100 + step)
     x, y = torch.randn(GLOBAL, 8, generator=g), torch.randint(0, 4, (GLOBAL,), generator=g)
     x[GLOBAL // 2:] *= 4.0     # rank 1's rows are larger: its local amax differs from rank 0's
-    return x, y
+    return x * gain, y
 
 
 def _rows(t, rank: int, world: int):
@@ -80,10 +82,11 @@ def _snapshot(engine) -> dict:
             "layers": engine._layer_states()}
 
 
-def _train(model, engine, steps, rank: int, world: int, inject_at=None, logits=None):
+def _train(model, engine, steps, rank: int, world: int, inject_at=None, logits=None,
+           gain: float = 1.0):
     applied = []
     for step in steps:
-        x, y = (_rows(t, rank, world) for t in _batch(step))
+        x, y = (_rows(t, rank, world) for t in _batch(step, gain))
         with engine.autocast():
             out = model(x)
             loss = F.cross_entropy(out, y)
@@ -121,6 +124,13 @@ def _train_worker(rank: int, init_file: str, out_dir: str) -> None:
                                     "local_shape": tuple(engine.master_params[0].to_local().shape),
                                     "state_type": type(next(iter(
                                         engine.optimizer.state.values()))["exp_avg"]).__name__}
+        # gradients near FP16's overflow: a rank's gradient of its own mean loss is twice
+        # its share of the global one, and overflows where one process does not
+        model = _sharded()
+        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
+                         seed=7)
+        _train(model, engine, range(STEPS), rank, WORLD, gain=OVERFLOW_GAIN)
+        res["overflow"] = _snapshot(engine)
         # an inf on rank 1 only, at INJECT_AT: both ranks skip that step and nothing moves
         model = _sharded()
         engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
@@ -141,7 +151,7 @@ def _train_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _single(recipe: str, backend=None) -> dict:
+def _single(recipe: str, backend=None, gain: float = 1.0) -> dict:
     # one thread, as the ranks: a GEMM's blocking (and so its bits) depends on the threads
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -150,7 +160,7 @@ def _single(recipe: str, backend=None) -> dict:
         engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe, seed=7,
                          backend=backend)
         logits = []
-        _train(model, engine, range(STEPS), 0, 1, logits=logits)
+        _train(model, engine, range(STEPS), 0, 1, logits=logits, gain=gain)
     finally:
         torch.set_num_threads(threads)
     return {**_snapshot(engine), "logits": logits[0]}
@@ -218,6 +228,22 @@ def test_fsdp_matches_one_process(trained, recipe, backend):
         for name, m in zip(("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"),
                            r0["masters"]):
             _assert_same(r0["weights"][name], m.to(cast).float(), name)
+
+
+def test_fsdp_gradients_overflow_as_in_one_process(trained):
+    # the engine divides the loss by the data-parallel size and FSDP sums: each rank's
+    # FP16 gradient is what one process computes for its rows, so FP16 overflows alike
+    one = _single("fp16-mixed", gain=OVERFLOW_GAIN)
+    skipped = [h["skipped"] for h in one["history"]]
+    assert any(skipped) and not all(skipped), skipped     # near the edge, not over it
+    for r in trained:
+        assert [h["skipped"] for h in r["overflow"]["history"]] == \
+            [h["skipped"] for h in one["history"]]
+        assert [h["scale"] for h in r["overflow"]["history"]] == \
+            [h["scale"] for h in one["history"]]
+    diff = diff_of(trained[0]["overflow"], one)
+    print(f"fp16-mixed x{OVERFLOW_GAIN:g}: max |master - one process| = {diff:.3g}")
+    assert diff <= TOLERANCE["fp16-mixed"], diff
 
 
 def test_fp8_delayed_scaling_identical_on_ranks_and_to_one_process(trained):
