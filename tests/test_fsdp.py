@@ -108,47 +108,53 @@ def _init(rank: int, init_file: str) -> None:
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
 
 
-def _train_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One spawn for every test of this file (starting two processes is the slow part)."""
     _init(rank, init_file)
     try:
-        res = {}
-        for recipe, backend in PRESETS:
-            model = _sharded()
-            engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
-                             seed=7, backend=backend)
-            logits = []
-            _train(model, engine, range(STEPS), rank, WORLD, logits=logits)
-            res[recipe, backend] = {**_snapshot(engine), "logits": logits[0],
-                                    "master_type": type(engine.master_params[0]).__name__,
-                                    "placements": str(engine.master_params[0].placements),
-                                    "local_shape": tuple(engine.master_params[0].to_local().shape),
-                                    "state_type": type(next(iter(
-                                        engine.optimizer.state.values()))["exp_avg"]).__name__}
-        # gradients near FP16's overflow: a rank's gradient of its own mean loss is twice
-        # its share of the global one, and overflows where one process does not
-        model = _sharded()
-        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
-                         seed=7)
-        _train(model, engine, range(STEPS), rank, WORLD, gain=OVERFLOW_GAIN)
-        res["overflow"] = _snapshot(engine)
-        # an inf on rank 1 only, at INJECT_AT: both ranks skip that step and nothing moves
-        model = _sharded()
-        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
-                         seed=7)
-        applied = _train(model, engine, range(INJECT_AT), rank, WORLD)
-        before = _snapshot(engine)
-        applied += _train(model, engine, [INJECT_AT], rank, WORLD, inject_at=INJECT_AT)
-        after = _snapshot(engine)
-        applied += _train(model, engine, range(INJECT_AT + 1, STEPS), rank, WORLD)
-        res["inject"] = {"applied": applied, "before": before, "after": after,
-                         "end": _snapshot(engine)}
-        # amax reduction: global by default, rank-local inside local_amax()
-        with local_amax():
-            res["local_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
-        res["global_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
-        torch.save(res, os.path.join(out_dir, f"train{rank}.pt"))
+        _train_part(rank, out_dir)
+        _ckpt_part(rank, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _train_part(rank: int, out_dir: str) -> None:
+    res = {}
+    for recipe, backend in PRESETS:
+        model = _sharded()
+        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
+                         seed=7, backend=backend)
+        logits = []
+        _train(model, engine, range(STEPS), rank, WORLD, logits=logits)
+        res[recipe, backend] = {**_snapshot(engine), "logits": logits[0],
+                                "master_type": type(engine.master_params[0]).__name__,
+                                "placements": str(engine.master_params[0].placements),
+                                "local_shape": tuple(engine.master_params[0].to_local().shape),
+                                "state_type": type(next(iter(
+                                    engine.optimizer.state.values()))["exp_avg"]).__name__}
+    # gradients near FP16's overflow: a rank's gradient of its own mean loss is twice
+    # its share of the global one, and overflows where one process does not
+    model = _sharded()
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
+                     seed=7)
+    _train(model, engine, range(STEPS), rank, WORLD, gain=OVERFLOW_GAIN)
+    res["overflow"] = _snapshot(engine)
+    # an inf on rank 1 only, at INJECT_AT: both ranks skip that step and nothing moves
+    model = _sharded()
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
+                     seed=7)
+    applied = _train(model, engine, range(INJECT_AT), rank, WORLD)
+    before = _snapshot(engine)
+    applied += _train(model, engine, [INJECT_AT], rank, WORLD, inject_at=INJECT_AT)
+    after = _snapshot(engine)
+    applied += _train(model, engine, range(INJECT_AT + 1, STEPS), rank, WORLD)
+    res["inject"] = {"applied": applied, "before": before, "after": after,
+                     "end": _snapshot(engine)}
+    # amax reduction: global by default, rank-local inside local_amax()
+    with local_amax():
+        res["local_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
+    res["global_amax"] = float(reduce_amax_(torch.tensor(float(rank + 1))))
+    torch.save(res, os.path.join(out_dir, f"train{rank}.pt"))
 
 
 def _single(recipe: str, backend=None, gain: float = 1.0) -> dict:
@@ -195,10 +201,15 @@ def diff_of(run, one) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def spawned(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
-    mp_.spawn(_train_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"train{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp_.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(spawned):
+    return [torch.load(spawned / f"train{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("recipe,backend", PRESETS)
@@ -288,44 +299,39 @@ def test_amax_reduced_unless_local(trained):
 SAVE_AT = 2
 
 
-def _ckpt_worker(rank: int, init_file: str, out_dir: str) -> None:
-    _init(rank, init_file)
-    try:
-        res = {}
-        for i, recipe in enumerate(CKPT_RECIPES):
-            # uninterrupted
-            model = _sharded()
-            engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
-                             seed=7)
-            _train(model, engine, range(STEPS), rank, WORLD)
-            res[recipe, "straight"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
-            # interrupted at SAVE_AT, saved, resumed by a fresh engine on another init
-            model = _sharded()
-            engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
-                             seed=7)
-            _train(model, engine, range(SAVE_AT), rank, WORLD)
-            path = os.path.join(out_dir, f"ckpt{i}")
-            dcp.save({"train": EngineState(engine)}, checkpoint_id=path)
-            res[recipe, "saved"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
-            # a fresh engine: the kept modules come from a traced example (DCP needs the
-            # masters and the optimizer state to load into before the first step)
-            model = _sharded(seed=1)
-            engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
-                             seed=99, example_inputs=_rows(_batch(0)[0], rank, WORLD))
-            dcp.load({"train": EngineState(engine)}, checkpoint_id=path)
-            res[recipe, "loaded"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
-            _train(model, engine, range(SAVE_AT, STEPS), rank, WORLD)
-            res[recipe, "resumed"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
-        torch.save(res, os.path.join(out_dir, f"ckpt{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ckpt_part(rank: int, out_dir: str) -> None:
+    res = {}
+    for i, recipe in enumerate(CKPT_RECIPES):
+        # uninterrupted
+        model = _sharded()
+        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
+                         seed=7)
+        _train(model, engine, range(STEPS), rank, WORLD)
+        res[recipe, "straight"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+        # interrupted at SAVE_AT, saved, resumed by a fresh engine on another init
+        model = _sharded()
+        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
+                         seed=7)
+        _train(model, engine, range(SAVE_AT), rank, WORLD)
+        path = os.path.join(out_dir, f"ckpt{i}")
+        dcp.save({"train": EngineState(engine)}, checkpoint_id=path)
+        res[recipe, "saved"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+        # a fresh engine: the kept modules come from a traced example (DCP needs the
+        # masters and the optimizer state to load into before the first step)
+        model = _sharded(seed=1)
+        engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
+                         seed=99, example_inputs=_rows(_batch(0)[0], rank, WORLD))
+        dcp.load({"train": EngineState(engine)}, checkpoint_id=path)
+        res[recipe, "loaded"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+        _train(model, engine, range(SAVE_AT, STEPS), rank, WORLD)
+        res[recipe, "resumed"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+    torch.save(res, os.path.join(out_dir, f"ckpt{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dcp")
-    mp_.spawn(_ckpt_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return d, [torch.load(d / f"ckpt{r}.pt", weights_only=False) for r in range(WORLD)]
+def checkpointed(spawned):
+    return spawned, [torch.load(spawned / f"ckpt{r}.pt", weights_only=False)
+                     for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("recipe", CKPT_RECIPES)
