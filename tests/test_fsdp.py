@@ -1,6 +1,7 @@
 """FSDP2 (fully_shard) on two CPU ranks (gloo) against one process on the same global batch,
 and torch.distributed.checkpoint of an engine."""
 import datetime
+import math
 import os
 
 import pytest
@@ -83,7 +84,7 @@ def _snapshot(engine) -> dict:
 
 
 def _train(model, engine, steps, rank: int, world: int, inject_at=None, logits=None,
-           gain: float = 1.0):
+           gain: float = 1.0, clip=None):
     applied = []
     for step in steps:
         x, y = (_rows(t, rank, world) for t in _batch(step, gain))
@@ -96,6 +97,8 @@ def _train(model, engine, steps, rank: int, world: int, inject_at=None, logits=N
         if step == inject_at and rank == 1:
             grad = model[2].weight.grad            # this rank's shard (a DTensor)
             grad.to_local()[0, 0] = float("inf")
+        if clip is not None:
+            clip.append(float(engine.clip_grad_norm_(1.0)))
         applied.append(engine.step())
         engine.zero_grad()
     return applied
@@ -137,8 +140,9 @@ def _train_part(rank: int, out_dir: str) -> None:
     model = _sharded()
     engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
                      seed=7)
-    _train(model, engine, range(STEPS), rank, WORLD, gain=OVERFLOW_GAIN)
-    res["overflow"] = _snapshot(engine)
+    norms = []
+    _train(model, engine, range(STEPS), rank, WORLD, gain=OVERFLOW_GAIN, clip=norms)
+    res["overflow"] = {**_snapshot(engine), "norms": norms}
     # an inf on rank 1 only, at INJECT_AT: both ranks skip that step and nothing moves
     model = _sharded()
     engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed",
@@ -157,7 +161,7 @@ def _train_part(rank: int, out_dir: str) -> None:
     torch.save(res, os.path.join(out_dir, f"train{rank}.pt"))
 
 
-def _single(recipe: str, backend=None, gain: float = 1.0) -> dict:
+def _single(recipe: str, backend=None, gain: float = 1.0, clip=None) -> dict:
     # one thread, as the ranks: a GEMM's blocking (and so its bits) depends on the threads
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -166,7 +170,7 @@ def _single(recipe: str, backend=None, gain: float = 1.0) -> dict:
         engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe, seed=7,
                          backend=backend)
         logits = []
-        _train(model, engine, range(STEPS), 0, 1, logits=logits, gain=gain)
+        _train(model, engine, range(STEPS), 0, 1, logits=logits, gain=gain, clip=clip)
     finally:
         torch.set_num_threads(threads)
     return {**_snapshot(engine), "logits": logits[0]}
@@ -244,7 +248,8 @@ def test_fsdp_matches_one_process(trained, recipe, backend):
 def test_fsdp_gradients_overflow_as_in_one_process(trained):
     # the engine divides the loss by the data-parallel size and FSDP sums: each rank's
     # FP16 gradient is what one process computes for its rows, so FP16 overflows alike
-    one = _single("fp16-mixed", gain=OVERFLOW_GAIN)
+    norms = []
+    one = _single("fp16-mixed", gain=OVERFLOW_GAIN, clip=norms)
     skipped = [h["skipped"] for h in one["history"]]
     assert any(skipped) and not all(skipped), skipped     # near the edge, not over it
     for r in trained:
@@ -252,6 +257,12 @@ def test_fsdp_gradients_overflow_as_in_one_process(trained):
             [h["skipped"] for h in one["history"]]
         assert [h["scale"] for h in r["overflow"]["history"]] == \
             [h["scale"] for h in one["history"]]
+    # clip_grad_norm_ takes the norm of the whole gradient, not of a rank's shard: the
+    # ranks agree exactly, and with one process up to the summation order
+    mine = trained[0]["overflow"]["norms"]
+    assert mine == trained[1]["overflow"]["norms"]
+    finite = [(a, b) for a, b in zip(mine, norms) if math.isfinite(b)]
+    assert finite and all(abs(a - b) <= 1e-5 * b for a, b in finite), (mine, norms)
     diff = diff_of(trained[0]["overflow"], one)
     print(f"fp16-mixed x{OVERFLOW_GAIN:g}: max |master - one process| = {diff:.3g}")
     assert diff <= TOLERANCE["fp16-mixed"], diff
