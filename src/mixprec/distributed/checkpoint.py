@@ -13,8 +13,8 @@ What is saved, and how DCP treats it:
     master  the master weights, by parameter name  sharded like the parameters
     optim   get_optimizer_state_dict(masters, optimizer), keyed by parameter name
     engine  recipe, loss scaler, step counters and history, delayed-scaling amax
-            histories: one pickled blob, the same on every rank (found-inf and amax are
-            reduced across ranks), written once
+            histories: one torch.save blob (read back with weights_only=True), the same
+            on every rank (found-inf and amax are reduced across ranks), written once
     rng     each rank's stochastic-rounding generator state, under "rank<r>"
 
 Master weights and optimizer state go through torch's ``get_*_state_dict`` /
@@ -62,7 +62,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(blob: bytes) -> Any:
-    return torch.load(io.BytesIO(blob), weights_only=False)
+    return torch.load(io.BytesIO(blob), weights_only=True)
 
 
 class EngineState:
