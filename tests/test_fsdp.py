@@ -207,6 +207,11 @@ def diff_of(run, one) -> float:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
+    # a checkpoint of one process, for a load on two ranks
+    model = _model()
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed")
+    _train(model, engine, range(1), 0, 1)
+    dcp.save({"train": EngineState(engine)}, checkpoint_id=str(d / "one"))
     mp_.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
     return d
 
@@ -336,6 +341,14 @@ def _ckpt_part(rank: int, out_dir: str) -> None:
         res[recipe, "loaded"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
         _train(model, engine, range(SAVE_AT, STEPS), rank, WORLD)
         res[recipe, "resumed"] = {**_snapshot(engine), "rng": engine.generator.get_state()}
+    # saved by one process: no generator state for rank 1, and both ranks say so
+    model = _sharded()
+    engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed")
+    try:
+        dcp.load({"train": EngineState(engine)}, checkpoint_id=os.path.join(out_dir, "one"))
+        res["more_ranks"] = None
+    except Exception as e:     # DCP gathers every rank's error into a CheckpointException
+        res["more_ranks"] = f"{type(e).__name__}: {e}"
     torch.save(res, os.path.join(out_dir, f"ckpt{rank}.pt"))
 
 
@@ -352,6 +365,13 @@ def test_dcp_resume_on_two_ranks_is_bit_identical(checkpointed, recipe):
         _assert_same(res[recipe, "loaded"], res[recipe, "saved"], f"loaded rank {rank}")
         _assert_same(res[recipe, "resumed"], res[recipe, "straight"], f"resumed rank {rank}")
     assert ranks[0][recipe, "straight"]["history"][-1]["step"] == STEPS - 1
+
+
+def test_dcp_saved_on_one_process_does_not_load_on_two(checkpointed):
+    _, ranks = checkpointed
+    for res in ranks:
+        assert res["more_ranks"] is not None
+        assert "generator states of 1 rank(s), this run has 2: ranks [1]" in res["more_ranks"]
 
 
 @pytest.mark.parametrize("recipe", CKPT_RECIPES)

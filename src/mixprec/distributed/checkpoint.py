@@ -15,13 +15,16 @@ What is saved, and how DCP treats it:
     engine  recipe, loss scaler, step counters and history, delayed-scaling amax
             histories: one torch.save blob (read back with weights_only=True), the same
             on every rank (found-inf and amax are reduced across ranks), written once
-    rng     each rank's stochastic-rounding generator state, under "rank<r>"
+    rng     every rank's stochastic-rounding generator state (gathered from all ranks
+            into one blob, written once), so each rank resumes its own random stream
 
 Master weights and optimizer state go through torch's ``get_*_state_dict`` /
 ``set_*_state_dict`` with a module holding the masters under the model's parameter names
 (the optimizer steps the masters, not the model's parameters), so their keys are the
 model's fully qualified names and DCP can reshard them: save on 2 ranks, load on 1.
-Loading on more ranks than saved finds no generator state for the new ranks and raises.
+Loading on more ranks than saved finds no generator state for the new ranks: every rank
+raises the same ValueError (so none trains on alone), before the engine's own state is
+restored; DCP has by then written the checkpoint's tensors into the model's.
 """
 from __future__ import annotations
 
@@ -50,9 +53,22 @@ def _masters_module(engine) -> nn.Module:
     return root
 
 
-def _rank() -> int:
+def _rank_and_world() -> tuple:
     dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered_rng(engine) -> dict:
+    """{"rank<r>": generator state of rank r} for every rank (an all-gather)."""
+    state = engine.generator.get_state()
+    rank, world = _rank_and_world()
+    states = [state]
+    if world > 1:
+        states = [None] * world
+        torch.distributed.all_gather_object(states, state)
+    return {f"rank{r}": s for r, s in enumerate(states)}
 
 
 def _pack(obj: Any) -> bytes:
@@ -93,19 +109,25 @@ class EngineState:
             # gradients), so that DCP has tensors to load into
             "optim": get_optimizer_state_dict(masters, eng.optimizer),
             "engine": _pack(extras),
-            "rng": {f"rank{_rank()}": _pack(eng.generator.get_state())},
+            "rng": _pack(_gathered_rng(eng)),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_optimizer_state_dict)
         eng = self.engine
+        rank, world = _rank_and_world()
+        rng = _unpack(state["rng"])
+        missing = [r for r in range(world) if f"rank{r}" not in rng]
+        if missing:      # the same blob on every rank: all of them raise
+            raise ValueError(f"the checkpoint holds the stochastic-rounding generator states "
+                             f"of {len(rng)} rank(s), this run has {world}: ranks {missing} "
+                             f"have none; load on at most {len(rng)} rank(s)")
         masters = _masters_module(eng)
-        extras = _unpack(state["engine"]) if isinstance(state["engine"], bytes) else state["engine"]
+        extras = _unpack(state["engine"])
         eng._load_extra_state(extras)
         set_model_state_dict(eng.model, state["model"])
         set_model_state_dict(masters, state["master"])
         set_optimizer_state_dict(masters, eng.optimizer, state["optim"])
-        rng = state["rng"][f"rank{_rank()}"]
-        eng.generator.set_state(_unpack(rng) if isinstance(rng, bytes) else rng)
+        eng.generator.set_state(rng[f"rank{rank}"])
         eng._masters.copy_to_model_()
