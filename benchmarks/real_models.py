@@ -2,7 +2,8 @@
 
 Models: tiny random-init GPT-2, Llama and ResNet (BatchNorm) from transformers configs
 (:mod:`mixprec.experiments.hf`), the same initial weights for every preset. Data: four
-fixed random batches, cycled (so the loss can fall). Optimizer: AdamW, lr 1e-3.
+fixed random batches, cycled (so the loss can fall), and at step i the global seed i, so
+that every preset draws the same dropout masks (GPT-2). Optimizer: AdamW, lr 1e-3.
 Per model and preset, after ``--steps`` steps:
 
 * final loss: the mean loss of the last four steps (one pass over the four batches),
@@ -100,6 +101,7 @@ def bench_model(name: str, presets: Sequence[str], steps: int) -> list:
     runs = [Run(name, p, initial) for p in presets]
     for i in range(steps):
         for run in runs:            # interleaved: load spreads over every preset
+            torch.manual_seed(i)    # the same dropout masks (GPT-2) for every preset
             run.step(batches[i % N_BATCHES])
     return runs
 
