@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mixprec import list_presets
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 # script -> lines its table must print (regular expressions, one per row)
@@ -22,6 +24,14 @@ TABLES = {
        for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp16-pure", "fp8-e5m2", "fp8-hybrid",
                  "mxfp8", "mxfp6", "mxfp4")]
     + [r"^\d+ target\(s\) failed$"],
+    # every model under every preset: finite loss, ratios, coverage counts of step 0 with
+    # nothing unrecognised ("-" under the native backend), no error column; fp32 is 1.000x
+    "real_models.py": [r"^model +preset +final loss +vs fp32 +step ms +time vs fp32 "
+                       r"+emulated/kept/fp32/unrecognised +error$"]
+    + [rf"^{m} +fp32 +[\d.]+ +1\.000x +[\d.]+ +1\.000x +0/0/\d+/0$"
+       for m in ("gpt2", "llama", "resnet")]
+    + [rf"^{m} +{re.escape(p)} +[\d.]+ +[\d.]+x +[\d.]+ +[\d.]+x +(\d+/\d+/\d+/0|-)$"
+       for m in ("gpt2", "llama", "resnet") for p in list_presets()],
 }
 
 
