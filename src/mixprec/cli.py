@@ -92,10 +92,13 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                     "seed, data order and initial weights) and write results.json, plots and "
                     "report.html.", epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), metavar="LIST",
-                   help="comma list of presets or recipe strings (default: %(default)s)")
-    p.add_argument("--workload", "--task", dest="workload", default=DEFAULT_WORKLOAD,
-                   choices=list(WORKLOADS), help="built-in model and data (default: %(default)s)")
+    # defaults are None here and filled in by cmd_compare, so that --resume can tell the
+    # arguments given from the defaults
+    p.add_argument("--recipes", metavar="LIST",
+                   help=f"comma list of presets or recipe strings (default: "
+                        f"{','.join(DEFAULT_RECIPES)})")
+    p.add_argument("--workload", "--task", dest="workload", choices=list(WORKLOADS),
+                   help=f"built-in model and data (default: {DEFAULT_WORKLOAD})")
     p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="your model factory")
     p.add_argument("--data", metavar="PKG.MOD:FACTORY", help="your data factory (a Dataset)")
     length = p.add_mutually_exclusive_group()
@@ -104,38 +107,70 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=float, help="passes over the training data instead")
     p.add_argument("--batch-size", type=int, help="default: the workload's")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the workload's)")
-    p.add_argument("--seeds", type=_int_list, default=(0,), metavar="LIST",
+    p.add_argument("--seeds", type=_int_list, metavar="LIST",
                    help="comma list of seeds (default: 0)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int,
                    help="torch CPU threads; 0 keeps torch's default (default: 1, best for "
                         "these small models)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare-<timestamp>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR",
+                       help="run folder (default: runs/compare-<timestamp>)")
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the interrupted comparison in RUN_DIR: finished runs "
+                            "are kept, an unfinished one continues from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help=f"checkpoint the running recipe every N steps; 0: never (default: "
+                        f"{DEFAULT_CHECKPOINT_EVERY}, or the interval of the run resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compare)
     return p
 
 
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import CompareConfig, run_compare, save_results
-    from .experiments.workloads import resolve_workload
+    from .experiments.compare import (DEFAULT_RECIPES, CompareConfig, resume_config,
+                                      run_compare, saved_checkpoint_every)
+    from .experiments.workloads import DEFAULT_WORKLOAD, resolve_workload
     from .report import format_table, write_report
-    cfg = CompareConfig(recipes=args.recipes, workload=args.workload, model=args.model,
-                        data=args.data, steps=args.steps, epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
-                        threads=args.threads or None)
+    every = args.checkpoint_every
+    if every is not None and every < 0:
+        raise ValueError(f"--checkpoint-every must be a number of steps >= 0, got {every}")
+    given = dict(recipes=args.recipes, workload=args.workload, model=args.model,
+                 data=args.data, steps=args.steps, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
+                 threads=None if args.threads is None else (args.threads or None))
+    if args.resume:
+        out = args.resume
+        cfg = resume_config(out, **given)
+        if args.threads == 0 and cfg.threads is not None:   # 0 asks for torch's default
+            raise ValueError(f"--resume {out}: the arguments conflict with the saved "
+                             f"configuration: threads None (saved: {cfg.threads})")
+        if every is None:
+            every = saved_checkpoint_every(out)
+    else:
+        values = {k: v for k, v in given.items() if v is not None}
+        values.setdefault("recipes", ",".join(DEFAULT_RECIPES))
+        values.setdefault("workload", DEFAULT_WORKLOAD)
+        values.setdefault("seeds", (0,))
+        values["threads"] = 1 if args.threads is None else (args.threads or None)
+        cfg = CompareConfig(**values)
+        out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if every is None:
+            every = DEFAULT_CHECKPOINT_EVERY
     resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)   # bad specs fail here
-    out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if log:
         log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s) "
-            f"-> {out}")
+            f"-> {out}{' (resumed)' if args.resume else ''}")
     started = time.perf_counter()
     try:
-        results = run_compare(cfg, progress=not args.quiet and sys.stderr.isatty(), log=log)
+        results = run_compare(cfg, progress=not args.quiet and sys.stderr.isatty(), log=log,
+                              out=out, resume=bool(args.resume), checkpoint_every=every or None)
     except RuntimeError as e:
         print(f"mixprec: error: {e}", file=sys.stderr)
         return 1
-    save_results(results, out)
     paths = write_report(results, out)
     print(format_table(results))
     print(f"\nwrote {out}/results.json, {', '.join(p.name for p in paths.values())} "

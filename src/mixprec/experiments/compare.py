@@ -13,7 +13,9 @@ The result is one JSON document (``results.json``, schema ``results.schema.json`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -21,7 +23,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -30,13 +33,14 @@ from mixprec.optim import STATE_UNDERFLOW_WARN
 from mixprec.recipe import PRESETS, get_recipe
 
 from .data import Dataset, Task
+from .runfolder import Checkpoint, atomic_write_text, read_json
 from .schema import load_results, save_results
 from .train import TrainConfig, train_recipe
 from .workloads import DEFAULT_WORKLOAD, resolve_workload
 
 __all__ = ["DEFAULT_RECIPES", "BASELINE", "HISTOGRAM_FORMATS", "CompareConfig", "split_recipes",
            "run_compare", "save_results", "load_results", "divergence_step", "environment",
-           "format_ranges"]
+           "format_ranges", "resume_config", "saved_checkpoint_every", "RUN_FILE"]
 
 DEFAULT_RECIPES = ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8")
 BASELINE = "fp32"
@@ -326,54 +330,226 @@ def format_ranges(names: Sequence[str] = HISTOGRAM_FORMATS) -> dict:
 
 def run_compare(cfg: CompareConfig, *, progress: bool = False,
                 prepare: Optional[Callable] = None,
-                log: Optional[Callable[[str], None]] = None) -> dict:
+                log: Optional[Callable[[str], None]] = None,
+                out: Union[str, Path, None] = None, resume: bool = False,
+                checkpoint_every: Optional[int] = None) -> dict:
     """Run every recipe of ``cfg`` for every seed; return the results document.
 
     ``prepare`` builds each engine (default :func:`mixprec.engine.prepare`); ``log``
     receives one line per finished run.
 
+    ``out``: the run folder (see :mod:`mixprec.experiments.runfolder`).  Each finished
+    run is written there as it completes, a checkpoint of the running one every
+    ``checkpoint_every`` steps (None: none), and results.json at the end.  A folder
+    holding an unfinished comparison is refused unless ``resume`` is set; then its
+    records are kept, an unfinished run continues from its checkpoint, and ``cfg`` must
+    equal the saved configuration (see :func:`resume_config`).
+
     >>> results = run_compare(CompareConfig(recipes=("fp32", "bf16-mixed"), steps=50))
     >>> [row["verdict"] for row in results["summary"]]
     """
+    if checkpoint_every is not None and out is None:
+        raise ValueError("checkpoints need a run folder: pass out= with checkpoint_every=")
+    folder = None
+    if out is not None:
+        folder = _RunFolder(Path(out))
+        if resume:
+            saved = folder.load_config()
+            if saved != cfg:
+                raise ValueError(f"the configuration differs from the one saved in "
+                                 f"{str(folder.run_file)!r}: {_differences(saved, cfg)}")
+        else:
+            folder.start(cfg, checkpoint_every)
+    elif resume:
+        raise ValueError("resume=True needs the run folder to resume (out=)")
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_compare(cfg, progress, prepare, log)
+        doc = _run_compare(cfg, progress, prepare, log, folder, checkpoint_every)
     finally:
         torch.set_num_threads(previous_threads)
+    if folder is not None:
+        save_results(doc, folder.root)
+    return doc
+
+
+# --------------------------------------------------------------------------------------
+# the run folder: config, one record per finished run, checkpoints
+# --------------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+RUN_KIND = "mixprec.compare.run"
+RESULTS_FILE = "results.json"
+
+
+def _config_json(cfg: CompareConfig) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v)
+            for f in dataclasses.fields(cfg)}
+
+
+def _differences(saved: CompareConfig, given: CompareConfig) -> str:
+    return "; ".join(f"{f.name} {getattr(given, f.name)!r} (saved: {getattr(saved, f.name)!r})"
+                     for f in dataclasses.fields(saved)
+                     if getattr(saved, f.name) != getattr(given, f.name))
+
+
+class _RunFolder:
+    """Paths and reads/writes of one compare run folder (layout: runfolder module)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.run_file = root / RUN_FILE
+
+    def record_path(self, seed: int, index: int) -> Path:
+        return self.root / "records" / f"seed{seed}-{index}.json"
+
+    def checkpoint_path(self, seed: int, index: int) -> Path:
+        return self.root / "checkpoints" / f"seed{seed}-{index}.pt"
+
+    def checkpoint(self, seed: int, index: int, every: Optional[int],
+                   identity: dict) -> Optional[Checkpoint]:
+        path = self.checkpoint_path(seed, index)
+        if every is None:
+            # no new checkpoints, but one left by an earlier invocation still counts
+            return Checkpoint(path, every=1 << 62, identity=identity) if path.exists() else None
+        return Checkpoint(path, every=every, identity=identity)
+
+    def recorded(self) -> list:
+        return sorted((self.root / "records").glob("seed*.json"))
+
+    def start(self, cfg: CompareConfig, checkpoint_every: Optional[int]) -> None:
+        """Begin a new comparison here; refuse to overwrite an unfinished one."""
+        checkpoints = sorted((self.root / "checkpoints").glob("*.pt"))
+        if (self.run_file.exists() and not (self.root / RESULTS_FILE).exists()
+                and (self.recorded() or checkpoints)):
+            raise ValueError(
+                f"{str(self.root)!r} holds an unfinished comparison ({len(self.recorded())} "
+                f"run(s) recorded); continue it with `mixprec compare --resume {self.root}` "
+                f"or choose another --out")
+        for old in self.recorded() + checkpoints:
+            old.unlink()        # a finished comparison, or one that recorded nothing: afresh
+        atomic_write_text(self.run_file, json.dumps({
+            "kind": RUN_KIND, "config": _config_json(cfg), "checkpoint_every": checkpoint_every,
+            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }, indent=1) + "\n")
+
+    def saved(self) -> dict:
+        if not self.run_file.exists() and self.root.is_dir():
+            raise ValueError(f"{str(self.root)!r} is not a compare run folder: it has no "
+                             f"{RUN_FILE}")
+        doc = read_json(self.run_file, what="compare run file")
+        if not isinstance(doc, dict) or doc.get("kind") != RUN_KIND or "config" not in doc:
+            raise ValueError(f"{str(self.run_file)!r} is not a compare run file "
+                             f"(expected kind {RUN_KIND!r})")
+        return doc
+
+    def load_config(self) -> CompareConfig:
+        raw = self.saved()["config"]
+        try:
+            return CompareConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in raw.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the configuration in {str(self.run_file)!r} is not valid: "
+                             f"{e}") from e
+
+    def load_record(self, seed: int, index: int, spec: str) -> Optional[dict]:
+        path = self.record_path(seed, index)
+        if not path.exists():
+            return None
+        run = read_json(path, what="run record")
+        if (not isinstance(run, dict) or run.get("seed") != seed
+                or run.get("recipe", {}).get("spec") != spec or "loss_history" not in run):
+            raise ValueError(f"the run record {str(path)!r} is not the record of {spec!r} "
+                             f"(seed {seed}); delete it to rerun that run")
+        return run
+
+    def save_record(self, run: dict, seed: int, index: int) -> None:
+        atomic_write_text(self.record_path(seed, index),
+                          json.dumps(run, indent=1, allow_nan=False) + "\n")
+
+
+def resume_config(out: Union[str, Path], **given) -> CompareConfig:
+    """The configuration saved in the run folder ``out``, checked against ``given``.
+
+    ``given`` holds the CompareConfig fields a caller asked for explicitly (None: not
+    given).  Any that differs from the saved value, after the same normalisation
+    (recipes canonical and fp32 first), raises ValueError naming the field and both
+    values: a resumed comparison must be the comparison that was started.
+    """
+    saved = _RunFolder(Path(out)).load_config()
+    asked = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(asked) - {f.name for f in dataclasses.fields(CompareConfig)})
+    if unknown:
+        raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
+    wanted = dataclasses.replace(saved, **asked)
+    if wanted != saved:
+        raise ValueError(f"--resume {out}: the arguments conflict with the saved "
+                         f"configuration: {_differences(saved, wanted)}; leave them out "
+                         f"to continue, or start a new comparison with --out")
+    return saved
+
+
+def saved_checkpoint_every(out: Union[str, Path]) -> Optional[int]:
+    """The checkpoint interval the comparison in ``out`` was started with."""
+    return _RunFolder(Path(out)).saved().get("checkpoint_every")
 
 
 def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable],
-                 log: Optional[Callable[[str], None]]) -> dict:
+                 log: Optional[Callable[[str], None]], folder: Optional[_RunFolder],
+                 checkpoint_every: Optional[int]) -> dict:
     started = time.perf_counter()
     workload = resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)
     data = workload.make_data()
     runs = []
+    total = len(cfg.recipes) * len(cfg.seeds)
+    warmed = False
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         initial = workload.make_model()
         _check_model(initial, data, workload.model_name)
         tcfg = _train_config(cfg, workload, data, seed)
-        if not runs:   # untimed warm-up: one-off imports and allocator growth hit no recipe
-            train_recipe(copy.deepcopy(initial), data, BASELINE,
-                         TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr, seed=seed,
-                                     hist_points=1), prepare=prepare)
         seed_runs = []
-        for spec in cfg.recipes:
-            run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
-                               prepare=prepare)
-            run["recipe"]["spec"] = spec
-            run["config"].update(model=workload.model_name, data=workload.data_name,
-                                 workload=workload.name)
+        for index, spec in enumerate(cfg.recipes):
+            run = folder.load_record(seed, index, spec) if folder is not None else None
+            done = len(runs) + len(seed_runs) + 1
+            if run is not None:
+                # killed between writing the record and removing the checkpoint
+                folder.checkpoint_path(seed, index).unlink(missing_ok=True)
+                if log is not None:
+                    log(_run_line(run, done, total) + " (recorded earlier)")
+            else:
+                if not warmed:   # untimed warm-up: one-off imports and allocator growth
+                    train_recipe(copy.deepcopy(initial), data, BASELINE,
+                                 TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr,
+                                             seed=seed, hist_points=1), prepare=prepare)
+                    warmed = True
+                ckpt = None if folder is None else folder.checkpoint(
+                    seed, index, checkpoint_every,
+                    {"spec": spec, "workload": workload.name, **dataclasses.asdict(tcfg)})
+                if ckpt is not None and ckpt.saved_step() is not None and log is not None:
+                    log(f"[{done}/{total}] {spec} (seed {seed}): continuing from the "
+                        f"checkpoint at step {ckpt.saved_step()} of {tcfg.steps}")
+                run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
+                                   prepare=prepare, checkpoint=ckpt)
+                run["recipe"]["spec"] = spec
+                run["config"].update(model=workload.model_name, data=workload.data_name,
+                                     workload=workload.name)
+                if folder is not None:
+                    folder.save_record(run, seed, index)
+                    if ckpt is not None:
+                        ckpt.remove()
+                if log is not None:
+                    log(_run_line(run, done, total))
             if spec == BASELINE and run["status"] == "failed":
                 raise RuntimeError(f"the fp32 baseline failed (seed {seed}): {run['error']}")
             seed_runs.append(run)
-            if log is not None:
-                log(_run_line(run, len(runs) + len(seed_runs), len(cfg.recipes) * len(cfg.seeds)))
         for run in seed_runs:
             _compare_to_baseline(run, seed_runs[0], cfg)
         runs.extend(seed_runs)
+    command = " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None
+    if folder is not None:
+        command = folder.saved().get("command", command)
     first = runs[0]["config"]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -387,7 +563,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             "threads": cfg.threads,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
                            "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
-            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
+            "command": command,
         },
         "environment": environment(),
         "formats": format_ranges(),

@@ -32,9 +32,10 @@ from torch.nn import functional as F
 from mixprec.recipe import Recipe, get_recipe
 
 from .data import Dataset, Task, iterate_batches
+from .runfolder import Checkpoint
 
 __all__ = ["TrainConfig", "SavedTensorBytes", "grad_log2_histogram", "histogram_steps",
-           "task_loss", "evaluate", "train_recipe", "finite_or_none"]
+           "task_loss", "evaluate", "train_recipe", "finite_or_none", "CheckpointWriteError"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def _default_prepare() -> Callable:
 
 
 def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *,
-                 progress: bool = False, prepare: Optional[Callable] = None) -> dict:
+                 progress: bool = False, prepare: Optional[Callable] = None,
+                 checkpoint: Optional[Checkpoint] = None) -> dict:
     """Train ``model`` (modified in place) on ``data`` under ``recipe``; return its record.
 
     ``prepare`` builds the engine (default :func:`mixprec.engine.prepare`; any callable
@@ -194,6 +196,11 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     and gradient histograms (see ``results.schema.json``, ``$defs/run``).  A run the
     engine aborts (e.g. too many consecutive skipped steps) is recorded with
     ``status="failed"`` and the error, not raised: where a recipe breaks is a result.
+
+    ``checkpoint``: saved after every ``checkpoint.every`` steps (engine, model,
+    optimizer, global RNG, position in the data order and the record so far); when it
+    holds a saved state, training continues from there, and the record equals an
+    uninterrupted run's bit for bit (timings aside).
     """
     recipe = get_recipe(recipe)
     torch.manual_seed(config.seed)
@@ -202,16 +209,31 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     saved = SavedTensorBytes(model)
     record = {"status": "ok", "error": None, "backend": None, "lost_update_fraction": None,
               "coverage": None, "state_underflow": None}
+    # read before training: an unreadable checkpoint is an error of the run folder, not a
+    # finding about the recipe
+    resume = checkpoint.load() if checkpoint is not None else None
+    first = 0 if resume is None else int(resume["step"])
     bar = _progress(config.steps, recipe.short_str(), progress)
-    start = time.perf_counter()
+    if bar is not None and first:
+        bar.update(first)
+    start = time.perf_counter() - (0.0 if resume is None else float(resume["wall_time_s"]))
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                       weight_decay=config.weight_decay)
         mp = (prepare or _default_prepare())(model, optimizer, recipe, seed=config.seed)
         record["backend"] = getattr(mp, "backend", None)
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            mp.load_state_dict(resume["engine"])
+            torch.set_rng_state(resume["torch_rng"])
+            losses, scales, skipped_at, times, hists = (
+                list(resume[k]) for k in ("losses", "scales", "skipped_at", "times", "hists"))
+            record["coverage"] = resume["coverage"]
+            saved.nbytes, saved.by_dtype = resume["saved_bytes"], dict(resume["saved_by_dtype"])
         model.train()
-        batches = iterate_batches(data.x_train, data.y_train, config.batch_size, seed=config.seed)
-        for step, (x, y) in zip(range(config.steps), batches):
+        batches = iterate_batches(data.x_train, data.y_train, config.batch_size,
+                                  seed=config.seed, start=first)
+        for step, (x, y) in zip(range(first, config.steps), batches):
             scale = float(mp.scale)
             t0 = time.perf_counter()
             with (saved if step == 0 else contextlib.nullcontext()):
@@ -237,6 +259,10 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses[-1] is not None else "nan")
+            if checkpoint is not None and checkpoint.due(step + 1, config.steps):
+                _save_checkpoint(checkpoint, step + 1, model, mp, record, saved,
+                                 (losses, scales, skipped_at, times, hists),
+                                 time.perf_counter() - start)
         metric, test_loss = evaluate(model, data, mp, batch_size=config.eval_batch_size)
         final_scale = float(mp.scale)
         lost = [h["lost_updates"] for h in getattr(mp, "history", [])
@@ -245,6 +271,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         dead = [h["state_underflow"] for h in getattr(mp, "history", [])
                 if h.get("state_underflow") is not None]
         record["state_underflow"] = max(dead) if dead else None
+    except CheckpointWriteError:
+        raise                    # the run folder failed, not the recipe
     except Exception as e:       # noqa: BLE001 -- the failure itself is the finding
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         metric, test_loss, final_scale = math.nan, math.nan, scales[-1] if scales else math.nan
@@ -275,6 +303,29 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
     })
     return record
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (raised through, never recorded as a failed run)."""
+
+
+def _save_checkpoint(checkpoint: Checkpoint, steps_done: int, model: nn.Module, mp, record: dict,
+                     saved: SavedTensorBytes, lists: tuple, wall_time_s: float) -> None:
+    """Everything the rest of the run depends on: the engine (master weights, optimizer,
+    loss scaler, amax histories, stochastic-rounding stream, counters), the model (its
+    rounded weights and buffers), torch's global RNG, the position in the data order
+    (``step``: batches are a function of seed and position) and the record so far."""
+    losses, scales, skipped_at, times, hists = lists
+    state = {"step": steps_done, "model": model.state_dict(), "engine": mp.state_dict(),
+             "torch_rng": torch.get_rng_state(), "losses": losses, "scales": scales,
+             "skipped_at": skipped_at, "times": times, "hists": hists,
+             "coverage": record["coverage"], "saved_bytes": saved.nbytes,
+             "saved_by_dtype": saved.by_dtype, "wall_time_s": wall_time_s}
+    try:
+        checkpoint.save(state)
+    except Exception as e:   # noqa: BLE001 -- disk full, permissions, unpicklable state
+        raise CheckpointWriteError(f"cannot write the checkpoint {str(checkpoint.path)!r}: "
+                                   f"{type(e).__name__}: {e}") from e
 
 
 def _first_step_coverage(mp) -> Optional[dict]:
