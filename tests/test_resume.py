@@ -235,3 +235,45 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "run.json").write_text('{"kind": "mixprec.compare.run", "con')
     assert main(["compare", "--resume", str(tmp_path), "--quiet"]) == 2
     assert f"the compare run file '{tmp_path / 'run.json'}' is not valid JSON" in _error(capsys)
+
+
+# -- mixprec reproduce: one record per claim, --resume -------------------------------------
+def test_reproduce_writes_each_claim_and_resumes_the_missing_ones(tmp_path, capsys):
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--quick", "--only", "swamping,fp16-underflow", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    whole = json.loads((out / "results.json").read_text())
+    for rec in whole["records"]:
+        assert json.loads((out / "records" / f"{rec['id']}.json").read_text()) == rec
+    # as if killed during the second claim: no results.json, its record missing; the kept
+    # record is marked so that the resumed document shows it was kept, not run again
+    (out / "results.json").unlink()
+    (out / "records" / "fp16-underflow.json").unlink()
+    kept = json.loads((out / "records" / "swamping.json").read_text())
+    kept["summary"] = "kept from the first run"
+    (out / "records" / "swamping.json").write_text(json.dumps(kept))
+    assert main(argv) == 2                # a new run into the unfinished folder: refused
+    assert "holds an unfinished reproduce run (1 claim(s) recorded)" in _error(capsys)
+    assert main(["reproduce", "--resume", str(out)]) == 0
+    log = capsys.readouterr().err.splitlines()
+    assert log[0].startswith("[1/2] fp16-underflow: reproduced") and "earlier" not in log[0]
+    assert log[1].startswith("[2/2] swamping: reproduced") and log[1].endswith("(recorded earlier)")
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["args"] == whole["args"]
+    assert [r["id"] for r in doc["records"]] == ["fp16-underflow", "swamping"]
+    assert doc["records"][1] == kept
+    fresh = {k: v for k, v in doc["records"][0].items() if k != "seconds"}
+    assert fresh == {k: v for k, v in whole["records"][0].items() if k != "seconds"}
+
+
+def test_reproduce_resume_refuses_conflicts_and_damaged_records(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--quick", "--only", "swamping", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", "--resume", str(out), "--seed", "3"]) == 2
+    assert "conflict with the saved ones: seed 3 (saved: 0)" in _error(capsys)
+    record = out / "records" / "swamping.json"
+    record.write_text(record.read_text()[:50])
+    assert main(["reproduce", "--resume", str(out)]) == 2
+    assert f"the claim record '{record}' is not valid JSON" in _error(capsys)
