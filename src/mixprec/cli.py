@@ -121,6 +121,14 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help=f"checkpoint the running recipe every N steps; 0: never (default: "
                         f"{DEFAULT_CHECKPOINT_EVERY}, or the interval of the run resumed)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel in N processes on this machine "
+                        "(DistributedDataParallel over gloo; default 1, or torchrun's world)")
+    p.add_argument("--shard", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard): not available yet")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a rendezvous or collective may wait before failing "
+                        "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compare)
     return p
@@ -129,17 +137,38 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 DEFAULT_CHECKPOINT_EVERY = 100
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def _launched_world() -> Optional[int]:
+    """The world size torchrun (or any torch.distributed launcher) set, else None."""
+    import os
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else None
+
+
+def _compare_setup(args: argparse.Namespace) -> tuple:
+    """(CompareConfig, run folder, checkpoint interval or None) from the arguments, or
+    from the folder's saved configuration under --resume."""
     from .experiments.compare import (DEFAULT_RECIPES, CompareConfig, resume_config,
-                                      run_compare, saved_checkpoint_every)
+                                      saved_checkpoint_every)
     from .experiments.workloads import DEFAULT_WORKLOAD, resolve_workload
-    from .report import format_table, write_report
+    if args.shard:
+        raise ValueError("--shard (FSDP2, fully_shard) is not available yet: the engine does "
+                         "not support sharded models; run data-parallel with --nproc N "
+                         "and no --shard")
     every = args.checkpoint_every
     if every is not None and every < 0:
         raise ValueError(f"--checkpoint-every must be a number of steps >= 0, got {every}")
+    nproc = args.nproc
+    launched = _launched_world()
+    if launched is not None and nproc is not None and nproc != launched:
+        raise ValueError(f"--nproc {nproc} conflicts with the {launched} processes the launcher "
+                         f"started (WORLD_SIZE); leave --nproc out under torchrun")
+    if launched is not None:
+        nproc = launched
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
     given = dict(recipes=args.recipes, workload=args.workload, model=args.model,
                  data=args.data, steps=args.steps, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
+                 batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, nproc=nproc,
                  threads=None if args.threads is None else (args.threads or None))
     if args.resume:
         out = args.resume
@@ -160,17 +189,88 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if every is None:
             every = DEFAULT_CHECKPOINT_EVERY
     resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)   # bad specs fail here
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    return cfg, out, every or None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    cfg, out, every = _compare_setup(args)
+    launched = _launched_world()
+    if launched is not None and launched > 1 and not dist.is_initialized():
+        # under torchrun: the rendezvous comes from its environment (env://)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
+        try:
+            return _compare(args, cfg, out, every)
+        finally:
+            dist.destroy_process_group()
+    if cfg.nproc > 1 and not dist.is_initialized():
+        return _spawn_compare(args, cfg, out, every)
+    return _compare(args, cfg, out, every)
+
+
+def _spawn_compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:
+    """Start ``cfg.nproc`` processes (torch.multiprocessing, spawned: a fork of a
+    process with running torch threads can deadlock) that meet through a file."""
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+    rendezvous = tempfile.mkdtemp(prefix="mixprec-rdzv-")
+    try:
+        mp.spawn(_compare_rank, args=(args, cfg, out, every, f"{rendezvous}/init"),
+                 nprocs=cfg.nproc, join=True)
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"mixprec: error: a compare process failed:\n{e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+    return 0
+
+
+def _compare_rank(rank: int, args: argparse.Namespace, cfg, out: str, every: Optional[int],
+                  init_file: str) -> None:
+    """One spawned rank of ``mixprec compare --nproc N`` (rank 0 prints and writes)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=cfg.nproc,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    try:
+        rc = _compare(args, cfg, out, every)
+    except ValueError as e:
+        if rank == 0:
+            print(f"mixprec: error: {e}", file=sys.stderr)
+        rc = 2
+    finally:
+        dist.destroy_process_group()
+    if rc:
+        sys.exit(rc)
+
+
+def _compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:
+    """Run the comparison in this process (one rank of it, when distributed)."""
+    import torch.distributed as dist
+
+    from .experiments.compare import run_compare
+    from .report import format_table, write_report
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    log = None if args.quiet or not rank0 else (
+        lambda line: print(line, file=sys.stderr, flush=True))
     if log:
-        log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s) "
-            f"-> {out}{' (resumed)' if args.resume else ''}")
+        log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s)"
+            f"{f' x {cfg.nproc} processes' if cfg.nproc > 1 else ''} -> {out}"
+            f"{' (resumed)' if args.resume else ''}")
     started = time.perf_counter()
     try:
-        results = run_compare(cfg, progress=not args.quiet and sys.stderr.isatty(), log=log,
-                              out=out, resume=bool(args.resume), checkpoint_every=every or None)
+        results = run_compare(cfg, progress=log is not None and sys.stderr.isatty(), log=log,
+                              out=out, resume=bool(args.resume), checkpoint_every=every)
     except RuntimeError as e:
-        print(f"mixprec: error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"mixprec: error: {e}", file=sys.stderr)
         return 1
+    if not rank0:
+        return 0
     paths = write_report(results, out)
     print(format_table(results))
     print(f"\nwrote {out}/results.json, {', '.join(p.name for p in paths.values())} "

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from mixprec.distributed import is_distributed
 from mixprec.formats import get_format
 from mixprec.optim import STATE_UNDERFLOW_WARN
 from mixprec.recipe import PRESETS, get_recipe
@@ -63,6 +64,10 @@ class CompareConfig:
     One thread by default: these models are small, and on a busy machine several
     threads per op spend most of their time waiting for each other (measured 3-30x
     slower steps on 2 shared cores), which would swamp the step-time ratios.
+
+    ``nproc``: data-parallel processes (DistributedDataParallel); the comparison must
+    run in an initialised process group of that many ranks (``mixprec compare --nproc``
+    or torchrun start one).
     """
     recipes: tuple = DEFAULT_RECIPES
     workload: str = DEFAULT_WORKLOAD
@@ -75,6 +80,7 @@ class CompareConfig:
     seeds: tuple = (0,)
     hist_points: int = 3
     threads: Optional[int] = 1
+    nproc: int = 1
     accuracy_tol: float = 0.01
     perplexity_tol: float = 0.02
     loss_tol: float = 0.10
@@ -96,6 +102,8 @@ class CompareConfig:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"nproc must be a positive number of processes, got {self.nproc!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.epochs is not None and not self.epochs > 0:
@@ -350,16 +358,23 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
     """
     if checkpoint_every is not None and out is None:
         raise ValueError("checkpoints need a run folder: pass out= with checkpoint_every=")
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    if world != cfg.nproc:
+        raise ValueError(f"the comparison asks for nproc={cfg.nproc} data-parallel processes "
+                         f"but runs in {world}; start it with `mixprec compare --nproc "
+                         f"{cfg.nproc}` or torchrun --nproc-per-node {cfg.nproc}")
     folder = None
     if out is not None:
         folder = _RunFolder(Path(out))
         if resume:
-            saved = folder.load_config()
-            if saved != cfg:
-                raise ValueError(f"the configuration differs from the one saved in "
-                                 f"{str(folder.run_file)!r}: {_differences(saved, cfg)}")
+            def check() -> None:
+                saved = folder.load_config()
+                if saved != cfg:
+                    raise ValueError(f"the configuration differs from the one saved in "
+                                     f"{str(folder.run_file)!r}: {_differences(saved, cfg)}")
+            _on_rank0(check)
         else:
-            folder.start(cfg, checkpoint_every)
+            _on_rank0(lambda: folder.start(cfg, checkpoint_every))
     elif resume:
         raise ValueError("resume=True needs the run folder to resume (out=)")
     previous_threads = torch.get_num_threads()
@@ -369,15 +384,61 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
         doc = _run_compare(cfg, progress, prepare, log, folder, checkpoint_every)
     finally:
         torch.set_num_threads(previous_threads)
-    if folder is not None:
+    if folder is not None and _is_rank0():
         save_results(doc, folder.root)
     return doc
+
+
+# --------------------------------------------------------------------------------------
+# data parallel: every rank trains, rank 0 reads and writes the run folder
+# --------------------------------------------------------------------------------------
+def _is_rank0() -> bool:
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def _on_rank0(fn: Callable):
+    """``fn()`` on rank 0, its result (or its ValueError) broadcast to every rank: the
+    ranks take the same decisions, and an error on rank 0 stops them all instead of
+    leaving the others waiting in a collective."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ValueError as e:
+            box[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+class _Rank0Checkpoint(Checkpoint):
+    """A checkpoint that rank 0 reads and writes; the other ranks receive what it read
+    (their state is the same: DistributedDataParallel keeps the replicas equal)."""
+
+    def save(self, state: dict) -> None:
+        if _is_rank0():
+            super().save(state)
+
+    def load(self) -> Optional[dict]:
+        if self._loaded is None:
+            self._loaded = _on_rank0(super().load)
+        return self._loaded
+
+    def remove(self) -> None:
+        self._loaded = None
+        if _is_rank0():
+            super().remove()
 
 
 # --------------------------------------------------------------------------------------
 # the run folder: config, one record per finished run, checkpoints
 # --------------------------------------------------------------------------------------
 RUN_FILE = "run.json"
+_NEVER = 1 << 62          # a checkpoint interval no run reaches
 RUN_KIND = "mixprec.compare.run"
 RESULTS_FILE = "results.json"
 
@@ -407,12 +468,11 @@ class _RunFolder:
         return self.root / "checkpoints" / f"seed{seed}-{index}.pt"
 
     def checkpoint(self, seed: int, index: int, every: Optional[int],
-                   identity: dict) -> Optional[Checkpoint]:
-        path = self.checkpoint_path(seed, index)
-        if every is None:
-            # no new checkpoints, but one left by an earlier invocation still counts
-            return Checkpoint(path, every=1 << 62, identity=identity) if path.exists() else None
-        return Checkpoint(path, every=every, identity=identity)
+                   identity: dict) -> Checkpoint:
+        # every=None writes no new checkpoints, but one left by an earlier invocation
+        # still counts
+        return _Rank0Checkpoint(self.checkpoint_path(seed, index), identity=identity,
+                                every=_NEVER if every is None else every)
 
     def recorded(self) -> list:
         return sorted((self.root / "records").glob("seed*.json"))
@@ -511,31 +571,35 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
         tcfg = _train_config(cfg, workload, data, seed)
         seed_runs = []
         for index, spec in enumerate(cfg.recipes):
-            run = folder.load_record(seed, index, spec) if folder is not None else None
+            run = (_on_rank0(lambda: folder.load_record(seed, index, spec))
+                   if folder is not None else None)
             done = len(runs) + len(seed_runs) + 1
             if run is not None:
                 # killed between writing the record and removing the checkpoint
-                folder.checkpoint_path(seed, index).unlink(missing_ok=True)
+                if _is_rank0():
+                    folder.checkpoint_path(seed, index).unlink(missing_ok=True)
                 if log is not None:
                     log(_run_line(run, done, total) + " (recorded earlier)")
             else:
                 if not warmed:   # untimed warm-up: one-off imports and allocator growth
                     train_recipe(copy.deepcopy(initial), data, BASELINE,
                                  TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr,
-                                             seed=seed, hist_points=1), prepare=prepare)
+                                             seed=seed, hist_points=1), prepare=prepare,
+                                 data_parallel=cfg.nproc > 1)
                     warmed = True
                 ckpt = None if folder is None else folder.checkpoint(
                     seed, index, checkpoint_every,
                     {"spec": spec, "workload": workload.name, **dataclasses.asdict(tcfg)})
-                if ckpt is not None and ckpt.saved_step() is not None and log is not None:
+                at = ckpt.saved_step() if ckpt is not None else None   # every rank asks
+                if at is not None and log is not None:
                     log(f"[{done}/{total}] {spec} (seed {seed}): continuing from the "
-                        f"checkpoint at step {ckpt.saved_step()} of {tcfg.steps}")
+                        f"checkpoint at step {at} of {tcfg.steps}")
                 run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
-                                   prepare=prepare, checkpoint=ckpt)
+                                   prepare=prepare, checkpoint=ckpt, data_parallel=cfg.nproc > 1)
                 run["recipe"]["spec"] = spec
                 run["config"].update(model=workload.model_name, data=workload.data_name,
                                      workload=workload.name)
-                if folder is not None:
+                if folder is not None and _is_rank0():
                     folder.save_record(run, seed, index)
                     if ckpt is not None:
                         ckpt.remove()
@@ -560,7 +624,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             "data": data.describe(), "recipes": list(cfg.recipes), "baseline": BASELINE,
             "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
             "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
-            "threads": cfg.threads,
+            "threads": cfg.threads, "nproc": cfg.nproc,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
                            "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
             "command": command,

@@ -186,7 +186,7 @@ def _default_prepare() -> Callable:
 
 def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *,
                  progress: bool = False, prepare: Optional[Callable] = None,
-                 checkpoint: Optional[Checkpoint] = None) -> dict:
+                 checkpoint: Optional[Checkpoint] = None, data_parallel: bool = False) -> dict:
     """Train ``model`` (modified in place) on ``data`` under ``recipe``; return its record.
 
     ``prepare`` builds the engine (default :func:`mixprec.engine.prepare`; any callable
@@ -201,6 +201,14 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     optimizer, global RNG, position in the data order and the record so far); when it
     holds a saved state, training continues from there, and the record equals an
     uninterrupted run's bit for bit (timings aside).
+
+    ``data_parallel``: run under torch.distributed with DistributedDataParallel (the
+    process group must be initialised).  Every rank sees the same global batches and
+    trains on its contiguous slice of each; the local loss is weighted by
+    n_local * world / n_global, so DDP's gradient average is the gradient of the mean
+    loss over the global batch, as in one process (up to the order of the sums).  The
+    recorded loss is that global mean.  At the end the ranks' weights are compared
+    bit for bit: a mismatch fails the run.
     """
     recipe = get_recipe(recipe)
     torch.manual_seed(config.seed)
@@ -222,6 +230,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
                                       weight_decay=config.weight_decay)
         mp = (prepare or _default_prepare())(model, optimizer, recipe, seed=config.seed)
         record["backend"] = getattr(mp, "backend", None)
+        # wrapped after prepare: the native backend converts parameter dtypes first
+        net = nn.parallel.DistributedDataParallel(model) if data_parallel else model
         if resume is not None:
             model.load_state_dict(resume["model"])
             mp.load_state_dict(resume["engine"])
@@ -238,8 +248,11 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
             t0 = time.perf_counter()
             with (saved if step == 0 else contextlib.nullcontext()):
                 with mp.autocast():
-                    loss = task_loss(data.task, model(x), y)
-            mp.backward(loss)
+                    if data_parallel:
+                        loss, local = _data_parallel_loss(net, data.task, x, y)
+                    else:
+                        loss = local = task_loss(data.task, net(x), y)
+            mp.backward(local)
             t1 = time.perf_counter()
             if step in hist_at:      # outside the timed region
                 hists.append(grad_log2_histogram((p.grad for p in model.parameters()),
@@ -263,6 +276,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
                 _save_checkpoint(checkpoint, step + 1, model, mp, record, saved,
                                  (losses, scales, skipped_at, times, hists),
                                  time.perf_counter() - start)
+        if data_parallel:
+            _check_ranks_agree(model)
         metric, test_loss = evaluate(model, data, mp, batch_size=config.eval_batch_size)
         final_scale = float(mp.scale)
         lost = [h["lost_updates"] for h in getattr(mp, "history", [])
@@ -303,6 +318,45 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
     })
     return record
+
+
+def _data_parallel_loss(net: nn.Module, task: Task, x: torch.Tensor,
+                        y: torch.Tensor) -> tuple:
+    """(global mean loss, detached; this rank's weighted loss for backward)."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(x) < world:
+        raise ValueError(f"a batch of {len(x)} cannot be split over {world} processes; "
+                         f"use a batch size of at least {world}")
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    local = task_loss(task, net(xs), ys)
+    weight = ys.numel() * world / y.numel()
+    total = (local.detach().float() * ys.numel()).reshape(1)
+    dist.all_reduce(total)
+    return total[0] / y.numel(), local * weight
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check_ranks_agree(model: nn.Module) -> None:
+    """Raise RuntimeError unless every rank holds the same weights, bit for bit: two
+    checksums of the bit patterns (their sum and their index-weighted sum, in int64
+    arithmetic that wraps), gathered from every rank."""
+    import torch.distributed as dist
+    sums = []
+    for p in model.parameters():
+        flat = p.detach().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+        index = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+        sums.append(torch.stack([bits.sum(), (bits * index).sum()]))
+    mine = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    differ = [r for r, theirs in enumerate(every) if not torch.equal(theirs, every[0])]
+    if differ:
+        raise RuntimeError(f"the weights of rank(s) {differ} differ from rank 0's after "
+                           f"data-parallel training")
 
 
 class CheckpointWriteError(RuntimeError):
