@@ -340,3 +340,14 @@ def test_nproc_shard_and_launcher_conflicts_are_clear_errors(tmp_path, monkeypat
 def test_resume_keeps_the_number_of_processes(finished, capsys):
     assert main(["compare", "--resume", str(finished), "--nproc", "2", "--quiet"]) == 2
     assert "conflict with the saved configuration: nproc 2 (saved: 1)" in _error(capsys)
+
+
+def test_saved_bytes_do_not_depend_on_what_ran_before(digits):
+    """A native recipe converts the parameters in prepare(); their storages are taken
+    when the measurement starts, so the freed FP32 ones cannot match new tensors."""
+    torch.manual_seed(0)
+    initial = digits_mlp()
+    cfg = TrainConfig(steps=1, batch_size=32, seed=0)
+    counts = [train_recipe(copy.deepcopy(initial), digits, r, cfg)["saved_activation_bytes"]
+              for r in ("bf16-mixed", "fp32", "bf16-mixed", "bf16-mixed")]
+    assert counts[0] == counts[2] == counts[3] < counts[1]

@@ -83,7 +83,8 @@ class SavedTensorBytes:
     """
 
     def __init__(self, model: nn.Module):
-        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
+        self._model = model
+        self._exclude: set = set()
         self._seen: set = set()
         self.nbytes = 0
         self.by_dtype: dict = {}
@@ -107,6 +108,10 @@ class SavedTensorBytes:
         return t
 
     def __enter__(self) -> "SavedTensorBytes":
+        # the storages as they are now: set-up (a native recipe converting parameter
+        # dtypes) frees the old ones, whose addresses new tensors may then reuse
+        model = self._model
+        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
         self._hooks.__enter__()
         return self
 
