@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -34,7 +33,7 @@ from mixprec.optim import STATE_UNDERFLOW_WARN
 from mixprec.recipe import PRESETS, get_recipe
 
 from .data import Dataset, Task
-from .runfolder import Checkpoint, atomic_write_text, read_json
+from .runfolder import RUN_FILE, CompareFolder, config_differences, is_rank0, on_rank0
 from .schema import load_results, save_results
 from .train import TrainConfig, train_recipe
 from .workloads import DEFAULT_WORKLOAD, resolve_workload
@@ -365,16 +364,16 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
                          f"{cfg.nproc}` or torchrun --nproc-per-node {cfg.nproc}")
     folder = None
     if out is not None:
-        folder = _RunFolder(Path(out))
+        folder = CompareFolder(Path(out), CompareConfig)
         if resume:
             def check() -> None:
                 saved = folder.load_config()
                 if saved != cfg:
                     raise ValueError(f"the configuration differs from the one saved in "
-                                     f"{str(folder.run_file)!r}: {_differences(saved, cfg)}")
-            _on_rank0(check)
+                                     f"{str(folder.run_file)!r}: {config_differences(saved, cfg)}")
+            on_rank0(check)
         else:
-            _on_rank0(lambda: folder.start(cfg, checkpoint_every))
+            on_rank0(lambda: folder.start(cfg, checkpoint_every))
     elif resume:
         raise ValueError("resume=True needs the run folder to resume (out=)")
     previous_threads = torch.get_num_threads()
@@ -384,149 +383,9 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
         doc = _run_compare(cfg, progress, prepare, log, folder, checkpoint_every)
     finally:
         torch.set_num_threads(previous_threads)
-    if folder is not None and _is_rank0():
+    if folder is not None and is_rank0():
         save_results(doc, folder.root)
     return doc
-
-
-# --------------------------------------------------------------------------------------
-# data parallel: every rank trains, rank 0 reads and writes the run folder
-# --------------------------------------------------------------------------------------
-def _is_rank0() -> bool:
-    return not is_distributed() or torch.distributed.get_rank() == 0
-
-
-def _on_rank0(fn: Callable):
-    """``fn()`` on rank 0, its result (or its ValueError) broadcast to every rank: the
-    ranks take the same decisions, and an error on rank 0 stops them all instead of
-    leaving the others waiting in a collective."""
-    if not is_distributed():
-        return fn()
-    box = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except ValueError as e:
-            box[0] = ("error", str(e))
-    torch.distributed.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise ValueError(value)
-    return value
-
-
-class _Rank0Checkpoint(Checkpoint):
-    """A checkpoint that rank 0 reads and writes; the other ranks receive what it read
-    (their state is the same: DistributedDataParallel keeps the replicas equal)."""
-
-    def save(self, state: dict) -> None:
-        if _is_rank0():
-            super().save(state)
-
-    def load(self) -> Optional[dict]:
-        if self._loaded is None:
-            self._loaded = _on_rank0(super().load)
-        return self._loaded
-
-    def remove(self) -> None:
-        self._loaded = None
-        if _is_rank0():
-            super().remove()
-
-
-# --------------------------------------------------------------------------------------
-# the run folder: config, one record per finished run, checkpoints
-# --------------------------------------------------------------------------------------
-RUN_FILE = "run.json"
-_NEVER = 1 << 62          # a checkpoint interval no run reaches
-RUN_KIND = "mixprec.compare.run"
-RESULTS_FILE = "results.json"
-
-
-def _config_json(cfg: CompareConfig) -> dict:
-    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v)
-            for f in dataclasses.fields(cfg)}
-
-
-def _differences(saved: CompareConfig, given: CompareConfig) -> str:
-    return "; ".join(f"{f.name} {getattr(given, f.name)!r} (saved: {getattr(saved, f.name)!r})"
-                     for f in dataclasses.fields(saved)
-                     if getattr(saved, f.name) != getattr(given, f.name))
-
-
-class _RunFolder:
-    """Paths and reads/writes of one compare run folder (layout: runfolder module)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.run_file = root / RUN_FILE
-
-    def record_path(self, seed: int, index: int) -> Path:
-        return self.root / "records" / f"seed{seed}-{index}.json"
-
-    def checkpoint_path(self, seed: int, index: int) -> Path:
-        return self.root / "checkpoints" / f"seed{seed}-{index}.pt"
-
-    def checkpoint(self, seed: int, index: int, every: Optional[int],
-                   identity: dict) -> Checkpoint:
-        # every=None writes no new checkpoints, but one left by an earlier invocation
-        # still counts
-        return _Rank0Checkpoint(self.checkpoint_path(seed, index), identity=identity,
-                                every=_NEVER if every is None else every)
-
-    def recorded(self) -> list:
-        return sorted((self.root / "records").glob("seed*.json"))
-
-    def start(self, cfg: CompareConfig, checkpoint_every: Optional[int]) -> None:
-        """Begin a new comparison here; refuse to overwrite an unfinished one."""
-        checkpoints = sorted((self.root / "checkpoints").glob("*.pt"))
-        if (self.run_file.exists() and not (self.root / RESULTS_FILE).exists()
-                and (self.recorded() or checkpoints)):
-            raise ValueError(
-                f"{str(self.root)!r} holds an unfinished comparison ({len(self.recorded())} "
-                f"run(s) recorded); continue it with `mixprec compare --resume {self.root}` "
-                f"or choose another --out")
-        for old in self.recorded() + checkpoints:
-            old.unlink()        # a finished comparison, or one that recorded nothing: afresh
-        atomic_write_text(self.run_file, json.dumps({
-            "kind": RUN_KIND, "config": _config_json(cfg), "checkpoint_every": checkpoint_every,
-            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
-            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }, indent=1) + "\n")
-
-    def saved(self) -> dict:
-        if not self.run_file.exists() and self.root.is_dir():
-            raise ValueError(f"{str(self.root)!r} is not a compare run folder: it has no "
-                             f"{RUN_FILE}")
-        doc = read_json(self.run_file, what="compare run file")
-        if not isinstance(doc, dict) or doc.get("kind") != RUN_KIND or "config" not in doc:
-            raise ValueError(f"{str(self.run_file)!r} is not a compare run file "
-                             f"(expected kind {RUN_KIND!r})")
-        return doc
-
-    def load_config(self) -> CompareConfig:
-        raw = self.saved()["config"]
-        try:
-            return CompareConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in raw.items()})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"the configuration in {str(self.run_file)!r} is not valid: "
-                             f"{e}") from e
-
-    def load_record(self, seed: int, index: int, spec: str) -> Optional[dict]:
-        path = self.record_path(seed, index)
-        if not path.exists():
-            return None
-        run = read_json(path, what="run record")
-        if (not isinstance(run, dict) or run.get("seed") != seed
-                or run.get("recipe", {}).get("spec") != spec or "loss_history" not in run):
-            raise ValueError(f"the run record {str(path)!r} is not the record of {spec!r} "
-                             f"(seed {seed}); delete it to rerun that run")
-        return run
-
-    def save_record(self, run: dict, seed: int, index: int) -> None:
-        atomic_write_text(self.record_path(seed, index),
-                          json.dumps(run, indent=1, allow_nan=False) + "\n")
 
 
 def resume_config(out: Union[str, Path], **given) -> CompareConfig:
@@ -537,7 +396,7 @@ def resume_config(out: Union[str, Path], **given) -> CompareConfig:
     (recipes canonical and fp32 first), raises ValueError naming the field and both
     values: a resumed comparison must be the comparison that was started.
     """
-    saved = _RunFolder(Path(out)).load_config()
+    saved = CompareFolder(Path(out), CompareConfig).load_config()
     asked = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(asked) - {f.name for f in dataclasses.fields(CompareConfig)})
     if unknown:
@@ -545,18 +404,18 @@ def resume_config(out: Union[str, Path], **given) -> CompareConfig:
     wanted = dataclasses.replace(saved, **asked)
     if wanted != saved:
         raise ValueError(f"--resume {out}: the arguments conflict with the saved "
-                         f"configuration: {_differences(saved, wanted)}; leave them out "
+                         f"configuration: {config_differences(saved, wanted)}; leave them out "
                          f"to continue, or start a new comparison with --out")
     return saved
 
 
 def saved_checkpoint_every(out: Union[str, Path]) -> Optional[int]:
     """The checkpoint interval the comparison in ``out`` was started with."""
-    return _RunFolder(Path(out)).saved().get("checkpoint_every")
+    return CompareFolder(Path(out), CompareConfig).saved().get("checkpoint_every")
 
 
 def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable],
-                 log: Optional[Callable[[str], None]], folder: Optional[_RunFolder],
+                 log: Optional[Callable[[str], None]], folder: Optional[CompareFolder],
                  checkpoint_every: Optional[int]) -> dict:
     started = time.perf_counter()
     workload = resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)
@@ -571,12 +430,12 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
         tcfg = _train_config(cfg, workload, data, seed)
         seed_runs = []
         for index, spec in enumerate(cfg.recipes):
-            run = (_on_rank0(lambda: folder.load_record(seed, index, spec))
+            run = (on_rank0(lambda: folder.load_record(seed, index, spec))
                    if folder is not None else None)
             done = len(runs) + len(seed_runs) + 1
             if run is not None:
                 # killed between writing the record and removing the checkpoint
-                if _is_rank0():
+                if is_rank0():
                     folder.checkpoint_path(seed, index).unlink(missing_ok=True)
                 if log is not None:
                     log(_run_line(run, done, total) + " (recorded earlier)")
@@ -599,7 +458,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
                 run["recipe"]["spec"] = spec
                 run["config"].update(model=workload.model_name, data=workload.data_name,
                                      workload=workload.name)
-                if folder is not None and _is_rank0():
+                if folder is not None and is_rank0():
                     folder.save_record(run, seed, index)
                     if ckpt is not None:
                         ckpt.remove()
@@ -612,7 +471,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             _compare_to_baseline(run, seed_runs[0], cfg)
         runs.extend(seed_runs)
     command = " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None
-    if folder is not None:
+    if folder is not None and is_rank0():    # the other ranks' documents are not written
         command = folder.saved().get("command", command)
     first = runs[0]["config"]
     return {

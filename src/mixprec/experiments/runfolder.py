@@ -20,19 +20,29 @@ Layout of a ``mixprec compare`` folder::
 ``mixprec compare --resume DIR`` keeps the records, restarts an unfinished run from its
 checkpoint and writes results.json.  A file that cannot be read is an error naming the
 file, never a traceback and never a silently shorter table.
+
+Under torch.distributed (data-parallel ranks) only rank 0 reads and writes the folder;
+what it reads reaches the other ranks by broadcast (:func:`on_rank0`), so every rank
+takes the same decisions and an error on rank 0 stops them all.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 
+from mixprec.distributed import is_distributed
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "read_json",
-           "Checkpoint"]
+           "Checkpoint", "Rank0Checkpoint", "CompareFolder", "is_rank0", "on_rank0",
+           "config_differences", "RUN_FILE", "RESULTS_FILE"]
 
 PathLike = Union[str, Path]
 
@@ -148,3 +158,146 @@ class Checkpoint:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+# --------------------------------------------------------------------------------------
+# data parallel: every rank trains, rank 0 reads and writes the run folder
+# --------------------------------------------------------------------------------------
+def is_rank0() -> bool:
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def on_rank0(fn: Callable):
+    """``fn()`` on rank 0, its result (or its ValueError) broadcast to every rank: the
+    ranks take the same decisions, and an error on rank 0 stops them all instead of
+    leaving the others waiting in a collective."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ValueError as e:
+            box[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+class Rank0Checkpoint(Checkpoint):
+    """A checkpoint that rank 0 reads and writes; the other ranks receive what it read
+    (their state is the same: DistributedDataParallel keeps the replicas equal)."""
+
+    def save(self, state: dict) -> None:
+        if is_rank0():
+            super().save(state)
+
+    def load(self) -> Optional[dict]:
+        if self._loaded is None:
+            self._loaded = on_rank0(super().load)
+        return self._loaded
+
+    def remove(self) -> None:
+        self._loaded = None
+        if is_rank0():
+            super().remove()
+
+
+# --------------------------------------------------------------------------------------
+# the run folder: config, one record per finished run, checkpoints
+# --------------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+_NEVER = 1 << 62          # a checkpoint interval no run reaches
+RUN_KIND = "mixprec.compare.run"
+RESULTS_FILE = "results.json"
+
+
+def _config_json(cfg) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v)
+            for f in dataclasses.fields(cfg)}
+
+
+def config_differences(saved, given) -> str:
+    """'field given (saved: value)' for each field of two config dataclasses that differs."""
+    return "; ".join(f"{f.name} {getattr(given, f.name)!r} (saved: {getattr(saved, f.name)!r})"
+                     for f in dataclasses.fields(saved)
+                     if getattr(saved, f.name) != getattr(given, f.name))
+
+
+class CompareFolder:
+    """Paths and reads/writes of one ``mixprec compare`` run folder (layout above).
+    Under torch.distributed only rank 0 touches the files (see :func:`on_rank0`)."""
+
+    def __init__(self, root: Path, config_type: type):
+        self.root = root
+        self.run_file = root / RUN_FILE
+        self.config_type = config_type     # CompareConfig (a frozen dataclass)
+
+    def record_path(self, seed: int, index: int) -> Path:
+        return self.root / "records" / f"seed{seed}-{index}.json"
+
+    def checkpoint_path(self, seed: int, index: int) -> Path:
+        return self.root / "checkpoints" / f"seed{seed}-{index}.pt"
+
+    def checkpoint(self, seed: int, index: int, every: Optional[int],
+                   identity: dict) -> Checkpoint:
+        # every=None writes no new checkpoints, but one left by an earlier invocation
+        # still counts
+        return Rank0Checkpoint(self.checkpoint_path(seed, index), identity=identity,
+                                every=_NEVER if every is None else every)
+
+    def recorded(self) -> list:
+        return sorted((self.root / "records").glob("seed*.json"))
+
+    def start(self, cfg, checkpoint_every: Optional[int]) -> None:
+        """Begin a new comparison here; refuse to overwrite an unfinished one."""
+        checkpoints = sorted((self.root / "checkpoints").glob("*.pt"))
+        if (self.run_file.exists() and not (self.root / RESULTS_FILE).exists()
+                and (self.recorded() or checkpoints)):
+            raise ValueError(
+                f"{str(self.root)!r} holds an unfinished comparison ({len(self.recorded())} "
+                f"run(s) recorded); continue it with `mixprec compare --resume {self.root}` "
+                f"or choose another --out")
+        for old in self.recorded() + checkpoints:
+            old.unlink()        # a finished comparison, or one that recorded nothing: afresh
+        atomic_write_text(self.run_file, json.dumps({
+            "kind": RUN_KIND, "config": _config_json(cfg), "checkpoint_every": checkpoint_every,
+            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }, indent=1) + "\n")
+
+    def saved(self) -> dict:
+        if not self.run_file.exists() and self.root.is_dir():
+            raise ValueError(f"{str(self.root)!r} is not a compare run folder: it has no "
+                             f"{RUN_FILE}")
+        doc = read_json(self.run_file, what="compare run file")
+        if not isinstance(doc, dict) or doc.get("kind") != RUN_KIND or "config" not in doc:
+            raise ValueError(f"{str(self.run_file)!r} is not a compare run file "
+                             f"(expected kind {RUN_KIND!r})")
+        return doc
+
+    def load_config(self):
+        raw = self.saved()["config"]
+        try:
+            return self.config_type(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in raw.items()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the configuration in {str(self.run_file)!r} is not valid: "
+                             f"{e}") from e
+
+    def load_record(self, seed: int, index: int, spec: str) -> Optional[dict]:
+        path = self.record_path(seed, index)
+        if not path.exists():
+            return None
+        run = read_json(path, what="run record")
+        if (not isinstance(run, dict) or run.get("seed") != seed
+                or run.get("recipe", {}).get("spec") != spec or "loss_history" not in run):
+            raise ValueError(f"the run record {str(path)!r} is not the record of {spec!r} "
+                             f"(seed {seed}); delete it to rerun that run")
+        return run
+
+    def save_record(self, run: dict, seed: int, index: int) -> None:
+        atomic_write_text(self.record_path(seed, index),
+                          json.dumps(run, indent=1, allow_nan=False) + "\n")
