@@ -207,6 +207,15 @@ def test_truncated_results_file_is_an_error_naming_it(finished, capsys):
     assert f"the results file '{path}' is empty" in _error(capsys)
 
 
+def test_resume_writes_a_truncated_results_file_again_from_the_records(finished, capsys):
+    path = finished / "results.json"
+    before = json.loads(path.read_text())
+    path.write_text(path.read_text()[:-300])
+    assert main(["compare", "--resume", str(finished)]) == 0
+    assert (f"the results file '{path}' is not valid JSON" in capsys.readouterr().err)
+    assert _numerics(json.loads(path.read_text())) == _numerics(before)
+
+
 def test_results_file_missing_a_run_is_an_error_not_a_shorter_table(finished, capsys):
     path = finished / "results.json"
     doc = json.loads(path.read_text())

@@ -371,6 +371,12 @@ def run_compare(cfg: CompareConfig, *, progress: bool = False,
                 if saved != cfg:
                     raise ValueError(f"the configuration differs from the one saved in "
                                      f"{str(folder.run_file)!r}: {config_differences(saved, cfg)}")
+                results = folder.root / "results.json"
+                if results.exists() and log is not None:
+                    try:
+                        load_results(results)
+                    except ValueError as e:   # rebuilt from the records below
+                        log(f"{e}; writing it again from the run records")
             on_rank0(check)
         else:
             on_rank0(lambda: folder.start(cfg, checkpoint_every))
