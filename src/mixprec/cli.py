@@ -68,6 +68,9 @@ examples:
   mixprec compare --recipes fp32,fp16-mixed,fp8-e5m2:grads.rounding=nearest --steps 500
   mixprec compare --workload text-transformer --seeds 0,1
   mixprec compare --model mypkg.nets:make_model --data mypkg.data:make_dataset
+  mixprec compare --resume runs/compare-20260101-120000
+  mixprec compare --nproc 2
+  torchrun --nproc-per-node 2 -m mixprec compare
 
 --model names a callable returning a torch.nn.Module; --data one returning a
 mixprec.experiments.data.Dataset(name, task, x_train, y_train, x_test, y_test,
