@@ -128,7 +128,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help="train data-parallel in N processes on this machine "
                         "(DistributedDataParallel over gloo; default 1, or torchrun's world)")
     p.add_argument("--shard", action="store_true",
-                   help="shard the model with FSDP2 (fully_shard): not available yet")
+                   help="shard the model with FSDP2 (fully_shard): not available in compare "
+                        "yet (the Python API supports it)")
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long a rendezvous or collective may wait before failing "
                         "(default: %(default)s)")
@@ -154,9 +155,10 @@ def _compare_setup(args: argparse.Namespace) -> tuple:
                                       saved_checkpoint_every)
     from .experiments.workloads import DEFAULT_WORKLOAD, resolve_workload
     if args.shard:
-        raise ValueError("--shard (FSDP2, fully_shard) is not available yet: the engine does "
-                         "not support sharded models; run data-parallel with --nproc N "
-                         "and no --shard")
+        raise ValueError("--shard (FSDP2, fully_shard) is not available in compare yet: "
+                         "shard your own model with fully_shard and call mixprec.prepare on "
+                         "it (README, Distributed), or run compare data-parallel with "
+                         "--nproc N and no --shard")
     every = args.checkpoint_every
     if every is not None and every < 0:
         raise ValueError(f"--checkpoint-every must be a number of steps >= 0, got {every}")
