@@ -244,3 +244,13 @@ def test_emulated_linear_uses_the_aligned_accumulator():
     bound = 2 * 256 * 2.0 ** -24 * (x.abs() @ w.abs().T) * (17 / 16) ** 2
     assert ((promoted - fp32_acc).abs() <= bound).all()
     assert ((narrow - fp32_acc).abs() > 100 * bound).any()
+
+
+def test_convolution_rejects_the_aligned_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1))
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         recipe="fp8-hybrid:accumulation.mode=aligned", keep_high_precision=())
+    with pytest.raises(ValueError, match="aligned accumulator.*linear and matmul only.*"
+                                         "mode=sequential"):
+        with mp.autocast():
+            model(torch.randn(1, 2, 4, 4))

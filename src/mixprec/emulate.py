@@ -105,7 +105,8 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, c: OpContext) -> t
     if not acc.is_fp32:
         raise ValueError(f"emulated accumulation ({acc.describe()}) is implemented for "
                          f"linear and matmul only; "
-                         f"convolutions accumulate in FP32 (valid: accumulation.format=fp32)")
+                         f"convolutions accumulate in FP32 (valid: accumulation.mode=sequential, "
+                         f"accumulation.format=fp32)")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -166,7 +167,8 @@ def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, di
     if not c.policy.accumulation.is_fp32:
         raise ValueError(f"emulated accumulation ({c.policy.accumulation.describe()}) "
                          f"is implemented for linear and matmul only; transposed "
-                         f"convolutions accumulate in FP32 (valid: accumulation.format=fp32)")
+                         f"convolutions accumulate in FP32 (valid: accumulation.mode=sequential, "
+                         f"accumulation.format=fp32)")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
