@@ -15,7 +15,7 @@ busy machine slows all columns alike.  On a shared machine, --clock cpu measures
 CPU time of one thread instead (torch.set_num_threads(1)), which other processes
 disturb far less than wall time.
 
-    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N] [--clock cpu]
+    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N] [--clock cpu] [--quick]
 """
 from __future__ import annotations
 
@@ -67,7 +67,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one thread's CPU time (robust on a busy machine)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2^12 values, one round: a smoke run (seconds), as the test suite runs it")
     args = ap.parse_args()
+    if args.quick:
+        args.log2n, args.rounds = 12, 1
     if args.clock == "cpu":
         args.threads = 1
     if args.threads:
