@@ -114,6 +114,13 @@ QUICK_VERDICTS = {
     # 150 quick steps: nearest-rounded gradients or master weights train no worse
     "stochastic-rounding-training": ("not reproduced", ["lr0.3_grads_nearest_trains_worse",
                                                         "lr0.3_master_nearest_trains_worse"]),
+    # promotion every 128 cuts the aligned model's error >= 10x, but its no-promotion error
+    # on U[0,1) inputs (about 7%) is not DeepSeek-V3's "nearly 2%"
+    "fp8-accumulation-promotion": ("partly", ["about_2%_without_promotion"]),
+    # quick mode: the quantization half only (the ceil rule's SQNR is higher everywhere)
+    "mxfp8-scale-rule": ("partly", []),
+    "rht-sr-mxfp4": ("partly", []),               # digits MLP, gradient operand only
+    "nvfp4-vs-mxfp4": ("partly", []),             # digits MLP, not a 12B LLM
 }
 
 
@@ -422,23 +429,6 @@ def test_activation_memory_baseline_is_plain_torch(quick_run):
 
 
 # -- block-scaled recipes of 2024-2025 ------------------------------------------------------
-FRONTIER_QUICK_VERDICTS = {
-    # the mechanism holds (promotion cuts the error >= 10x), the 2% figure does not
-    # carry over to the model on U[0,1) inputs (about 7%)
-    "fp8-accumulation-promotion": Verdict.PARTLY,
-    # quick mode: the quantization half (the ceil rule's SQNR is higher everywhere)
-    "mxfp8-scale-rule": Verdict.PARTLY,
-    "rht-sr-mxfp4": Verdict.PARTLY,
-    "nvfp4-vs-mxfp4": Verdict.PARTLY,
-}
-
-
-@pytest.mark.parametrize("cid", list(FRONTIER_QUICK_VERDICTS))
-def test_frontier_verdicts_in_quick_mode(quick_run, cid):
-    rec = _record(quick_run, cid)
-    assert rec["verdict"] == FRONTIER_QUICK_VERDICTS[cid].value, rec["reason"]
-
-
 def test_accumulation_claim_figures(quick_run):
     m = _record(quick_run, "fp8-accumulation-promotion")["measured"]
     for kind, metric in (("uniform", "max_rel"), ("normal", "max_rel_norm")):

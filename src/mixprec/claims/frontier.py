@@ -108,7 +108,7 @@ def fp8_accumulation_promotion(ctx: RunContext) -> Outcome:
             "x": list(ks), "lines": lines}
     return Outcome(m, summary, verdict, explain(checks, reason),
                    {"m": n, "n": n, "k": ACCUM_K, "mantissa_bits": 13, "group": 32,
-                    "align": "truncate", "promote": 128}, plot)
+                    "align": "truncate", "promote": 128}, plot, checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -192,7 +192,8 @@ def mxfp8_scale_rule(ctx: RunContext) -> Outcome:
               f"{trained[0].upper() + trained[1:]}. The paper's LLMs are out of reach here: "
               "the training half is a small Transformer, so the verdict is partly at best.")
     return Outcome(m, summary, _partly_at_best(checks), explain(checks, reason),
-                   {"rows": rows, "cols": cols, "block": 32, "text_steps": None if ctx.quick else steps})
+                   {"rows": rows, "cols": cols, "block": 32, "text_steps": None if ctx.quick else steps},
+                   checks=checks)
 
 
 def _partly_at_best(checks: dict) -> Verdict:
@@ -285,7 +286,7 @@ def rht_sr_mxfp4(ctx: RunContext) -> Outcome:
               "other operands in MXFP4 and trains LLMs, so the verdict is partly at best.")
     return Outcome(m, summary, _partly_at_best(checks), explain(checks, reason),
                    {"tokens": tokens, "draws": draws, "hadamard": 64, "recipe": _RHT_SR},
-                   _loss_plot("digits MLP: MXFP4 with and without RHT + SR", results))
+                   _loss_plot("digits MLP: MXFP4 with and without RHT + SR", results), checks=checks)
 
 
 def _loss_plot(title: str, results: dict) -> dict:
@@ -343,4 +344,4 @@ def nvfp4_vs_mxfp4(ctx: RunContext) -> Outcome:
     return Outcome(m, summary, _partly_at_best(checks), explain(checks, reason),
                    {"rows": rows, "cols": cols, "kinds": list(kinds),
                     "recipes": ["bf16-mixed", "nvfp4", _NVFP4_AS_MX, "mxfp4"]},
-                   _loss_plot("digits MLP: NVFP4 against MXFP4", results))
+                   _loss_plot("digits MLP: NVFP4 against MXFP4", results), checks=checks)
