@@ -1,6 +1,7 @@
 """FP8 all-gather of FSDP2 weights on two CPU ranks (gloo): bit-identical training, and
 the gathered bytes."""
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -16,13 +17,14 @@ from test_fsdp import WORLD, _assert_same, _batch, _init, _model, _rows, _sharde
 pytestmark = pytest.mark.distributed
 
 STEPS = 3
-RECIPES = ("fp8-hybrid", "torchao-float8-tensorwise")
+RECIPES = ("fp8-hybrid", "torchao-float8-tensorwise", "te-current")
 # The weights gathered in FP8 and their element count, from the model's shapes: fp8-hybrid
 # keeps the first and last Linear in FP32, so only the middle one (32 x 32) is rounded to
 # E4M3; torchao-float8-tensorwise rounds all three (32 x 8, 32 x 32, 4 x 32).
 FP8_WEIGHTS = {"fp8-hybrid": (["2.weight"], 32 * 32),
                "torchao-float8-tensorwise": (["0.weight", "2.weight", "4.weight"],
                                              32 * 8 + 32 * 32 + 4 * 32)}
+FP8_WEIGHTS["te-current"] = FP8_WEIGHTS["torchao-float8-tensorwise"]
 
 
 def _uneven() -> nn.Module:
@@ -71,11 +73,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["reround"] = _run(rank, "fp8-hybrid", True, reround=True)
         for flag in (False, True):
             res["uneven", flag] = _run(rank, RECIPES[1], flag, build=_uneven)
-        try:
-            _run(rank, "fp16-mixed", True)
-            res["fp16"] = None
-        except ValueError as e:
-            res["fp16"] = str(e)
+        for recipe in ("fp16-mixed", "te-delayed"):
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    _run(rank, recipe, True)
+                res[recipe] = None
+            except ValueError as e:
+                res[recipe] = (str(e), [str(w.message) for w in caught
+                                        if "fp8_all_gather" in str(w.message)])
         torch.save(res, os.path.join(out_dir, f"fp8ag{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -137,7 +143,12 @@ def test_scale_of_a_rounded_weight_is_the_same_scale(fmax):
 
 def test_fp8_all_gather_needs_an_fp8_recipe(ranks):
     for res in ranks:
-        assert res["fp16"] is not None and "fp8-hybrid" in res["fp16"]
+        error, warned = res["fp16-mixed"]
+        assert "no weight of this model" in error and "fp8-hybrid" in error and not warned
+        # delayed-scaled FP8 weights: named in a warning, then no weight is left
+        error, warned = res["te-delayed"]
+        assert "no weight of this model" in error
+        assert len(warned) == 1 and "0.weight (delayed scaling" in warned[0]
 
 
 def test_fp8_all_gather_needs_fsdp():
