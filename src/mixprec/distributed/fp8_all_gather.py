@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FloatFormat, get_format
+from ..layers import is_gemm_layer
 from ..quant import quantize
 from ..recipe import ScalingConfig, ScalingKind, TensorSpec
+from ..scaling import amax_to_scale, config_scale_kwargs, tensor_to_amax
 from . import all_reduce_amax_
 from .fsdp import fsdp_modules
 
@@ -113,7 +115,6 @@ class _Hooks:
         self.ptr: Optional[int] = None       # this weight's key in _GATHERED
 
     def pre(self, mesh, outer_size, outer_stride, module, mp_policy):
-        from ..scaling import amax_to_scale, config_scale_kwargs, tensor_to_amax
         local = self.fsdp_param._sharded_local_tensor
         hp = local.detach().to(torch.float32)
         # every rank must reach this all-reduce, as it reaches the all-gather that
@@ -138,9 +139,8 @@ class _Hooks:
         values = codes.view(self.fmt.torch_dtype).to(torch.float32) / scale
         values = values.to(param_dtype)
         if out is not None:
-            with torch.no_grad():
-                out.copy_(values.view(out.shape) if values.numel() == out.numel()
-                          else values.reshape(-1)[:out.numel()].view(out.shape))
+            with torch.no_grad():      # values hold the padded shards: out is their head
+                out.copy_(values.reshape(-1)[:out.numel()].view(out.shape))
             self.ptr = _register(out, scale, self.key, self.ptr)
             return None
         self.ptr = _register(values, scale, self.key, self.ptr)
@@ -160,7 +160,6 @@ class FP8AllGather:
         self.params: List[str] = []
         names = {id(m): n for n, m in model.named_modules()}
         skipped = []
-        from ..layers import is_gemm_layer
         for module in fsdp_modules(model):
             module.reshard()           # hooks are installed on sharded parameters only
             # FSDP2 keeps its parameters per group; no public accessor in torch 2.13
