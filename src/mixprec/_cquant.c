@@ -246,14 +246,58 @@ DEFINE_ENCODE(encode_f32_i32, uint32_t, 23, uint32_t)
 DEFINE_ENCODE(encode_f64_u8, uint64_t, 52, uint8_t)
 DEFINE_ENCODE(encode_f64_i32, uint64_t, 52, uint32_t)
 
+/* ReLU masks of 16-bit floats (float16 or bfloat16 bits, told apart by inf_bits):
+ * bit (i & 7) of byte i >> 3 is 1 where relu's backward passes the gradient, that is
+ * where the value is not <= 0: positive, or NaN of either sign.  With m = |bits|:
+ *     keep = m != 0 && (sign == 0 || m > inf_bits)
+ * Ranges start at multiples of 64 elements (see run_parallel), so no two threads write
+ * the same byte. */
+MULTIVERSION static void relu_mask_loop(const uint16_t *src, uint8_t *dst, int64_t begin,
+                                        int64_t end, uint16_t inf_bits) {
+    int64_t full_end = begin + ((end - begin) & ~(int64_t)7);
+    for (int64_t j = begin >> 3; j < full_end >> 3; j++) {
+        uint8_t byte = 0;
+        for (int k = 0; k < 8; k++) {
+            uint16_t h = src[8 * j + k], m = h & 0x7FFF;
+            byte |= (uint8_t)((m != 0) & ((h >> 15) == 0 || m > inf_bits)) << k;
+        }
+        dst[j] = byte;
+    }
+    if (full_end < end) {
+        uint8_t byte = 0;
+        for (int64_t i = full_end; i < end; i++) {
+            uint16_t h = src[i], m = h & 0x7FFF;
+            byte |= (uint8_t)((m != 0) & ((h >> 15) == 0 || m > inf_bits)) << (i & 7);
+        }
+        dst[full_end >> 3] = byte;
+    }
+}
+
+/* out[i] = g[i] where mask bit i is set, else +0 (the bit pattern 0). */
+#define DEFINE_MASKED(NAME, UINT)                                                      \
+MULTIVERSION static void NAME(const uint8_t *mask, const UINT *g, UINT *out,           \
+                              int64_t begin, int64_t end) {                            \
+    for (int64_t i = begin; i < end; i++) {                                            \
+        UINT bit = (mask[i >> 3] >> (i & 7)) & 1;                                      \
+        out[i] = g[i] & (UINT)(0 - bit);                                               \
+    }                                                                                  \
+}
+DEFINE_MASKED(masked_u16, uint16_t)
+DEFINE_MASKED(masked_u32, uint32_t)
+
+enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED };
+
 typedef struct {
     const void *src;
     void *dst;
     int64_t begin, end;
     const plan_t *plan;     /* rounding jobs */
-    const codes_t *codes;   /* encoding jobs (plan == NULL) */
+    const codes_t *codes;   /* encoding jobs */
     uint64_t seed;
     int is_f64, mode, wide_codes;
+    int kind;               /* JOB_* */
+    const void *aux;        /* masked: the gradient */
+    uint64_t param;         /* mask: inf_bits; masked: item size */
 } job_t;
 
 static void run_encode(const job_t *j) {
@@ -268,8 +312,22 @@ static void run_encode(const job_t *j) {
 }
 
 static void run_job(const job_t *j) {
-    if (j->plan == NULL) {
+    if (j->kind == JOB_ENCODE) {
         run_encode(j);
+        return;
+    }
+    if (j->kind == JOB_MASK) {
+        relu_mask_loop((const uint16_t *)j->src, (uint8_t *)j->dst, j->begin, j->end,
+                       (uint16_t)j->param);
+        return;
+    }
+    if (j->kind == JOB_MASKED) {
+        if (j->param == 2)
+            masked_u16((const uint8_t *)j->src, (const uint16_t *)j->aux, (uint16_t *)j->dst,
+                       j->begin, j->end);
+        else
+            masked_u32((const uint8_t *)j->src, (const uint32_t *)j->aux, (uint32_t *)j->dst,
+                       j->begin, j->end);
         return;
     }
     static void (*const f32[3])(const uint32_t *, uint32_t *, int64_t, int64_t,
@@ -349,7 +407,7 @@ static PyObject *round_bits(PyObject *self, PyObject *args) {
     plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits,
                    ovf_bits, infin_bits};
     job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, &plan, NULL,
-                  (uint64_t)seed, is_f64, mode, 0};
+                  (uint64_t)seed, is_f64, mode, 0, JOB_ROUND, NULL, 0};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(base, n, nthreads);
     Py_END_ALLOW_THREADS
@@ -380,7 +438,58 @@ static PyObject *encode_codes(PyObject *self, PyObject *args) {
     if (n <= 0) Py_RETURN_NONE;
     codes_t codes = {s0, te, mbits, width, inf_bits, inf_code, nan_code};
     job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, &codes,
-                  0, is_f64, 0, wide};
+                  0, is_f64, 0, wide, JOB_ENCODE, NULL, 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(relu_mask_doc,
+"relu_mask(src_ptr, dst_ptr, n, inf_bits, nthreads)\n"
+"\n"
+"Pack the ReLU backward mask of n 16-bit floats (float16: inf_bits=0x7C00, bfloat16:\n"
+"0x7F80) into ceil(n / 8) bytes: bit i & 7 of byte i >> 3 is set where the value is\n"
+"positive or NaN.");
+
+static PyObject *relu_mask(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, inf_bits;
+    long long n;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLKi", &src, &dst, &n, &inf_bits, &nthreads)) return NULL;
+    if (inf_bits != 0x7C00 && inf_bits != 0x7F80) {
+        PyErr_Format(PyExc_ValueError, "inf_bits 0x%llx not in {0x7C00, 0x7F80}", inf_bits);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_MASK, NULL, inf_bits};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(masked_doc,
+"masked_grad(mask_ptr, g_ptr, out_ptr, n, itemsize, nthreads)\n"
+"\n"
+"out[i] = g[i] where bit i of the packed mask is set, else +0; itemsize 2 or 4.");
+
+static PyObject *masked_grad(PyObject *self, PyObject *args) {
+    unsigned long long mask, g, out;
+    long long n, itemsize;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLLi", &mask, &g, &out, &n, &itemsize, &nthreads))
+        return NULL;
+    if (itemsize != 2 && itemsize != 4) {
+        PyErr_Format(PyExc_ValueError, "itemsize %lld not in {2, 4}", itemsize);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)mask, (void *)(uintptr_t)out, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_MASKED, (const void *)(uintptr_t)g, (uint64_t)itemsize};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(base, n, nthreads);
     Py_END_ALLOW_THREADS
@@ -388,6 +497,8 @@ static PyObject *encode_codes(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"relu_mask", relu_mask, METH_VARARGS, relu_mask_doc},
+    {"masked_grad", masked_grad, METH_VARARGS, masked_doc},
     {"round_bits", round_bits, METH_VARARGS, round_doc},
     {"encode_codes", encode_codes, METH_VARARGS, encode_doc},
     {NULL, NULL, 0, NULL},
