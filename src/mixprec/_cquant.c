@@ -29,6 +29,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MODE_NEAREST 0
@@ -138,9 +139,9 @@ static inline void splitmix_run(uint64_t *out, uint64_t seed, uint64_t k0, int64
 /* Nearest and toward-zero: one flat loop each, vectorized without branches. */
 #define DEFINE_LOOP(NAME, UINT, MW, MODE)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
-                              const plan_t *pl, uint64_t seed) {                       \
+                              const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
-    (void)seed;                                                                        \
+    (void)seed; (void)idx0;                                                            \
     for (int64_t i = begin; i < end; i++) {                                            \
         SPLIT(UINT, MW, src[i])                                                        \
         UINT up = 0;                                                                   \
@@ -162,7 +163,7 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
 #define BLOCK 1024
 #define DEFINE_STOCHASTIC(NAME, UINT, MW)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
-                              const plan_t *pl, uint64_t seed) {                       \
+                              const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
     const UINT BITS = sizeof(UINT) * 8;                                                \
     uint64_t pairs[BLOCK / 2 + 1];                                                     \
@@ -170,13 +171,14 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
     UINT tmp[BLOCK], flags[BLOCK];                                                     \
     for (int64_t blk = begin; blk < end; blk += BLOCK) {                               \
         int64_t len = end - blk < BLOCK ? end - blk : BLOCK;                           \
-        int64_t k0 = blk >> 1, npairs = ((blk & 1) + len + 1) >> 1;                    \
+        int64_t gi = idx0 + blk;  /* random index of the block's first element */     \
+        int64_t k0 = gi >> 1, npairs = ((gi & 1) + len + 1) >> 1;                      \
         splitmix_run(pairs, seed, (uint64_t)k0, npairs);                               \
         for (int64_t k = 0; k < npairs; k++) {                                         \
             words[2 * k] = (uint32_t)pairs[k];                                         \
             words[2 * k + 1] = (uint32_t)(pairs[k] >> 32);                             \
         }                                                                              \
-        const uint32_t *w = words + (blk & 1);                                         \
+        const uint32_t *w = words + (gi & 1);                                          \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
         UINT need = 0;                                                                 \
@@ -193,7 +195,7 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
         if (need) {                                                                    \
             for (int64_t j = 0; j < len; j++) {                                        \
                 SPLIT(UINT, MW, in[j])                                                 \
-                UINT up = (UINT)stochastic_up(low, shift, seed, (uint64_t)(blk + j));  \
+                UINT up = (UINT)stochastic_up(low, shift, seed, (uint64_t)(gi + j));   \
                 FINISH(UINT, MW, up, out[j])                                           \
             }                                                                          \
         }                                                                              \
@@ -207,6 +209,15 @@ DEFINE_LOOP(loop_f32_toward_zero, uint32_t, 23, MODE_TOWARD_ZERO)
 DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
 DEFINE_STOCHASTIC(loop_f64_stochastic, uint64_t, 52)
 DEFINE_LOOP(loop_f64_toward_zero, uint64_t, 52, MODE_TOWARD_ZERO)
+
+typedef void (*f32_loop_t)(const uint32_t *, uint32_t *, int64_t, int64_t, const plan_t *,
+                           uint64_t, int64_t);
+typedef void (*f64_loop_t)(const uint64_t *, uint64_t *, int64_t, int64_t, const plan_t *,
+                           uint64_t, int64_t);
+static const f32_loop_t F32_LOOPS[3] = {loop_f32_nearest, loop_f32_stochastic,
+                                        loop_f32_toward_zero};
+static const f64_loop_t F64_LOOPS[3] = {loop_f64_nearest, loop_f64_stochastic,
+                                        loop_f64_toward_zero};
 
 /* Codes of values that are already representable: s << (E+M) | e << M | m.  Below the
  * format's smallest normal the code is k = sig >> shift, the count of smallest
@@ -277,7 +288,13 @@ MULTIVERSION static void relu_mask_loop(const uint16_t *src, uint8_t *dst, int64
 #define DEFINE_MASKED(NAME, UINT)                                                      \
 MULTIVERSION static void NAME(const uint8_t *mask, const UINT *g, UINT *out,           \
                               int64_t begin, int64_t end) {                            \
-    for (int64_t i = begin; i < end; i++) {                                            \
+    int64_t full_end = begin + ((end - begin) & ~(int64_t)7);                          \
+    for (int64_t j = begin >> 3; j < full_end >> 3; j++) {                             \
+        UINT m = mask[j];                                                              \
+        for (int k = 0; k < 8; k++)                                                    \
+            out[8 * j + k] = g[8 * j + k] & (UINT)(0 - ((m >> k) & 1));                \
+    }                                                                                  \
+    for (int64_t i = full_end; i < end; i++) {                                         \
         UINT bit = (mask[i >> 3] >> (i & 7)) & 1;                                      \
         out[i] = g[i] & (UINT)(0 - bit);                                               \
     }                                                                                  \
@@ -330,18 +347,12 @@ static void run_job(const job_t *j) {
                        j->begin, j->end);
         return;
     }
-    static void (*const f32[3])(const uint32_t *, uint32_t *, int64_t, int64_t,
-                                const plan_t *, uint64_t) = {
-        loop_f32_nearest, loop_f32_stochastic, loop_f32_toward_zero};
-    static void (*const f64[3])(const uint64_t *, uint64_t *, int64_t, int64_t,
-                                const plan_t *, uint64_t) = {
-        loop_f64_nearest, loop_f64_stochastic, loop_f64_toward_zero};
     if (j->is_f64)
-        f64[j->mode]((const uint64_t *)j->src, (uint64_t *)j->dst, j->begin, j->end,
-                     j->plan, j->seed);
+        F64_LOOPS[j->mode]((const uint64_t *)j->src, (uint64_t *)j->dst, j->begin, j->end,
+                           j->plan, j->seed, 0);
     else
-        f32[j->mode]((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end,
-                     j->plan, j->seed);
+        F32_LOOPS[j->mode]((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end,
+                           j->plan, j->seed, 0);
 }
 
 static void *thread_main(void *arg) {
@@ -496,7 +507,281 @@ static PyObject *masked_grad(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* OCP MX block quantization of float32 x viewed as [outer, n, inner], blocks of `block`
+ * along n (the last one padded with zeros).  Per block and inner position k, with
+ * a = max |x| over the block as float32 bits (an integer max: NaN bits exceed inf's):
+ *     special  = a >= inf bits                 (NaN or inf in the block)
+ *     e        = floor(log2 amax) - emax (+1 under "ceil" when amax's significand
+ *                exceeds max_elem's, top_mbits);  -127 for an all-zero block
+ *     e        = clamp(e, -127, 127);  0 where special
+ *     q        = round(x * 2^-e)                (float32 product, then the plan's rounding)
+ *     scale    = 2^e, NaN where special;  deq = q * scale, NaN where special
+ * which is mixprec.scaling.quantize_mx step by step.  The random index of an element is
+ * its flat index in the padded layout [outer, n_blocks, block, inner], so stochastic
+ * rounding draws what the torch path draws.  Rows r = o * n_blocks + b are split among
+ * threads; results do not depend on the split. */
+typedef struct {
+    const uint32_t *src;
+    uint32_t *deq, *scales, *elems;   /* elems may be NULL */
+    int64_t outer, n, inner, block, n_blocks, emax, ceil_rule;
+    uint32_t top_mbits;
+    const plan_t *plan;
+    int mode;
+    uint64_t seed;
+    int64_t row_begin, row_end;
+    int failed;
+} mx_job_t;
+
+#define MX_TILE 4096   /* elements rounded per call of the rounding loop */
+
+static inline uint32_t pow2_bits(int64_t e) {   /* 2^e for e in [-127, 127] */
+    int64_t b = e + 127;
+    return b > 0 ? (uint32_t)b << 23 : (uint32_t)1 << 22;
+}
+
+static int64_t mx_exponent(uint32_t a, int64_t emax, int64_t ceil_rule, uint32_t top_mbits) {
+    if (a == 0) return -127;
+    uint32_t field = a >> 23, mb;
+    int64_t e_floor;
+    if (field) {
+        e_floor = (int64_t)field - 127;
+        mb = a & 0x7FFFFF;
+    } else {   /* subnormal amax: normalize its significand */
+        int p = 31 - __builtin_clz(a);
+        e_floor = p - 149;
+        mb = (a << (23 - p)) & 0x7FFFFF;
+    }
+    int64_t e = e_floor - emax + (ceil_rule && mb > top_mbits);
+    return e < -127 ? -127 : (e > 127 ? 127 : e);
+}
+
+static void mx_rows(mx_job_t *J) {
+    const int64_t inner = J->inner, block = J->block, n = J->n;
+    const int64_t kt_max = inner < MX_TILE ? inner : MX_TILE;
+    /* whole rows per tile when a row's inner extent fits, else one k-range of one row */
+    const int64_t rows_per = inner <= MX_TILE ? (MX_TILE / (block * inner) > 0 ?
+                                                 MX_TILE / (block * inner) : 1) : 1;
+    const int64_t tile_len = inner <= MX_TILE ? rows_per * block * inner : kt_max;
+    uint32_t *amax = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *mult = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *scl = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *tmp = malloc(sizeof(uint32_t) * (size_t)tile_len);
+    uint32_t *q = malloc(sizeof(uint32_t) * (size_t)tile_len);
+    if (!amax || !mult || !scl || !tmp || !q) {
+        J->failed = 1;
+        free(amax); free(mult); free(scl); free(tmp); free(q);
+        return;
+    }
+    const f32_loop_t round_loop = F32_LOOPS[J->mode];
+    if (inner == 1) {   /* blocks along the last axis: each row is `block` contiguous values */
+        for (int64_t r0 = J->row_begin; r0 < J->row_end; r0 += rows_per) {
+            int64_t r1 = r0 + rows_per < J->row_end ? r0 + rows_per : J->row_end;
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                const uint32_t *row = J->src + o * n + b * block;
+                uint32_t am = 0;
+                for (int64_t j = 0; j < j_end; j++) {
+                    uint32_t a = row[j] & 0x7FFFFFFF;
+                    am = a > am ? a : am;
+                }
+                int special = am >= 0x7F800000;
+                int64_t e = special ? 0 : mx_exponent(am, J->emax, J->ceil_rule, J->top_mbits);
+                uint32_t mb = pow2_bits(-e), sb = special ? 0x7FC00000 : pow2_bits(e);
+                float m;
+                memcpy(&m, &mb, 4);
+                float *dst = (float *)(tmp + (r - r0) * block);
+                const float *rowf = (const float *)row;
+                for (int64_t j = 0; j < j_end; j++) dst[j] = rowf[j] * m;
+                for (int64_t j = j_end; j < block; j++) dst[j] = 0.0f;
+                scl[r - r0] = sb;
+                J->scales[r] = sb;
+            }
+            int64_t len = (r1 - r0) * block;
+            round_loop(tmp, q, 0, len, J->plan, J->seed, r0 * block);
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                int64_t at = o * n + b * block;
+                uint32_t sb = scl[r - r0];
+                const uint32_t *qrow = q + (r - r0) * block;
+                if (sb == 0x7FC00000) {
+                    for (int64_t j = 0; j < j_end; j++) J->deq[at + j] = sb;
+                    if (J->elems) memset(J->elems + at, 0, sizeof(uint32_t) * (size_t)j_end);
+                    continue;
+                }
+                float sf;
+                memcpy(&sf, &sb, 4);
+                float *drow = (float *)(J->deq + at);
+                const float *qf = (const float *)qrow;
+                for (int64_t j = 0; j < j_end; j++) drow[j] = qf[j] * sf;
+                if (J->elems) memcpy(J->elems + at, qrow, sizeof(uint32_t) * (size_t)j_end);
+            }
+        }
+        free(amax); free(mult); free(scl); free(tmp); free(q);
+        return;
+    }
+    for (int64_t r0 = J->row_begin; r0 < J->row_end; r0 += rows_per) {
+        int64_t r1 = r0 + rows_per < J->row_end ? r0 + rows_per : J->row_end;
+        for (int64_t k0 = 0; k0 < inner; k0 += kt_max) {
+            int64_t kt = inner - k0 < kt_max ? inner - k0 : kt_max;
+            /* 1. block amax, exponent, multiplier and scale per (row, k) */
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                uint32_t *am = amax + (r - r0) * kt;
+                for (int64_t k = 0; k < kt; k++) am[k] = 0;
+                for (int64_t j = 0; j < j_end; j++) {
+                    const uint32_t *row = J->src + (o * n + b * block + j) * inner + k0;
+                    for (int64_t k = 0; k < kt; k++) {
+                        uint32_t a = row[k] & 0x7FFFFFFF;
+                        am[k] = a > am[k] ? a : am[k];
+                    }
+                }
+                for (int64_t k = 0; k < kt; k++) {
+                    int64_t i = (r - r0) * kt + k;
+                    int special = am[k] >= 0x7F800000;
+                    int64_t e = special ? 0 : mx_exponent(am[k], J->emax, J->ceil_rule,
+                                                          J->top_mbits);
+                    mult[i] = pow2_bits(-e);
+                    scl[i] = special ? 0x7FC00000 : pow2_bits(e);
+                }
+            }
+            /* 2. scale, round and write.  Whole rows (kt == inner) lie at consecutive
+             * random indices and are rounded in one call; otherwise each row j of the
+             * block is a separate range of kt indices. */
+            int whole = kt == inner;
+            for (int64_t jj = 0; jj < (whole ? 1 : block); jj++) {
+                int64_t t = 0;
+                for (int64_t r = r0; r < r1; r++) {
+                    int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                    const float *mrow = (const float *)(mult + (r - r0) * kt);
+                    for (int64_t j = whole ? 0 : jj; j < (whole ? block : jj + 1); j++) {
+                        int64_t pos = b * block + j;
+                        float *dst = (float *)(tmp + t);
+                        if (pos < n) {
+                            const float *row = (const float *)(J->src + (o * n + pos) * inner + k0);
+                            for (int64_t k = 0; k < kt; k++) dst[k] = row[k] * mrow[k];
+                        } else {
+                            for (int64_t k = 0; k < kt; k++) dst[k] = 0.0f;
+                        }
+                        t += kt;
+                    }
+                }
+                int64_t idx0 = r0 * block * inner + (whole ? 0 : jj * inner + k0);
+                round_loop(tmp, q, 0, t, J->plan, J->seed, idx0);
+                t = 0;
+                for (int64_t r = r0; r < r1; r++) {
+                    int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                    const uint32_t *srow = scl + (r - r0) * kt;
+                    for (int64_t j = whole ? 0 : jj; j < (whole ? block : jj + 1); j++) {
+                        int64_t pos = b * block + j;
+                        if (pos < n) {
+                            int64_t at = (o * n + pos) * inner + k0;
+                            uint32_t *drow = J->deq + at;
+                            const uint32_t *qrow = q + t;
+                            for (int64_t k = 0; k < kt; k++) {
+                                float qf, sf, pf;
+                                uint32_t pb;
+                                memcpy(&qf, qrow + k, 4);
+                                memcpy(&sf, srow + k, 4);
+                                pf = qf * sf;
+                                memcpy(&pb, &pf, 4);
+                                /* NaN-scaled block: the scale's NaN, whatever q holds */
+                                drow[k] = srow[k] == 0x7FC00000 ? 0x7FC00000 : pb;
+                            }
+                            if (J->elems) {
+                                uint32_t *erow = J->elems + at;
+                                for (int64_t k = 0; k < kt; k++)
+                                    erow[k] = srow[k] == 0x7FC00000 ? 0 : qrow[k];
+                            }
+                        }
+                        t += kt;
+                    }
+                }
+            }
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                memcpy(J->scales + (o * J->n_blocks + b) * inner + k0,
+                       scl + (r - r0) * kt, sizeof(uint32_t) * (size_t)kt);
+            }
+        }
+    }
+    free(amax); free(mult); free(scl); free(tmp); free(q);
+}
+
+static void *mx_thread(void *arg) {
+    mx_rows((mx_job_t *)arg);
+    return NULL;
+}
+
+PyDoc_STRVAR(mx_doc,
+"mx_quantize(src, deq, scales, elems, outer, n, inner, block, emax, ceil_rule, top_mbits,\n"
+"            mode, seed, nthreads, s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits,\n"
+"            inf_bits, nan_bits, ovf_bits, infin_bits)\n"
+"\n"
+"OCP MX block quantization of contiguous float32 [outer, n, inner] along n; writes the\n"
+"dequantized values, the float32 scales [outer, ceil(n / block), inner] and, when elems\n"
+"is not 0, the element values q.  The plan must be a saturating float32 plan.");
+
+static PyObject *mx_quantize(PyObject *self, PyObject *args) {
+    unsigned long long src, deq, scales, elems, seed, top_mbits;
+    long long outer, n, inner, block, emax, ceil_rule;
+    int mode, nthreads;
+    long long s0, te, m0, m0_adj, uz;
+    unsigned long long max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLLLKiKiLLLLLKKKKKK", &src, &deq, &scales, &elems,
+                          &outer, &n, &inner, &block, &emax, &ceil_rule, &top_mbits, &mode,
+                          &seed, &nthreads, &s0, &te, &m0, &m0_adj, &uz, &max_bits, &q_bits,
+                          &inf_bits, &nan_bits, &ovf_bits, &infin_bits))
+        return NULL;
+    if (mode < 0 || mode > 2 || s0 < 0 || s0 > 23 || te < 1 || block < 1 || outer < 0 ||
+        n < 0 || inner < 0) {
+        PyErr_Format(PyExc_ValueError, "mx_quantize arguments out of range: mode=%d s0=%lld "
+                     "te=%lld block=%lld", mode, s0, te, block);
+        return NULL;
+    }
+    if (outer == 0 || n == 0 || inner == 0) Py_RETURN_NONE;
+    plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits, ovf_bits,
+                   infin_bits};
+    int64_t n_blocks = (n + block - 1) / block, rows = outer * n_blocks;
+    int64_t total = rows * block * inner;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > total / MIN_PER_THREAD) nthreads = (int)(total / MIN_PER_THREAD);
+    if ((int64_t)nthreads > rows) nthreads = (int)rows;
+    if (nthreads < 1) nthreads = 1;
+    mx_job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t chunk = (rows + nthreads - 1) / nthreads;
+    for (int t = 0; t < nthreads; t++) {
+        mx_job_t j = {(const uint32_t *)(uintptr_t)src, (uint32_t *)(uintptr_t)deq,
+                      (uint32_t *)(uintptr_t)scales, (uint32_t *)(uintptr_t)elems, outer, n,
+                      inner, block, n_blocks, emax, ceil_rule, (uint32_t)top_mbits, &plan,
+                      mode, (uint64_t)seed, 0, 0, 0};
+        j.row_begin = (int64_t)t * chunk < rows ? (int64_t)t * chunk : rows;
+        j.row_end = (int64_t)(t + 1) * chunk < rows ? (int64_t)(t + 1) * chunk : rows;
+        jobs[t] = j;
+        started[t] = 0;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&tids[t], NULL, mx_thread, &jobs[t]) == 0;
+    mx_rows(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else mx_rows(&jobs[t]);
+    }
+    for (int t = 0; t < nthreads; t++) failed |= jobs[t].failed;
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"mx_quantize", mx_quantize, METH_VARARGS, mx_doc},
     {"relu_mask", relu_mask, METH_VARARGS, relu_mask_doc},
     {"masked_grad", masked_grad, METH_VARARGS, masked_doc},
     {"round_bits", round_bits, METH_VARARGS, round_doc},

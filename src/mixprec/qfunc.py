@@ -51,6 +51,7 @@ from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+from .scaling import _mx_parts
 from .shared import e5m2_as_float16, shared_operand
 
 __all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
@@ -156,14 +157,14 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     x = x.to(torch.float32)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
-        values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
-                                     scale_rule=cfg.mx_scale_rule,
-                                     rounding=spec.rounding.value, generator=generator)
         if not pack:
-            return values, None
-        wide = _expand_blocks(scales, axis, block, x.shape[axis])
-        # NaN blocks keep their NaN in the scale; the element codes may be anything
-        elems = torch.where(torch.isnan(wide), torch.zeros_like(values), values / wide)
+            return quantize_mx(x, fmt, block_size=block, axis=axis,
+                               scale_rule=cfg.mx_scale_rule, rounding=spec.rounding.value,
+                               generator=generator)[0], None
+        # the element values V/X come with the quantization (0 in NaN-scaled blocks,
+        # whose NaN is kept in the scale)
+        values, scales, elems = _mx_parts(x, fmt, block, axis % x.dim(), cfg.mx_scale_rule,
+                                          spec.rounding.value, generator, elements=True)
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
     if spec.scaling is ScalingKind.CURRENT:

@@ -21,7 +21,11 @@ from typing import Optional, Union
 
 import torch
 
+import math
+import struct
+
 from .formats import FloatFormat, FormatLike, get_format
+from .quant import _F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan
 from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
@@ -284,9 +288,25 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     ax = axis % x.dim() if -x.dim() <= axis < x.dim() else None
     if ax is None:
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
+    deq, scales, _ = _mx_parts(x, fmt, block_size, ax, scale_rule, rounding, generator)
+    return deq, scales
+
+
+def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale_rule: str,
+              rounding: str, generator: Optional[torch.Generator], elements: bool = False):
+    """quantize_mx's (dequantized, scales) and, when ``elements``, the float32 element
+    values V/X (0 in NaN-scaled blocks) that storage encodes; arguments already checked.
+    CPU tensors take the C kernel (mixprec/_cquant.c, the same steps in one pass); the
+    torch ops below are the reference it reproduces, random stream included."""
+    hp = x.detach().to(torch.float32)
+    mode = _choice(Rounding, rounding, "rounding")
+    if (_cquant is not None and hp.device.type == "cpu"
+            and _layout_for(torch.float32, fmt) is _F32):
+        deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
+                                         generator, elements)
+        return deq.to(x.dtype), scales, elems
     # Blocks are cut along `ax` in place ((..., n, rest) -> (..., n_blocks, block, rest)),
     # so no transpose is needed and the data stays contiguous for any axis.
-    hp = x.detach().to(torch.float32)
     n = hp.shape[ax]
     n_blocks = -(-n // block_size)
     pad = n_blocks * block_size - n
@@ -303,13 +323,40 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     # Multiplying by 2^-e is exact in float32 (like dividing by X) unless V/X falls below
     # 2^-126, far under every element format's smallest subnormal.
     elems = blocks * _pow2(-shared)
-    quantize(elems, fmt, rounding=rounding, saturate=True, generator=generator, out=elems)
+    quantize(elems, fmt, rounding=mode.value, saturate=True, generator=generator, out=elems)
     # A NaN scale turns its whole block into NaN through the product below.
     nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
     scales = torch.where(special, nan, _pow2(shared))
-    deq = elems.mul_(scales).reshape(hp.shape).narrow(ax, 0, n).to(x.dtype)
+    deq = elems.mul_(scales).reshape(hp.shape).narrow(ax, 0, n)
     scales = scales.squeeze(ax + 1)
-    return deq, scales
+    values = None
+    if elements:
+        wide = scales.repeat_interleave(block_size, dim=ax).narrow(ax, 0, n)
+        values = torch.where(torch.isnan(wide), torch.zeros_like(deq), deq / wide)
+    return deq.to(x.dtype), scales, values
+
+
+def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_rule: str,
+                mode: Rounding, generator: Optional[torch.Generator], elements: bool):
+    hp = hp.contiguous()
+    shape = hp.shape
+    outer, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
+    n_blocks = -(-n // block)
+    deq = torch.empty_like(hp)
+    scales = torch.empty(*shape[:ax], n_blocks, *shape[ax + 1:], dtype=torch.float32)
+    elems = torch.empty_like(hp) if elements else None
+    p = _plan(fmt, _F32, True)
+    seed = _draw_seed(generator) if mode is Rounding.STOCHASTIC else 0
+    # max_elem's significand bits ("ceil" rule: amax's significand above them rounds up)
+    top = fmt.max / 2.0 ** fmt.emax
+    top_mbits = struct.unpack("<I", struct.pack("<f", top))[0] & 0x7FFFFF
+    _cquant.mx_quantize(
+        hp.data_ptr(), deq.data_ptr(), scales.data_ptr(),
+        0 if elems is None else elems.data_ptr(), outer, n, inner, block, fmt.emax,
+        int(scale_rule == "ceil"), top_mbits, _MODE_CODE[mode], seed & ((1 << 64) - 1),
+        torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj, p.unsigned_zero, p.max_bits,
+        p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits, p.infin_bits)
+    return deq, scales, elems
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""The C kernels (mixprec/_cquant.c) use torch.get_num_threads() threads, and their results
+do not depend on the thread count; the MX kernel gives the bits of the torch ops it
+replaces, random stream included."""
+import itertools
+import threading
+import time
+
+import pytest
+import torch
+
+import mixprec.scaling as scaling
+from mixprec.formats import get_format
+from mixprec.quant import has_c_extension, quantize
+
+pytestmark = pytest.mark.skipif(not has_c_extension(), reason="C extension not built")
+
+N = 3 * 65536 + 77      # above two threads' minimum share, not a multiple of 64
+
+
+def _data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    x[::101] = 0.0
+    x[7::997] = float("nan")
+    x[9::1999] = -float("inf")
+    return x
+
+
+def _with_threads(k, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt,rounding", [("e4m3", "nearest"), ("e5m2", "stochastic"),
+                                          ("bf16", "toward_zero"), ("e2m1", "stochastic")])
+def test_quantize_same_bits_at_one_and_two_threads(fmt, rounding):
+    x = _data(N)
+    got = [_with_threads(k, lambda: quantize(x, fmt, rounding=rounding,
+                                              generator=torch.Generator().manual_seed(3)))
+           for k in (1, 2)]
+    assert torch.equal(got[0].view(torch.int32), got[1].view(torch.int32))
+
+
+def test_the_kernel_runs_on_two_threads():
+    """With two threads allowed, a large rounding call runs on two OS threads at once:
+    the process's thread count rises above its resting count while the call runs."""
+    import os
+    x = torch.randn(1 << 24)
+    out = torch.empty_like(x)
+
+    def threads_now():
+        return len(os.listdir("/proc/self/task"))
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs /proc")
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(threads_now())
+            time.sleep(0.0005)
+
+    rest = threads_now()
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        _with_threads(2, lambda: [quantize(x, "e4m3", rounding="stochastic", out=out)
+                                  for _ in range(8)])
+    finally:
+        stop.set()
+        w.join()
+    assert max(seen) >= rest + 2      # the watcher and the kernel's second thread
+
+
+def _mx(x, fmt, ax, rule, rounding, block, c):
+    saved = scaling._cquant
+    if not c:
+        scaling._cquant = None
+    try:
+        return scaling._mx_parts(x, get_format(fmt), block, ax, rule, rounding,
+                                 torch.Generator().manual_seed(7), elements=True)
+    finally:
+        scaling._cquant = saved
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 96), 1), ((70, 33), 0), ((3, 50, 7), 1),
+                                        ((2, 3, 65), 2)])
+def test_mx_kernel_equals_the_torch_ops(shape, axis):
+    """Dequantized values, scales and element values, bit for bit, for every scale rule
+    and rounding mode, with zero blocks, NaN/inf blocks, subnormal amaxes and padding."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g) * torch.exp2(
+        torch.randint(-30, 30, shape, generator=g).float())
+    flat = x.view(-1)
+    flat[::13] = 0.0
+    flat[5], flat[-3], flat[11] = float("nan"), -float("inf"), 1e-40
+    for fmt, rule, rounding, block in itertools.product(
+            ["e4m3", "e5m2", "e2m1"], ["ocp", "ceil"],
+            ["nearest", "stochastic", "toward_zero"], [32, 16]):
+        ours = _mx(x, fmt, axis, rule, rounding, block, c=True)
+        ref = _mx(x, fmt, axis, rule, rounding, block, c=False)
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (fmt, rule, rounding)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_mx_kernel_same_bits_at_one_and_two_threads(axis):
+    x = _data(1024 * 400).view(1024, 400)
+    got = [_with_threads(k, lambda: _mx(x, "e5m2", axis, "ocp", "stochastic", 32, c=True))
+           for k in (1, 2)]
+    for a, b in zip(*got):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
