@@ -302,7 +302,13 @@ MULTIVERSION static void NAME(const uint8_t *mask, const UINT *g, UINT *out,    
 DEFINE_MASKED(masked_u16, uint16_t)
 DEFINE_MASKED(masked_u32, uint32_t)
 
-enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED };
+/* dst[i] = table[src[i]]: 8-bit codes to 32-bit patterns through a 256-entry table. */
+MULTIVERSION static void lut_loop(const uint8_t *src, uint32_t *dst, const uint32_t *table,
+                                  int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) dst[i] = table[src[i]];
+}
+
+enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED, JOB_LUT };
 
 typedef struct {
     const void *src;
@@ -336,6 +342,11 @@ static void run_job(const job_t *j) {
     if (j->kind == JOB_MASK) {
         relu_mask_loop((const uint16_t *)j->src, (uint8_t *)j->dst, j->begin, j->end,
                        (uint16_t)j->param);
+        return;
+    }
+    if (j->kind == JOB_LUT) {
+        lut_loop((const uint8_t *)j->src, (uint32_t *)j->dst, (const uint32_t *)j->aux,
+                 j->begin, j->end);
         return;
     }
     if (j->kind == JOB_MASKED) {
@@ -780,7 +791,28 @@ static PyObject *mx_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(lut_doc,
+"lut_decode(src_ptr, dst_ptr, n, table_ptr, nthreads)\n"
+"\n"
+"dst[i] = table[src[i]] for n uint8 codes and a table of 256 32-bit patterns.");
+
+static PyObject *lut_decode(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, table;
+    long long n;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLKi", &src, &dst, &n, &table, &nthreads)) return NULL;
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_LUT, (const void *)(uintptr_t)table, 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"lut_decode", lut_decode, METH_VARARGS, lut_doc},
     {"mx_quantize", mx_quantize, METH_VARARGS, mx_doc},
     {"relu_mask", relu_mask, METH_VARARGS, relu_mask_doc},
     {"masked_grad", masked_grad, METH_VARARGS, masked_doc},

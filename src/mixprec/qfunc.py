@@ -52,7 +52,7 @@ from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .scaling import _mx_parts
-from .shared import e5m2_as_float16, shared_operand
+from .shared import _FLOAT8, codes_to_float32, shared_operand
 
 __all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
            "container_dtype"]
@@ -83,16 +83,19 @@ def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
-    """``t.to(torch.float32)``, bit for bit; float8_e5m2 through its float16 bit pattern
-    (a byte shift), faster than torch's float8 cast on CPU."""
-    if t.dtype == torch.float8_e5m2:
-        return e5m2_as_float16(t).to(torch.float32)
+    """``t.to(torch.float32)``, bit for bit; float8 dtypes through a table of torch's
+    own 256 values (:func:`mixprec.shared.codes_to_float32`), faster than the cast."""
+    if t.dtype in _FLOAT8:
+        return codes_to_float32(t)
     return t.to(torch.float32)
 
 
 def _from_storage(stored: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     if fmt.torch_dtype is not None:
         return _widen(stored)
+    if stored.dtype == torch.uint8 and fmt.bits <= 8:
+        # quant.decode's values of every code, looked up in one pass
+        return codes_to_float32(stored, quant._code_table(fmt).to(torch.float32))
     return quant.decode(stored, fmt, dtype=torch.float32)
 
 
@@ -154,7 +157,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
             return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),))
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
-    x = x.to(torch.float32)
+    x_in, x = x, x.to(torch.float32)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
         if not pack:
@@ -168,18 +171,24 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
     if spec.scaling is ScalingKind.CURRENT:
-        scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+        amax = tensor_to_amax(x)
+        scale = amax_to_scale(amax, fmt, margin=cfg.margin)
     elif scaler is None:
         raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
                          "or run the layer under attach()")
     else:
         scaler.bind(fmt)
         scale = scaler.scale.to(x.device).clone()
-    lp = quantize(x * scale, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
-                  generator=generator)
+        amax = tensor_to_amax(x)
+    # x * scale, rounded and divided again in one buffer (a float32 copy of a narrower
+    # x is ours to overwrite): every fresh 4 MiB buffer costs page faults on CPU
+    lp = x.mul_(scale) if x is not x_in else x * scale
+    quantize(lp, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
+             generator=generator, out=lp)
     if scaler is not None:
-        scaler.update(tensor_to_amax(x))
-    return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
+        scaler.update(amax)
+    stored = (_to_storage(lp, fmt), scale) if pack else None
+    return lp.div_(scale), (("scaled", fmt, axis, 0, stored) if pack else None)
 
 
 def _unpack(pack: Pack) -> torch.Tensor:
@@ -189,12 +198,24 @@ def _unpack(pack: Pack) -> torch.Tensor:
     if kind == "values":
         return _from_storage(tensors[0], fmt)
     if kind == "scaled":
-        return _from_storage(tensors[0], fmt) / tensors[1]
+        values = _from_storage(tensors[0], fmt)
+        return values.div_(tensors[1]) if _fresh(values, tensors[0]) else values / tensors[1]
     if kind == "requant":
         return _round(tensors[0], fmt, ScalingConfig(), None, axis, None)[0]
     elems = _from_storage(tensors[0], fmt)
     scales = _from_storage(tensors[1], _E8M0)
-    return elems * _expand_blocks(scales, axis, block, elems.shape[axis])
+    ax, n = axis % elems.dim(), elems.shape[axis]
+    if n % block == 0 and _fresh(elems, tensors[0]):
+        # blocks as a dimension of their own: the scales broadcast over it, in place
+        blocks = elems.view(*elems.shape[:ax], n // block, block, *elems.shape[ax + 1:])
+        blocks.mul_(scales.unsqueeze(ax + 1))
+        return elems
+    return elems * _expand_blocks(scales, axis, block, n)
+
+
+def _fresh(t: torch.Tensor, stored: torch.Tensor) -> bool:
+    """True when ``t`` (decoded from ``stored``) is a new contiguous buffer we may overwrite."""
+    return t.data_ptr() != stored.data_ptr() and t.is_contiguous()
 
 
 def _save(ctx, *packs: Optional[Pack]) -> None:
@@ -321,7 +342,7 @@ class QLinear(torch.autograd.Function):
             wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
             y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
-                y = y + bias.to(torch.float32)
+                y = y.add_(bias.to(torch.float32))   # y is the GEMM's fresh result
             y = c.store_output(y, x.dtype)
         _save(ctx, x_pack, w_pack)
         ctx.c, ctx.x_shape = c, x.shape
