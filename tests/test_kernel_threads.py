@@ -115,3 +115,22 @@ def test_mx_kernel_same_bits_at_one_and_two_threads(axis):
            for k in (1, 2)]
     for a, b in zip(*got):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_amax_to_scale_host_path_equals_the_tensor_ops():
+    """amax_to_scale's host-float path (CPU amax) gives the bits of its tensor ops (taken
+    here by an amax that requires grad), every margin and fallback included."""
+    g = torch.Generator().manual_seed(0)
+    vals = [0.0, -0.0, 1e-45, 1e-40, 1e-38, 1.0, 448.0, 1e30, 3.4e38, float("inf"),
+            float("nan")]
+    vals += (torch.randn(100, generator=g) * torch.exp2(
+        torch.randint(-140, 120, (100,), generator=g).float())).abs().tolist()
+    for fmt, margin, prev in itertools.product(["e4m3", "e5m2", "fp16", "e2m1", "tf32"],
+                                               [0, 1, 0.5, -3], [None, torch.tensor(2.5)]):
+        for a in vals:
+            amax = torch.tensor(a, dtype=torch.float32)
+            fast = scaling.amax_to_scale(amax, fmt, margin=margin, prev_scale=prev)
+            ref = scaling.amax_to_scale(amax.clone().requires_grad_(), fmt, margin=margin,
+                                        prev_scale=prev)
+            assert fast.shape == ref.shape == ()
+            assert fast.view(torch.int32) == ref.detach().view(torch.int32), (fmt, margin, a)

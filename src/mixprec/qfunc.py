@@ -79,6 +79,9 @@ def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         # No NaN code (MX FP6/FP4 elements): a NaN input already made the forward output
         # NaN; the stored copy holds 0 there.
         values = torch.where(torch.isnan(values), torch.zeros_like(values), values)
+    if values.dtype == torch.float32 and quant._layout_for(values.dtype, fmt) is quant._F32:
+        # quant.encode's codes without its rounding step, which changes no value here
+        return quant._values_to_codes(values, fmt, quant._F32, quant.Backend.AUTO)
     return quant.encode(values, fmt)
 
 

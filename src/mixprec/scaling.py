@@ -17,12 +17,12 @@ element format.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
-import torch
-
 import math
 import struct
+from typing import Optional, Union
+
+import numpy as np
+import torch
 
 from .formats import FloatFormat, FormatLike, get_format
 from .quant import _F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan
@@ -74,6 +74,8 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
     fmt = get_format(fmt)
     amax = torch.as_tensor(amax, dtype=torch.float32)
     device = amax.device
+    if device.type == "cpu" and amax.numel() == 1 and not amax.requires_grad:
+        return _amax_to_scale_cpu(float(amax), fmt, margin, prev_scale)
     # Divide first, then apply the power-of-two margin: the only rounding is the division.
     raw = torch.tensor(fmt.max, dtype=torch.float32, device=device) / amax
     raw = raw * (2.0 ** -float(margin))
@@ -84,6 +86,19 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
         prev = torch.as_tensor(prev_scale, dtype=torch.float32).to(device)
     usable = torch.isfinite(amax) & (amax > 0)
     return torch.where(usable, raw, prev).reshape(())
+
+
+def _amax_to_scale_cpu(amax: float, fmt: FloatFormat, margin: float, prev_scale) -> torch.Tensor:
+    """amax_to_scale with numpy float32 scalars: the same float32 operations as the
+    tensor ops (division, product with 2^-margin as float32, clamp), without a dozen
+    tiny tensor ops per call (a CPU tensor costs no synchronisation to read)."""
+    if not (math.isfinite(amax) and amax > 0):
+        prev = 1.0 if prev_scale is None else prev_scale
+        return torch.as_tensor(prev, dtype=torch.float32).reshape(()).clone()
+    with np.errstate(over="ignore"):
+        raw = np.float32(fmt.max) / np.float32(amax)
+        raw = raw * np.float32(2.0 ** -float(margin))
+    return torch.tensor(min(float(raw), _F32_MAX), dtype=torch.float32)
 
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
