@@ -134,3 +134,32 @@ def test_amax_to_scale_host_path_equals_the_tensor_ops():
                                         prev_scale=prev)
             assert fast.shape == ref.shape == ()
             assert fast.view(torch.int32) == ref.detach().view(torch.int32), (fmt, margin, a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec_kw", [dict(format="e4m3", saturate=True),
+                                     dict(format="e5m2", rounding="stochastic", saturate=True),
+                                     dict(format="e4m3", saturate=False),
+                                     dict(format="e2m1", saturate=True)])
+def test_fused_scaled_rounding_equals_the_tensor_ops(dtype, spec_kw, monkeypatch):
+    """The one-pass C kernel of per-tensor scaled rounding (x * s, round, / s) gives the
+    values, the stored codes and the random stream of the tensor ops, at 1 and 2 threads."""
+    import mixprec.qfunc as qfunc
+    from mixprec.recipe import ScalingConfig, TensorSpec
+    spec = TensorSpec(scaling="current", **spec_kw)
+    x = _data(7 * 40000).to(dtype).view(-1, 7)[:, :5]     # not contiguous
+    x[3, 2] = float("nan") if dtype == torch.float32 else 0.0
+
+    def run():
+        out = qfunc._round(x, spec, ScalingConfig(), None, -1,
+                           torch.Generator().manual_seed(5), pack=True)
+        values, (_, _, _, _, (codes, scale)) = out
+        return values, codes.view(torch.uint8) if codes.dtype.itemsize == 1 else codes, scale
+
+    fused = [_with_threads(k, run) for k in (1, 2)]
+    monkeypatch.setattr(qfunc, "_scaled_round_c", lambda *a: None)
+    ref = run()
+    for got in fused:
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -308,7 +308,7 @@ MULTIVERSION static void lut_loop(const uint8_t *src, uint32_t *dst, const uint3
     for (int64_t i = begin; i < end; i++) dst[i] = table[src[i]];
 }
 
-enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED, JOB_LUT };
+enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED, JOB_LUT, JOB_SCALED };
 
 typedef struct {
     const void *src;
@@ -334,7 +334,46 @@ static void run_encode(const job_t *j) {
         encode_f32_u8((const uint32_t *)j->src, (uint8_t *)j->dst, j->begin, j->end, j->codes);
 }
 
+/* Per-tensor scaled rounding in one pass:  lp = round(x * s),  values = lp / s,  both
+ * float32 operations as torch computes them (IEEE, no reciprocal), x float32 or bfloat16
+ * (widened exactly).  The random index is the flat index, as for round_bits on x * s. */
+#define SCALED_TILE 1024
+static void scaled_loop(const job_t *j) {
+    const int is_bf16 = (int)(j->param >> 32);
+    const uint32_t sbits = (uint32_t)j->param;
+    float sc;
+    memcpy(&sc, &sbits, 4);
+    uint32_t *lp_out = (uint32_t *)(uintptr_t)j->aux;
+    float *values = (float *)j->dst;
+    uint32_t tmp[SCALED_TILE], q[SCALED_TILE];
+    const f32_loop_t round_loop = F32_LOOPS[j->mode];
+    for (int64_t t0 = j->begin; t0 < j->end; t0 += SCALED_TILE) {
+        int64_t len = j->end - t0 < SCALED_TILE ? j->end - t0 : SCALED_TILE;
+        float *tf = (float *)tmp;
+        if (is_bf16) {
+            const uint16_t *src = (const uint16_t *)j->src + t0;
+            for (int64_t k = 0; k < len; k++) {
+                uint32_t b = (uint32_t)src[k] << 16;
+                float v;
+                memcpy(&v, &b, 4);
+                tf[k] = v * sc;
+            }
+        } else {
+            const float *src = (const float *)j->src + t0;
+            for (int64_t k = 0; k < len; k++) tf[k] = src[k] * sc;
+        }
+        round_loop(tmp, q, 0, len, j->plan, j->seed, t0);
+        const float *qf = (const float *)q;
+        if (lp_out) memcpy(lp_out + t0, q, sizeof(uint32_t) * (size_t)len);
+        for (int64_t k = 0; k < len; k++) values[t0 + k] = qf[k] / sc;
+    }
+}
+
 static void run_job(const job_t *j) {
+    if (j->kind == JOB_SCALED) {
+        scaled_loop(j);
+        return;
+    }
     if (j->kind == JOB_ENCODE) {
         run_encode(j);
         return;
@@ -791,6 +830,42 @@ static PyObject *mx_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(scaled_doc,
+"scaled_round(src_ptr, lp_ptr, values_ptr, n, is_bf16, scale_bits, mode, seed, nthreads,\n"
+"             s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits,\n"
+"             ovf_bits, infin_bits)\n"
+"\n"
+"lp = round(x * s) (written when lp_ptr is not 0) and values = lp / s for n contiguous\n"
+"float32 (is_bf16=0) or bfloat16 x, float32 results; s given by its float32 bits.");
+
+static PyObject *scaled_round(PyObject *self, PyObject *args) {
+    unsigned long long src, lp, values, seed, sbits;
+    long long n;
+    int is_bf16, mode, nthreads;
+    long long s0, te, m0, m0_adj, uz;
+    unsigned long long max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLiKiKiLLLLLKKKKKK", &src, &lp, &values, &n, &is_bf16,
+                          &sbits, &mode, &seed, &nthreads, &s0, &te, &m0, &m0_adj, &uz,
+                          &max_bits, &q_bits, &inf_bits, &nan_bits, &ovf_bits, &infin_bits))
+        return NULL;
+    if (mode < 0 || mode > 2 || s0 < 0 || s0 > 23 || te < 1) {
+        PyErr_Format(PyExc_ValueError, "scaled_round plan out of range: mode=%d s0=%lld "
+                     "te=%lld", mode, s0, te);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits, ovf_bits,
+                   infin_bits};
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)values, 0, n, &plan, NULL,
+                  (uint64_t)seed, 0, mode, 0, JOB_SCALED, (const void *)(uintptr_t)lp,
+                  ((uint64_t)(is_bf16 != 0) << 32) | (uint32_t)sbits};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(lut_doc,
 "lut_decode(src_ptr, dst_ptr, n, table_ptr, nthreads)\n"
 "\n"
@@ -813,6 +888,7 @@ static PyObject *lut_decode(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"lut_decode", lut_decode, METH_VARARGS, lut_doc},
+    {"scaled_round", scaled_round, METH_VARARGS, scaled_doc},
     {"mx_quantize", mx_quantize, METH_VARARGS, mx_doc},
     {"relu_mask", relu_mask, METH_VARARGS, relu_mask_doc},
     {"masked_grad", masked_grad, METH_VARARGS, masked_doc},

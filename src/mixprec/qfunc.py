@@ -160,8 +160,9 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
             return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),))
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
-    x_in, x = x, x.to(torch.float32)
+    x_in = x
     if spec.scaling is _MX:
+        x = x.to(torch.float32)
         block = cfg.mx_block_size
         if not pack:
             return quantize_mx(x, fmt, block_size=block, axis=axis,
@@ -173,6 +174,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
                                           spec.rounding.value, generator, elements=True)
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
+    # max |x| is the same value read in x's own dtype (widening is exact and monotone)
     if spec.scaling is ScalingKind.CURRENT:
         amax = tensor_to_amax(x)
         scale = amax_to_scale(amax, fmt, margin=cfg.margin)
@@ -183,15 +185,49 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         scaler.bind(fmt)
         scale = scaler.scale.to(x.device).clone()
         amax = tensor_to_amax(x)
-    # x * scale, rounded and divided again in one buffer (a float32 copy of a narrower
-    # x is ours to overwrite): every fresh 4 MiB buffer costs page faults on CPU
-    lp = x.mul_(scale) if x is not x_in else x * scale
-    quantize(lp, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
-             generator=generator, out=lp)
+    fused = _scaled_round_c(x_in, scale, fmt, spec, generator, pack)
+    if fused is not None:
+        values, lp = fused
+    else:
+        # x * scale, rounded and divided again in one buffer (a float32 copy of a
+        # narrower x is ours to overwrite): every fresh 4 MiB buffer costs page faults
+        x = x.to(torch.float32)
+        lp = x.mul_(scale) if x is not x_in else x * scale
+        quantize(lp, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
+                 generator=generator, out=lp)
+        stored = _to_storage(lp, fmt) if pack else None
+        values, lp = lp.div_(scale), stored
     if scaler is not None:
         scaler.update(amax)
-    stored = (_to_storage(lp, fmt), scale) if pack else None
-    return lp.div_(scale), (("scaled", fmt, axis, 0, stored) if pack else None)
+    if pack and fused is not None:
+        lp = _to_storage(lp, fmt)
+    return values, (("scaled", fmt, axis, 0, (lp, scale)) if pack else None)
+
+
+def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec: TensorSpec,
+                    generator: Optional[torch.Generator], keep_lp: bool):
+    """(quantize(x * scale) / scale, quantize(x * scale) or None) from the C kernel in
+    one pass over x (float32 or bfloat16 on CPU), the same products, roundings, random
+    stream and quotients as the tensor ops; None where it does not apply."""
+    if (quant._cquant is None or x.device.type != "cpu" or scale.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.bfloat16) or scale.numel() != 1
+            or fmt.convention.name == "E8M0"
+            or quant._layout_for(torch.float32, fmt) is not quant._F32):
+        return None
+    x = x.detach().contiguous()   # the random bits follow the row-major index
+    mode = quant._choice(quant.Rounding, spec.rounding.value, "rounding")
+    seed = quant._draw_seed(generator) if mode is quant.Rounding.STOCHASTIC else 0
+    p = quant._plan(fmt, quant._F32, spec.saturate)
+    values = torch.empty(x.shape, dtype=torch.float32)
+    lp = torch.empty(x.shape, dtype=torch.float32) if keep_lp else None
+    sbits = int(scale.reshape(()).to(torch.float32).view(torch.int32)) & 0xFFFFFFFF
+    quant._cquant.scaled_round(
+        x.data_ptr(), 0 if lp is None else lp.data_ptr(), values.data_ptr(), x.numel(),
+        int(x.dtype == torch.bfloat16), sbits, quant._MODE_CODE[mode],
+        seed & ((1 << 64) - 1), torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj,
+        p.unsigned_zero, p.max_bits, p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits,
+        p.infin_bits)
+    return values, lp
 
 
 def _unpack(pack: Pack) -> torch.Tensor:
