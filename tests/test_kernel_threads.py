@@ -163,3 +163,34 @@ def test_fused_scaled_rounding_equals_the_tensor_ops(dtype, spec_kw, monkeypatch
         for a, b in zip(got, ref):
             assert a.dtype == b.dtype
             assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "e5m2", "e4m3", "e4m3fnuz", "e3m2", "e2m1",
+                                 "tf32", "e5m0"])
+@pytest.mark.parametrize("saturate", [False, True])
+def test_nearest_fast_path_equals_the_torch_path(fmt, saturate):
+    """Runs of 64 values that are all normal in the format take the C kernel's fast path;
+    mixed with chunks that are not (subnormals, overflow, NaN), the result equals the
+    integer torch path bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1 << 18, generator=g) * 3
+    x[1000:1100] *= 1e-6                      # subnormal or zero in the small formats
+    x[5000:5010] = 1e6                        # overflow
+    x[7000] = float("nan")
+    x[9000:9064] = 1.0 + torch.arange(64) * 2.0 ** -12     # ties and near-ties
+    c = quantize(x, fmt, saturate=saturate, backend="c")
+    t = quantize(x, fmt, saturate=saturate, backend="torch")
+    assert torch.equal(c.view(torch.int32), t.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"),
+                                       (torch.float8_e5m2, "e5m2"),
+                                       (torch.float8_e4m3fn, "e4m3")])
+def test_nearest_fast_path_against_torch_casts(dtype, fmt):
+    """Oracle: torch's own float32 cast (nearest-even; e4m3 values kept below its
+    saturation point, where the non-saturating formats agree)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1 << 18, generator=g) * (60 if fmt == "e4m3" else 1000)
+    want = x.to(dtype).to(torch.float32)
+    got = quantize(x, fmt, backend="c")
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -203,7 +203,48 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
     }                                                                                  \
 }
 
-DEFINE_LOOP(loop_f32_nearest, uint32_t, 23, MODE_NEAREST)
+DEFINE_LOOP(loop_f32_nearest_any, uint32_t, 23, MODE_NEAREST)
+
+/* Nearest rounding of float32 bits, fast path: in a chunk where every |x| is a normal
+ * of the format (te <= field < 255) the shift is s0 for all elements, so
+ *     r = (a + 2^(s0-1) - 1 + ((a >> s0) & 1)) & ~(2^s0 - 1)
+ * (the general formula a - low + up * 2^s0 with up = low > half, or low == half and the
+ * kept bit odd), then the overflow test and the sign.  Other chunks, and formats without
+ * mantissa bits (whose kept bit is the exponent's) or dropping none, take
+ * loop_f32_nearest_any. */
+#define NEAREST_CHUNK 64
+MULTIVERSION static void loop_f32_nearest(const uint32_t *src, uint32_t *dst, int64_t begin,
+                                          int64_t end, const plan_t *pl, uint64_t seed,
+                                          int64_t idx0) {
+    if (pl->m0 || pl->s0 == 0) {   /* (s0 == 0: a 23-bit mantissa, nothing dropped) */
+        loop_f32_nearest_any(src, dst, begin, end, pl, seed, idx0);
+        return;
+    }
+    const uint32_t s0 = (uint32_t)pl->s0, te = (uint32_t)pl->te;
+    const uint32_t bias = ((uint32_t)1 << (s0 - 1)) - 1, keep = ~(((uint32_t)1 << s0) - 1);
+    const uint32_t max_bits = (uint32_t)pl->max_bits, ovf_bits = (uint32_t)pl->ovf_bits;
+    const uint32_t nan_bits = (uint32_t)pl->nan_bits, uz = (uint32_t)pl->unsigned_zero;
+    int64_t i = begin;
+    for (; i + NEAREST_CHUNK <= end; i += NEAREST_CHUNK) {
+        const uint32_t *in = src + i;
+        uint32_t *out = dst + i;
+        uint32_t outside = 0;
+        for (int k = 0; k < NEAREST_CHUNK; k++)
+            outside |= (((in[k] >> 23) & 0xFF) - te) >= 255 - te;
+        if (outside) {
+            loop_f32_nearest_any(src, dst, i, i + NEAREST_CHUNK, pl, seed, idx0);
+            continue;
+        }
+        for (int k = 0; k < NEAREST_CHUNK; k++) {
+            uint32_t b = in[k], sign = b & 0x80000000u, a = b ^ sign;
+            uint32_t r = (a + bias + ((a >> s0) & 1)) & keep;
+            r = r > max_bits ? ovf_bits : r;
+            sign = (uz & (r == nan_bits)) ? 0 : sign;
+            out[k] = r | sign;
+        }
+    }
+    if (i < end) loop_f32_nearest_any(src, dst, i, end, pl, seed, idx0);
+}
 DEFINE_STOCHASTIC(loop_f32_stochastic, uint32_t, 23)
 DEFINE_LOOP(loop_f32_toward_zero, uint32_t, 23, MODE_TOWARD_ZERO)
 DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
@@ -338,7 +379,7 @@ static void run_encode(const job_t *j) {
  * float32 operations as torch computes them (IEEE, no reciprocal), x float32 or bfloat16
  * (widened exactly).  The random index is the flat index, as for round_bits on x * s. */
 #define SCALED_TILE 1024
-static void scaled_loop(const job_t *j) {
+MULTIVERSION static void scaled_loop(const job_t *j) {
     const int is_bf16 = (int)(j->param >> 32);
     const uint32_t sbits = (uint32_t)j->param;
     float sc;
@@ -605,7 +646,7 @@ static int64_t mx_exponent(uint32_t a, int64_t emax, int64_t ceil_rule, uint32_t
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
 
-static void mx_rows(mx_job_t *J) {
+MULTIVERSION static void mx_rows(mx_job_t *J) {
     const int64_t inner = J->inner, block = J->block, n = J->n;
     const int64_t kt_max = inner < MX_TILE ? inner : MX_TILE;
     /* whole rows per tile when a row's inner extent fits, else one k-range of one row */
@@ -626,14 +667,23 @@ static void mx_rows(mx_job_t *J) {
     if (inner == 1) {   /* blocks along the last axis: each row is `block` contiguous values */
         for (int64_t r0 = J->row_begin; r0 < J->row_end; r0 += rows_per) {
             int64_t r1 = r0 + rows_per < J->row_end ? r0 + rows_per : J->row_end;
-            for (int64_t r = r0; r < r1; r++) {
-                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+            /* row r = o * n_blocks + b; o and b advance with r (no division per row) */
+            int64_t o0 = r0 / J->n_blocks, b0 = r0 % J->n_blocks;
+            for (int64_t r = r0, o = o0, b = b0; r < r1; r++, b = b + 1 == J->n_blocks ? 0 : b + 1,
+                 o = b == 0 ? o + 1 : o) {
                 int64_t j_end = n - b * block < block ? n - b * block : block;
                 const uint32_t *row = J->src + o * n + b * block;
                 uint32_t am = 0;
-                for (int64_t j = 0; j < j_end; j++) {
-                    uint32_t a = row[j] & 0x7FFFFFFF;
-                    am = a > am ? a : am;
+                if (j_end == 32) {   /* the OCP block: a constant trip count vectorizes fully */
+                    for (int64_t j = 0; j < 32; j++) {
+                        uint32_t a = row[j] & 0x7FFFFFFF;
+                        am = a > am ? a : am;
+                    }
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) {
+                        uint32_t a = row[j] & 0x7FFFFFFF;
+                        am = a > am ? a : am;
+                    }
                 }
                 int special = am >= 0x7F800000;
                 int64_t e = special ? 0 : mx_exponent(am, J->emax, J->ceil_rule, J->top_mbits);
@@ -642,15 +692,19 @@ static void mx_rows(mx_job_t *J) {
                 memcpy(&m, &mb, 4);
                 float *dst = (float *)(tmp + (r - r0) * block);
                 const float *rowf = (const float *)row;
-                for (int64_t j = 0; j < j_end; j++) dst[j] = rowf[j] * m;
-                for (int64_t j = j_end; j < block; j++) dst[j] = 0.0f;
+                if (j_end == 32 && block == 32) {
+                    for (int64_t j = 0; j < 32; j++) dst[j] = rowf[j] * m;
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) dst[j] = rowf[j] * m;
+                    for (int64_t j = j_end; j < block; j++) dst[j] = 0.0f;
+                }
                 scl[r - r0] = sb;
                 J->scales[r] = sb;
             }
             int64_t len = (r1 - r0) * block;
             round_loop(tmp, q, 0, len, J->plan, J->seed, r0 * block);
-            for (int64_t r = r0; r < r1; r++) {
-                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+            for (int64_t r = r0, o = o0, b = b0; r < r1; r++, b = b + 1 == J->n_blocks ? 0 : b + 1,
+                 o = b == 0 ? o + 1 : o) {
                 int64_t j_end = n - b * block < block ? n - b * block : block;
                 int64_t at = o * n + b * block;
                 uint32_t sb = scl[r - r0];
@@ -664,7 +718,11 @@ static void mx_rows(mx_job_t *J) {
                 memcpy(&sf, &sb, 4);
                 float *drow = (float *)(J->deq + at);
                 const float *qf = (const float *)qrow;
-                for (int64_t j = 0; j < j_end; j++) drow[j] = qf[j] * sf;
+                if (j_end == 32) {
+                    for (int64_t j = 0; j < 32; j++) drow[j] = qf[j] * sf;
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) drow[j] = qf[j] * sf;
+                }
                 if (J->elems) memcpy(J->elems + at, qrow, sizeof(uint32_t) * (size_t)j_end);
             }
         }
