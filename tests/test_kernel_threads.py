@@ -194,3 +194,21 @@ def test_nearest_fast_path_against_torch_casts(dtype, fmt):
     want = x.to(dtype).to(torch.float32)
     got = quantize(x, fmt, backend="c")
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "e5m2", "e4m3", "e2m1", "fp16"])
+def test_stochastic_fast_path_equals_the_torch_path(fmt):
+    """Blocks whose values are all normal in the format take the stochastic kernel's fast
+    path (the 31 bits of A decide alone there); the random stream and the result equal
+    the integer torch path bit for bit, also in place."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5000, generator=g).abs() + 1.0        # all normal, several blocks
+    x[4500:4600] = torch.randn(100, generator=g) * 1e-6   # one block that is not
+    c = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(1),
+                 backend="c")
+    t = quantize(x, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(1),
+                 backend="torch")
+    y = x.clone()
+    quantize(y, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(1), out=y)
+    assert torch.equal(c.view(torch.int32), t.view(torch.int32))
+    assert torch.equal(y.view(torch.int32), t.view(torch.int32))

@@ -181,7 +181,23 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
         const uint32_t *w = words + (gi & 1);                                          \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
-        UINT need = 0;                                                                 \
+        UINT need = 0, outside = MW != 23;                                             \
+        if (MW == 23) /* float32: is every value a normal of the format? */            \
+            for (int64_t j = 0; j < len; j++)                                          \
+                outside |= (UINT)(((in[j] >> MW) & 0xFF) - te) >= (UINT)(255 - te);    \
+        if (!outside) { /* then shift = s0 <= 23 everywhere: A alone decides */        \
+            const UINT lowmask = ((UINT)1 << s0) - 1;                                  \
+            for (int64_t j = 0; j < len; j++) {                                        \
+                UINT b = in[j], sign = b & SIGN, a = b ^ sign, low = a & lowmask;      \
+                UINT up = (UINT)(w[j] >> 1) < (low << (31 - s0));                      \
+                UINT r = a - low + (up << s0);                                         \
+                r = r > max_bits ? ovf_bits : r;                                       \
+                sign = (uz & (r == nan_bits)) ? 0 : sign;                              \
+                out[j] = r | sign;                                                     \
+            }                                                                          \
+            if (out == tmp) memcpy(dst + blk, tmp, (size_t)len * sizeof(UINT));        \
+            continue;                                                                  \
+        }                                                                              \
         for (int64_t j = 0; j < len; j++) { /* (a reduction here stops vectorization) */ \
             SPLIT(UINT, MW, in[j])                                                     \
             UINT ra = w[j] >> 1;                                                       \
