@@ -181,38 +181,44 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
         const uint32_t *w = words + (gi & 1);                                          \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
-        UINT need = 0, outside = MW != 23;                                             \
-        if (MW == 23) /* float32: is every value a normal of the format? */            \
-            for (int64_t j = 0; j < len; j++)                                          \
-                outside |= (UINT)(((in[j] >> MW) & 0xFF) - te) >= (UINT)(255 - te);    \
-        if (!outside) { /* then shift = s0 <= 23 everywhere: A alone decides */        \
-            const UINT lowmask = ((UINT)1 << s0) - 1;                                  \
-            for (int64_t j = 0; j < len; j++) {                                        \
-                UINT b = in[j], sign = b & SIGN, a = b ^ sign, low = a & lowmask;      \
-                UINT up = (UINT)(w[j] >> 1) < (low << (31 - s0));                      \
-                UINT r = a - low + (up << s0);                                         \
-                r = r > max_bits ? ovf_bits : r;                                       \
-                sign = (uz & (r == nan_bits)) ? 0 : sign;                              \
-                out[j] = r | sign;                                                     \
+        for (int64_t c0 = 0; c0 < len; c0 += 64) { /* chunks of 64 of the block */      \
+            int64_t cl = len - c0 < 64 ? len - c0 : 64;                                \
+            const UINT *cin = in + c0;                                                 \
+            UINT *cout = out + c0;                                                     \
+            const uint32_t *cw = w + c0;                                               \
+            UINT need = 0, outside = MW != 23;                                         \
+            if (MW == 23) /* float32: is every value a normal of the format? */        \
+                for (int64_t j = 0; j < cl; j++)                                       \
+                    outside |= (UINT)(((cin[j] >> MW) & 0xFF) - te) >= (UINT)(255 - te); \
+            if (!outside) { /* then shift = s0 <= 23 everywhere: A alone decides */    \
+                const UINT lowmask = ((UINT)1 << s0) - 1;                              \
+                for (int64_t j = 0; j < cl; j++) {                                     \
+                    UINT b = cin[j], sign = b & SIGN, a = b ^ sign, low = a & lowmask; \
+                    UINT up = (UINT)(cw[j] >> 1) < (low << (31 - s0));                  \
+                    UINT r = a - low + (up << s0);                                     \
+                    r = r > max_bits ? ovf_bits : r;                                   \
+                    sign = (uz & (r == nan_bits)) ? 0 : sign;                          \
+                    cout[j] = r | sign;                                                \
+                }                                                                      \
+                continue;                                                              \
             }                                                                          \
-            if (out == tmp) memcpy(dst + blk, tmp, (size_t)len * sizeof(UINT));        \
-            continue;                                                                  \
-        }                                                                              \
-        for (int64_t j = 0; j < len; j++) { /* (a reduction here stops vectorization) */ \
-            SPLIT(UINT, MW, in[j])                                                     \
-            UINT ra = w[j] >> 1;                                                       \
-            UINT top = shift <= 31 ? low << (31 - shift)                               \
-                                   : (shift - 31 < BITS ? low >> (shift - 31) : 0);    \
-            UINT up = ra < top;                                                        \
-            flags[j] = (shift > 31) & (ra == top);                                     \
-            FINISH(UINT, MW, up, out[j])                                               \
-        }                                                                              \
-        for (int64_t j = 0; j < len; j++) need |= flags[j];                            \
-        if (need) {                                                                    \
-            for (int64_t j = 0; j < len; j++) {                                        \
-                SPLIT(UINT, MW, in[j])                                                 \
-                UINT up = (UINT)stochastic_up(low, shift, seed, (uint64_t)(gi + j));   \
-                FINISH(UINT, MW, up, out[j])                                           \
+            for (int64_t j = 0; j < cl; j++) { /* (a reduction here stops vectorization) */ \
+                SPLIT(UINT, MW, cin[j])                                                \
+                UINT ra = cw[j] >> 1;                                                  \
+                UINT top = shift <= 31 ? low << (31 - shift)                           \
+                                       : (shift - 31 < BITS ? low >> (shift - 31) : 0); \
+                UINT up = ra < top;                                                    \
+                flags[j] = (shift > 31) & (ra == top);                                 \
+                FINISH(UINT, MW, up, cout[j])                                          \
+            }                                                                          \
+            for (int64_t j = 0; j < cl; j++) need |= flags[j];                         \
+            if (need) {                                                                \
+                for (int64_t j = 0; j < cl; j++) {                                     \
+                    SPLIT(UINT, MW, cin[j])                                            \
+                    UINT up = (UINT)stochastic_up(low, shift, seed,                    \
+                                                  (uint64_t)(gi + c0 + j));            \
+                    FINISH(UINT, MW, up, cout[j])                                      \
+                }                                                                      \
             }                                                                          \
         }                                                                              \
         if (out == tmp) memcpy(dst + blk, tmp, (size_t)len * sizeof(UINT));            \
