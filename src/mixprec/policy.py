@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipe import (AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind, TensorSpec,
-                     get_recipe)
+from .recipe import (AccumulationConfig, HadamardConfig, Recipe, Role, ScalingConfig,
+                     ScalingKind, TensorSpec, get_recipe)
 from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
 __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "current_layer",
+           "owner_layer", "parameter_of",
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
 
 LAYER_ROLES = (Role.WEIGHT, Role.ACTIVATION, Role.GRAD_OUTPUT, Role.WEIGHT_GRAD)
@@ -47,6 +48,9 @@ class LayerPolicy:
     scale for the output and keep it in the input's dtype, as FP8 GEMMs write high
     precision. ``round_output=False``: every output in the input's dtype, unrounded.
 
+    ``attention_format``: the format matmul-like calls whose operands are all activations
+    run in (:meth:`for_activations_only`), None for the layer's own specs.
+
     ``scaled_output``: where a scaled layer writes its output — "fp32" (the input's
     dtype, the default) or "fp16"/"bf16" (a real 16-bit tensor, nearest rounding: an FP8
     GEMM writing BF16 as on FP8 hardware). :meth:`from_recipe` takes it from
@@ -60,6 +64,8 @@ class LayerPolicy:
     scaling: ScalingConfig = ScalingConfig()
     round_output: bool = True
     scaled_output: str = "fp32"
+    hadamard: HadamardConfig = HadamardConfig()
+    attention_format: Optional[str] = None
 
     def __post_init__(self):
         if self.scaled_output not in _SCALED_OUTPUT:
@@ -68,10 +74,13 @@ class LayerPolicy:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
-                        "round_output": bool, "scaled_output": str}.get(f.name, TensorSpec)
+                        "round_output": bool, "scaled_output": str,
+                        "hadamard": HadamardConfig,
+                        "attention_format": (str, type(None))}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
-                raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
-                                 f"got {value!r}")
+                raise ValueError(f"LayerPolicy.{f.name} must be a "
+                                 f"{getattr(expected, '__name__', 'str or None')}, got {value!r}")
+        self.hadamard.check_operands({r.value: getattr(self, r.value) for r in LAYER_ROLES})
 
     @classmethod
     def from_recipe(cls, recipe: Union[Recipe, str], high_precision: bool = False) -> "LayerPolicy":
@@ -91,8 +100,16 @@ class LayerPolicy:
             spec = TensorSpec(recipe.high_precision)
             return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
+        attention = recipe.high_precision if recipe.attention == "high_precision" else None
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
-                   recipe.accumulation, recipe.scaling, scaled_output=out)
+                   recipe.accumulation, recipe.scaling, scaled_output=out,
+                   hadamard=recipe.hadamard, attention_format=attention)
+
+    def for_activations_only(self) -> "LayerPolicy":
+        """The policy of a matmul-like call whose operands are all activations (attention):
+        every role in ``attention_format`` (nearest, unscaled, FP32 accumulation) when it
+        is set (``Recipe.attention="high_precision"``), else this policy."""
+        return self if self.attention_format is None else _attention_policy(self.attention_format)
 
     @property
     def is_identity(self) -> bool:
@@ -124,6 +141,12 @@ class LayerPolicy:
 
 
 IDENTITY = LayerPolicy()
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_policy(fmt: str) -> LayerPolicy:
+    spec = TensorSpec(fmt)
+    return LayerPolicy(spec, spec, spec, spec)
 
 Observer = Callable[[str, str, torch.Tensor], None]
 
@@ -195,9 +218,14 @@ def scaler_key(role: str, slot: int = 0, operand: str = "") -> str:
 # The stack of running layers
 # --------------------------------------------------------------------------------------
 class Layer(NamedTuple):
+    """A module under a policy: ``params`` holds the ids of every parameter the module
+    holds (recursively), for attributing an op to the module that owns its weight;
+    ``kept``: the module was kept in high precision by a rule."""
     name: str
     policy: LayerPolicy
     state: LayerState
+    params: frozenset = frozenset()
+    kept: bool = False
 
 
 _local = threading.local()
@@ -214,6 +242,31 @@ def current_layer() -> Optional[Layer]:
     """The innermost attached layer whose forward is running on this thread, or None."""
     stack = getattr(_local, "stack", None)
     return stack[-1] if stack else None
+
+
+def parameter_of(t: object) -> Optional[nn.Parameter]:
+    """``t`` itself when it is an nn.Parameter, the Parameter it is a view of (``w.t()``,
+    ``w.T``, ``w.view(...)``), else None."""
+    if isinstance(t, nn.Parameter):
+        return t
+    base = getattr(t, "_base", None) if isinstance(t, torch.Tensor) else None
+    return base if isinstance(base, nn.Parameter) else None
+
+
+def owner_layer(weight: Optional[torch.Tensor]) -> Optional[Layer]:
+    """The layer an op on ``weight`` is attributed to: the innermost running attached
+    layer that holds the Parameter (``parameter_of(weight)``), else the innermost running
+    layer, else None."""
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        return None
+    param = parameter_of(weight)
+    if param is not None:
+        key = id(param)
+        for layer in reversed(stack):
+            if key in layer.params:
+                return layer
+    return stack[-1]
 
 
 class AttachHandle:
@@ -254,18 +307,22 @@ class AttachHandle:
 
 
 def attach(model: nn.Module,
-           policy_for: Callable[[str, nn.Module], Optional[LayerPolicy]]) -> AttachHandle:
+           policy_for: Callable[[str, nn.Module], Optional[LayerPolicy]], *,
+           kept: Iterable[str] = ()) -> AttachHandle:
     """Give the modules of ``model`` precision policies.
 
     ``policy_for(qualified_name, module)`` is asked once per module (the root is named
     ""); modules it gives a LayerPolicy get forward hooks that push
     ``(name, policy, state)`` while they run (popped also when forward raises). Ops run
-    under :class:`~mixprec.emulate.PrecisionMode` use the innermost layer's policy.
+    under :class:`~mixprec.emulate.PrecisionMode` use the policy of the layer that owns
+    their weight operand (:func:`owner_layer`). Modules named in ``kept`` are reported
+    as "kept by a rule" in the coverage report (:mod:`mixprec.coverage`).
 
     >>> handle = attach(model, lambda name, m: policy if isinstance(m, nn.Linear) else None)
     >>> handle.remove()
     """
     handle = AttachHandle()
+    kept = frozenset(kept)
     for name, module in model.named_modules():
         policy = policy_for(name, module)
         if policy is None:
@@ -274,7 +331,8 @@ def attach(model: nn.Module,
             raise ValueError(f"policy_for({name!r}, ...) returned {policy!r}; expected a "
                              f"LayerPolicy or None")
         state = LayerState(name)
-        layer = Layer(name, policy, state)
+        layer = Layer(name, policy, state, frozenset(id(p) for p in module.parameters()),
+                      name in kept)
         handle.states[name], handle.policies[name] = state, policy
         handle._hooks.append(module.register_forward_pre_hook(_push_hook(layer)))
         handle._hooks.append(module.register_forward_hook(_pop_hook(layer), always_call=True))

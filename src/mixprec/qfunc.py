@@ -22,10 +22,26 @@ MX blocks lie along the reduction dimension of the GEMM that consumes the tensor
 tensor used by two GEMMs is quantized twice from high precision (as MX hardware
 pipelines keep a "row-wise" and a "column-wise" copy):
 
-    op       forward (x, w)        saved for dw / dx        grad for dx / dw
-    linear   x: last, w: in        x: tokens, w: out        g: out / tokens
-    matmul   a: -1, b: -2          a: -2, b: -1             g: -1 / -2
-    conv     x, w: C_in (dim 1)    x: batch, w: C_out       g: C_out / batch
+    op              forward (x, w)          saved for dw / dx       grad for dx / dw
+    linear          x: last, w: in          x: tokens, w: out       g: out / tokens
+    matmul          a: -1, b: -2            a: -2, b: -1            g: -1 / -2
+    conv            x, w: C_in (dim 1)      x: batch, w: C_out      g: C_out / batch
+    conv_transpose  x: C_in (1), w: C_in (0)  x: batch, w: C_out (1)  g: C_out / batch
+    bilinear        every operand once, along its last axis, for both passes
+
+QMatmul serves the whole matmul family (mm, bmm, matmul, mv, the addmm family, and the
+tensordot / einsum contractions of :mod:`mixprec.dispatch`): each operand is rounded in
+its role (an ``nn.Parameter`` operand as a weight, with a weight gradient), and
+``y = alpha * (a @ b) + beta * addend`` with the addend added in FP32 before the output
+is stored.
+
+Block schemes (``TensorSpec.scheme``: NVFP4, blockwise FP8, ...) are quantized twice the
+same way, through :func:`mixprec.quantize_blocked`; 1 x k blocks lie along the same axes as
+MX blocks; k x k tiles cover the two GEMM dimensions whichever is the reduction (for
+a convolution weight: C_out x C_in at every kernel position). With
+``policy.hadamard`` a GEMM's block-scaled operands (MX or a scheme; fprop: x, w; dgrad:
+g, w; wgrad: g, x) are transformed along its reduction axis with shared signs,
+quantized, and transformed back.
 
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
@@ -39,7 +55,8 @@ high-precision inputs are not kept.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +67,20 @@ from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
+from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
+                     scheme_along)
+from .blocks import quantize_blocked
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .scaling import _mx_parts
 from .shared import _FLOAT8, codes_to_float32, shared_operand
 
-__all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
-           "container_dtype"]
+__all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatmul",
+           "QBilinear", "QEmbedding", "QEmbeddingBag", "CONV_FUNCS", "container_dtype"]
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
+_BLOCK = ScalingKind.BLOCK
+_TWO_COPIES = (ScalingKind.MX, ScalingKind.BLOCK)   # blocks along each GEMM's reduction axis
 
 
 # --------------------------------------------------------------------------------------
@@ -66,7 +88,8 @@ _MX = ScalingKind.MX
 # --------------------------------------------------------------------------------------
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
 # "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
-# "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# "block" (element codes, scale codes, tensor scale, Hadamard signs; fmt holds the
+# BlockScheme and the tensor's shape), "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
 # backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
@@ -139,7 +162,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
            scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
-           pack: bool = False) -> Tuple[torch.Tensor, Optional[Pack]]:
+           pack: bool = False, hadamard: Tuple[int, Optional[torch.Tensor]] = (0, None),
+           ) -> Tuple[torch.Tensor, Optional[Pack]]:
     """Round ``x`` (any float dtype) per ``spec``; return (float32 values, pack or None).
 
     Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
@@ -161,6 +185,15 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
     x_in = x
+    if spec.scaling is _BLOCK:
+        return _round_block(x.to(torch.float32), get_scheme(spec.scheme), spec, axis,
+                            generator, pack, hadamard)
+    if spec.scaling is _MX and hadamard[0]:
+        # MX with a Hadamard transform: the same MX setting of the block quantizer
+        rule = "floor" if cfg.mx_scale_rule == "ocp" else "ceil"
+        scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", rule)
+        return _round_block(x.to(torch.float32), scheme, spec, axis, generator, pack,
+                            hadamard)
     if spec.scaling is _MX:
         x = x.to(torch.float32)
         block = cfg.mx_block_size
@@ -230,8 +263,52 @@ def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec
     return values, lp
 
 
+def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: int,
+                 generator: Optional[torch.Generator], pack: bool,
+                 hadamard: Tuple[int, Optional[torch.Tensor]]):
+    """quantize_blocked along ``axis`` with ``scheme`` (the spec's, or its MX setting),
+    with the GEMM's Hadamard transform (size, signs) when it has one; dequantized in x's
+    domain."""
+    # k x k tiles span the two GEMM dimensions: the last two of a linear or matmul
+    # operand; of a convolution's (dims 0 and 1, channels, reduction axis 0 or 1) those
+    # two, at every kernel position or pixel, so they are moved last for quantizing.
+    moved = scheme.is_2d and x.dim() > 2 and axis % x.dim() in (0, 1)
+    if moved:
+        x, axis = x.movedim((0, 1), (-2, -1)), axis % x.dim() - 2
+    scheme = scheme_along(scheme, axis)
+    size, signs = hadamard
+    if size:
+        scheme = scheme.with_(axis=axis if not scheme.is_2d else
+                              (-1 if axis % x.dim() == x.dim() - 1 else -2),
+                              hadamard=size, hadamard_signs="none")
+    q = quantize_blocked(x, scheme, rounding=spec.rounding.value, generator=generator,
+                         signs=signs if size else None)
+    values = q.dequantize()
+    if moved:
+        values = values.movedim((-2, -1), (0, 1))
+    if not pack:
+        return values, None
+    scale_fmt = scheme.scale_format.float_format
+    scales = q.block_scales if scale_fmt is None else _to_storage(q.block_scales, scale_fmt)
+    no_signs = torch.empty(0)
+    codes = (_to_storage(q.elements, scheme.element), scales, q.tensor_scale,
+             no_signs if q.signs is None else q.signs)
+    # the pack's block slot says whether the stored layout has dims 0, 1 moved last; the
+    # format slot holds the scheme and x's shape (a Hadamard transform pads the elements)
+    return values, ("block", (scheme, q.shape), axis, int(moved), codes)
+
+
 def _unpack(pack: Pack) -> torch.Tensor:
     kind, fmt, axis, block, tensors = pack
+    if kind == "block":
+        (scheme, shape), (elems, scales, tensor_scale, signs) = fmt, tensors
+        scale_fmt = scheme.scale_format.float_format
+        if scale_fmt is not None:
+            scales = _from_storage(scales, scale_fmt)
+        q = BlockQuantized.from_parts(_from_storage(elems, scheme.element), scales,
+                                      tensor_scale, scheme, shape=shape,
+                                      signs=signs if signs.numel() else None)
+        return q.dequantize().movedim((-2, -1), (0, 1)) if block else q.dequantize()
     if kind == "raw":
         return _widen(tensors[0])
     if kind == "values":
@@ -294,18 +371,32 @@ class OpContext:
                  generator: Optional[torch.Generator], slot: int):
         self.policy, self.state, self.generator, self.slot = policy, state, generator, slot
 
-    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False):
+    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False,
+              gemm: str = ""):
+        """``gemm`` ("fprop", "dgrad", "wgrad") names the GEMM the copy feeds, for the
+        policy's per-GEMM Hadamard transform of block-scheme roles."""
         spec = getattr(self.policy, role)
         scaler = None if self.state is None else self.state.scaler(
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
-        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack)
+        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
+                      self._hadamard(spec, gemm))
+
+    def _hadamard(self, spec: TensorSpec, gemm: str) -> Tuple[int, Optional[torch.Tensor]]:
+        cfg = self.policy.hadamard
+        size = cfg.size(gemm) if spec.scaling in _TWO_COPIES else 0
+        if not size or cfg.signs == "none":
+            return size, None
+        if cfg.signs == "te":
+            return size, torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32)
+        return size, fixed_signs(size, cfg.seed)
 
     def observe(self, role: str, x: torch.Tensor) -> None:
         if self.state is not None:
             self.state.observe(role, x)
 
     def is_mx(self, role: str) -> bool:
-        return getattr(self.policy, role).scaling is _MX
+        """True when the role is block-scaled (MX or a block scheme): one copy per GEMM."""
+        return getattr(self.policy, role).scaling in _TWO_COPIES
 
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
@@ -339,9 +430,12 @@ class OpContext:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.is_mx(role)
-        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
+        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop")
         if keep and mx:
-            pack = self.round(x, role, bwd_axis, operand, pack=True)[1]
+            # the saved copy of an activation feeds dW (wgrad), that of a weight (or of a
+            # matmul's right operand) dX (dgrad)
+            gemm = "wgrad" if role == "activation" and operand != "rhs" else "dgrad"
+            pack = self.round(x, role, bwd_axis, operand, pack=True, gemm=gemm)[1]
         return xq, pack
 
     def grads(self, g, row_axis, col_axis, need_row, need_col):
@@ -350,8 +444,8 @@ class OpContext:
         if not self.is_mx("grad_output"):
             gq = self.round(g, "grad_output", row_axis)[0]
             return gq, gq
-        row = self.round(g, "grad_output", row_axis)[0] if need_row else None
-        col = self.round(g, "grad_output", col_axis)[0] if need_col else None
+        row = self.round(g, "grad_output", row_axis, gemm="dgrad")[0] if need_row else None
+        col = self.round(g, "grad_output", col_axis, gemm="wgrad")[0] if need_col else None
         return row, col
 
     def weight_grad(self, dw, axis, operand=""):
@@ -451,39 +545,186 @@ class QConv(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
+class GemmSpec(NamedTuple):
+    """How :class:`QMatmul` treats its operands: the tensor role of each ("activation" or
+    "weight"), and ``y = alpha * (a @ b) + beta * addend`` (the addmm family).
+    ``addend_param``: the addend is a parameter (a bias), so its gradient is rounded as
+    a weight gradient."""
+    roles: Tuple[str, str] = ("activation", "activation")
+    alpha: float = 1.0
+    beta: float = 1.0
+    addend_param: bool = False
+
+
+_ACTIVATIONS = GemmSpec()
+
+
 class QMatmul(torch.autograd.Function):
-    """a @ b for a, b of at least 2 dims (batch dims broadcast); both are activations."""
+    """y = alpha * (a @ b) + beta * addend, for a, b of at least 2 dims (batch dims
+    broadcast); each operand is rounded in its role (``GemmSpec.roles``), the addend is
+    added in FP32 before the output is stored. A weight operand's gradient is rounded
+    as a weight gradient, along the forward reduction axis (as QLinear's)."""
 
     @staticmethod
-    def forward(ctx, a, b, c: OpContext, need_a: bool, need_b: bool):
+    def forward(ctx, a, b, addend, c: OpContext, spec: GemmSpec, need_a: bool, need_b: bool):
+        ra, rb = spec.roles
         with _exact(a.device.type):
-            c.observe("activation", a)
-            c.observe("activation", b)
-            aq, a_pack = c.operands(a, "activation", -1, -2, keep=need_b)
-            bq, b_pack = c.operands(b, "activation", -2, -1, keep=need_a,
-                                    operand="rhs")
-            y = c.store_output(_mm(aq, bq, c.policy.accumulation),
-                               torch.promote_types(a.dtype, b.dtype))
+            c.observe(ra, a)
+            c.observe(rb, b)
+            aq, a_pack = c.operands(a, ra, -1, -2, keep=need_b)
+            bq, b_pack = c.operands(b, rb, -2, -1, keep=need_a,
+                                    operand="rhs" if ra == rb else "")
+            y = _mm(aq, bq, c.policy.accumulation)
+            if spec.alpha != 1.0:
+                y = y * spec.alpha
+            if addend is not None:
+                add = addend.to(torch.float32)
+                y = y + (add if spec.beta == 1.0 else spec.beta * add)
+            acts = [t.dtype for t, r in ((a, ra), (b, rb)) if r == "activation"] or [a.dtype]
+            y = c.store_output(y, functools.reduce(torch.promote_types, acts))
         _save(ctx, a_pack, b_pack)
-        ctx.c, ctx.shapes, ctx.dtypes = c, (a.shape, b.shape), (a.dtype, b.dtype)
+        ctx.c, ctx.spec, ctx.dtypes = c, spec, (a.dtype, b.dtype)
+        ctx.shapes = (a.shape, b.shape, None if addend is None else addend.shape)
+        ctx.add_dtype = None if addend is None else addend.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
-        c, acc = ctx.c, ctx.c.policy.accumulation
-        need_a, need_b = ctx.needs_input_grad[:2]
-        da = db = None
+        c, spec, acc = ctx.c, ctx.spec, ctx.c.policy.accumulation
+        need_a, need_b, need_add = ctx.needs_input_grad[:3]
+        da = db = dadd = None
         with _exact(g.device.type):
             a_saved, b_saved = _load(ctx)
             c.observe("grad_output", g)
-            g_row, g_col = c.grads(g, -1, -2, need_a, need_b)
+            g_row, g_col = c.grads(g, -1, -2, need_a, need_b or need_add)
             if need_a:
-                da = _mm(g_row, b_saved.transpose(-1, -2), acc)
-                da = da.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0])
+                da = _scaled(_mm(g_row, b_saved.transpose(-1, -2), acc), spec.alpha)
+                da = da.sum_to_size(ctx.shapes[0])
+                if spec.roles[0] == "weight":
+                    da = c.weight_grad(da, -1)
+                da = da.to(ctx.dtypes[0])
             if need_b:
-                db = _mm(a_saved.transpose(-1, -2), g_col, acc)
-                db = db.sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
-        return da, db, None, None, None
+                db = _scaled(_mm(a_saved.transpose(-1, -2), g_col, acc), spec.alpha)
+                db = db.sum_to_size(ctx.shapes[1])
+                if spec.roles[1] == "weight":
+                    db = c.weight_grad(db, -2, "rhs" if spec.roles[0] == "weight" else "")
+                db = db.to(ctx.dtypes[1])
+            if need_add:
+                dadd = _scaled(g_col, spec.beta).sum_to_size(ctx.shapes[2])
+                if spec.addend_param:
+                    dadd = c.weight_grad(dadd, -1, "bias")
+                dadd = dadd.to(ctx.add_dtype)
+        return da, db, dadd, None, None, None, None
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else x * factor
+
+
+_CONV_TRANSPOSE_FUNCS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class QConvTranspose(torch.autograd.Function):
+    """conv_transpose(x, w) under the policy. With conv the adjoint of conv_transpose
+    (same stride, padding, dilation, groups):
+
+        y  = conv_transpose(round_act(x), round_w(w)) + bias
+        dx = conv(g', w_saved)                        (reduces over C_out)
+        dw = round_wgrad(conv_weight(input=g', grad_output=x_saved))   (over batch, space)
+
+    Weights are (C_in, C_out / groups, k...): MX blocks run along C_in (dim 0) forward and
+    along C_out (dim 1) in the copy saved for dx."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, c: OpContext, need_x: bool, need_w: bool):
+        nd = weight.dim() - 2
+        stride, padding, output_padding, groups, dilation = geometry
+        with _exact(x.device.type):
+            c.observe("activation", x)
+            c.observe("weight", weight)
+            xq, x_pack = c.operands(x, "activation", 1, 0, keep=need_w)
+            wq, w_pack = c.operands(weight, "weight", 0, 1, keep=need_x)
+            b32 = None if bias is None else bias.to(torch.float32)
+            y = _CONV_TRANSPOSE_FUNCS[nd](xq, wq, b32, stride, padding, output_padding,
+                                          groups, dilation)
+            y = c.store_output(y, x.dtype)
+        _save(ctx, x_pack, w_pack)
+        ctx.c, ctx.geometry, ctx.shapes = c, geometry, (x.shape, weight.shape)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        stride, padding, _, groups, dilation = ctx.geometry
+        (x_shape, w_shape), nd = ctx.shapes, len(ctx.shapes[1]) - 2
+        dx = dw = db = None
+        with _exact(g.device.type):
+            x_saved, w_saved = _load(ctx)
+            c.observe("grad_output", g)
+            g_row, g_col = c.grads(g, 1, 0, need_x, need_w or need_b)
+            if need_x:
+                dx = CONV_FUNCS[nd](g_row, w_saved, None, stride, padding, dilation, groups)
+                dx = dx.to(ctx.dtypes[0])
+            if need_w:
+                dw = _CONV_WEIGHT[nd](g_col, w_shape, x_saved, stride, padding, dilation, groups)
+                dw = c.weight_grad(dw, 0).to(ctx.dtypes[1])
+            if need_b:
+                dims = [0] + list(range(2, g_col.dim()))
+                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+        return dx, dw, db, None, None, None, None
+
+
+def _grads_of(fn, inputs: list, needs: list, g: torch.Tensor) -> list:
+    """Gradients of ``fn(*inputs)`` (FP32, torch's own backward) with respect to the
+    inputs whose ``needs`` flag is set; None for the others."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(bool(n))
+                  for t, n in zip(inputs, needs)]
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(fn(*leaves), wanted, g)) if wanted else iter(())
+    return [next(grads) if n else None for n in needs]
+
+
+class QBilinear(torch.autograd.Function):
+    """y_k = round_act(x1)^T round_w(W_k) round_act(x2) + b_k, FP32 arithmetic. The
+    backward applies torch's FP32 bilinear backward to the saved rounded operands and the
+    rounded grad_output; every operand is rounded once, along its last axis."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, weight, bias, c: OpContext, needs: tuple):
+        need1, need2, need_w = needs
+        with _exact(x1.device.type):
+            c.observe("activation", x1)
+            c.observe("activation", x2)
+            c.observe("weight", weight)
+            q1, p1 = c.operands(x1, "activation", -1, -1, keep=need2 or need_w)
+            q2, p2 = c.operands(x2, "activation", -1, -1, keep=need1 or need_w, operand="rhs")
+            wq, pw = c.operands(weight, "weight", -1, -1, keep=need1 or need2)
+            b32 = None if bias is None else bias.to(torch.float32)
+            y = c.store_output(F.bilinear(q1, q2, wq, b32), x1.dtype)
+        _save(ctx, p1, p2, pw)
+        ctx.c = c
+        ctx.dtypes = (x1.dtype, x2.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        needs = list(ctx.needs_input_grad[:4])
+        with _exact(g.device.type):
+            s1, s2, sw = _load(ctx)
+            c.observe("grad_output", g)
+            gq = c.round(g, "grad_output", -1)[0]
+            d1, d2, dw = _grads_of(F.bilinear, [s1, s2, sw], needs[:3], gq)
+            if dw is not None:
+                dw = c.weight_grad(dw, -1).to(ctx.dtypes[2])
+            db = None
+            if needs[3]:
+                db = c.weight_grad(gq.sum(0), -1, "bias").to(ctx.dtypes[3])
+        return (None if d1 is None else d1.to(ctx.dtypes[0]),
+                None if d2 is None else d2.to(ctx.dtypes[1]), dw, db, None, None)
 
 
 class QEmbedding(torch.autograd.Function):
@@ -513,3 +754,54 @@ class QEmbedding(torch.autograd.Function):
                     gq, indices, ctx.n, ctx.padding_idx, ctx.scale_grad_by_freq)
                 dw = c.weight_grad(dw, -1).to(ctx.dtype)
         return None, dw, None, None, None
+
+
+class QEmbeddingBag(torch.autograd.Function):
+    """``F.embedding_bag``: rows looked up exactly, bags reduced (sum / mean / max, with
+    per-sample weights) in FP32, the output rounded as an activation; the weight gradient
+    is torch's FP32 embedding_bag backward of the rounded grad_output, rounded as a
+    weight gradient."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, offsets, per_sample_weights, options: tuple,
+                c: OpContext):
+        with _exact(weight.device.type):
+            c.observe("weight", weight)
+            w32 = weight.to(torch.float32)
+            psw = None if per_sample_weights is None else per_sample_weights.to(torch.float32)
+            y = _bag(options)(indices, w32, offsets, psw)
+            c.observe("activation", y)
+            y = c.store_output(c.round(y, "activation", -1)[0], weight.dtype)
+        ctx.save_for_backward(indices, weight, offsets, per_sample_weights)
+        ctx.c, ctx.options = c, options
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        need_w, need_psw = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        indices, weight, offsets, psw = ctx.saved_tensors
+        dw = dpsw = None
+        with _exact(g.device.type):
+            c.observe("grad_output", g)
+            gq = c.round(g, "grad_output", -1)[0]
+            bag = _bag(ctx.options)
+            p32 = None if psw is None else psw.to(torch.float32)
+            dw, dpsw = _grads_of(lambda w, p: bag(indices, w, offsets, p),
+                                 [weight.to(torch.float32), p32], [need_w, need_psw], gq)
+            if dw is not None:
+                dw = c.weight_grad(dw, -1).to(weight.dtype)
+            if dpsw is not None:
+                dpsw = dpsw.to(psw.dtype)
+        return None, dw, None, dpsw, None, None
+
+
+def _bag(options: tuple):
+    """F.embedding_bag with ``options`` = (scale_grad_by_freq, mode, include_last_offset,
+    padding_idx) bound; max_norm is applied by the caller, sparse is not supported."""
+    scale_grad_by_freq, mode, include_last_offset, padding_idx = options
+
+    def bag(indices, weight, offsets, per_sample_weights):
+        return F.embedding_bag(indices, weight, offsets, None, 2.0, scale_grad_by_freq, mode,
+                               False, per_sample_weights, include_last_offset, padding_idx)
+    return bag

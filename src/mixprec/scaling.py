@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from .formats import FloatFormat, FormatLike, get_format
+from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
+from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
 from .quant import _F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan
 from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
@@ -38,7 +40,6 @@ AMAX_ALGOS = ("max", "most_recent")
 MX_SCALE_RULES = ("ocp", "ceil")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
-E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127             # scales 2^-127 .. 2^127
 
 ScaleLike = Union[torch.Tensor, float]
 
@@ -247,30 +248,6 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # MX block scaling
 # --------------------------------------------------------------------------------------
-def _pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """2**exponent for integer exponents in [-127, 127], built from float32 bits (exact)."""
-    biased = (exponent + 127).to(torch.int32)
-    # 2^-127 is the float32 subnormal with only the top mantissa bit set (1 << 22)
-    bits = torch.where(biased > 0, biased << 23, torch.full_like(biased, 1 << 22))
-    return bits.view(torch.float32)
-
-
-def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, scale_rule: str) -> torch.Tensor:
-    """Shared block exponent (int32) from block amaxes; undefined where amax is 0/non-finite.
-
-    ocp : floor(log2 amax) - emax_elem
-    ceil: ceil(log2(amax / max_elem)) = the ocp exponent, plus one when max_elem * X_ocp
-          still lies below amax (comparing mantissas keeps this exact, no division).
-    """
-    mant, exp = torch.frexp(amax)          # amax = mant * 2^exp, mant in [0.5, 1)
-    e_floor = exp.to(torch.int32) - 1      # floor(log2 amax), exact also for subnormals
-    shared = e_floor - fmt.emax
-    if scale_rule == "ceil":
-        top = fmt.max / 2.0 ** fmt.emax     # max_elem's mantissa in [1, 2): 1.75 for e4m3
-        shared = shared + (2.0 * mant > top).to(torch.int32)
-    return shared
-
-
 def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
                 scale_rule: str = "ocp", rounding: str = "nearest",
                 generator: Optional[torch.Generator] = None) -> tuple:
@@ -291,6 +268,10 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     by ``block_size`` is padded with zeros, which change no amax and are dropped again.
 
     ``scales`` is float32, shaped like x with ``axis`` of length ceil(n / block_size).
+
+    A shorthand for :func:`mixprec.quantize_blocked` with ``BlockScheme(fmt, (1,
+    block_size), "e8m0", "floor" | "ceil", axis=axis)``: the same bits, returned as
+    ``(quantize_blocked(...).dequantize(), block_scales)``.
     """
     fmt = get_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -300,10 +281,10 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
                          f"{', '.join(MX_SCALE_RULES)}")
     if x.dim() == 0:
         raise ValueError("quantize_mx needs a tensor with at least one dimension")
-    ax = axis % x.dim() if -x.dim() <= axis < x.dim() else None
-    if ax is None:
+    if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
-    deq, scales, _ = _mx_parts(x, fmt, block_size, ax, scale_rule, rounding, generator)
+    deq, scales, _ = _mx_parts(x, fmt, block_size, axis % x.dim(), scale_rule, rounding,
+                               generator)
     return deq, scales
 
 
@@ -312,7 +293,7 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
     """quantize_mx's (dequantized, scales) and, when ``elements``, the float32 element
     values V/X (0 in NaN-scaled blocks) that storage encodes; arguments already checked.
     CPU tensors take the C kernel (mixprec/_cquant.c, the same steps in one pass); the
-    torch ops below are the reference it reproduces, random stream included."""
+    block quantizer's torch ops are the reference it reproduces, random stream included."""
     hp = x.detach().to(torch.float32)
     mode = _choice(Rounding, rounding, "rounding")
     if (_cquant is not None and hp.device.type == "cpu"
@@ -320,32 +301,16 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
         deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
                                          generator, elements)
         return deq.to(x.dtype), scales, elems
-    # Blocks are cut along `ax` in place ((..., n, rest) -> (..., n_blocks, block, rest)),
-    # so no transpose is needed and the data stays contiguous for any axis.
-    n = hp.shape[ax]
-    n_blocks = -(-n // block_size)
-    pad = n_blocks * block_size - n
-    if pad:
-        hp = torch.nn.functional.pad(hp, (0, 0) * (hp.dim() - 1 - ax) + (0, pad))
-    blocks = hp.reshape(*hp.shape[:ax], n_blocks, block_size, *hp.shape[ax + 1:])
-
-    amax = blocks.abs().amax(dim=ax + 1, keepdim=True)      # NaN propagates
-    special = ~torch.isfinite(amax)
-    shared = _mx_exponent(amax, fmt, scale_rule)
-    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_MIN_EXP))
-    shared = shared.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    shared = torch.where(special, torch.zeros_like(shared), shared)
-    # Multiplying by 2^-e is exact in float32 (like dividing by X) unless V/X falls below
-    # 2^-126, far under every element format's smallest subnormal.
-    elems = blocks * _pow2(-shared)
-    quantize(elems, fmt, rounding=mode.value, saturate=True, generator=generator, out=elems)
+    # the MX setting of the general block quantizer ("ocp" is its "floor" rule)
+    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0,
+                         ScaleRule.FLOOR if scale_rule == "ocp" else ScaleRule.CEIL, axis=ax)
+    b = _blocked_quantize(hp, scheme, mode, generator)
     # A NaN scale turns its whole block into NaN through the product below.
-    nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
-    scales = torch.where(special, nan, _pow2(shared))
-    deq = elems.mul_(scales).reshape(hp.shape).narrow(ax, 0, n)
-    scales = scales.squeeze(ax + 1)
+    deq = _from_blocks(b.elems.mul_(b.scales), b.geometry)
+    scales = b.scales.squeeze(b.geometry.reduce)
     values = None
     if elements:
+        n = deq.shape[ax]
         wide = scales.repeat_interleave(block_size, dim=ax).narrow(ax, 0, n)
         values = torch.where(torch.isnan(wide), torch.zeros_like(deq), deq / wide)
     return deq.to(x.dtype), scales, values
@@ -388,6 +353,8 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
     delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
     mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                  scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
+    block         -> quantize_blocked(x, spec.scheme with its 1 x k blocks along axis)
+                     .dequantize()
 
     No autograd: the result is detached; layers wrap this in their own autograd functions.
 
@@ -420,5 +387,9 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                scale_rule=cfg.mx_scale_rule, rounding=rounding,
                                generator=generator)[0]
+        if kind is ScalingKind.BLOCK:
+            scheme = scheme_along(get_scheme(spec.scheme), axis)
+            return quantize_blocked(x, scheme, rounding=rounding,
+                                    generator=generator).dequantize()
     raise ValueError(f"unknown scaling {kind!r}; valid choices: "
                      f"{', '.join(k.value for k in ScalingKind)}")
