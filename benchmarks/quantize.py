@@ -18,7 +18,7 @@ thread with one thread, of the whole process with more), which other processes o
 shared machine disturb far less than wall time; with several threads a kernel's CPU time
 is the sum over its threads, so the ratios compare work done, not elapsed time.
 
-    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu]
+    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu] [--quick]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpuinfo import cpu_line  # noqa: E402
+from _cpuinfo import cpu_line  # noqa: E402
 
 from mixprec.quant import has_c_extension, quantize  # noqa: E402
 from mixprec.scaling import quantize_mx  # noqa: E402
@@ -79,7 +79,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: CPU time (robust on a busy machine)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2^12 values, one round: a smoke run (seconds), as the test suite runs it")
     args = ap.parse_args()
+    if args.quick:
+        args.log2n, args.rounds = 12, 1
     torch.set_num_threads(args.threads)
     n = 1 << args.log2n
     x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100

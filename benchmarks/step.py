@@ -17,7 +17,7 @@ fp32 step); the table prints the median and the spread (min - max) over rounds.
 Saved bytes: one forward under ``torch.autograd.graph.saved_tensors_hooks``, summing
 numel * element_size of every tensor saved for backward, once per storage.
 
-    python benchmarks/step.py [--model mlp|llama] [--rounds 15] [--clock cpu|wall]
+    python benchmarks/step.py [--model mlp|llama] [--rounds 15] [--clock cpu|wall] [--quick]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpuinfo import cpu_line  # noqa: E402
+from _cpuinfo import cpu_line  # noqa: E402
 
 from mixprec.engine import prepare  # noqa: E402
 from mixprec.native import cpu_has_bf16_dot  # noqa: E402
@@ -205,7 +205,14 @@ def main() -> int:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--recipes", default=RECIPES, help=f"comma-separated (default {RECIPES})")
     ap.add_argument("--amp-fp16", action="store_true", help="also time torch.amp fp16")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes (MLP 64-32-32-10, batch 16; Llama batch 1 x seq 16), "
+                         "one round: a smoke run (seconds), as the test suite runs it")
     args = ap.parse_args()
+    if args.quick:
+        global SIZES, LLAMA_SEQ
+        SIZES, LLAMA_SEQ = (64, 32, 32, 10), 16
+        args.rounds, args.warmup, args.batch = 1, 0, args.batch or (16 if args.model == "mlp" else 1)
     torch.set_num_threads(args.threads)
     batch_size = args.batch or (1024 if args.model == "mlp" else LLAMA_BATCH)
     batch = make_batch(args.model, batch_size)
