@@ -207,7 +207,8 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "reproduce", help="run the papers' claims as experiments and report verdicts",
         description="Run the papers' claims (FP16 underflow, master weights, loss scaling, "
-                    "swamping, FP8, MX, BF16, memory) as experiments; write results.json, "
+                    "swamping, FP8, MX, BF16, memory, FP8 accumulation, MXFP8 scale "
+                    "rules, MXFP4 with RHT and SR, NVFP4) as experiments; write results.json, "
                     "report.md and report.html.")
     # defaults None, filled in by run_reproduce, so that --resume sees what was given
     p.add_argument("--quick", action="store_true", default=None,
