@@ -42,7 +42,8 @@ from torch import nn
 
 from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
-from .distributed.fsdp import sum_gradient_reduction_
+from .distributed.fp8_all_gather import FP8AllGather
+from .distributed.fsdp import is_fsdp, sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
@@ -92,7 +93,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, *,
                  backend: str, keep: Optional[frozenset], generator: torch.Generator,
-                 count_lost_updates: Optional[bool] = None, filters=(), strict: bool = False):
+                 count_lost_updates: Optional[bool] = None, filters=(), strict: bool = False,
+                 fp8_all_gather: bool = False):
         self.model, self.optimizer, self.recipe = model, optimizer, recipe
         self.recorder = CoverageRecorder(strict=strict)
         self.backend, self.generator = backend, generator
@@ -114,6 +116,12 @@ class Engine:
         self._tracing = False
         self._state_warned = False
         self._pending_hook = None
+        self._fp8_all_gather: Union[bool, FP8AllGather] = bool(fp8_all_gather)
+        if fp8_all_gather and (backend == "native" or not is_fsdp(model)):
+            raise ValueError("fp8_all_gather=True needs the emulated backend and a model "
+                             "sharded with torch.distributed.fsdp.fully_shard; got backend "
+                             f"{backend!r} and a model {'with' if is_fsdp(model) else 'without'}"
+                             " fully_shard")
         if backend == "native":      # validate before the optimizer is touched
             self._dtype = native_dtype(recipe)
             if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -223,6 +231,9 @@ class Engine:
         high = LayerPolicy.from_recipe(self.recipe, high_precision=True)
         self._attached = attach(self.model, lambda n, m: high if n in keep else normal,
                                 kept=keep)
+        if self._fp8_all_gather is True:
+            # FSDP2 all-gathers the FP8 weights as 1-byte codes from now on
+            self._fp8_all_gather = FP8AllGather(self.model, self._attached.policies)
         # Weights not optimized (frozen) are rounded to their storage format once, here.
         optimized = {id(s.model) for s in self._masters.slots}
         owners = parameter_owners(self.model)
@@ -493,6 +504,20 @@ class Engine:
     def _layer_states(self) -> Optional[dict]:
         return self._attached.state_dict() if self._attached is not None else None
 
+    def all_gather_bytes(self) -> Optional[dict]:
+        """All-gather traffic of the weights FSDP gathers in FP8, or None without
+        ``prepare(..., fp8_all_gather=True)`` (or before the layers are set up).
+
+        A dict: ``params`` (the FP8-gathered weights), ``gathers``, ``fp8_bytes``
+        (all-gather outputs, 1 byte per element), ``amax_bytes`` (one 8-byte amax
+        all-reduce per gather), ``full_bytes`` (the same gathers in the parameters'
+        dtype) and ``ratio`` = (fp8_bytes + amax_bytes) / full_bytes.
+        """
+        gather = self._fp8_all_gather
+        if not isinstance(gather, FP8AllGather):
+            return None
+        return {"params": list(gather.params), **gather.bytes()}
+
     def state_dict(self) -> dict:
         """A snapshot of everything a bit-identical resume needs (model buffers aside:
         save ``model.state_dict()`` too). For torch.distributed.checkpoint use
@@ -572,7 +597,8 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None,
             count_lost_updates: Optional[bool] = None, strict: bool = False,
-            example_inputs: Union[torch.Tensor, tuple, list, dict, None] = None) -> Engine:
+            example_inputs: Union[torch.Tensor, tuple, list, dict, None] = None,
+            fp8_all_gather: bool = False) -> Engine:
     """Set up ``model`` and ``optimizer`` for training with ``recipe``.
 
     Args:
@@ -599,6 +625,12 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             with its own inputs, before it runs; until then the weights are untouched
             and ``mp.keep`` is None. Either way the trace runs in eval mode without
             gradients and changes nothing; both give the same engine, bit for bit.
+        fp8_all_gather: on an FSDP2 model, all-gather each weight that its layer rounds
+            to a current-scaled 8-bit format as 1-byte codes and one scale (amax
+            MAX-reduced over the ranks first); the layers use the gathered values
+            as they are, so training is bit-identical to the FP32 all-gather.
+            :meth:`Engine.all_gather_bytes` reports the traffic. See
+            :mod:`mixprec.distributed.fp8_all_gather`.
 
     Returns:
         The :class:`Engine`.
@@ -625,4 +657,5 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() if seed is None else seed)
     return Engine(model, optimizer, recipe, backend=backend, keep=keep, generator=generator,
-                  count_lost_updates=count_lost_updates, filters=filters, strict=strict)
+                  count_lost_updates=count_lost_updates, filters=filters, strict=strict,
+                  fp8_all_gather=fp8_all_gather)

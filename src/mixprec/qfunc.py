@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from . import quant
 from .accum import matmul_accum, sum_accum
 from .distributed import reduce_amax_
+from .distributed.fp8_all_gather import gathered_scale
 from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
@@ -218,6 +219,17 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         scale = amax_to_scale(x.abs().amax(dim=axis, keepdim=True), fmt,
                               **config_scale_kwargs(cfg))
     elif spec.scaling is ScalingKind.CURRENT:
+        scale = gathered_scale(x, spec, cfg)
+        if scale is not None:
+            # an FP8 all-gather already rounded x with this scale (the full weight's);
+            # rounding again from max|x| could pick a scale one ulp off. The codes to
+            # save: x * scale is within 2 float32 ulps of its code q = x_full-rounded,
+            # far inside q's rounding interval, so rounding it again gives q exactly
+            lp = None
+            if pack:
+                lp = quantize(x * scale, fmt, rounding="nearest", saturate=spec.saturate)
+            return x, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack
+                       else None)
         # the global amax: every rank scales as one process would on the whole batch
         scale = amax_to_scale(reduce_amax_(tensor_to_amax(x)), fmt,
                               **config_scale_kwargs(cfg))

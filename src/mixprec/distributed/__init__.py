@@ -10,7 +10,8 @@ the global batch.  That is one small all-reduce per scaled tensor, which every r
 reach: code that quantizes on some ranks only (evaluation on rank 0) runs inside
 :func:`local_amax`.
 
-Submodules: :mod:`mixprec.distributed.fsdp` (FSDP2 models) and
+Submodules: :mod:`mixprec.distributed.fsdp` (FSDP2 models),
+:mod:`mixprec.distributed.fp8_all_gather` (FSDP2 weights all-gathered in FP8) and
 :mod:`mixprec.distributed.checkpoint` (torch.distributed.checkpoint of an engine).
 """
 from __future__ import annotations
