@@ -1,21 +1,31 @@
-"""Training-step time and bytes saved for backward, per recipe, against FP32 and torch.amp.
+"""Training-step time and bytes saved for backward, per recipe, against FP32 in the same run.
 
-Model: MLP 784-1024-1024-10 (ReLU), batch 256, cross-entropy, SGD with momentum.
-Time: median over rounds of one step (forward under autocast, backward, step, zero_grad)
-after warm-up, as CPU time of this process (what the step costs, little affected by
-other processes on a shared machine) and as wall time; the variants are interleaved
-round by round so that load from other processes spreads over all of them. One
+Models (--model):
+  mlp    MLP 784-1024-1024-10 (ReLU), batch 1024, cross-entropy
+  llama  transformers' LlamaForCausalLM from a config with random weights: hidden 256,
+         intermediate 768, 4 layers, 4 heads, vocab 512, batch 8 x seq 128, its own loss
+Optimizer: SGD with momentum. One step = forward under the variant's autocast, backward,
+optimizer step, zero_grad.
+
+Time: the variants run interleaved, one step each per round, after warm-up, so load from
+other processes spreads over all of them. --clock cpu (default) measures CPU time of this
+process, which other processes on a shared machine disturb far less than wall time; one
 intra-op thread by default (--threads), so CPU time is not inflated by spinning threads.
+The ratio to FP32 is taken round by round (this round's step over this round's torch
+fp32 step); the table prints the median and the spread (min - max) over rounds.
+
 Saved bytes: one forward under ``torch.autograd.graph.saved_tensors_hooks``, summing
 numel * element_size of every tensor saved for backward, once per storage.
 
-    python benchmarks/step.py [--rounds 15] [--batch 256] [--quick]
+    python benchmarks/step.py [--model mlp|llama] [--rounds 15] [--clock cpu|wall] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -23,14 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.engine import prepare
-from mixprec.native import cpu_has_bf16_dot
-from mixprec.recipe import list_presets
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cpuinfo import cpu_line  # noqa: E402
+
+from mixprec.engine import prepare  # noqa: E402
+from mixprec.native import cpu_has_bf16_dot  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
+LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+             max_position_embeddings=128)
+LLAMA_BATCH, LLAMA_SEQ = 8, 128
 
 
-def make_model(seed: int = 0) -> nn.Module:
+# -- workloads ------------------------------------------------------------------------
+def make_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     layers = []
     for i, (a, b) in enumerate(zip(SIZES, SIZES[1:])):
@@ -38,27 +55,56 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def make_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation="sdpa"))
+
+
+def mlp_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def llama_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+WORKLOADS = {"mlp": (make_mlp, mlp_loss), "llama": (make_llama, llama_loss)}
+
+
+def make_batch(model_name: str, batch: int):
+    g = torch.Generator().manual_seed(0)
+    if model_name == "mlp":
+        return (torch.randn(batch, SIZES[0], generator=g),
+                torch.randint(0, SIZES[-1], (batch,), generator=g))
+    return torch.randint(0, LLAMA["vocab_size"], (batch, LLAMA_SEQ), generator=g)
+
+
 def make_opt(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
+# -- variants -------------------------------------------------------------------------
 class Variant:
-    """One way of training: ``forward(x, y) -> loss`` inside its autocast, ``update(loss)``."""
+    """One way of training: ``loss(batch)`` inside its autocast, ``update(loss)``."""
 
-    def __init__(self, name: str, model: nn.Module, autocast: Callable, update: Callable):
-        self.name, self.model, self.autocast, self.update = name, model, autocast, update
-        self.times: list = []       # (cpu seconds, wall seconds) per step
+    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, autocast: Callable,
+                 update: Callable):
+        self.name, self.model, self.loss_fn = name, model, loss_fn
+        self.autocast, self.update = autocast, update
+        self.times: list = []       # (cpu seconds, wall seconds) per round
 
-    def loss(self, x, y):
+    def loss(self, batch):
         with self.autocast():
-            return F.cross_entropy(self.model(x), y)
+            return self.loss_fn(self.model, batch)
 
-    def step(self, x, y) -> tuple:
+    def step(self, batch) -> tuple:
         c0, t0 = time.process_time(), time.perf_counter()
-        self.update(self.loss(x, y))
+        self.update(self.loss(batch))
         return time.process_time() - c0, time.perf_counter() - t0
 
-    def saved_bytes(self, x, y) -> int:
+    def saved_bytes(self, batch) -> int:
         storages: dict = {}
 
         def pack(t):
@@ -67,24 +113,26 @@ class Variant:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss(x, y)
+            loss = self.loss(batch)
         del loss
         return sum(storages.values())
 
 
-def plain_fp32() -> Variant:
-    model = make_model()
+def plain_fp32(workload: str) -> Variant:
+    make, loss_fn = WORKLOADS[workload]
+    model = make()
     opt = make_opt(model)
 
     def update(loss):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return Variant("torch fp32", model, contextlib.nullcontext, update)
+    return Variant("torch fp32", model, loss_fn, contextlib.nullcontext, update)
 
 
-def torch_amp(dtype: torch.dtype) -> Variant:
-    model = make_model()
+def torch_amp(workload: str, dtype: torch.dtype) -> Variant:
+    make, loss_fn = WORKLOADS[workload]
+    model = make()
     opt = make_opt(model)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
 
@@ -94,40 +142,53 @@ def torch_amp(dtype: torch.dtype) -> Variant:
         scaler.update()
         opt.zero_grad(set_to_none=True)
     name = "torch.amp fp16+GradScaler" if dtype == torch.float16 else "torch.amp bf16"
-    return Variant(name, model, lambda: torch.autocast("cpu", dtype=dtype), update)
+    return Variant(name, model, loss_fn, lambda: torch.autocast("cpu", dtype=dtype), update)
 
 
-def mixprec_variant(recipe: str, backend: str) -> Variant:
-    model = make_model()
+def mixprec_variant(workload: str, recipe: str, backend: str) -> Variant:
+    make, loss_fn = WORKLOADS[workload]
+    model = make()
     mp = prepare(model, make_opt(model), recipe, backend=backend, seed=0)
 
     def update(loss):
         mp.backward(loss)
         mp.step()
         mp.zero_grad()
-    return Variant(f"mixprec {recipe} ({mp.backend})", model, mp.autocast, update)
+    return Variant(f"mixprec {recipe} ({mp.backend})", model, loss_fn, mp.autocast, update)
 
 
-# (variant name, time ratio limit vs torch fp32, saved-bytes ratio limit vs torch fp32)
+# (time ratio limit vs torch fp32, saved-bytes ratio limit vs torch fp32) per model
 TARGETS = {
-    "mixprec bf16-mixed (native)": (1 / 1.4, 0.52),
-    "mixprec fp16-mixed (emulated)": (1.3, 0.52),
-    "mixprec bf16-mixed (emulated)": (None, 0.52),
-    "mixprec fp8-e5m2 (emulated)": (1.6, 0.27),
+    "mlp": {
+        "mixprec fp16-mixed (emulated)": (1.10, None),
+        "mixprec bf16-mixed (emulated)": (1.10, None),
+        "mixprec fp8-e5m2 (emulated)": (1.30, 0.30),
+        "mixprec fp8-hybrid (emulated)": (1.20, 0.40),
+        "mixprec mxfp8 (emulated)": (1.50, 0.40),
+    },
+    "llama": {
+        "mixprec fp16-mixed (emulated)": (1.20, None),
+        "mixprec bf16-mixed (emulated)": (1.20, None),
+        "mixprec fp8-e5m2 (emulated)": (1.40, None),
+        "mixprec fp8-hybrid (emulated)": (1.40, None),
+        "mixprec mxfp8 (emulated)": (1.80, None),
+        "mixprec mxfp6 (emulated)": (1.80, None),
+        "mixprec mxfp4 (emulated)": (1.80, None),
+    },
 }
+RECIPES = "fp32,fp16-mixed,bf16-mixed,fp8-e5m2,fp8-hybrid,mxfp8,mxfp6,mxfp4"
 
 
-def build_variants() -> list:
-    variants = [plain_fp32(), torch_amp(torch.float16), torch_amp(torch.bfloat16)]
-    wanted = [("fp32", "emulated"), ("fp16-mixed", "emulated"), ("bf16-mixed", "native"),
-              ("bf16-mixed", "emulated"), ("fp16-pure", "emulated")]
-    wanted += [(p, "emulated") for p in ("fp8-e5m2", "fp8-hybrid", "mxfp8", "mxfp6", "mxfp4")
-               if p in list_presets()]
-    # fp8-e5m2 keeps its first and last layer in FP16; here every layer in FP8
-    wanted += [("fp8-e5m2:keep_high_precision=none", "emulated")]
+def build_variants(workload: str, recipes: list, amp_fp16: bool) -> list:
+    variants = [plain_fp32(workload), torch_amp(workload, torch.bfloat16)]
+    if amp_fp16:   # tens of times slower than fp32 on CPUs without fp16 arithmetic
+        variants.append(torch_amp(workload, torch.float16))
+    wanted = [(r, "emulated") for r in recipes]
+    if "bf16-mixed" in recipes and cpu_has_bf16_dot():
+        wanted.append(("bf16-mixed", "native"))
     for recipe, backend in wanted:
         try:
-            variants.append(mixprec_variant(recipe, backend))
+            variants.append(mixprec_variant(workload, recipe, backend))
         except (ImportError, ValueError, NotImplementedError) as e:
             print(f"skipped {recipe} ({backend}): {e}")
     return variants
@@ -135,61 +196,70 @@ def build_variants() -> list:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None,
+                    help=f"default: 1024 (mlp), {LLAMA_BATCH} sequences (llama)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--recipes", default=RECIPES, help=f"comma-separated (default {RECIPES})")
+    ap.add_argument("--amp-fp16", action="store_true", help="also time torch.amp fp16")
     ap.add_argument("--quick", action="store_true",
-                    help="an MLP 64-32-32-10, batch 16, one round: a smoke run (seconds), as "
-                         "the test suite runs it")
+                    help="tiny sizes (MLP 64-32-32-10, batch 16; Llama batch 1 x seq 16), "
+                         "one round: a smoke run (seconds), as the test suite runs it")
     args = ap.parse_args()
     if args.quick:
-        global SIZES
-        SIZES = (64, 32, 32, 10)
-        args.rounds, args.warmup, args.batch = 1, 0, 16
+        global SIZES, LLAMA_SEQ
+        SIZES, LLAMA_SEQ = (64, 32, 32, 10), 16
+        args.rounds, args.warmup, args.batch = 1, 0, args.batch or (16 if args.model == "mlp" else 1)
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, SIZES[0], generator=g)
-    y = torch.randint(0, SIZES[-1], (args.batch,), generator=g)
+    batch_size = args.batch or (1024 if args.model == "mlp" else LLAMA_BATCH)
+    batch = make_batch(args.model, batch_size)
 
-    variants = build_variants()
+    variants = build_variants(args.model, args.recipes.split(","), args.amp_fp16)
     for v in variants:
         for _ in range(args.warmup):
-            v.step(x, y)
+            v.step(batch)
     for _ in range(args.rounds):
         for v in variants:
-            v.times.append(v.step(x, y))
-    saved = {v.name: v.saved_bytes(x, y) for v in variants}
+            v.times.append(v.step(batch))
+    saved = {v.name: v.saved_bytes(batch) for v in variants}
 
-    def cpu(v):
-        return statistics.median(t[0] for t in v.times)
-
-    def wall(v):
-        return statistics.median(t[1] for t in v.times)
-
-    ref, amp = variants[0], variants[1]
-    t_ref, t_amp = cpu(ref), cpu(amp)
-    print(f"MLP {'-'.join(map(str, SIZES))}, batch {args.batch}, {torch.get_num_threads()} "
-          f"thread(s), median of {args.rounds} steps after {args.warmup} warm-up; torch "
-          f"{torch.__version__}. Shared machine: timings are noisy; ratios use CPU time.")
-    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, bf16 dot-product instructions: "
-          f"{'yes' if cpu_has_bf16_dot() else 'no (native bf16 GEMMs are slow here)'}")
-    print(f"{'variant':<48}{'cpu ms':>8}{'wall ms':>9}{'vs fp32':>9}{'vs amp16':>9}"
-          f"{'saved MiB':>11}{'vs fp32':>9}  target")
-    failures = 0
+    k = 0 if args.clock == "cpu" else 1
+    ref = variants[0]
+    what = (f"MLP {'-'.join(map(str, SIZES))}, batch {batch_size}" if args.model == "mlp" else
+            f"LlamaForCausalLM hidden {LLAMA['hidden_size']}, {LLAMA['num_hidden_layers']} "
+            f"layers, {LLAMA['num_attention_heads']} heads, vocab {LLAMA['vocab_size']}, "
+            f"batch {batch_size} x seq {LLAMA_SEQ}")
+    print(f"{what}; {torch.get_num_threads()} thread(s), {args.clock} time, {args.rounds} "
+          f"rounds after {args.warmup} warm-up; ratio = step / same round's torch fp32 step")
+    print(cpu_line())
+    print(f"bf16 dot-product instructions: {'yes' if cpu_has_bf16_dot() else 'no'}")
+    head = (f"{'variant':<40}{'ms':>8}{'vs fp32':>9}{'spread':>14}{'saved MiB':>11}"
+            f"{'vs fp32':>9}  target")
+    print(head)
+    print("-" * (len(head) + 24))
+    failures, checked = 0, 0
     for v in variants:
-        t = cpu(v)
-        rt, rb = t / t_ref, saved[v.name] / saved[ref.name]
+        ratios = [t[k] / r[k] for t, r in zip(v.times, ref.times)]
+        med = statistics.median(ratios)
+        rb = saved[v.name] / saved[ref.name]
         verdict = ""
-        if v.name in TARGETS:
-            lim_t, lim_b = TARGETS[v.name]
-            ok = (lim_t is None or rt <= lim_t) and rb <= lim_b
-            failures += not ok
-            parts = ([f"time<={lim_t:.2f}x"] if lim_t else []) + [f"bytes<={lim_b:.2f}x"]
-            verdict = f"{' '.join(parts)}: {'PASS' if ok else 'FAIL'}"
-        print(f"{v.name:<48}{t * 1e3:>8.1f}{wall(v) * 1e3:>9.1f}{rt:>8.2f}x{t / t_amp:>8.2f}x"
-              f"{saved[v.name] / 2 ** 20:>11.2f}{rb:>8.2f}x  {verdict}")
-    print(f"{failures} target(s) failed")
+        lim_t, lim_b = TARGETS[args.model].get(v.name, (None, None))
+        if lim_t is not None or lim_b is not None:
+            ok_t = lim_t is None or med <= lim_t
+            ok_b = lim_b is None or rb <= lim_b
+            parts = ([f"time<={lim_t:.2f}x {'met' if ok_t else 'NOT met'}"] if lim_t else [])
+            parts += ([f"bytes<={lim_b:.2f}x {'met' if ok_b else 'NOT met'}"] if lim_b else [])
+            failures += (not ok_t) + (not ok_b)
+            checked += (lim_t is not None) + (lim_b is not None)
+            verdict = ", ".join(parts)
+        ms = statistics.median(t[k] for t in v.times) * 1e3
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{v.name:<40}{ms:>8.1f}{med:>8.2f}x{spread:>14}{saved[v.name] / 2 ** 20:>11.2f}"
+              f"{rb:>8.2f}x  {verdict}")
+    print(f"{checked - failures} of {checked} targets met on this run")
     return 0
 
 

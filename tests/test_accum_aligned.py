@@ -233,10 +233,12 @@ def test_emulated_linear_uses_the_aligned_accumulator():
         with mp.autocast():
             return model(x).detach().float()
 
-    fp32_acc = run("fp8-hybrid")
-    promoted = run("fp8-hybrid:accumulation.mode=aligned,accumulation.promote=1")
+    # (FP32 outputs: the preset's BF16 output would round the sums the test compares)
+    fp32_acc = run("fp8-hybrid:high_precision=fp32")
+    promoted = run("fp8-hybrid:accumulation.mode=aligned,accumulation.promote=1,"
+                   "high_precision=fp32")
     narrow = run("fp8-hybrid:accumulation.mode=aligned,accumulation.mantissa_bits=4,"
-                 "accumulation.promote=none")
+                 "accumulation.promote=none,high_precision=fp32")
     torch.manual_seed(1)
     w = torch.nn.Linear(256, 16).weight.detach()
     # two float32 accumulations of the same exact products differ by at most

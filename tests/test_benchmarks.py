@@ -1,5 +1,6 @@
 """Every script in benchmarks/ runs in its ``--quick`` mode (tiny sizes, one round) and
-prints its table, so none can rot. A new script must be listed in ``TABLES``."""
+prints its table, so none can rot. A new script must be listed in ``TABLES``; step.py's
+Llama model runs quick too."""
 from __future__ import annotations
 
 import re
@@ -16,14 +17,16 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 # script -> lines its table must print (regular expressions, one per row)
 TABLES = {
     "quantize.py": [r"^copy \(bandwidth ceiling\): +\d+$",
-                    r"^format +nearest +stoch +torch rt +rt buf +near/rt +stoch/near$"]
-    + [rf"^{f} +\d+ +\d+ +" for f in ("fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1")],
-    "step.py": [r"^variant +cpu ms +wall ms +vs fp32 +vs amp16 +saved MiB +vs fp32 +target$",
-                r"^torch fp32 ", r"^torch\.amp fp16\+GradScaler ", r"^torch\.amp bf16 "]
-    + [rf"^mixprec {re.escape(p)} \(emulated\) +[\d.]+ +[\d.]+ +[\d.]+x"
-       for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp16-pure", "fp8-e5m2", "fp8-hybrid",
-                 "mxfp8", "mxfp6", "mxfp4")]
-    + [r"^\d+ target\(s\) failed$"],
+                    r"^format +nearest +stoch +mx +torch rt +rt buf +near/buf +stoch/near +mx/near$",
+                    r"^\d+.*CPU: .*flags: "]
+    + [rf"^{f} +\d+ +\d+ +" for f in ("fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1")]
+    + [r"^targets: .*: \d+ of \d+ met$"],
+    "step.py": [r"^variant +ms +vs fp32 +spread +saved MiB +vs fp32 +target$",
+                r"^torch fp32 ", r"^torch\.amp bf16 ", r"^\d+.*CPU: .*flags: "]
+    + [rf"^mixprec {re.escape(p)} \(emulated\) +[\d.]+ +[\d.]+x +[\d.]+-[\d.]+ +[\d.]+ +[\d.]+x"
+       for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8",
+                 "mxfp6", "mxfp4")]
+    + [r"^\d+ of \d+ targets met on this run$"],
     # every model under every preset: finite loss, ratios, coverage counts of step 0 with
     # nothing unrecognised ("-" under the native backend), no error column; fp32 is 1.000x
     "real_models.py": [r"^model +preset +final loss +vs fp32 +step ms +time vs fp32 "
@@ -36,7 +39,9 @@ TABLES = {
 
 
 def test_every_benchmark_is_listed():
-    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(TABLES)
+    # (modules named _*.py are helpers the scripts import, not benchmarks)
+    scripts = [p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")]
+    assert sorted(scripts) == sorted(TABLES)
 
 
 @pytest.mark.parametrize("script", sorted(TABLES))
@@ -47,3 +52,13 @@ def test_benchmark_runs_quick_and_prints_its_table(script):
     for pattern in TABLES[script]:
         assert re.search(pattern, proc.stdout, re.M), (pattern, proc.stdout)
     assert "skipped" not in proc.stdout, proc.stdout      # every variant could be built
+
+
+def test_step_benchmark_runs_the_llama_model_quick():
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "step.py"), "--quick", "--model",
+                           "llama", "--recipes", "fp32,fp8-hybrid"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^LlamaForCausalLM hidden 256", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^mixprec fp8-hybrid \(emulated\) +[\d.]+ +[\d.]+x", proc.stdout, re.M)

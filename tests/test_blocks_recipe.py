@@ -190,8 +190,9 @@ def test_hadamard_on_mx_roles_and_on_nothing():
     g0 = torch.Generator().manual_seed(2)
     x, w, dy = (torch.randn(*s, generator=g0) for s in ((64, 32), (16, 32), (64, 16)))
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    # (FP32 outputs: a BF16 output would round dy to BF16 before the transform)
     policy = LayerPolicy.from_recipe("mxfp4:weight_grad.format=fp32,weight_grad.scaling=none,"
-                                     "hadamard.seed=1,hadamard.wgrad=64")
+                                     "hadamard.seed=1,hadamard.wgrad=64,high_precision=fp32")
     qlinear(xr, wr, None, policy).backward(dy)
     s = fixed_signs(64, 1)
     mx = lambda t: _deq(t, "mxfp4", 0, rht=64, signs=s)       # noqa: E731

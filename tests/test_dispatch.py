@@ -54,6 +54,9 @@ class Ref:
         return quantize_spec(x.detach().float(), spec, self.r.scaling, axis=axis).double()
 
     def store(self, y):
+        scaled_out = self.policy.scaled_output_dtype   # FP8/MX presets write BF16
+        if scaled_out is not None:
+            return y.float().to(scaled_out).double()
         if not self.policy.rounds_output:
             return y
         return self.q(y, "activation", -1)

@@ -125,7 +125,8 @@ def _check_cast(run: dict, dtypes: tuple) -> None:
     w = run["weights"][2]
     assert torch.equal(_bits(w.to(fmt)), _bits(w))
     # everything saved for backward is in the preset's storage dtypes (targets: int64) ...
-    floats = [t for t in run["saved"] if t.dtype != torch.int64]
+    # (uint8: the 1-bit masks that ReLUs of 16-bit tensors save, packed)
+    floats = [t for t in run["saved"] if t.dtype not in (torch.int64, torch.uint8)]
     assert floats and all(t.dtype in dtypes for t in floats), {t.dtype for t in floats}
     # ... and an activation of the middle layer is saved as its torch cast, bit for bit:
     # its input, or (fp8-e5m2, whose layer recomputes the input's rounding from the FP16
@@ -138,7 +139,9 @@ def _check_cast(run: dict, dtypes: tuple) -> None:
 
 
 def _scaled_e4m3(t: torch.Tensor) -> tuple:
-    """(E4M3 copy, scale) by the per-tensor rule s = 448 / amax(t), saturating."""
+    """(E4M3 copy, scale) by the per-tensor rule s = 448 / amax(t), saturating; t * s in
+    float32 (a BF16 input, as the preset's BF16 first layer writes, is widened first)."""
+    t = t.float()
     s = torch.tensor(448.0) / t.abs().max()
     return torch.clamp(t * s, -448, 448).to(torch.float8_e4m3fn), s
 

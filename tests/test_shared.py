@@ -61,22 +61,24 @@ def engine_loss(recipe):
 
 
 def test_fp8_preset_saved_bytes_by_dtype():
-    # first and last layer FP16: x (fp16); ReLU 1 output (fp16, reused by layer 2, which
-    # rounds it again in backward); layer 2 weight (e5m2); ReLU 2 output (e5m2, reused by
-    # layer 3); layer 3 weight (fp16); the loss's fp16 logits (its FP32 log-softmax is
+    # first and last layer FP16: x (fp16); ReLU 1 (fp16 output) its 1-bit mask; layer 2
+    # its own e5m2 copy of its input and its weight (e5m2); ReLU 2 output (e5m2, reused
+    # by layer 3); layer 3 weight (fp16); the loss's fp16 logits (its FP32 log-softmax is
     # recomputed in backward), int64 targets
     _, loss = engine_loss("fp8-e5m2")
     got = saved_by_dtype(loss)
-    assert got[torch.float16] == 2 * (B * SIZES[0] + B * SIZES[1] + SIZES[3] * SIZES[2]
-                                      + B * SIZES[3])
-    assert got[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[2]
+    assert got[torch.float16] == 2 * (B * SIZES[0] + SIZES[3] * SIZES[2] + B * SIZES[3])
+    assert got[torch.uint8] == B * SIZES[1] // 8
+    assert got[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[1] + B * SIZES[2]
     assert torch.float32 not in got
     assert got[torch.int64] == 8 * B
     with sharing_disabled():
         before = saved_by_dtype(loss)
-    # without sharing: ReLU 2 keeps its fp16 output, layer 2 its own e5m2 copy of its input
+    # without sharing: ReLU 2 keeps its mask, layer 3 its fp16 input, layer 2 no e5m2 copy
+    # of ReLU 2's output
     assert before[torch.float16] == got[torch.float16] + 2 * B * SIZES[2]
-    assert before[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[1]
+    assert before[torch.uint8] == got[torch.uint8] + B * SIZES[2] // 8
+    assert before[torch.float8_e5m2] == got[torch.float8_e5m2] - B * SIZES[2]
 
 
 def test_all_fp8_saved_bytes_by_dtype():
@@ -191,20 +193,78 @@ def test_e5m2_as_float16_is_the_cast_on_every_code():
                        codes.to(torch.float32).view(torch.int32))
 
 
-def test_relu_backward_fp16_container_saves_output():
+def test_relu_backward_fp16_container_saves_a_bit_mask():
     x = torch.tensor([-1.0, -0.0, 0.0, 2.0 ** -24, float("nan"), -float("nan")],
                      dtype=torch.float16, requires_grad=True)
+    assert saved_by_dtype(lambda: QReLU.apply(x, get_format("fp16"))) == {torch.uint8: 1}
     y = QReLU.apply(x, get_format("fp16"))
-    assert get_tag(y).stored is y
+    assert get_tag(y).fmt == get_format("fp16") and get_tag(y).stored is None
     y.backward(torch.full_like(y, -2.0))
     want = torch.tensor([0.0, 0.0, 0.0, -2.0, -2.0, -2.0], dtype=torch.float16)
     assert torch.equal(x.grad.view(torch.int16), want.view(torch.int16))
 
 
+def _all_codes(dtype):
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [65536, 65531])
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_relu_mask_backward_every_code(dtype, n, backend, monkeypatch):
+    """ReLU with a packed mask on every 16-bit code (both zeros, subnormals, infinities,
+    NaNs of both signs), also with a length that is not a multiple of 8: forward and
+    backward equal torch's relu bit for bit (oracle: torch's ReluBackward0)."""
+    import mixprec.shared as shared
+    if backend == "torch":
+        monkeypatch.setattr(shared, "_cquant", None)
+    elif shared._cquant is None:
+        pytest.skip("C extension not built")
+    x = _all_codes(dtype)[torch.randperm(65536, generator=torch.Generator().manual_seed(0))][:n]
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    xa = x.clone().requires_grad_()
+    ya = torch.relu(xa)
+    ya.backward(g)
+    xb = x.clone().requires_grad_()
+    yb = QReLU.apply(xb, None)
+    yb.backward(g)
+    assert torch.equal(ya.detach().view(torch.int16), yb.detach().view(torch.int16))
+    assert torch.equal(xa.grad.view(torch.int16), xb.grad.view(torch.int16))
+
+
+def test_relu_mask_c_and_torch_paths_agree_at_any_thread_count(monkeypatch):
+    """The packed bytes and the masked gradient are the same from the C kernel at 1 and
+    2 threads (ranges big enough to be split) and from the torch path."""
+    import mixprec.shared as shared
+    if shared._cquant is None:
+        pytest.skip("C extension not built")
+    gen = torch.Generator().manual_seed(2)
+    y = torch.relu(torch.randn(3 * 65536 + 5, generator=gen)).to(torch.bfloat16)
+    g = torch.randn(y.shape, generator=gen)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            mask = shared.relu_mask(y)
+            got.append((mask, shared.masked_grad(g, mask)))
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(shared, "_cquant", None)
+    mask = shared.relu_mask(y)
+    got.append((mask, shared.masked_grad(g, mask)))
+    for mask, grad in got[1:]:
+        assert torch.equal(mask, got[0][0])
+        assert torch.equal(grad.view(torch.int32), got[0][1].view(torch.int32))
+    assert torch.equal(got[0][1], torch.where(y > 0, g, torch.zeros(())))
+
+
 def test_relu_untagged_or_inplace_runs_torch():
     x = torch.randn(3, 4, dtype=torch.float16, requires_grad=True)
+    x32 = torch.randn(3, 4, requires_grad=True)
     with PrecisionMode(default_policy=e5m2_policy()):
-        assert F.relu(x * 1).grad_fn.name() == "ReluBackward0"
+        assert F.relu(x32 * 1).grad_fn.name() == "ReluBackward0"
+        assert type(F.relu(x * 1).grad_fn).__name__ == "QReLUBackward"   # a packed mask
         t = tag_output(x * 1, get_format("e5m2"))
         assert type(F.relu(t).grad_fn).__name__ == "QReLUBackward"
         assert type(torch.relu(t).grad_fn).__name__ == "QReLUBackward"

@@ -29,6 +29,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MODE_NEAREST 0
@@ -138,9 +139,9 @@ static inline void splitmix_run(uint64_t *out, uint64_t seed, uint64_t k0, int64
 /* Nearest and toward-zero: one flat loop each, vectorized without branches. */
 #define DEFINE_LOOP(NAME, UINT, MW, MODE)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
-                              const plan_t *pl, uint64_t seed) {                       \
+                              const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
-    (void)seed;                                                                        \
+    (void)seed; (void)idx0;                                                            \
     for (int64_t i = begin; i < end; i++) {                                            \
         SPLIT(UINT, MW, src[i])                                                        \
         UINT up = 0;                                                                   \
@@ -162,7 +163,7 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
 #define BLOCK 1024
 #define DEFINE_STOCHASTIC(NAME, UINT, MW)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
-                              const plan_t *pl, uint64_t seed) {                       \
+                              const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
     const UINT BITS = sizeof(UINT) * 8;                                                \
     uint64_t pairs[BLOCK / 2 + 1];                                                     \
@@ -170,43 +171,116 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
     UINT tmp[BLOCK], flags[BLOCK];                                                     \
     for (int64_t blk = begin; blk < end; blk += BLOCK) {                               \
         int64_t len = end - blk < BLOCK ? end - blk : BLOCK;                           \
-        int64_t k0 = blk >> 1, npairs = ((blk & 1) + len + 1) >> 1;                    \
+        int64_t gi = idx0 + blk;  /* random index of the block's first element */     \
+        int64_t k0 = gi >> 1, npairs = ((gi & 1) + len + 1) >> 1;                      \
         splitmix_run(pairs, seed, (uint64_t)k0, npairs);                               \
         for (int64_t k = 0; k < npairs; k++) {                                         \
             words[2 * k] = (uint32_t)pairs[k];                                         \
             words[2 * k + 1] = (uint32_t)(pairs[k] >> 32);                             \
         }                                                                              \
-        const uint32_t *w = words + (blk & 1);                                         \
+        const uint32_t *w = words + (gi & 1);                                          \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
-        UINT need = 0;                                                                 \
-        for (int64_t j = 0; j < len; j++) { /* (a reduction here stops vectorization) */ \
-            SPLIT(UINT, MW, in[j])                                                     \
-            UINT ra = w[j] >> 1;                                                       \
-            UINT top = shift <= 31 ? low << (31 - shift)                               \
-                                   : (shift - 31 < BITS ? low >> (shift - 31) : 0);    \
-            UINT up = ra < top;                                                        \
-            flags[j] = (shift > 31) & (ra == top);                                     \
-            FINISH(UINT, MW, up, out[j])                                               \
-        }                                                                              \
-        for (int64_t j = 0; j < len; j++) need |= flags[j];                            \
-        if (need) {                                                                    \
-            for (int64_t j = 0; j < len; j++) {                                        \
-                SPLIT(UINT, MW, in[j])                                                 \
-                UINT up = (UINT)stochastic_up(low, shift, seed, (uint64_t)(blk + j));  \
-                FINISH(UINT, MW, up, out[j])                                           \
+        for (int64_t c0 = 0; c0 < len; c0 += 64) { /* chunks of 64 of the block */      \
+            int64_t cl = len - c0 < 64 ? len - c0 : 64;                                \
+            const UINT *cin = in + c0;                                                 \
+            UINT *cout = out + c0;                                                     \
+            const uint32_t *cw = w + c0;                                               \
+            UINT need = 0, outside = MW != 23;                                         \
+            if (MW == 23) /* float32: is every value a normal of the format? */        \
+                for (int64_t j = 0; j < cl; j++)                                       \
+                    outside |= (UINT)(((cin[j] >> MW) & 0xFF) - te) >= (UINT)(255 - te); \
+            if (!outside) { /* then shift = s0 <= 23 everywhere: A alone decides */    \
+                const UINT lowmask = ((UINT)1 << s0) - 1;                              \
+                for (int64_t j = 0; j < cl; j++) {                                     \
+                    UINT b = cin[j], sign = b & SIGN, a = b ^ sign, low = a & lowmask; \
+                    UINT up = (UINT)(cw[j] >> 1) < (low << (31 - s0));                  \
+                    UINT r = a - low + (up << s0);                                     \
+                    r = r > max_bits ? ovf_bits : r;                                   \
+                    sign = (uz & (r == nan_bits)) ? 0 : sign;                          \
+                    cout[j] = r | sign;                                                \
+                }                                                                      \
+                continue;                                                              \
+            }                                                                          \
+            for (int64_t j = 0; j < cl; j++) { /* (a reduction here stops vectorization) */ \
+                SPLIT(UINT, MW, cin[j])                                                \
+                UINT ra = cw[j] >> 1;                                                  \
+                UINT top = shift <= 31 ? low << (31 - shift)                           \
+                                       : (shift - 31 < BITS ? low >> (shift - 31) : 0); \
+                UINT up = ra < top;                                                    \
+                flags[j] = (shift > 31) & (ra == top);                                 \
+                FINISH(UINT, MW, up, cout[j])                                          \
+            }                                                                          \
+            for (int64_t j = 0; j < cl; j++) need |= flags[j];                         \
+            if (need) {                                                                \
+                for (int64_t j = 0; j < cl; j++) {                                     \
+                    SPLIT(UINT, MW, cin[j])                                            \
+                    UINT up = (UINT)stochastic_up(low, shift, seed,                    \
+                                                  (uint64_t)(gi + c0 + j));            \
+                    FINISH(UINT, MW, up, cout[j])                                      \
+                }                                                                      \
             }                                                                          \
         }                                                                              \
         if (out == tmp) memcpy(dst + blk, tmp, (size_t)len * sizeof(UINT));            \
     }                                                                                  \
 }
 
-DEFINE_LOOP(loop_f32_nearest, uint32_t, 23, MODE_NEAREST)
+DEFINE_LOOP(loop_f32_nearest_any, uint32_t, 23, MODE_NEAREST)
+
+/* Nearest rounding of float32 bits, fast path: in a chunk where every |x| is a normal
+ * of the format (te <= field < 255) the shift is s0 for all elements, so
+ *     r = (a + 2^(s0-1) - 1 + ((a >> s0) & 1)) & ~(2^s0 - 1)
+ * (the general formula a - low + up * 2^s0 with up = low > half, or low == half and the
+ * kept bit odd), then the overflow test and the sign.  Other chunks, and formats without
+ * mantissa bits (whose kept bit is the exponent's) or dropping none, take
+ * loop_f32_nearest_any. */
+#define NEAREST_CHUNK 64
+MULTIVERSION static void loop_f32_nearest(const uint32_t *src, uint32_t *dst, int64_t begin,
+                                          int64_t end, const plan_t *pl, uint64_t seed,
+                                          int64_t idx0) {
+    if (pl->m0 || pl->s0 == 0) {   /* (s0 == 0: a 23-bit mantissa, nothing dropped) */
+        loop_f32_nearest_any(src, dst, begin, end, pl, seed, idx0);
+        return;
+    }
+    const uint32_t s0 = (uint32_t)pl->s0, te = (uint32_t)pl->te;
+    const uint32_t bias = ((uint32_t)1 << (s0 - 1)) - 1, keep = ~(((uint32_t)1 << s0) - 1);
+    const uint32_t max_bits = (uint32_t)pl->max_bits, ovf_bits = (uint32_t)pl->ovf_bits;
+    const uint32_t nan_bits = (uint32_t)pl->nan_bits, uz = (uint32_t)pl->unsigned_zero;
+    int64_t i = begin;
+    for (; i + NEAREST_CHUNK <= end; i += NEAREST_CHUNK) {
+        const uint32_t *in = src + i;
+        uint32_t *out = dst + i;
+        uint32_t outside = 0;
+        for (int k = 0; k < NEAREST_CHUNK; k++)
+            outside |= (((in[k] >> 23) & 0xFF) - te) >= 255 - te;
+        if (outside) {
+            loop_f32_nearest_any(src, dst, i, i + NEAREST_CHUNK, pl, seed, idx0);
+            continue;
+        }
+        for (int k = 0; k < NEAREST_CHUNK; k++) {
+            uint32_t b = in[k], sign = b & 0x80000000u, a = b ^ sign;
+            uint32_t r = (a + bias + ((a >> s0) & 1)) & keep;
+            r = r > max_bits ? ovf_bits : r;
+            sign = (uz & (r == nan_bits)) ? 0 : sign;
+            out[k] = r | sign;
+        }
+    }
+    if (i < end) loop_f32_nearest_any(src, dst, i, end, pl, seed, idx0);
+}
 DEFINE_STOCHASTIC(loop_f32_stochastic, uint32_t, 23)
 DEFINE_LOOP(loop_f32_toward_zero, uint32_t, 23, MODE_TOWARD_ZERO)
 DEFINE_LOOP(loop_f64_nearest, uint64_t, 52, MODE_NEAREST)
 DEFINE_STOCHASTIC(loop_f64_stochastic, uint64_t, 52)
 DEFINE_LOOP(loop_f64_toward_zero, uint64_t, 52, MODE_TOWARD_ZERO)
+
+typedef void (*f32_loop_t)(const uint32_t *, uint32_t *, int64_t, int64_t, const plan_t *,
+                           uint64_t, int64_t);
+typedef void (*f64_loop_t)(const uint64_t *, uint64_t *, int64_t, int64_t, const plan_t *,
+                           uint64_t, int64_t);
+static const f32_loop_t F32_LOOPS[3] = {loop_f32_nearest, loop_f32_stochastic,
+                                        loop_f32_toward_zero};
+static const f64_loop_t F64_LOOPS[3] = {loop_f64_nearest, loop_f64_stochastic,
+                                        loop_f64_toward_zero};
 
 /* Codes of values that are already representable: s << (E+M) | e << M | m.  Below the
  * format's smallest normal the code is k = sig >> shift, the count of smallest
@@ -246,14 +320,70 @@ DEFINE_ENCODE(encode_f32_i32, uint32_t, 23, uint32_t)
 DEFINE_ENCODE(encode_f64_u8, uint64_t, 52, uint8_t)
 DEFINE_ENCODE(encode_f64_i32, uint64_t, 52, uint32_t)
 
+/* ReLU masks of 16-bit floats (float16 or bfloat16 bits, told apart by inf_bits):
+ * bit (i & 7) of byte i >> 3 is 1 where relu's backward passes the gradient, that is
+ * where the value is not <= 0: positive, or NaN of either sign.  With m = |bits|:
+ *     keep = m != 0 && (sign == 0 || m > inf_bits)
+ * Ranges start at multiples of 64 elements (see run_parallel), so no two threads write
+ * the same byte. */
+MULTIVERSION static void relu_mask_loop(const uint16_t *src, uint8_t *dst, int64_t begin,
+                                        int64_t end, uint16_t inf_bits) {
+    int64_t full_end = begin + ((end - begin) & ~(int64_t)7);
+    for (int64_t j = begin >> 3; j < full_end >> 3; j++) {
+        uint8_t byte = 0;
+        for (int k = 0; k < 8; k++) {
+            uint16_t h = src[8 * j + k], m = h & 0x7FFF;
+            byte |= (uint8_t)((m != 0) & ((h >> 15) == 0 || m > inf_bits)) << k;
+        }
+        dst[j] = byte;
+    }
+    if (full_end < end) {
+        uint8_t byte = 0;
+        for (int64_t i = full_end; i < end; i++) {
+            uint16_t h = src[i], m = h & 0x7FFF;
+            byte |= (uint8_t)((m != 0) & ((h >> 15) == 0 || m > inf_bits)) << (i & 7);
+        }
+        dst[full_end >> 3] = byte;
+    }
+}
+
+/* out[i] = g[i] where mask bit i is set, else +0 (the bit pattern 0). */
+#define DEFINE_MASKED(NAME, UINT)                                                      \
+MULTIVERSION static void NAME(const uint8_t *mask, const UINT *g, UINT *out,           \
+                              int64_t begin, int64_t end) {                            \
+    int64_t full_end = begin + ((end - begin) & ~(int64_t)7);                          \
+    for (int64_t j = begin >> 3; j < full_end >> 3; j++) {                             \
+        UINT m = mask[j];                                                              \
+        for (int k = 0; k < 8; k++)                                                    \
+            out[8 * j + k] = g[8 * j + k] & (UINT)(0 - ((m >> k) & 1));                \
+    }                                                                                  \
+    for (int64_t i = full_end; i < end; i++) {                                         \
+        UINT bit = (mask[i >> 3] >> (i & 7)) & 1;                                      \
+        out[i] = g[i] & (UINT)(0 - bit);                                               \
+    }                                                                                  \
+}
+DEFINE_MASKED(masked_u16, uint16_t)
+DEFINE_MASKED(masked_u32, uint32_t)
+
+/* dst[i] = table[src[i]]: 8-bit codes to 32-bit patterns through a 256-entry table. */
+MULTIVERSION static void lut_loop(const uint8_t *src, uint32_t *dst, const uint32_t *table,
+                                  int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) dst[i] = table[src[i]];
+}
+
+enum { JOB_ROUND, JOB_ENCODE, JOB_MASK, JOB_MASKED, JOB_LUT, JOB_SCALED };
+
 typedef struct {
     const void *src;
     void *dst;
     int64_t begin, end;
     const plan_t *plan;     /* rounding jobs */
-    const codes_t *codes;   /* encoding jobs (plan == NULL) */
+    const codes_t *codes;   /* encoding jobs */
     uint64_t seed;
     int is_f64, mode, wide_codes;
+    int kind;               /* JOB_* */
+    const void *aux;        /* masked: the gradient */
+    uint64_t param;         /* mask: inf_bits; masked: item size */
 } job_t;
 
 static void run_encode(const job_t *j) {
@@ -267,23 +397,75 @@ static void run_encode(const job_t *j) {
         encode_f32_u8((const uint32_t *)j->src, (uint8_t *)j->dst, j->begin, j->end, j->codes);
 }
 
+/* Per-tensor scaled rounding in one pass:  lp = round(x * s),  values = lp / s,  both
+ * float32 operations as torch computes them (IEEE, no reciprocal), x float32 or bfloat16
+ * (widened exactly).  The random index is the flat index, as for round_bits on x * s. */
+#define SCALED_TILE 1024
+MULTIVERSION static void scaled_loop(const job_t *j) {
+    const int is_bf16 = (int)(j->param >> 32);
+    const uint32_t sbits = (uint32_t)j->param;
+    float sc;
+    memcpy(&sc, &sbits, 4);
+    uint32_t *lp_out = (uint32_t *)(uintptr_t)j->aux;
+    float *values = (float *)j->dst;
+    uint32_t tmp[SCALED_TILE], q[SCALED_TILE];
+    const f32_loop_t round_loop = F32_LOOPS[j->mode];
+    for (int64_t t0 = j->begin; t0 < j->end; t0 += SCALED_TILE) {
+        int64_t len = j->end - t0 < SCALED_TILE ? j->end - t0 : SCALED_TILE;
+        float *tf = (float *)tmp;
+        if (is_bf16) {
+            const uint16_t *src = (const uint16_t *)j->src + t0;
+            for (int64_t k = 0; k < len; k++) {
+                uint32_t b = (uint32_t)src[k] << 16;
+                float v;
+                memcpy(&v, &b, 4);
+                tf[k] = v * sc;
+            }
+        } else {
+            const float *src = (const float *)j->src + t0;
+            for (int64_t k = 0; k < len; k++) tf[k] = src[k] * sc;
+        }
+        round_loop(tmp, q, 0, len, j->plan, j->seed, t0);
+        const float *qf = (const float *)q;
+        if (lp_out) memcpy(lp_out + t0, q, sizeof(uint32_t) * (size_t)len);
+        for (int64_t k = 0; k < len; k++) values[t0 + k] = qf[k] / sc;
+    }
+}
+
 static void run_job(const job_t *j) {
-    if (j->plan == NULL) {
+    if (j->kind == JOB_SCALED) {
+        scaled_loop(j);
+        return;
+    }
+    if (j->kind == JOB_ENCODE) {
         run_encode(j);
         return;
     }
-    static void (*const f32[3])(const uint32_t *, uint32_t *, int64_t, int64_t,
-                                const plan_t *, uint64_t) = {
-        loop_f32_nearest, loop_f32_stochastic, loop_f32_toward_zero};
-    static void (*const f64[3])(const uint64_t *, uint64_t *, int64_t, int64_t,
-                                const plan_t *, uint64_t) = {
-        loop_f64_nearest, loop_f64_stochastic, loop_f64_toward_zero};
+    if (j->kind == JOB_MASK) {
+        relu_mask_loop((const uint16_t *)j->src, (uint8_t *)j->dst, j->begin, j->end,
+                       (uint16_t)j->param);
+        return;
+    }
+    if (j->kind == JOB_LUT) {
+        lut_loop((const uint8_t *)j->src, (uint32_t *)j->dst, (const uint32_t *)j->aux,
+                 j->begin, j->end);
+        return;
+    }
+    if (j->kind == JOB_MASKED) {
+        if (j->param == 2)
+            masked_u16((const uint8_t *)j->src, (const uint16_t *)j->aux, (uint16_t *)j->dst,
+                       j->begin, j->end);
+        else
+            masked_u32((const uint8_t *)j->src, (const uint32_t *)j->aux, (uint32_t *)j->dst,
+                       j->begin, j->end);
+        return;
+    }
     if (j->is_f64)
-        f64[j->mode]((const uint64_t *)j->src, (uint64_t *)j->dst, j->begin, j->end,
-                     j->plan, j->seed);
+        F64_LOOPS[j->mode]((const uint64_t *)j->src, (uint64_t *)j->dst, j->begin, j->end,
+                           j->plan, j->seed, 0);
     else
-        f32[j->mode]((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end,
-                     j->plan, j->seed);
+        F32_LOOPS[j->mode]((const uint32_t *)j->src, (uint32_t *)j->dst, j->begin, j->end,
+                           j->plan, j->seed, 0);
 }
 
 static void *thread_main(void *arg) {
@@ -349,7 +531,7 @@ static PyObject *round_bits(PyObject *self, PyObject *args) {
     plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits,
                    ovf_bits, infin_bits};
     job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, &plan, NULL,
-                  (uint64_t)seed, is_f64, mode, 0};
+                  (uint64_t)seed, is_f64, mode, 0, JOB_ROUND, NULL, 0};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(base, n, nthreads);
     Py_END_ALLOW_THREADS
@@ -380,7 +562,404 @@ static PyObject *encode_codes(PyObject *self, PyObject *args) {
     if (n <= 0) Py_RETURN_NONE;
     codes_t codes = {s0, te, mbits, width, inf_bits, inf_code, nan_code};
     job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, &codes,
-                  0, is_f64, 0, wide};
+                  0, is_f64, 0, wide, JOB_ENCODE, NULL, 0};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(relu_mask_doc,
+"relu_mask(src_ptr, dst_ptr, n, inf_bits, nthreads)\n"
+"\n"
+"Pack the ReLU backward mask of n 16-bit floats (float16: inf_bits=0x7C00, bfloat16:\n"
+"0x7F80) into ceil(n / 8) bytes: bit i & 7 of byte i >> 3 is set where the value is\n"
+"positive or NaN.");
+
+static PyObject *relu_mask(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, inf_bits;
+    long long n;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLKi", &src, &dst, &n, &inf_bits, &nthreads)) return NULL;
+    if (inf_bits != 0x7C00 && inf_bits != 0x7F80) {
+        PyErr_Format(PyExc_ValueError, "inf_bits 0x%llx not in {0x7C00, 0x7F80}", inf_bits);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_MASK, NULL, inf_bits};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(masked_doc,
+"masked_grad(mask_ptr, g_ptr, out_ptr, n, itemsize, nthreads)\n"
+"\n"
+"out[i] = g[i] where bit i of the packed mask is set, else +0; itemsize 2 or 4.");
+
+static PyObject *masked_grad(PyObject *self, PyObject *args) {
+    unsigned long long mask, g, out;
+    long long n, itemsize;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLLi", &mask, &g, &out, &n, &itemsize, &nthreads))
+        return NULL;
+    if (itemsize != 2 && itemsize != 4) {
+        PyErr_Format(PyExc_ValueError, "itemsize %lld not in {2, 4}", itemsize);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)mask, (void *)(uintptr_t)out, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_MASKED, (const void *)(uintptr_t)g, (uint64_t)itemsize};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* OCP MX block quantization of float32 x viewed as [outer, n, inner], blocks of `block`
+ * along n (the last one padded with zeros).  Per block and inner position k, with
+ * a = max |x| over the block as float32 bits (an integer max: NaN bits exceed inf's):
+ *     special  = a >= inf bits                 (NaN or inf in the block)
+ *     e        = floor(log2 amax) - emax (+1 under "ceil" when amax's significand
+ *                exceeds max_elem's, top_mbits);  -127 for an all-zero block
+ *     e        = clamp(e, -127, 127);  0 where special
+ *     q        = round(x * 2^-e)                (float32 product, then the plan's rounding)
+ *     scale    = 2^e, NaN where special;  deq = q * scale, NaN where special
+ * which is mixprec.scaling.quantize_mx step by step.  The random index of an element is
+ * its flat index in the padded layout [outer, n_blocks, block, inner], so stochastic
+ * rounding draws what the torch path draws.  Rows r = o * n_blocks + b are split among
+ * threads; results do not depend on the split. */
+typedef struct {
+    const uint32_t *src;
+    uint32_t *deq, *scales, *elems;   /* elems may be NULL */
+    int64_t outer, n, inner, block, n_blocks, emax, ceil_rule;
+    uint32_t top_mbits;
+    const plan_t *plan;
+    int mode;
+    uint64_t seed;
+    int64_t row_begin, row_end;
+    int failed;
+} mx_job_t;
+
+#define MX_TILE 4096   /* elements rounded per call of the rounding loop */
+
+static inline uint32_t pow2_bits(int64_t e) {   /* 2^e for e in [-127, 127] */
+    int64_t b = e + 127;
+    return b > 0 ? (uint32_t)b << 23 : (uint32_t)1 << 22;
+}
+
+static int64_t mx_exponent(uint32_t a, int64_t emax, int64_t ceil_rule, uint32_t top_mbits) {
+    if (a == 0) return -127;
+    uint32_t field = a >> 23, mb;
+    int64_t e_floor;
+    if (field) {
+        e_floor = (int64_t)field - 127;
+        mb = a & 0x7FFFFF;
+    } else {   /* subnormal amax: normalize its significand */
+        int p = 31 - __builtin_clz(a);
+        e_floor = p - 149;
+        mb = (a << (23 - p)) & 0x7FFFFF;
+    }
+    int64_t e = e_floor - emax + (ceil_rule && mb > top_mbits);
+    return e < -127 ? -127 : (e > 127 ? 127 : e);
+}
+
+MULTIVERSION static void mx_rows(mx_job_t *J) {
+    const int64_t inner = J->inner, block = J->block, n = J->n;
+    const int64_t kt_max = inner < MX_TILE ? inner : MX_TILE;
+    /* whole rows per tile when a row's inner extent fits, else one k-range of one row */
+    const int64_t rows_per = inner <= MX_TILE ? (MX_TILE / (block * inner) > 0 ?
+                                                 MX_TILE / (block * inner) : 1) : 1;
+    const int64_t tile_len = inner <= MX_TILE ? rows_per * block * inner : kt_max;
+    uint32_t *amax = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *mult = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *scl = malloc(sizeof(uint32_t) * (size_t)(rows_per * kt_max));
+    uint32_t *tmp = malloc(sizeof(uint32_t) * (size_t)tile_len);
+    uint32_t *q = malloc(sizeof(uint32_t) * (size_t)tile_len);
+    if (!amax || !mult || !scl || !tmp || !q) {
+        J->failed = 1;
+        free(amax); free(mult); free(scl); free(tmp); free(q);
+        return;
+    }
+    const f32_loop_t round_loop = F32_LOOPS[J->mode];
+    if (inner == 1) {   /* blocks along the last axis: each row is `block` contiguous values */
+        for (int64_t r0 = J->row_begin; r0 < J->row_end; r0 += rows_per) {
+            int64_t r1 = r0 + rows_per < J->row_end ? r0 + rows_per : J->row_end;
+            /* row r = o * n_blocks + b; o and b advance with r (no division per row) */
+            int64_t o0 = r0 / J->n_blocks, b0 = r0 % J->n_blocks;
+            for (int64_t r = r0, o = o0, b = b0; r < r1; r++, b = b + 1 == J->n_blocks ? 0 : b + 1,
+                 o = b == 0 ? o + 1 : o) {
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                const uint32_t *row = J->src + o * n + b * block;
+                uint32_t am = 0;
+                if (j_end == 32) {   /* the OCP block: a constant trip count vectorizes fully */
+                    for (int64_t j = 0; j < 32; j++) {
+                        uint32_t a = row[j] & 0x7FFFFFFF;
+                        am = a > am ? a : am;
+                    }
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) {
+                        uint32_t a = row[j] & 0x7FFFFFFF;
+                        am = a > am ? a : am;
+                    }
+                }
+                int special = am >= 0x7F800000;
+                int64_t e = special ? 0 : mx_exponent(am, J->emax, J->ceil_rule, J->top_mbits);
+                uint32_t mb = pow2_bits(-e), sb = special ? 0x7FC00000 : pow2_bits(e);
+                float m;
+                memcpy(&m, &mb, 4);
+                float *dst = (float *)(tmp + (r - r0) * block);
+                const float *rowf = (const float *)row;
+                if (j_end == 32 && block == 32) {
+                    for (int64_t j = 0; j < 32; j++) dst[j] = rowf[j] * m;
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) dst[j] = rowf[j] * m;
+                    for (int64_t j = j_end; j < block; j++) dst[j] = 0.0f;
+                }
+                scl[r - r0] = sb;
+                J->scales[r] = sb;
+            }
+            int64_t len = (r1 - r0) * block;
+            round_loop(tmp, q, 0, len, J->plan, J->seed, r0 * block);
+            for (int64_t r = r0, o = o0, b = b0; r < r1; r++, b = b + 1 == J->n_blocks ? 0 : b + 1,
+                 o = b == 0 ? o + 1 : o) {
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                int64_t at = o * n + b * block;
+                uint32_t sb = scl[r - r0];
+                const uint32_t *qrow = q + (r - r0) * block;
+                if (sb == 0x7FC00000) {
+                    for (int64_t j = 0; j < j_end; j++) J->deq[at + j] = sb;
+                    if (J->elems) memset(J->elems + at, 0, sizeof(uint32_t) * (size_t)j_end);
+                    continue;
+                }
+                float sf;
+                memcpy(&sf, &sb, 4);
+                float *drow = (float *)(J->deq + at);
+                const float *qf = (const float *)qrow;
+                if (j_end == 32) {
+                    for (int64_t j = 0; j < 32; j++) drow[j] = qf[j] * sf;
+                } else {
+                    for (int64_t j = 0; j < j_end; j++) drow[j] = qf[j] * sf;
+                }
+                if (J->elems) memcpy(J->elems + at, qrow, sizeof(uint32_t) * (size_t)j_end);
+            }
+        }
+        free(amax); free(mult); free(scl); free(tmp); free(q);
+        return;
+    }
+    for (int64_t r0 = J->row_begin; r0 < J->row_end; r0 += rows_per) {
+        int64_t r1 = r0 + rows_per < J->row_end ? r0 + rows_per : J->row_end;
+        for (int64_t k0 = 0; k0 < inner; k0 += kt_max) {
+            int64_t kt = inner - k0 < kt_max ? inner - k0 : kt_max;
+            /* 1. block amax, exponent, multiplier and scale per (row, k) */
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                int64_t j_end = n - b * block < block ? n - b * block : block;
+                uint32_t *am = amax + (r - r0) * kt;
+                for (int64_t k = 0; k < kt; k++) am[k] = 0;
+                for (int64_t j = 0; j < j_end; j++) {
+                    const uint32_t *row = J->src + (o * n + b * block + j) * inner + k0;
+                    for (int64_t k = 0; k < kt; k++) {
+                        uint32_t a = row[k] & 0x7FFFFFFF;
+                        am[k] = a > am[k] ? a : am[k];
+                    }
+                }
+                for (int64_t k = 0; k < kt; k++) {
+                    int64_t i = (r - r0) * kt + k;
+                    int special = am[k] >= 0x7F800000;
+                    int64_t e = special ? 0 : mx_exponent(am[k], J->emax, J->ceil_rule,
+                                                          J->top_mbits);
+                    mult[i] = pow2_bits(-e);
+                    scl[i] = special ? 0x7FC00000 : pow2_bits(e);
+                }
+            }
+            /* 2. scale, round and write.  Whole rows (kt == inner) lie at consecutive
+             * random indices and are rounded in one call; otherwise each row j of the
+             * block is a separate range of kt indices. */
+            int whole = kt == inner;
+            for (int64_t jj = 0; jj < (whole ? 1 : block); jj++) {
+                int64_t t = 0;
+                for (int64_t r = r0; r < r1; r++) {
+                    int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                    const float *mrow = (const float *)(mult + (r - r0) * kt);
+                    for (int64_t j = whole ? 0 : jj; j < (whole ? block : jj + 1); j++) {
+                        int64_t pos = b * block + j;
+                        float *dst = (float *)(tmp + t);
+                        if (pos < n) {
+                            const float *row = (const float *)(J->src + (o * n + pos) * inner + k0);
+                            for (int64_t k = 0; k < kt; k++) dst[k] = row[k] * mrow[k];
+                        } else {
+                            for (int64_t k = 0; k < kt; k++) dst[k] = 0.0f;
+                        }
+                        t += kt;
+                    }
+                }
+                int64_t idx0 = r0 * block * inner + (whole ? 0 : jj * inner + k0);
+                round_loop(tmp, q, 0, t, J->plan, J->seed, idx0);
+                t = 0;
+                for (int64_t r = r0; r < r1; r++) {
+                    int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                    const uint32_t *srow = scl + (r - r0) * kt;
+                    for (int64_t j = whole ? 0 : jj; j < (whole ? block : jj + 1); j++) {
+                        int64_t pos = b * block + j;
+                        if (pos < n) {
+                            int64_t at = (o * n + pos) * inner + k0;
+                            uint32_t *drow = J->deq + at;
+                            const uint32_t *qrow = q + t;
+                            for (int64_t k = 0; k < kt; k++) {
+                                float qf, sf, pf;
+                                uint32_t pb;
+                                memcpy(&qf, qrow + k, 4);
+                                memcpy(&sf, srow + k, 4);
+                                pf = qf * sf;
+                                memcpy(&pb, &pf, 4);
+                                /* NaN-scaled block: the scale's NaN, whatever q holds */
+                                drow[k] = srow[k] == 0x7FC00000 ? 0x7FC00000 : pb;
+                            }
+                            if (J->elems) {
+                                uint32_t *erow = J->elems + at;
+                                for (int64_t k = 0; k < kt; k++)
+                                    erow[k] = srow[k] == 0x7FC00000 ? 0 : qrow[k];
+                            }
+                        }
+                        t += kt;
+                    }
+                }
+            }
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t o = r / J->n_blocks, b = r % J->n_blocks;
+                memcpy(J->scales + (o * J->n_blocks + b) * inner + k0,
+                       scl + (r - r0) * kt, sizeof(uint32_t) * (size_t)kt);
+            }
+        }
+    }
+    free(amax); free(mult); free(scl); free(tmp); free(q);
+}
+
+static void *mx_thread(void *arg) {
+    mx_rows((mx_job_t *)arg);
+    return NULL;
+}
+
+PyDoc_STRVAR(mx_doc,
+"mx_quantize(src, deq, scales, elems, outer, n, inner, block, emax, ceil_rule, top_mbits,\n"
+"            mode, seed, nthreads, s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits,\n"
+"            inf_bits, nan_bits, ovf_bits, infin_bits)\n"
+"\n"
+"OCP MX block quantization of contiguous float32 [outer, n, inner] along n; writes the\n"
+"dequantized values, the float32 scales [outer, ceil(n / block), inner] and, when elems\n"
+"is not 0, the element values q.  The plan must be a saturating float32 plan.");
+
+static PyObject *mx_quantize(PyObject *self, PyObject *args) {
+    unsigned long long src, deq, scales, elems, seed, top_mbits;
+    long long outer, n, inner, block, emax, ceil_rule;
+    int mode, nthreads;
+    long long s0, te, m0, m0_adj, uz;
+    unsigned long long max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLLLKiKiLLLLLKKKKKK", &src, &deq, &scales, &elems,
+                          &outer, &n, &inner, &block, &emax, &ceil_rule, &top_mbits, &mode,
+                          &seed, &nthreads, &s0, &te, &m0, &m0_adj, &uz, &max_bits, &q_bits,
+                          &inf_bits, &nan_bits, &ovf_bits, &infin_bits))
+        return NULL;
+    if (mode < 0 || mode > 2 || s0 < 0 || s0 > 23 || te < 1 || block < 1 || outer < 0 ||
+        n < 0 || inner < 0) {
+        PyErr_Format(PyExc_ValueError, "mx_quantize arguments out of range: mode=%d s0=%lld "
+                     "te=%lld block=%lld", mode, s0, te, block);
+        return NULL;
+    }
+    if (outer == 0 || n == 0 || inner == 0) Py_RETURN_NONE;
+    plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits, ovf_bits,
+                   infin_bits};
+    int64_t n_blocks = (n + block - 1) / block, rows = outer * n_blocks;
+    int64_t total = rows * block * inner;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > total / MIN_PER_THREAD) nthreads = (int)(total / MIN_PER_THREAD);
+    if ((int64_t)nthreads > rows) nthreads = (int)rows;
+    if (nthreads < 1) nthreads = 1;
+    mx_job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t chunk = (rows + nthreads - 1) / nthreads;
+    for (int t = 0; t < nthreads; t++) {
+        mx_job_t j = {(const uint32_t *)(uintptr_t)src, (uint32_t *)(uintptr_t)deq,
+                      (uint32_t *)(uintptr_t)scales, (uint32_t *)(uintptr_t)elems, outer, n,
+                      inner, block, n_blocks, emax, ceil_rule, (uint32_t)top_mbits, &plan,
+                      mode, (uint64_t)seed, 0, 0, 0};
+        j.row_begin = (int64_t)t * chunk < rows ? (int64_t)t * chunk : rows;
+        j.row_end = (int64_t)(t + 1) * chunk < rows ? (int64_t)(t + 1) * chunk : rows;
+        jobs[t] = j;
+        started[t] = 0;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&tids[t], NULL, mx_thread, &jobs[t]) == 0;
+    mx_rows(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else mx_rows(&jobs[t]);
+    }
+    for (int t = 0; t < nthreads; t++) failed |= jobs[t].failed;
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(scaled_doc,
+"scaled_round(src_ptr, lp_ptr, values_ptr, n, is_bf16, scale_bits, mode, seed, nthreads,\n"
+"             s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits,\n"
+"             ovf_bits, infin_bits)\n"
+"\n"
+"lp = round(x * s) (written when lp_ptr is not 0) and values = lp / s for n contiguous\n"
+"float32 (is_bf16=0) or bfloat16 x, float32 results; s given by its float32 bits.");
+
+static PyObject *scaled_round(PyObject *self, PyObject *args) {
+    unsigned long long src, lp, values, seed, sbits;
+    long long n;
+    int is_bf16, mode, nthreads;
+    long long s0, te, m0, m0_adj, uz;
+    unsigned long long max_bits, q_bits, inf_bits, nan_bits, ovf_bits, infin_bits;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLiKiKiLLLLLKKKKKK", &src, &lp, &values, &n, &is_bf16,
+                          &sbits, &mode, &seed, &nthreads, &s0, &te, &m0, &m0_adj, &uz,
+                          &max_bits, &q_bits, &inf_bits, &nan_bits, &ovf_bits, &infin_bits))
+        return NULL;
+    if (mode < 0 || mode > 2 || s0 < 0 || s0 > 23 || te < 1) {
+        PyErr_Format(PyExc_ValueError, "scaled_round plan out of range: mode=%d s0=%lld "
+                     "te=%lld", mode, s0, te);
+        return NULL;
+    }
+    if (n <= 0) Py_RETURN_NONE;
+    plan_t plan = {s0, te, m0, m0_adj, uz, max_bits, q_bits, inf_bits, nan_bits, ovf_bits,
+                   infin_bits};
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)values, 0, n, &plan, NULL,
+                  (uint64_t)seed, 0, mode, 0, JOB_SCALED, (const void *)(uintptr_t)lp,
+                  ((uint64_t)(is_bf16 != 0) << 32) | (uint32_t)sbits};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(base, n, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(lut_doc,
+"lut_decode(src_ptr, dst_ptr, n, table_ptr, nthreads)\n"
+"\n"
+"dst[i] = table[src[i]] for n uint8 codes and a table of 256 32-bit patterns.");
+
+static PyObject *lut_decode(PyObject *self, PyObject *args) {
+    unsigned long long src, dst, table;
+    long long n;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLKi", &src, &dst, &n, &table, &nthreads)) return NULL;
+    if (n <= 0) Py_RETURN_NONE;
+    job_t base = {(const void *)(uintptr_t)src, (void *)(uintptr_t)dst, 0, n, NULL, NULL,
+                  0, 0, 0, 0, JOB_LUT, (const void *)(uintptr_t)table, 0};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(base, n, nthreads);
     Py_END_ALLOW_THREADS
@@ -388,6 +967,11 @@ static PyObject *encode_codes(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"lut_decode", lut_decode, METH_VARARGS, lut_doc},
+    {"scaled_round", scaled_round, METH_VARARGS, scaled_doc},
+    {"mx_quantize", mx_quantize, METH_VARARGS, mx_doc},
+    {"relu_mask", relu_mask, METH_VARARGS, relu_mask_doc},
+    {"masked_grad", masked_grad, METH_VARARGS, masked_doc},
     {"round_bits", round_bits, METH_VARARGS, round_doc},
     {"encode_codes", encode_codes, METH_VARARGS, encode_doc},
     {NULL, NULL, 0, NULL},

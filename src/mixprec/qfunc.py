@@ -72,9 +72,9 @@ from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
                      scheme_along)
 from .blocks import quantize_blocked
-from .scaling import (DelayedScaling, amax_to_scale, config_scale_kwargs, quantize_mx,
-                      quantize_spec, tensor_to_amax)
-from .shared import e5m2_as_float16, shared_operand
+from .scaling import (DelayedScaling, _mx_parts, amax_to_scale, config_scale_kwargs,
+                      quantize_mx, quantize_spec, tensor_to_amax)
+from .shared import _FLOAT8, codes_to_float32, shared_operand
 
 __all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatmul",
            "QBilinear", "QEmbedding", "QEmbeddingBag", "CONV_FUNCS", "container_dtype"]
@@ -107,20 +107,26 @@ def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         # No NaN code (MX FP6/FP4 elements): a NaN input already made the forward output
         # NaN; the stored copy holds 0 there.
         values = torch.where(torch.isnan(values), torch.zeros_like(values), values)
+    if values.dtype == torch.float32 and quant._layout_for(values.dtype, fmt) is quant._F32:
+        # quant.encode's codes without its rounding step, which changes no value here
+        return quant._values_to_codes(values, fmt, quant._F32, quant.Backend.AUTO)
     return quant.encode(values, fmt)
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
-    """``t.to(torch.float32)``, bit for bit; float8_e5m2 through its float16 bit pattern
-    (a byte shift), faster than torch's float8 cast on CPU."""
-    if t.dtype == torch.float8_e5m2:
-        return e5m2_as_float16(t).to(torch.float32)
+    """``t.to(torch.float32)``, bit for bit; float8 dtypes through a table of torch's
+    own 256 values (:func:`mixprec.shared.codes_to_float32`), faster than the cast."""
+    if t.dtype in _FLOAT8:
+        return codes_to_float32(t)
     return t.to(torch.float32)
 
 
 def _from_storage(stored: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     if fmt.torch_dtype is not None:
         return _widen(stored)
+    if stored.dtype == torch.uint8 and fmt.bits <= 8:
+        # quant.decode's values of every code, looked up in one pass
+        return codes_to_float32(stored, quant._code_table(fmt).to(torch.float32))
     return quant.decode(stored, fmt, dtype=torch.float32)
 
 
@@ -183,26 +189,31 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
             return values, (("values", fmt, axis, 0, (_to_storage(values, fmt),))
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
-    x = x.to(torch.float32)
+    x_in = x
     if spec.scaling is _BLOCK:
-        return _round_block(x, get_scheme(spec.scheme), spec, axis, generator, pack, hadamard)
+        return _round_block(x.to(torch.float32), get_scheme(spec.scheme), spec, axis,
+                            generator, pack, hadamard)
     if spec.scaling is _MX and hadamard[0]:
         # MX with a Hadamard transform: the same MX setting of the block quantizer
         rule = "floor" if cfg.mx_scale_rule == "ocp" else "ceil"
         scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", rule)
-        return _round_block(x, scheme, spec, axis, generator, pack, hadamard)
+        return _round_block(x.to(torch.float32), scheme, spec, axis, generator, pack,
+                            hadamard)
     if spec.scaling is _MX:
+        x = x.to(torch.float32)
         block = cfg.mx_block_size
-        values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
-                                     scale_rule=cfg.mx_scale_rule,
-                                     rounding=spec.rounding.value, generator=generator)
         if not pack:
-            return values, None
-        wide = _expand_blocks(scales, axis, block, x.shape[axis])
-        # NaN blocks keep their NaN in the scale; the element codes may be anything
-        elems = torch.where(torch.isnan(wide), torch.zeros_like(values), values / wide)
+            return quantize_mx(x, fmt, block_size=block, axis=axis,
+                               scale_rule=cfg.mx_scale_rule, rounding=spec.rounding.value,
+                               generator=generator)[0], None
+        # the element values V/X come with the quantization (0 in NaN-scaled blocks,
+        # whose NaN is kept in the scale)
+        values, scales, elems = _mx_parts(x, fmt, block, axis % x.dim(), cfg.mx_scale_rule,
+                                          spec.rounding.value, generator, elements=True)
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
+    # max |x| is the same value read in x's own dtype (widening is exact and monotone)
+    amax = None
     if spec.scaling is ScalingKind.AXISWISE:
         # quantize_axiswise spelled out: one scale per row along the reduction axis
         scale = amax_to_scale(x.abs().amax(dim=axis, keepdim=True), fmt,
@@ -228,11 +239,50 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     else:
         scaler.bind(fmt)
         scale = scaler.scale.to(x.device).clone()
-    lp = quantize(x * scale, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
-                  generator=generator)
+        amax = tensor_to_amax(x)
+    fused = _scaled_round_c(x_in, scale, fmt, spec, generator, pack)
+    if fused is not None:
+        values, lp = fused
+    else:
+        # x * scale, rounded and divided again in one buffer (a float32 copy of a
+        # narrower x is ours to overwrite): every fresh 4 MiB buffer costs page faults
+        x = x.to(torch.float32)
+        lp = x.mul_(scale) if x is not x_in else x * scale
+        quantize(lp, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
+                 generator=generator, out=lp)
+        stored = _to_storage(lp, fmt) if pack else None
+        values, lp = lp.div_(scale), stored
     if scaler is not None:
-        scaler.update(tensor_to_amax(x))
-    return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
+        scaler.update(amax)
+    if pack and fused is not None:
+        lp = _to_storage(lp, fmt)
+    return values, (("scaled", fmt, axis, 0, (lp, scale)) if pack else None)
+
+
+def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec: TensorSpec,
+                    generator: Optional[torch.Generator], keep_lp: bool):
+    """(quantize(x * scale) / scale, quantize(x * scale) or None) from the C kernel in
+    one pass over x (float32 or bfloat16 on CPU), the same products, roundings, random
+    stream and quotients as the tensor ops; None where it does not apply."""
+    if (quant._cquant is None or x.device.type != "cpu" or scale.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.bfloat16) or scale.numel() != 1
+            or fmt.convention.name == "E8M0"
+            or quant._layout_for(torch.float32, fmt) is not quant._F32):
+        return None
+    x = x.detach().contiguous()   # the random bits follow the row-major index
+    mode = quant._choice(quant.Rounding, spec.rounding.value, "rounding")
+    seed = quant._draw_seed(generator) if mode is quant.Rounding.STOCHASTIC else 0
+    p = quant._plan(fmt, quant._F32, spec.saturate)
+    values = torch.empty(x.shape, dtype=torch.float32)
+    lp = torch.empty(x.shape, dtype=torch.float32) if keep_lp else None
+    sbits = int(scale.reshape(()).to(torch.float32).view(torch.int32)) & 0xFFFFFFFF
+    quant._cquant.scaled_round(
+        x.data_ptr(), 0 if lp is None else lp.data_ptr(), values.data_ptr(), x.numel(),
+        int(x.dtype == torch.bfloat16), sbits, quant._MODE_CODE[mode],
+        seed & ((1 << 64) - 1), torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj,
+        p.unsigned_zero, p.max_bits, p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits,
+        p.infin_bits)
+    return values, lp
 
 
 def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: int,
@@ -286,12 +336,24 @@ def _unpack(pack: Pack) -> torch.Tensor:
     if kind == "values":
         return _from_storage(tensors[0], fmt)
     if kind == "scaled":
-        return _from_storage(tensors[0], fmt) / tensors[1]
+        values = _from_storage(tensors[0], fmt)
+        return values.div_(tensors[1]) if _fresh(values, tensors[0]) else values / tensors[1]
     if kind == "requant":
         return _round(tensors[0], fmt, ScalingConfig(), None, axis, None)[0]
     elems = _from_storage(tensors[0], fmt)
     scales = _from_storage(tensors[1], _E8M0)
-    return elems * _expand_blocks(scales, axis, block, elems.shape[axis])
+    ax, n = axis % elems.dim(), elems.shape[axis]
+    if n % block == 0 and _fresh(elems, tensors[0]):
+        # blocks as a dimension of their own: the scales broadcast over it, in place
+        blocks = elems.view(*elems.shape[:ax], n // block, block, *elems.shape[ax + 1:])
+        blocks.mul_(scales.unsqueeze(ax + 1))
+        return elems
+    return elems * _expand_blocks(scales, axis, block, n)
+
+
+def _fresh(t: torch.Tensor, stored: torch.Tensor) -> bool:
+    """True when ``t`` (decoded from ``stored``) is a new contiguous buffer we may overwrite."""
+    return t.data_ptr() != stored.data_ptr() and t.is_contiguous()
 
 
 def _save(ctx, *packs: Optional[Pack]) -> None:
@@ -445,7 +507,7 @@ class QLinear(torch.autograd.Function):
             wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
             y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
-                y = y + bias.to(torch.float32)
+                y = y.add_(bias.to(torch.float32))   # y is the GEMM's fresh result
             y = c.store_output(y, x.dtype)
         _save(ctx, x_pack, w_pack)
         ctx.c, ctx.x_shape = c, x.shape

@@ -376,10 +376,17 @@ _DYNAMIC = LossScaleConfig(kind="dynamic")
 _ENHANCED = LossScaleConfig(kind="dynamic", floor=((0, 1.0), (2000, 16.0), (4000, 256.0)))
 
 
+# FP8 and MX recipes run their high-precision side in BF16, as TransformerEngine and
+# torchao do: scaled layers write BF16 outputs, kept layers compute in BF16, and the GEMM
+# operands are saved in FP8 (or MX) storage; only FP32 master weights stay FP32.
+_HIGH = "bf16"
+
+
 def _mx(fwd: str, bwd: str) -> Recipe:
     return Recipe(name=f"mxfp{get_format(fwd).bits}",
                   **_fwd_bwd(TensorSpec(fwd, scaling=ScalingKind.MX),
-                             TensorSpec(bwd, scaling=ScalingKind.MX)))
+                             TensorSpec(bwd, scaling=ScalingKind.MX)),
+                  high_precision=_HIGH)
 
 
 PRESETS: dict = {r.name: r for r in [
@@ -397,7 +404,7 @@ PRESETS: dict = {r.name: r for r in [
     Recipe(name="fp8-hybrid",
            **_fwd_bwd(TensorSpec("e4m3", scaling=ScalingKind.CURRENT, saturate=True),
                       TensorSpec("e5m2", scaling=ScalingKind.CURRENT, saturate=True)),
-           keep_high_precision=("first", "last", "norm")),
+           keep_high_precision=("first", "last", "norm"), high_precision=_HIGH),
     _mx("e4m3", "e5m2"),
     _mx("e3m2", "e3m2"),
     _mx("e2m1", "e2m1"),

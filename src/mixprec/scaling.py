@@ -17,14 +17,18 @@ element format.
 """
 from __future__ import annotations
 
+import math
+import struct
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .formats import FloatFormat, FormatLike, get_format
 from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
 from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
-from .quant import Rounding, _choice, quantize
+from .quant import _F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan
+from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
 __all__ = [
@@ -86,6 +90,9 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
         raise ValueError(f"unknown pow2 rule {pow2!r}; valid choices: {', '.join(POW2_RULES)}")
     amax = torch.as_tensor(amax, dtype=torch.float32)
     device = amax.device
+    if (device.type == "cpu" and amax.numel() == 1 and not amax.requires_grad and eps == 0
+            and pow2 == "none"):
+        return _amax_to_scale_cpu(float(amax), fmt, margin, prev_scale)
     if eps > 0:
         raw = (fmt.max / torch.clamp(amax.to(torch.float64), min=float(eps))).to(torch.float32)
         usable = torch.isfinite(amax)
@@ -136,6 +143,19 @@ def quantize_axiswise(x: torch.Tensor, fmt: FormatLike, *, axis: int = -1,
     scale = amax_to_scale(amax, fmt, margin=margin, eps=eps, pow2=pow2)
     lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
     return (lp / scale).to(x.dtype), scale
+
+
+def _amax_to_scale_cpu(amax: float, fmt: FloatFormat, margin: float, prev_scale) -> torch.Tensor:
+    """amax_to_scale with numpy float32 scalars: the same float32 operations as the
+    tensor ops (division, product with 2^-margin as float32, clamp), without a dozen
+    tiny tensor ops per call (a CPU tensor costs no synchronisation to read)."""
+    if not (math.isfinite(amax) and amax > 0):
+        prev = 1.0 if prev_scale is None else prev_scale
+        return torch.as_tensor(prev, dtype=torch.float32).reshape(()).clone()
+    with np.errstate(over="ignore"):
+        raw = np.float32(fmt.max) / np.float32(amax)
+        raw = raw * np.float32(2.0 ** -float(margin))
+    return torch.tensor(min(float(raw), _F32_MAX), dtype=torch.float32)
 
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
@@ -324,14 +344,61 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
         raise ValueError("quantize_mx needs a tensor with at least one dimension")
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
-    # The MX setting of the general block quantizer ("ocp" is its "floor" rule).
+    deq, scales, _ = _mx_parts(x, fmt, block_size, axis % x.dim(), scale_rule, rounding,
+                               generator)
+    return deq, scales
+
+
+def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale_rule: str,
+              rounding: str, generator: Optional[torch.Generator], elements: bool = False):
+    """quantize_mx's (dequantized, scales) and, when ``elements``, the float32 element
+    values V/X (0 in NaN-scaled blocks) that storage encodes; arguments already checked.
+    CPU tensors take the C kernel (mixprec/_cquant.c, the same steps in one pass); the
+    block quantizer's torch ops are the reference it reproduces, random stream included."""
+    hp = x.detach().to(torch.float32)
+    mode = _choice(Rounding, rounding, "rounding")
+    if (_cquant is not None and hp.device.type == "cpu" and scale_rule in ("ocp", "ceil")
+            and _layout_for(torch.float32, fmt) is _F32):
+        deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
+                                         generator, elements)
+        return deq.to(x.dtype), scales, elems
+    # the MX setting of the general block quantizer ("ocp" is its "floor" rule)
     rule = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
             "ceil-log2": ScaleRule.CEIL_LOG2}[scale_rule]
-    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0, rule, axis=axis)
-    b = _blocked_quantize(x, scheme, _choice(Rounding, rounding, "rounding"), generator)
+    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0, rule, axis=ax)
+    b = _blocked_quantize(hp, scheme, mode, generator)
     # A NaN scale turns its whole block into NaN through the product below.
-    deq = _from_blocks(b.elems.mul_(b.scales), b.geometry).to(x.dtype)
-    return deq, b.scales.squeeze(b.geometry.reduce)
+    deq = _from_blocks(b.elems.mul_(b.scales), b.geometry)
+    scales = b.scales.squeeze(b.geometry.reduce)
+    values = None
+    if elements:
+        n = deq.shape[ax]
+        wide = scales.repeat_interleave(block_size, dim=ax).narrow(ax, 0, n)
+        values = torch.where(torch.isnan(wide), torch.zeros_like(deq), deq / wide)
+    return deq.to(x.dtype), scales, values
+
+
+def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_rule: str,
+                mode: Rounding, generator: Optional[torch.Generator], elements: bool):
+    hp = hp.contiguous()
+    shape = hp.shape
+    outer, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
+    n_blocks = -(-n // block)
+    deq = torch.empty_like(hp)
+    scales = torch.empty(*shape[:ax], n_blocks, *shape[ax + 1:], dtype=torch.float32)
+    elems = torch.empty_like(hp) if elements else None
+    p = _plan(fmt, _F32, True)
+    seed = _draw_seed(generator) if mode is Rounding.STOCHASTIC else 0
+    # max_elem's significand bits ("ceil" rule: amax's significand above them rounds up)
+    top = fmt.max / 2.0 ** fmt.emax
+    top_mbits = struct.unpack("<I", struct.pack("<f", top))[0] & 0x7FFFFF
+    _cquant.mx_quantize(
+        hp.data_ptr(), deq.data_ptr(), scales.data_ptr(),
+        0 if elems is None else elems.data_ptr(), outer, n, inner, block, fmt.emax,
+        int(scale_rule == "ceil"), top_mbits, _MODE_CODE[mode], seed & ((1 << 64) - 1),
+        torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj, p.unsigned_zero, p.max_bits,
+        p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits, p.infin_bits)
+    return deq, scales, elems
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ values) and tags its result with that saved tensor. The next emulated layer, whi
 would otherwise save its own low-precision copy of the same values, saves that tensor
 instead (:func:`shared_operand`): one stored activation per ReLU/GEMM pair, as on
 hardware that keeps FP8 activations, instead of a 16-bit copy plus an 8-bit copy.
+A ReLU of any other float16/bfloat16 tensor that needs a gradient (a 16-bit activation,
+the BF16 output of a scaled FP8 or MX layer) saves only its 1-bit mask
+(:func:`relu_mask`): the next layer saves its operand in its own format anyway (an
+FP8 copy for an FP8 GEMM, the tensor itself for a 16-bit one), so a 16-bit copy kept
+for ReLU alone would double what is stored.
 
 A tag records the tensor's version counter; any in-place change of the tensor (or of a
 view sharing its storage) makes it stale and it is then ignored. Values, gradients and
@@ -26,13 +31,19 @@ import threading
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .formats import FloatFormat, get_format
 from .quant import Rounding
 from .recipe import ScalingKind, TensorSpec
 
+try:  # the optional C extension (mask packing); the torch path gives the same bits
+    from . import _cquant
+except ImportError:  # pragma: no cover - depends on the build
+    _cquant = None
+
 __all__ = ["Tag", "tag_output", "get_tag", "QReLU", "sharing_enabled", "sharing_disabled",
-           "shared_operand"]
+           "shared_operand", "relu_mask", "masked_grad", "codes_to_float32"]
 
 _ATTR = "_mixprec_tag"
 _local = threading.local()
@@ -107,24 +118,104 @@ def e5m2_as_float16(t: torch.Tensor) -> torch.Tensor:
     return (t.view(torch.uint8).to(torch.int16) << 8).view(torch.float16)
 
 
+# Bits of +inf in float16 and bfloat16: magnitudes above it are NaN.
+_INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def relu_mask(y: torch.Tensor) -> torch.Tensor:
+    """The mask of ReLU's backward for a float16/bfloat16 ``y``, packed 8 elements a byte:
+    bit ``i & 7`` of byte ``i >> 3`` (flat row-major index i) is set where ``not y <= 0``
+    (y positive or NaN), the elements where torch's ``threshold_backward(g, y, 0)`` passes
+    the gradient. One sixteenth of y's bytes."""
+    n = y.numel()
+    y = y.contiguous()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=y.device)
+    if _cquant is not None and y.device.type == "cpu":
+        _cquant.relu_mask(y.data_ptr(), out.data_ptr(), n, _INF_BITS[y.dtype],
+                          torch.get_num_threads())
+        return out
+    keep = (~(y.reshape(-1) <= 0)).to(torch.uint8)
+    keep = F.pad(keep, (0, out.numel() * 8 - n)).view(-1, 8)
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=y.device)
+    return (keep * weights).sum(1, dtype=torch.uint8)
+
+
+def masked_grad(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``g`` where the packed ``mask`` (see :func:`relu_mask`) is set, +0 elsewhere."""
+    n = g.numel()
+    g = g.contiguous()
+    if _cquant is not None and g.device.type == "cpu" and g.element_size() in (2, 4):
+        out = torch.empty_like(g)
+        _cquant.masked_grad(mask.data_ptr(), g.data_ptr(), out.data_ptr(), n,
+                            g.element_size(), torch.get_num_threads())
+        return out
+    shifts = torch.arange(8, dtype=torch.uint8, device=g.device)
+    keep = ((mask.unsqueeze(1) >> shifts) & 1).view(-1)[:n].view(g.shape).bool()
+    return torch.where(keep, g, g.new_zeros(()))
+
+
+_FLOAT8 = (torch.float8_e5m2, torch.float8_e4m3fn, torch.float8_e5m2fnuz,
+           torch.float8_e4m3fnuz)
+
+
+def _float8_table(dtype: torch.dtype) -> torch.Tensor:
+    """The float32 bit patterns of all 256 codes of ``dtype``, from torch's own cast."""
+    table = _TABLES.get(dtype)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        table = _TABLES[dtype] = codes.view(dtype).to(torch.float32).view(torch.int32)
+    return table
+
+
+_TABLES: dict = {}
+
+
+def codes_to_float32(t: torch.Tensor, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An 8-bit tensor widened to float32 through a 256-entry table of float32 values
+    (default: a float8 dtype's own, built by torch's cast, so the result is bit for bit
+    ``t.to(torch.float32)``; uint8 codes need ``table``). On CPU the C kernel reads the
+    table, several times faster than torch's float8 casts; elsewhere torch indexes it."""
+    if table is None:
+        table = _float8_table(t.dtype)
+    table = table.view(torch.int32)
+    if _cquant is not None and t.device.type == "cpu":
+        src = t.contiguous().view(torch.uint8)
+        out = torch.empty(t.shape, dtype=torch.float32)
+        _cquant.lut_decode(src.data_ptr(), out.data_ptr(), src.numel(), table.data_ptr(),
+                           torch.get_num_threads())
+        return out
+    idx = t.view(torch.uint8).long()
+    return table.to(t.device)[idx].view(torch.float32)
+
+
 class QReLU(torch.autograd.Function):
-    """``torch.relu`` of a tensor of ``fmt`` values, saving its output exactly in the
-    narrowest storage (see module docstring) and tagging it with that saved tensor.
-    Backward is torch's: the gradient where the output is > 0 or NaN, +0 elsewhere (a
-    -0 output masks the gradient too)."""
+    """``torch.relu`` of a float16/bfloat16 tensor (of ``fmt`` values, when fmt is given)
+    that saves as little as backward needs. Where fmt has an OCP float8 dtype the output
+    is saved in it, exactly, and the result is tagged with that saved tensor, which the
+    next emulated layer reuses (see module docstring). Otherwise only the 1-bit mask of
+    :func:`relu_mask` is saved (the next layer stores its own copy of the output, in its
+    own format). Backward is torch's: the gradient where the output is > 0 or NaN, +0
+    elsewhere (a -0 output masks the gradient too)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fmt: FloatFormat):
+    def forward(ctx, x: torch.Tensor, fmt: Optional[FloatFormat]):
         with torch._C.DisableTorchFunction():
             y = torch.relu(x)
-            stored = _narrow_copy(y, fmt)
-        ctx.save_for_backward(stored)
-        return tag_output(y, fmt, stored)
+            stored = y if fmt is None else _narrow_copy(y, fmt)
+            if stored.dtype in _NEG_NAN_FROM or y.dtype not in _INF_BITS:
+                ctx.save_for_backward(stored)
+                ctx.packed = False
+                return y if fmt is None else tag_output(y, fmt, stored)
+            ctx.save_for_backward(relu_mask(y))
+            ctx.packed = True
+        return y if fmt is None else tag_output(y, fmt)
 
     @staticmethod
     def backward(ctx, g):
         (stored,) = ctx.saved_tensors
         with torch._C.DisableTorchFunction():
+            if ctx.packed:
+                return masked_grad(g, stored), None
             if stored.dtype == torch.float8_e5m2 and g.dtype == torch.float16:
                 stored = e5m2_as_float16(stored)
             if stored.dtype not in _NEG_NAN_FROM:
@@ -136,12 +227,15 @@ class QReLU(torch.autograd.Function):
 
 
 def relu(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """:class:`QReLU` of ``x`` when ``x`` carries a valid tag and needs a gradient; else
-    None (the caller runs torch's relu)."""
-    tag = get_tag(x)
-    if tag is None or not (x.requires_grad and torch.is_grad_enabled()):
+    """:class:`QReLU` of ``x`` when ``x`` needs a gradient and either carries a valid tag
+    or is a float16/bfloat16 tensor (whose mask is packed); else None (the caller runs
+    torch's relu)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
         return None
-    return QReLU.apply(x, tag.fmt)
+    tag = get_tag(x)
+    if tag is None and x.dtype not in _INF_BITS:
+        return None
+    return QReLU.apply(x, None if tag is None else tag.fmt)
 
 
 _DETERMINISTIC = (Rounding.NEAREST, Rounding.TOWARD_ZERO)
