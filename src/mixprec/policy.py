@@ -12,7 +12,6 @@ This module also holds the FP32-op policy: which torch callables the names of
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from dataclasses import dataclass, fields
@@ -370,6 +369,15 @@ def _keeps_fp32(name: str, out, kwargs: dict) -> bool:
     return name in SCALAR_REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() == 0
 
 
+def _without_autocast(device_types: list, func: Callable, args: tuple, kwargs: dict):
+    """func(*args, **kwargs) with autocast off on ``device_types`` (plain ``with``
+    statements for the usual single device, which torch.compile traces)."""
+    if not device_types:
+        return func(*args, **kwargs)
+    with torch.autocast(device_types[0], enabled=False):
+        return _without_autocast(device_types[1:], func, args, kwargs)
+
+
 def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
     """Run ``func`` (the op called ``name``) in FP32, identically on every device.
 
@@ -408,13 +416,13 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
 
     up_args = tuple(up(a) for a in args)
     up_kwargs = {k: up(v) for k, v in kwargs.items()}
-    with contextlib.ExitStack() as stack:
-        for device_type in autocasting:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        out = func(*up_args, **up_kwargs)
+    out = _without_autocast(sorted(autocasting), func, up_args, up_kwargs)
+    compiling = torch.compiler.is_compiling()
     for orig, copy, version in copies:
-        # batch-norm kernels update running statistics without bumping version counters
-        if copy._version != version or (name in _UPDATES_STATS and not orig.requires_grad):
+        # batch-norm kernels update running statistics without bumping version counters;
+        # a traced graph has no version counters to compare (fp32 ops mutate nothing else)
+        if ((name in _UPDATES_STATS and not orig.requires_grad)
+                or (not compiling and copy._version != version)):
             with torch.no_grad():
                 orig.copy_(copy)
     if _keeps_fp32(name, out, kwargs):

@@ -84,7 +84,8 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
                     rounding: str = "nearest", saturate: bool = True,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None,
+                    seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantize with a per-tensor scale and return the dequantized values in x's dtype.
 
     y = quantize(x * scale, fmt) / scale, both products in float32.
@@ -92,11 +93,13 @@ def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
     ``saturate=True`` clamps |x * scale| > fmt.max to fmt.max (what per-tensor FP8 recipes
     do: with a delayed scale a tensor may outgrow its history). For x in a narrower dtype
     than float32 (bf16, fp16) the dequantized value is rounded once more to that dtype.
+    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     scale = torch.as_tensor(scale, dtype=torch.float32).to(x.device)
     hp = x.detach().to(torch.float32)
-    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator,
+                  seed=seed)
     return (lp / scale).to(x.dtype)
 
 
@@ -254,7 +257,8 @@ def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, scale_rule: str) -> torch
 
 def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
                 scale_rule: str = "ocp", rounding: str = "nearest",
-                generator: Optional[torch.Generator] = None) -> tuple:
+                generator: Optional[torch.Generator] = None,
+                seed: Optional[torch.Tensor] = None) -> tuple:
     """OCP MX block quantization; returns ``(dequantized, scales)``.
 
     Each block of ``block_size`` consecutive elements along ``axis`` shares a scale
@@ -272,6 +276,7 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     by ``block_size`` is padded with zeros, which change no amax and are dropped again.
 
     ``scales`` is float32, shaped like x with ``axis`` of length ceil(n / block_size).
+    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -303,7 +308,8 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     # Multiplying by 2^-e is exact in float32 (like dividing by X) unless V/X falls below
     # 2^-126, far under every element format's smallest subnormal.
     elems = blocks * _pow2(-shared)
-    quantize(elems, fmt, rounding=rounding, saturate=True, generator=generator, out=elems)
+    elems = quantize(elems, fmt, rounding=rounding, saturate=True, generator=generator,
+                     out=elems, seed=seed)
     # A NaN scale turns its whole block into NaN through the product below.
     nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
     scales = torch.where(special, nan, _pow2(shared))

@@ -52,7 +52,10 @@ class Tag(NamedTuple):
 
 
 def sharing_enabled() -> bool:
-    return getattr(_local, "enabled", True)
+    """Whether outputs are tagged and saved tensors shared. Off while torch.compile
+    traces: a tag is a Python attribute compared with a version counter, which a graph
+    cannot hold; values and gradients are the same either way (module docstring)."""
+    return getattr(_local, "enabled", True) and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -76,8 +79,10 @@ def tag_output(t: torch.Tensor, fmt: FloatFormat,
 
 def get_tag(t: torch.Tensor) -> Optional[Tag]:
     """The tensor's tag, or None when it has none, is stale, or sharing is disabled."""
+    if not sharing_enabled():
+        return None
     tag = getattr(t, _ATTR, None)
-    if tag is None or tag.version != t._version or not sharing_enabled():
+    if tag is None or tag.version != t._version:
         return None
     return tag
 
