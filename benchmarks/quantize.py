@@ -8,6 +8,9 @@ it prints millions of elements per second for
     stochastic    quantize(x, fmt, rounding="stochastic", out=out)
     torch rt      x.to(dtype).float(): torch's cast round trip, allocating as users write it
     torch rt buf  the same round trip into reused buffers (lo.copy_(x); out.copy_(lo))
+    compiled      with --compiled: torch.compile of quantize(x, fmt, out=out), the
+                  device-generic torch.ops.mixprec path fused by Inductor (nearest and
+                  stochastic), against the eager C kernel
 
 and the ratios nearest / torch rt buf (the faster torch figure) and stochastic / nearest.
 Every variant runs in each of --rounds interleaved rounds and keeps its best time, so a
@@ -16,6 +19,7 @@ CPU time of one thread instead (torch.set_num_threads(1)), which other processes
 disturb far less than wall time.
 
     python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N] [--clock cpu]
+                                  [--compiled]
 """
 from __future__ import annotations
 
@@ -31,11 +35,20 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
                 "e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
 
 
-def variants(x: torch.Tensor, out: torch.Tensor) -> dict:
+def _compiled(x: torch.Tensor, out: torch.Tensor, name: str, rounding: str, gen):
+    fn = torch.compile(lambda a, o: quantize(a, name, rounding=rounding, generator=gen, out=o),
+                       fullgraph=True)
+    return lambda: fn(x, out)
+
+
+def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict:
     """name -> zero-argument callable; buffers are made once, here."""
     runs = {"copy": lambda: out.copy_(x)}
     gen = torch.Generator().manual_seed(0)
     for name in FORMATS:
+        if compiled:
+            runs[f"{name} compiled"] = _compiled(x, out, name, "nearest", gen)
+            runs[f"{name} compiled sr"] = _compiled(x, out, name, "stochastic", gen)
         runs[f"{name} nearest"] = lambda n=name: quantize(x, n, out=out)
         runs[f"{name} stochastic"] = lambda n=name: quantize(
             x, n, rounding="stochastic", generator=gen, out=out)
@@ -67,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one thread's CPU time (robust on a busy machine)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time torch.compile'd quantize (first compiles take minutes)")
     args = ap.parse_args()
     if args.clock == "cpu":
         args.threads = 1
@@ -76,7 +91,7 @@ def main() -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
     out = torch.empty_like(x)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    rate = measure(variants(x, out), n, args.rounds, clock)
+    rate = measure(variants(x, out, args.compiled), n, args.rounds, clock)
 
     print(f"mixprec.quant on {n} float32 values, {torch.get_num_threads()} threads, "
           f"C extension: {has_c_extension()}; M elements / s of {args.clock} time "
@@ -95,6 +110,17 @@ def main() -> None:
         print(" ".join(cells))
     print("targets: nearest >= 0.8x the faster torch round trip (e5m2, e4m3); "
           "stochastic >= 0.5x nearest")
+    if args.compiled:
+        head = f"{'format':8} {'compiled':>9} {'comp sr':>8} {'comp/C':>7} {'sr/C sr':>8}"
+        print(f"\ncompiled (torch.ops.mixprec fused by Inductor) vs the eager kernel "
+              f"above ({'C' if has_c_extension() else 'torch'})")
+        print(head)
+        print("-" * len(head))
+        for name in FORMATS:
+            c, csr = rate[f"{name} compiled"], rate[f"{name} compiled sr"]
+            print(f"{name:8} {c:9.0f} {csr:8.0f} {c / rate[f'{name} nearest']:7.2f} "
+                  f"{csr / rate[f'{name} stochastic']:8.2f}")
+        print("target: device-generic path, compiled, on CPU >= 0.5x the C kernel")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Training: :func:`prepare` wraps a model and optimizer in an :class:`Engine` that
 """
 from .formats import Convention, FloatFormat, get_format, list_formats, make_format
 from .quant import Rounding, decode, encode, has_c_extension, quantize
+from .ops import compile_options
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_scaled, tensor_to_amax
 from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
@@ -33,6 +34,7 @@ __all__ = [
     "LossScaleConfig", "PRESETS", "get_recipe", "list_presets",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
+    "compile_options",
     # diagnostics
     "NumericsMonitor",
 ]

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, current_layer,
                      resolve_fp32_ops, run_fp32)
 from .formats import get_format
+from .ops import generator_id
 from .qfunc import CONV_FUNCS, OpContext, QConv, QEmbedding, QLinear, QMatmul
 from .recipe import DEFAULT_FP32_OPS
 from .shared import relu as _shared_relu
@@ -394,6 +395,7 @@ class PrecisionMode(TorchFunctionMode):
         self.fp32_ops = tuple(fp32_ops)
         self.default_policy = default_policy
         self.generator = generator
+        generator_id(generator)   # named now, not while a compiled graph is traced
         self._fp32 = resolve_fp32_ops(self.fp32_ops)
         self._default = None if default_policy is None else Layer(
             "", default_policy, _OneSlotState(""))

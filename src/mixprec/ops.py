@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["draw_seed", "generator_id", "round_bits", "round_e8m0", "splitmix64", "stochastic_up",
+__all__ = ["compile_options", "draw_seed", "generator_id", "round_bits", "round_e8m0", "splitmix64", "stochastic_up",
            "PLAN_FIELDS"]
 
 # plan = [layout (0: float32 bits, 1: float64 bits), *_Plan fields in this order]
@@ -58,6 +58,9 @@ _generator_ids: "weakref.WeakKeyDictionary[torch.Generator, int]" = weakref.Weak
 _generators: dict = {}   # id -> weakref of the generator
 
 
+# Evaluated for real while Dynamo traces (the result becomes a constant of the graph), so
+# a generator first seen inside a compiled region is registered before the graph runs.
+@torch.compiler.assume_constant_result
 def generator_id(generator: Optional[torch.Generator]) -> int:
     """A small int naming ``generator`` in draw_seed's schema (0: torch's default CPU
     generator); generators are held weakly."""
@@ -126,6 +129,10 @@ def stochastic_up(low: Tensor, shift: Tensor, seed: Tensor) -> Tensor:
     """up = r < low / 2^shift with r = 0.(A_i)(B_i) (module docstring); int64 inputs of
     one shape, flat index i in row-major order. Branch-free: B is computed everywhere."""
     i = torch.arange(low.numel(), device=low.device, dtype=torch.int64).view(low.shape)
+    # (seed & 0) makes the counter a value rather than an index expression: Inductor
+    # folds arithmetic on indices exactly, in unbounded integers, and the SplitMix
+    # products must wrap modulo 2^64 instead.
+    i = i ^ (seed & 0)
     pair = splitmix64(seed, i >> 1)
     a = torch.where((i & 1) == 1, _lshr(pair, 32), pair & 0xFFFFFFFF) >> 1
     s = shift - 31
@@ -249,3 +256,14 @@ def round_bits(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor] = N
 def round_e8m0(x: Tensor, mode: int, saturate: bool, seed: Optional[Tensor] = None) -> Tensor:
     """``torch.ops.mixprec.round_e8m0``: x rounded to e8m0, as float64."""
     return torch.ops.mixprec.round_e8m0(x, mode, saturate, seed)
+
+
+def compile_options() -> dict:
+    """Inductor options under which a compiled model rounds like eager PyTorch:
+    ``torch.compile(model, options=mixprec.compile_options())``.
+
+    ``emulate_precision_casts``: Inductor otherwise keeps a float16/bfloat16 value that
+    one fused kernel produces and consumes in float32, skipping the rounding that the
+    eager cast performs (a layer's float16 output or gradient, for instance).
+    """
+    return {"emulate_precision_casts": True}

@@ -404,7 +404,10 @@ def decode(codes: torch.Tensor, fmt: FormatLike, dtype: torch.dtype = torch.floa
         raise ValueError(f"codes for {fmt.name!r} must be integer ({want}), got {codes.dtype}")
     if fmt.bits > 8:
         return _codes_to_values(codes, fmt).to(dtype)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << fmt.bits):
+    if _tracing(codes):   # no host branch in a graph: the check runs as an op
+        torch._assert_async(((codes >= 0) & (codes < 1 << fmt.bits)).all(),
+                            f"codes for {fmt.name!r} must lie in [0, {1 << fmt.bits})")
+    elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << fmt.bits):
         raise ValueError(f"codes for {fmt.name!r} must lie in [0, {1 << fmt.bits}), got "
                          f"[{int(codes.min())}, {int(codes.max())}]")
     table = _code_table(fmt).to(device=codes.device, dtype=dtype)
