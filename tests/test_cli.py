@@ -52,7 +52,17 @@ def test_compare_end_to_end(compare_run, capsys):
     for run in doc["runs"]:
         assert sum(run["saved_bytes_by_dtype"].values()) == run["saved_activation_bytes"]
     assert set(doc["formats"]) == {"fp16", "bf16", "e5m2", "e4m3"}
+    # coverage of step 0: every matmul-like call of the CNN, and why
+    for run in doc["runs"]:
+        assert (run["coverage"] is None) == (run["backend"] == "native")
+    cov32, cov16, cov8 = doc["runs"][0]["coverage"], fp16["coverage"], fp8["coverage"]
+    total = cov32["fp32"]
+    assert total > 0 and cov32["emulated"] == cov32["kept"] == cov32["unrecognised"] == 0
+    assert cov16["emulated"] == total and cov16["unrecognised"] == 0
+    assert {r["formats"]["weight"] for r in cov16["rows"] if "weight" in r["formats"]} == {"fp16"}
+    assert cov8["kept"] >= 2 and cov8["emulated"] + cov8["kept"] == total   # first + last kept
     page = (out / "report.html").read_text()
+    assert "<h2>Coverage</h2>" in page
     for png in ("loss_curves.png", "loss_scale.png", "grad_histograms.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     for run in doc["runs"]:

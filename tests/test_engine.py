@@ -346,7 +346,7 @@ def test_bf16_mixed_native_on_cpu():
 def test_native_keeps_requested_modules_in_fp32():
     model = mlp()
     mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed",
-                 backend="native", keep_high_precision=("last",))
+                 backend="native", keep_high_precision=("last",), example_inputs=batch(0)[0])
     assert model[0].weight.dtype == torch.bfloat16 and model[2].weight.dtype == torch.float32
     spy = SpyDtypes()
     with mp.autocast(), spy:
@@ -441,18 +441,30 @@ def test_stages_out_of_order_raise():
 
 
 class Net(nn.Module):
+    """The head is registered before the convolution it runs after."""
     def __init__(self):
         super().__init__()
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         self.conv = nn.Conv2d(1, 2, 3)
         self.bn = nn.BatchNorm2d(2)
-        self.head = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).flatten(1))
 
 
 def test_keep_high_precision_filters():
     net = Net()
-    keep = resolve_keep_high_precision
+    x = torch.randn(3, 1, 4, 4)
+    running = net.bn.running_mean.clone()
+
+    def keep(model, filters):
+        return resolve_keep_high_precision(model, filters, example_inputs=x)
+    # execution order, not registration order (which has head.0 first and conv last)
     assert keep(net, ("first",)) == {"conv"}
     assert keep(net, ("last",)) == {"head.2"}
+    assert net.training and torch.equal(net.bn.running_mean, running)   # the trace changed nothing
+    with pytest.raises(ValueError, match="'first' and 'last' are positions in execution order"):
+        resolve_keep_high_precision(net, ("last",))
     assert keep(net, ("norm",)) == {"bn", "head.1"}
     assert keep(net, ("head",)) == {"head", "head.0", "head.1", "head.2"}
     assert keep(net, (lambda n, m: isinstance(m, nn.Linear),)) == {"head.0", "head.2"}
@@ -466,12 +478,108 @@ def test_keep_high_precision_filters():
 def test_keep_override_reaches_the_recipe():
     model = mlp()
     mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp16-mixed",
-                 keep_high_precision="first")
+                 keep_high_precision="first", example_inputs=batch(0)[0])
     assert mp.recipe == get_recipe("fp16-mixed:keep_high_precision=first")
     assert mp.keep == {"0"}
     # the kept layer stores FP32 weights, the other FP16 values
     assert not torch.equal(model[0].weight, model[0].weight.half().float())
     assert torch.equal(model[2].weight, model[2].weight.half().float())
+
+
+def _fp8_run(lazy, monitor=False, steps=3):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mp = prepare(model, opt, "fp8-e5m2", backend="emulated", seed=3,
+                 example_inputs=None if lazy else batch(0)[0])
+    if monitor:
+        from mixprec.monitor import NumericsMonitor
+        mp.attach_monitor(NumericsMonitor(model, formats=("e5m2",)))
+    untouched = mp.keep is None and torch.equal(model[0].weight, mlp()[0].weight)
+    for s in range(steps):
+        assert train_step(mp, model, *batch(s))
+    return mp, model, untouched
+
+
+def test_first_forward_under_autocast_is_traced_and_equals_example_inputs():
+    """Without example_inputs nothing is rounded until the first forward under
+    autocast(), which is traced with its own inputs; the run is bit-identical to one
+    traced at prepare() (stochastic master rounding draws the same numbers)."""
+    eager, eager_model, _ = _fp8_run(lazy=False)
+    lazy, lazy_model, untouched = _fp8_run(lazy=True)
+    assert untouched
+    assert eager.keep == lazy.keep == {"0", "2"}
+    assert_same(lazy_model.state_dict(), eager_model.state_dict())
+    assert_same([m.detach() for m in lazy.master_params], [m.detach() for m in eager.master_params])
+    # a monitor attached before the first forward sees that step, and no trace pass
+    mon_mp, _, _ = _fp8_run(lazy=True, monitor=True, steps=2)
+    assert mon_mp.monitor.steps_recorded == 2
+
+
+def test_lazy_engine_explains_a_step_without_a_traced_forward():
+    model = mlp()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-hybrid")
+    mp.zero_grad()                                   # allowed before the first forward
+    loss = F.cross_entropy(model(batch(0)[0]), batch(0)[1])     # outside autocast
+    with pytest.raises(RuntimeError, match="first forward under mp.autocast.*example_inputs"):
+        mp.backward(loss)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        mp.state_dict()
+
+
+def test_resume_of_a_lazy_engine_takes_the_kept_modules_from_the_checkpoint():
+    mp, model, _ = _fp8_run(lazy=True, steps=1)
+    state = mp.state_dict()
+    assert state["keep"] == ["0", "2"]
+    model2 = mlp()
+    mp2 = prepare(model2, torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9),
+                  "fp8-e5m2", backend="emulated", seed=3)
+    model2.load_state_dict(model.state_dict())
+    mp2.load_state_dict(state)
+    assert mp2.keep == {"0", "2"}
+    assert_same([m.detach() for m in mp2.master_params], [m.detach() for m in mp.master_params])
+    model3 = mlp()
+    other = prepare(model3, torch.optim.SGD(model3.parameters(), lr=0.1), "fp8-e5m2",
+                    backend="emulated", keep_high_precision=("first", "last", "norm", "0"),
+                    example_inputs=batch(0)[0])
+    state["recipe"] = str(other.recipe)
+    state["keep"] = ["0"]
+    with pytest.raises(ValueError, match=r"checkpoint keeps modules \['0'\]"):
+        other.load_state_dict(state)
+
+
+class TiedLM(nn.Module):
+    """An embedding whose table is also the output projection (as in GPT-2)."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.mid2 = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.mid2(self.mid(self.wte(ids))))
+
+
+@pytest.mark.parametrize("backend,recipe", [("emulated", "fp8-e5m2"),
+                                            ("native", "bf16-mixed:keep_high_precision=last")])
+def test_a_tied_weight_is_stored_in_the_precision_of_its_kept_user(backend, recipe):
+    model = TiedLM()
+    original = model.wte.weight.detach().clone()
+    ids = torch.randint(0, 16, (4, 5))
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe, backend=backend,
+                 example_inputs=ids)
+    assert "lm_head" in mp.keep and "wte" not in mp.keep and "mid2" not in mp.keep
+    assert model.lm_head.weight is model.wte.weight
+    w = model.lm_head.weight.detach()
+    if backend == "native":
+        assert w.dtype == torch.float32 and torch.equal(w, original)   # not through bf16
+    else:       # the high format (fp16), not e5m2: lm_head computes with FP16 weights
+        assert torch.equal(w, w.half().float())
+        assert not torch.equal(w, w.to(torch.float8_e5m2).float())
+        assert mp.keep == {"mid", "lm_head"}      # mid is the first GEMM layer
+        assert torch.equal(model.mid2.weight, model.mid2.weight.to(torch.float8_e5m2).float())
 
 
 @pytest.mark.parametrize("has_bf16_dot", [False, True])

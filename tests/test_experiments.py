@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from mixprec.experiments import data as D
-from mixprec.experiments.compare import (CompareConfig, divergence_step, load_results,
+from mixprec.experiments.compare import (CompareConfig, _run_line, divergence_step, load_results,
                                          run_compare, save_results, split_recipes)
 from mixprec.experiments.models import CharTransformer, digits_cnn, digits_mlp
 from mixprec.experiments.schema import _check, load_schema, schema_errors
@@ -320,6 +321,20 @@ def test_train_record_holds_every_step(digits):
     assert rec["saved_activation_bytes"] > 0 and rec["step_time_s"] > 0
     assert rec["recipe"] == {"name": "fp16-mixed", "preset": "fp16-mixed", "spec": "fp16-mixed"}
     assert rec["config"]["seed"] == 3 and rec["config"]["torch_version"] == torch.__version__
+
+
+def test_train_record_holds_the_optimizer_state_underflow(digits):
+    """AdamW moments in FP16 lose most of exp_avg_sq at this learning rate's gradients;
+    in FP32 (fp16-pure's default) nothing is counted."""
+    cfg = TrainConfig(steps=3, batch_size=32, seed=0, hist_points=1)
+    with pytest.warns(UserWarning, match="optimizer state underflows in fp16"):
+        fp16 = train_recipe(digits_mlp(), digits, "fp16-pure:optimizer_state=fp16", cfg)
+    assert fp16["state_underflow"] > 0.1
+    assert re.search(r"optimizer state \d+\.\d% zero where the gradient is not",
+                     _run_line(fp16, 1, 2))
+    fp32_state = train_recipe(digits_mlp(), digits, "fp16-pure", cfg)
+    assert fp32_state["state_underflow"] is None and "optimizer state" not in _run_line(
+        fp32_state, 2, 2)
 
 
 def test_histograms_are_of_unscaled_gradients(digits):

@@ -400,3 +400,31 @@ def test_inspect_user_factories_and_errors(capsys, tmp_path, monkeypatch):
         run_inspect(parse(["--formats", "fp16", "--advise", "e5m2", "--steps", "1"]))
     with pytest.raises(ValueError, match="unknown format 'fp17'"):
         run_inspect(parse(["--formats", "fp16,fp17", "--steps", "1"]))
+
+
+def test_optimizer_state_underflow_matches_the_cast_and_is_advised():
+    """Adam's first step stores exp_avg_sq = 0.001 g^2: for g = 2^-8 and 2^-9 that is below
+    2^-25 and an FP16 state holds 0 (torch's own cast is the oracle); bf16 holds it."""
+    model = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = NumericsMonitor(model, formats=("fp16", "bf16"))
+    with mon:
+        model(torch.ones(1, 4)).sum().backward()
+        model.weight.grad = torch.tensor([[2.0 ** -8, 2.0 ** -6, 2.0 ** -9, 1.0]])
+        mon.snapshot_weights()
+        opt.step()
+        mon.record_optimizer_state(opt)
+        mon.record_updates()
+    moments = [v for k, v in opt.state[model.weight].items() if k != "step"]
+    nonzero = sum(int((m != 0).sum()) for m in moments)
+    flushed = sum(int(((m != 0) & (m.half() == 0)).sum()) for m in moments)
+    assert flushed == 2 and nonzero == 8
+    row = next(d for d in mon.report()["tensors"] if d["role"] == "optimizer_state")
+    assert row["formats"]["fp16"]["underflow"] == flushed
+    assert row["formats"]["bf16"]["underflow"] == 0
+    adv = mon.advice("fp16")
+    assert adv["optimizer_state"]["underflow_frac"] == flushed / nonzero
+    assert "Optimizer state: 25% of the nonzero moment values round to zero in fp16" in adv["text"]
+    assert "optimizer_state.format=fp32" in adv["text"]
+    assert "bf16 can hold it" in mon.advice("bf16")["text"]
+    assert all(w["role"] != "optimizer_state" for w in adv["keep_high_precision"])

@@ -7,6 +7,7 @@ sqrt((hi - x)(x - lo) / K), and we allow 6 of them.  Seeds are fixed, so the tes
 deterministic; a correct kernel fails it with probability ~2e-9 per seed.
 """
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -38,8 +39,7 @@ def test_result_is_one_of_the_two_neighbours(name, backend):
         _, lo, hi = neighbours(name, abs(xi))
         assert abs(gi) in (lo, hi) and (gi == 0 or math.copysign(1, gi) == math.copysign(1, xi)), \
             (xi, gi, lo, hi)
-    # both neighbours occur: this is not nearest or truncation in disguise
-    assert (got != quantize(torch.from_numpy(x), name, rounding="toward_zero").numpy()).mean() > 0.2
+    # that both neighbours occur, with the right odds, is test_frequency_of_the_upper_neighbour's
 
 
 # (format, x, what): normal range, a tie, the subnormal range, below the smallest
@@ -63,6 +63,78 @@ def test_unbiased(name, x, what, backend):
     sd = math.sqrt(abs((hi - x) * (x - lo)) / k)
     assert abs(got.mean().item() - x) <= 6 * sd + 1e-300, (got.mean().item(), x, sd)
     assert (got == hi).any() and (got == lo).any()
+
+
+# -- both neighbours and their exact probabilities ----------------------------------------
+# x between two neighbouring values lo < x < hi of the format, written out by hand.  Each
+# output must be lo or hi, and the number of hi among N draws is Binomial(N, p) with
+# p = (x - lo) / (hi - lo) computed exactly (Fraction).  We allow 6 standard deviations:
+# a correct kernel fails with probability ~2e-9 (and the seeds are fixed).  With N = 2^18
+# six sigma is at most 6 * sqrt(N / 4) / N = 0.0059, so a rounding whose P(hi) is off by
+# 1/64 = 0.0156 lands at least 10 sigma outside the bound: the checker rejects it, as it
+# rejects nearest and toward-zero rounding (test_the_frequency_check_rejects_...).
+N_DRAWS = 1 << 18
+SR_CASES = [
+    # (format, lo, x, hi)                           what
+    ("fp16", 1.0, 1 + 77 * 2.0 ** -18, 1 + 2.0 ** -10),  # ulp 2^-10 at 1; p = 77/256
+    ("fp16", -6 * 2.0 ** -24, -5.6875 * 2.0 ** -24, -5 * 2.0 ** -24),  # subnormal, p = 5/16
+    ("bf16", 3.0, 3 + 0.75 * 2.0 ** -6, 3 + 2.0 ** -6),  # ulp 2^-6 in [2, 4); p = 3/4
+    ("bf16", 2 * 2.0 ** -133, 2.25 * 2.0 ** -133, 3 * 2.0 ** -133),  # subnormal, p = 1/4
+    ("e5m2", -12.0, -10.5, -10.0),                       # ulp 2 in [8, 16); p = 3/4
+    ("e5m2", 2 * 2.0 ** -16, 2.625 * 2.0 ** -16, 3 * 2.0 ** -16),  # subnormal, p = 5/8
+    ("e4m3", 288.0, 300.0, 320.0),                       # ulp 32 in [256, 448]; p = 3/8
+    ("e4m3", -4 * 2.0 ** -9, -3.203125 * 2.0 ** -9, -3 * 2.0 ** -9),  # subnormal, p = 51/64
+    ("e4m3", 0.0, 2.0 ** -11, 2.0 ** -9),                # below min subnormal, p = 1/4
+    ("e2m1", 4.0, 4.625, 6.0),                           # top binade, ulp 2; p = 5/16
+    ("e2m1", -0.5, -0.3125, -0.0),                       # subnormal 0.5 to -0; p = 3/8
+]
+SR_IDS = [f"{f}-{x:.4g}" for f, _, x, _ in SR_CASES]
+
+
+def assert_sr_frequency(got: torch.Tensor, lo: float, x: float, hi: float,
+                        sigmas: float = 6.0) -> None:
+    """Every value of ``got`` is lo or hi, and #hi is within ``sigmas`` sd of N * p."""
+    v = got.double().flatten()
+    assert bool(((v == lo) | (v == hi)).all()), sorted(set(v.tolist()) - {lo, hi})[:4]
+    n, k = v.numel(), int((v == hi).sum())
+    p = (Fraction(x) - Fraction(lo)) / (Fraction(hi) - Fraction(lo))
+    sd = math.sqrt(n * p * (1 - p))
+    assert sigmas * sd / n < 1 / 128, "too few draws to tell a 1/64 bias"
+    assert abs(k - n * p) <= sigmas * sd, (k / n, float(p), sd / n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,lo,x,hi", SR_CASES, ids=SR_IDS)
+def test_frequency_of_the_upper_neighbour(name, lo, x, hi, dtype, backend):
+    xs = torch.full((N_DRAWS,), x, dtype=dtype)
+    assert xs[0].item() == x        # every case is exact in float32
+    got = quantize(xs, name, rounding="stochastic", generator=gen(21), backend=backend)
+    assert_sr_frequency(got, lo, x, hi)
+
+
+def _biased(xs, name, lo, hi):
+    """Stochastic rounding whose P(hi) is 1/64 too high: it rounds x + (hi - lo) / 64."""
+    return quantize(xs.double() + (hi - lo) / 64, name, rounding="stochastic",
+                    generator=gen(22))
+
+
+SUBSTITUTES = {
+    "nearest": lambda xs, name, lo, hi: quantize(xs, name),
+    "toward_zero": lambda xs, name, lo, hi: quantize(xs, name, rounding="toward_zero"),
+    "biased": _biased,
+}
+
+
+@pytest.mark.parametrize("substitute", list(SUBSTITUTES))
+@pytest.mark.parametrize("name,lo,x,hi", SR_CASES, ids=SR_IDS)
+def test_the_frequency_check_rejects_other_roundings(name, lo, x, hi, substitute):
+    xs = torch.full((N_DRAWS,), x)
+    got = SUBSTITUTES[substitute](xs, name, lo, hi)
+    # each lands on a neighbour: only the odds give it away
+    assert set(got.double().unique().tolist()) <= {lo, hi}
+    with pytest.raises(AssertionError, match=r"^\("):
+        assert_sr_frequency(got, lo, x, hi)
 
 
 def test_probability_is_exact_far_below_the_smallest_subnormal():

@@ -27,7 +27,7 @@ def _run(spec, name, *, metric, loss, scale, skipped_at=(), time_s=0.01, saved=1
         "skipped_at": list(skipped_at), "final_scale": scale, "step_time_s": time_s,
         "step_time_ratio": time_s / 0.01, "saved_activation_bytes": saved,
         "saved_bytes_by_dtype": {"float32": saved},
-        "saved_activation_ratio": saved / 1000,
+        "saved_activation_ratio": saved / 1000, "coverage": None,
         "grad_histograms": [{"step": 0, "binade_lo": -30, "counts": [1, 0, 3, 4],
                              "zeros": 2, "nonfinite": 0, "total": 10},
                             {"step": 5, "binade_lo": -12, "counts": [5, 5],
@@ -58,6 +58,15 @@ def results():
             _run("fp8-e5m2:grads.rounding=nearest", "fp8-e5m2[g.r=nearest]", metric=None,
                  loss=None, scale=3.0, status="failed", error="NonFiniteError: boom", departs=4)]
     runs[2]["steps_run"] = 4
+    runs[1]["coverage"] = {
+        "emulated": 4, "kept": 2, "fp32": 0, "unrecognised": 3,
+        "rows": [{"op": "addmm", "module": "h.0.c_fc", "status": "emulated", "calls": 4,
+                  "formats": {"weight": "fp16", "activation": "fp16"}, "reason": "",
+                  "has_weight": True},
+                 {"op": "linear", "module": "head", "status": "kept", "calls": 2,
+                  "formats": {}, "reason": "", "has_weight": True},
+                 {"op": "lstm", "module": "rnn", "status": "unrecognised", "calls": 3,
+                  "formats": {}, "reason": "a composite", "has_weight": False}]}
     summary = [_row(runs[0], "baseline"), _row(runs[1], "matches fp32"),
                _row(runs[2], "failed", "stopped at step 4: NonFiniteError: boom")]
     doc = {"schema_version": 1, "kind": "mixprec.compare", "created": "2025-01-01T00:00:00+00:00",
@@ -86,6 +95,11 @@ def test_table_shows_the_recorded_numbers(results):
     assert lines[4].split()[:2] == ["fp8-e5m2[g.r=nearest]", "n/a"]
     assert "3" in lines[4].split() and "failed at step 4" in lines[4]
     assert "stopped at step 4: NonFiniteError: boom" in lines[-1]
+
+
+def test_table_lists_the_recorded_coverage_counts(results):
+    line = next(ln for ln in format_table(results).splitlines() if ln.startswith("matmul-like"))
+    assert line.endswith("(emulated/kept/fp32/not recognised): fp16-mixed 4/2/0/3")
 
 
 def test_table_reads_records_only(results):
@@ -144,3 +158,22 @@ def test_html_escapes_recorded_text(results):
 def test_report_of_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no results file at"):
         write_report(tmp_path / "nothing-here")
+
+
+def test_html_shows_the_recorded_coverage(results):
+    page = render_html(results, {})
+    assert "<h2>Coverage</h2>" in page
+    assert ("<td>fp16-mixed</td><td>4</td><td>2</td><td>0</td><td>3</td>"
+            "<td>weight fp16, activation fp16</td>"
+            "<td>linear in head (kept by a rule) x2; lstm in rnn (not recognised: a composite) x3"
+            "</td>") in page
+    assert "not recorded (native backend or failed run)" in page      # fp32 run: None
+    results["runs"][1]["coverage"]["rows"][2]["calls"] = 7            # drawn, not recomputed
+    assert "x7" in render_html(results, {})
+
+
+def test_schema_requires_the_coverage_record(results):
+    del results["runs"][0]["coverage"]
+    assert any("coverage" in e for e in schema_errors(results))
+    results["runs"][0]["coverage"] = {"emulated": 1, "kept": 0, "fp32": 0, "rows": []}
+    assert any("unrecognised" in e for e in schema_errors(results))

@@ -96,9 +96,10 @@ def test_training_bit_identical_without_sharing(recipe, scale):
     runs = []
     for ctx in (contextlib.nullcontext, sharing_disabled):
         model = mlp()
-        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                     recipe, backend="emulated", seed=0)
         x, y = data(scale=scale)
+        # the steps call pieces of the model: "first"/"last" are traced from example_inputs
+        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                     recipe, backend="emulated", seed=0, example_inputs=x)
         seen = []
         with ctx():
             for _ in range(3):

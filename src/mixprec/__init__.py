@@ -18,6 +18,8 @@ from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
 from .engine import Engine, NonFiniteError, prepare
 from .monitor import NumericsMonitor
+from .coverage import Coverage, CoverageRow, CoverageWarning, UnemulatedOpError
+from .layers import is_gemm_layer
 
 __version__ = "0.1.0"
 
@@ -36,5 +38,6 @@ __all__ = [
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     "compile_options",
     # diagnostics
-    "NumericsMonitor",
+    "NumericsMonitor", "Coverage", "CoverageRow", "CoverageWarning", "UnemulatedOpError",
+    "is_gemm_layer",
 ]

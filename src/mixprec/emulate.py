@@ -4,8 +4,11 @@ Public functions ``qlinear``, ``qconv``, ``qmatmul``, ``qembedding`` and
 ``qscaled_dot_product_attention`` compute their torch counterparts under a
 :class:`~mixprec.policy.LayerPolicy` (rules in :mod:`mixprec.qfunc`).
 :class:`PrecisionMode` routes a model's own calls of those ops to them, with the policy
-of the innermost layer registered by :func:`~mixprec.policy.attach`, and runs the
-recipe's FP32 ops in FP32 (:func:`~mixprec.policy.run_fp32`), the same on every device.
+of the layer registered by :func:`~mixprec.policy.attach` that owns the weight operand,
+through the one dispatch function of :mod:`mixprec.dispatch` (which also emulates
+addmm / baddbmm / addbmm / mv / addmv, tensordot, einsum, conv-transpose, bilinear and
+embedding_bag), and runs the recipe's FP32 ops in FP32
+(:func:`~mixprec.policy.run_fp32`), the same on every device.
 
 >>> handle = attach(model, lambda name, m: LayerPolicy.from_recipe("fp8-e5m2"))
 >>> with PrecisionMode():
@@ -13,9 +16,7 @@ recipe's FP32 ops in FP32 (:func:`~mixprec.policy.run_fp32`), the same on every 
 """
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -25,8 +26,9 @@ from torch.overrides import TorchFunctionMode
 from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, current_layer,
                      resolve_fp32_ops, run_fp32)
 from .formats import get_format
-from .ops import generator_id
-from .qfunc import CONV_FUNCS, OpContext, QConv, QEmbedding, QLinear, QMatmul
+from .qfunc import (_ACTIVATIONS, CONV_FUNCS, GemmSpec, OpContext, QBilinear, QConv,
+                    QConvTranspose, QEmbedding, QEmbeddingBag, QLinear, QMatmul)
+from .coverage import OUTSIDE, CoverageRecorder
 from .recipe import DEFAULT_FP32_OPS
 from .shared import relu as _shared_relu
 from .shared import tag_output
@@ -127,13 +129,19 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  OpContext(policy, state, generator, 0))
 
 
-def _matmul(a, b, c: OpContext) -> torch.Tensor:
+def _matmul(a, b, c: OpContext, spec: GemmSpec = _ACTIVATIONS, addend=None) -> torch.Tensor:
+    """alpha * (a @ b) + beta * addend with torch.matmul's 1-D rules: a vector operand
+    gets a unit dimension for the product, removed from the result."""
     if a.dim() == 0 or b.dim() == 0:
         raise ValueError(f"matmul needs tensors of at least 1 dimension, got shapes "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     vec_a, vec_b = a.dim() == 1, b.dim() == 1
+    if addend is not None and spec.beta == 0.0:
+        addend = None    # torch ignores the input when beta == 0 (NaN and inf included)
+    if addend is not None and vec_b and addend.dim() >= 1:
+        addend = addend.unsqueeze(-1)
     y = QMatmul.apply(a.unsqueeze(0) if vec_a else a, b.unsqueeze(-1) if vec_b else b,
-                      c, _needs(a), _needs(b))
+                      addend, c, spec, _needs(a), _needs(b))
     if vec_b:
         y = y.squeeze(-1)
     return _tagged(y.squeeze(-1 if vec_b else -2) if vec_a else y, c)
@@ -147,6 +155,44 @@ def qmatmul(a: torch.Tensor, b: torch.Tensor, policy: LayerPolicy,
     if _check_policy(policy).is_identity:
         return torch.matmul(a, b)
     return _matmul(a, b, OpContext(policy, state, generator, 0))
+
+
+def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation,
+                    c: OpContext) -> torch.Tensor:
+    nd = weight.dim() - 2
+    if nd not in CONV_FUNCS:
+        raise ValueError(f"conv_transpose supports 1-, 2- and 3-d convolutions; got a "
+                         f"weight of shape {tuple(weight.shape)}")
+    if not c.policy.accumulation.is_fp32:
+        raise ValueError(f"emulated accumulation (format={c.policy.accumulation.format!r}) "
+                         f"is implemented for linear and matmul only; transposed "
+                         f"convolutions accumulate in FP32 (valid: accumulation.format=fp32)")
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    y = QConvTranspose.apply(x, weight, bias, (stride, padding, output_padding, groups, dilation),
+                             c, _needs(x), _needs(weight))
+    return _tagged(y.squeeze(0) if unbatched else y, c)
+
+
+def _bilinear(x1, x2, weight, bias, c: OpContext) -> torch.Tensor:
+    lead = x1.shape[:-1]
+    y = QBilinear.apply(x1.reshape(-1, x1.shape[-1]), x2.reshape(-1, x2.shape[-1]), weight,
+                        bias, c, (_needs(x1), _needs(x2), _needs(weight)))
+    return _tagged(y.reshape(*lead, weight.shape[0]), c)
+
+
+def _embedding_bag(indices, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode,
+                   sparse, per_sample_weights, include_last_offset, padding_idx,
+                   c: OpContext) -> torch.Tensor:
+    if sparse:
+        raise ValueError("sparse=True is not supported by the emulated embedding_bag "
+                         "(valid: sparse=False)")
+    if max_norm is not None:   # F.embedding_bag renormalizes the looked-up rows in place
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, indices.contiguous(), max_norm, norm_type)
+    options = (scale_grad_by_freq, mode, include_last_offset, padding_idx)
+    return QEmbeddingBag.apply(indices, weight, offsets, per_sample_weights, options, c)
 
 
 def _embedding(indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
@@ -225,140 +271,18 @@ def qscaled_dot_product_attention(query, key, value, policy: LayerPolicy,
 # --------------------------------------------------------------------------------------
 # PrecisionMode
 # --------------------------------------------------------------------------------------
-_PLAIN = object()   # a route's answer for "call the op as is"
-
-
-def _bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: dict):
-    """Positional + keyword arguments as a list in ``names`` order; None if an unknown
-    keyword (such as out=) is present."""
-    if len(args) > len(names) or any(k not in names for k in kwargs):
-        return None
-    values = list(args)
-    for n in names[len(args):]:
-        values.append(kwargs.get(n, defaults.get(n)))
-    return values
-
-
-def _all_floating(*tensors) -> bool:
-    return all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)
-
-
-def _route_linear(layer: Layer, gen, args, kwargs):
-    bound = _bind(args, kwargs, ("input", "weight", "bias"), {})
-    if bound is None or not _all_floating(*bound[:2]):
-        return _PLAIN
-    return _linear(*bound, OpContext(layer.policy, layer.state, gen, layer.state.next_slot()))
-
-
-def _route_conv(layer: Layer, gen, args, kwargs):
-    bound = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation",
-                                 "groups"), {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
-    if bound is None or not _all_floating(*bound[:2]):
-        return _PLAIN
-    return _conv(*bound, OpContext(layer.policy, layer.state, gen, layer.state.next_slot()))
-
-
-def _route_matmul(layer: Layer, gen, args, kwargs, swap=False, batched=False):
-    bound = _bind(args, kwargs, ("input", "mat2" if batched else "other"), {})
-    if bound is None or not _all_floating(*bound):
-        return _PLAIN
-    a, b = reversed(bound) if swap else bound
-    if batched and (a.dim() != 3 or b.dim() != 3):
-        return _PLAIN          # torch.bmm raises its own error
-    return _matmul(a, b, OpContext(layer.policy, layer.state, gen, layer.state.next_slot()))
-
-
-def _route_embedding(layer: Layer, gen, args, kwargs):
-    bound = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type",
-                                 "scale_grad_by_freq", "sparse"),
-                  {"norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False})
-    if bound is None or not _all_floating(bound[1]):
-        return _PLAIN
-    return _embedding(*bound, OpContext(layer.policy, layer.state, gen, layer.state.next_slot()))
-
-
-def _route_sdpa(layer: Layer, gen, args, kwargs):
-    bound = _bind(args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p",
-                                 "is_causal", "scale", "enable_gqa"),
-                  {"dropout_p": 0.0, "is_causal": False, "enable_gqa": False})
-    if bound is None or not _all_floating(*bound[:3]):
-        return _PLAIN
-    slot = layer.state.next_slot()
-    layer.state.next_slot()
-    return _sdpa(*bound, OpContext(layer.policy, layer.state, gen, slot),
-                 OpContext(layer.policy, layer.state, gen, slot + 1))
-
-
-_ROUTES = {
-    F.linear: _route_linear,
-    F.conv1d: _route_conv, F.conv2d: _route_conv, F.conv3d: _route_conv,
-    torch.matmul: _route_matmul, torch.Tensor.matmul: _route_matmul,
-    torch.Tensor.__matmul__: _route_matmul,
-    torch.Tensor.__rmatmul__: functools.partial(_route_matmul, swap=True),
-    torch.bmm: functools.partial(_route_matmul, batched=True),
-    torch.Tensor.bmm: functools.partial(_route_matmul, batched=True),
-    F.embedding: _route_embedding,
-    F.scaled_dot_product_attention: _route_sdpa,
-}
-
-
-# Ops that run torch's own kernels under PrecisionMode even when a policy is active:
-# composite functions whose inner linears and matmuls PrecisionMode cannot see.
-_OPAQUE = {f for f in (
-    getattr(F, "multi_head_attention_forward", None), getattr(F, "bilinear", None),
-    getattr(F, "conv_transpose1d", None), getattr(F, "conv_transpose2d", None),
-    getattr(F, "conv_transpose3d", None), getattr(torch, "lstm", None),
-    getattr(torch, "gru", None), getattr(torch, "rnn_tanh", None),
-    getattr(torch, "rnn_relu", None), getattr(torch, "_transformer_encoder_layer_fwd", None),
-    getattr(torch, "_native_multi_head_attention", None)) if f is not None}
-_warned: set = set()
-
 # Non-in-place ReLU spellings: run as mixprec.shared.QReLU on tagged activations.
 _RELUS = (F.relu, torch.relu, torch.Tensor.relu)
 
 
 def _route_relu(args: tuple, kwargs: dict):
-    bound = _bind(args, kwargs, ("input", "inplace"), {"inplace": False})
-    if bound is None or bound[1] or not isinstance(bound[0], torch.Tensor):
+    if len(args) > 2 or any(k not in ("input", "inplace") for k in kwargs):
         return None
-    return _shared_relu(bound[0])
-
-
-def _warn_opaque(func) -> None:
-    name = getattr(func, "__name__", repr(func))
-    if name not in _warned:
-        _warned.add(name)
-        warnings.warn(f"{name} is not emulated by PrecisionMode: it runs torch's own kernel "
-                      f"in the widest dtype of its inputs", stacklevel=3)
-
-
-def _floating_dtypes(values, into: set) -> set:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point():
-                into.add(v.dtype)
-        elif type(v) in (list, tuple):
-            _floating_dtypes(v, into)
-    return into
-
-
-def _cast_floating(v, dtype: torch.dtype):
-    if isinstance(v, torch.Tensor):
-        return v.to(dtype) if v.is_floating_point() else v
-    if type(v) in (list, tuple):
-        return type(v)(_cast_floating(i, dtype) for i in v)
-    return v
-
-
-def _common_dtype(args: tuple, kwargs: dict) -> tuple:
-    """Floating operands in one dtype (the widest): an FP32 layer may receive activations
-    that an emulated layer stored in float16 or bfloat16."""
-    dtypes = _floating_dtypes(kwargs.values(), _floating_dtypes(args, set()))
-    if len(dtypes) < 2:
-        return args, kwargs
-    wide = functools.reduce(torch.promote_types, dtypes)
-    return (tuple(_cast_floating(a, wide) for a in args),
-            {k: _cast_floating(v, wide) for k, v in kwargs.items()})
+    x = args[0] if args else kwargs.get("input")
+    inplace = args[1] if len(args) > 1 else kwargs.get("inplace", False)
+    if inplace or not isinstance(x, torch.Tensor):
+        return None
+    return _shared_relu(x)
 
 
 class _OneSlotState(LayerState):
@@ -372,51 +296,47 @@ class _OneSlotState(LayerState):
 class PrecisionMode(TorchFunctionMode):
     """While active, matmul-like ops are emulated and ``fp32_ops`` run in FP32.
 
-    Routed: F.linear, F.conv1d/2d/3d, torch.matmul / Tensor.matmul / ``@`` /
-    torch.bmm, F.embedding and F.scaled_dot_product_attention (decomposed into qmatmul,
-    FP32 softmax and qmatmul). Each uses the policy of the innermost running layer
-    registered by :func:`attach`, else ``default_policy``; with no policy or the
-    identity policy the plain op runs (no overhead beyond the dispatch).
+    Every matmul-like call goes through :func:`mixprec.dispatch.dispatch`: F.linear,
+    addmm / mm / bmm / baddbmm / addbmm / matmul / ``@`` / mv / addmv, tensordot and
+    einsum contractions, conv and conv-transpose 1/2/3d, F.bilinear, embedding and
+    embedding_bag, and F.scaled_dot_product_attention (qmatmul, FP32 softmax, qmatmul),
+    in function and Tensor-method spellings. Each uses the policy of the layer that
+    owns its weight operand (:func:`mixprec.policy.owner_layer`; registered by
+    :func:`attach`), else ``default_policy``; with no policy or the identity policy the
+    plain op runs in the widest dtype of its operands. ``recorder`` (a
+    :class:`mixprec.coverage.CoverageRecorder`, default a new one) counts what each call
+    did; ``strict=True`` makes an unrecognised call raise instead of warning.
     Ops named in ``fp32_ops`` follow :func:`mixprec.policy.run_fp32`. ReLU of an
     output that an emulated layer rounded to its activation format saves that output
     once, in the format's own storage, for itself and the next layer
     (:mod:`mixprec.shared`). Stochastic rounding draws from ``generator``.
 
-    >>> with PrecisionMode(default_policy=LayerPolicy.from_recipe("bf16-mixed")):
+    >>> with PrecisionMode(default_policy=LayerPolicy.from_recipe("bf16-mixed")) as mode:
     ...     y = model(x)
+    >>> print(mode.recorder.coverage())
     """
 
     def __init__(self, fp32_ops: Sequence[str] = DEFAULT_FP32_OPS,
                  default_policy: Optional[LayerPolicy] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, *,
+                 recorder: Optional[CoverageRecorder] = None, strict: bool = False):
         super().__init__()
         if default_policy is not None:
             _check_policy(default_policy)
         self.fp32_ops = tuple(fp32_ops)
         self.default_policy = default_policy
         self.generator = generator
-        generator_id(generator)   # named now, not while a compiled graph is traced
-        self._fp32 = resolve_fp32_ops(self.fp32_ops)
-        self._default = None if default_policy is None else Layer(
-            "", default_policy, _OneSlotState(""))
+        self.recorder = recorder if recorder is not None else CoverageRecorder(strict=strict)
+        self.fp32 = resolve_fp32_ops(self.fp32_ops)
+        self.default = None if default_policy is None else Layer(
+            OUTSIDE, default_policy, _OneSlotState(OUTSIDE))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        route = _ROUTES.get(func)
-        if route is not None or func in _OPAQUE:
-            layer = current_layer() or self._default
-            if layer is None:
-                return func(*args, **kwargs)
-            if not layer.policy.is_identity:
-                if route is None:
-                    _warn_opaque(func)
-                else:
-                    out = route(layer, self.generator, args, kwargs)
-                    if out is not _PLAIN:
-                        return out
-            args, kwargs = _common_dtype(args, kwargs)
-            return func(*args, **kwargs)
-        name = self._fp32.get(func)
+        out = _dispatch(self, func, args, kwargs)
+        if out is not NOT_MATMUL:
+            return out
+        name = self.fp32.get(func)
         if name is not None:
             return run_fp32(func, name, args, kwargs)
         if func in _RELUS:
@@ -424,3 +344,7 @@ class PrecisionMode(TorchFunctionMode):
             if out is not None:
                 return out
         return func(*args, **kwargs)
+
+
+# The door (imported last: it builds on this module's primitives).
+from .dispatch import NOT_MATMUL, dispatch as _dispatch  # noqa: E402

@@ -1,5 +1,10 @@
 """The training engine: one object that runs a mixed-precision training step.
 
+Set-up: the keep rules are resolved (:func:`resolve_keep_high_precision`; "first" and
+"last" by one traced forward, from ``example_inputs`` or from the first forward under
+``autocast()``), then master weights, layer policies and the weights' storage formats
+are fixed.
+
 >>> mp = prepare(model, optimizer, recipe="fp16-mixed")
 >>> with mp.autocast():
 ...     loss = loss_fn(model(x), y)
@@ -17,7 +22,9 @@ A step, stage by stage (every recipe runs the same stages; "off" is an identity 
 4. step master   the user's optimizer updates the master weights (then re-rounded to
                  the recipe's master format)
 5. round         model weights <- round(master, weight format)
-6. state         optimizer moments <- round(moments, recipe.optimizer_state)
+6. state         optimizer moments <- round(moments, recipe.optimizer_state); elements
+                 rounded to zero where the gradient is not are counted (the history's
+                 state_underflow) and warned about once
 7. loss scale    S <- update(S, found_inf); a forward NaN leaves S alone (scaling
                  cannot fix it)
 """
@@ -26,29 +33,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
-import fnmatch
-from typing import Callable, Iterator, Optional, Sequence, Union
+import warnings
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
-from .optim import MasterOptimizer, ParamSlot, round_into_
+from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, parameter_owners,
+                     resolve_keep_high_precision, split_example_inputs, trace_gemm_calls)
+from .optim import (STATE_UNDERFLOW_WARN, MasterOptimizer, OptimizerStateUnderflowWarning,
+                    ParamSlot, StateUnderflow, round_into_)
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
 
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
-           "resolve_keep_high_precision"]
+           "STATE_UNDERFLOW_WARN", "needs_trace", "resolve_keep_high_precision"]
 
-KEEP_KEYWORDS = ("first", "last", "norm")
-KeepFilter = Union[str, Callable[[str, nn.Module], bool]]
-
-_GEMM_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
-_NORM_MODULES = tuple(m for m in (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm, getattr(nn, "RMSNorm", None)) if m is not None)
 
 
 class NonFiniteError(RuntimeError):
@@ -63,52 +67,13 @@ class Stage(str, enum.Enum):
 
 
 # --------------------------------------------------------------------------------------
-# Which modules stay in high precision
+# Storage of kept modules
 # --------------------------------------------------------------------------------------
-def resolve_keep_high_precision(model: nn.Module, filters) -> frozenset:
-    """Qualified names of the modules kept in high precision.
-
-    ``filters``: "first" (the first Linear/Conv by registration order), "last" (the
-    last Linear), "norm" (every BatchNorm/LayerNorm/GroupNorm/InstanceNorm/RMSNorm),
-    fnmatch patterns on qualified names, or callables ``(name, module) -> bool``.
-    Submodules of a kept module are kept too.
-    """
-    if filters is None:
-        filters = ()
-    elif isinstance(filters, str) or callable(filters):
-        filters = (filters,)
-    modules = list(model.named_modules())
-    chosen: set = set()
-    for f in filters:
-        if callable(f):
-            chosen |= {n for n, m in modules if f(n, m)}
-        elif f == "first":
-            chosen |= set([n for n, m in modules if isinstance(m, _GEMM_MODULES)][:1])
-        elif f == "last":
-            chosen |= set([n for n, m in modules if isinstance(m, nn.Linear)][-1:])
-        elif f == "norm":
-            chosen |= {n for n, m in modules if isinstance(m, _NORM_MODULES)}
-        elif isinstance(f, str):
-            matched = {n for n, _ in modules if fnmatch.fnmatchcase(n, f)}
-            if not matched:
-                names = ", ".join(repr(n) for n, _ in modules[1:12])
-                raise ValueError(f"keep_high_precision pattern {f!r} matches no module; valid: "
-                                 f"{', '.join(KEEP_KEYWORDS)}, a callable, or a pattern on "
-                                 f"module names such as {names}")
-            chosen |= matched
-        else:
-            raise ValueError(f"keep_high_precision entry {f!r} is not a string or a callable; "
-                             f"valid: {', '.join(KEEP_KEYWORDS)}, fnmatch patterns, callables")
-    if "" in chosen:
-        return frozenset(n for n, _ in modules)
-    return frozenset(n for n, _ in modules
-                     if any(n == c or n.startswith(c + ".") for c in chosen))
-
-
 def _storage_spec(recipe: Recipe, kept: bool) -> TensorSpec:
     """The format a model weight is stored in: the weight format, the high-precision
     format for kept modules, FP32 when the weight format is scaled (the layer scales and
-    rounds it at every use)."""
+    rounds it at every use). A parameter shared by several modules (tied embeddings) is
+    kept when any of them is: each layer still rounds it to its own format at use."""
     if kept:
         return TensorSpec(recipe.high_precision)
     if recipe.weight.scaling is not ScalingKind.NONE:
@@ -124,10 +89,11 @@ class Engine:
     docstring for the stages of a step. Build it with :func:`prepare`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, *,
-                 backend: str, keep: frozenset, generator: torch.Generator,
-                 count_lost_updates: Optional[bool] = None):
+                 backend: str, keep: Optional[frozenset], generator: torch.Generator,
+                 count_lost_updates: Optional[bool] = None, filters=(), strict: bool = False):
         self.model, self.optimizer, self.recipe = model, optimizer, recipe
-        self.backend, self.keep, self.generator = backend, keep, generator
+        self.recorder = CoverageRecorder(strict=strict)
+        self.backend, self.generator = backend, generator
         self.loss_scaler = recipe.loss_scale.build()
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self._steps = self._skipped = self._consecutive = 0
@@ -137,25 +103,98 @@ class Engine:
         self._reset_step_flags()
         self._hooks, self._attached = [], None
         self.monitor = None            # a NumericsMonitor attached by attach_monitor()
+        self._filters = as_keep_filters(filters)
+        self._keep: Optional[frozenset] = None
+        self._masters: Optional[MasterOptimizer] = None
+        self._count_lost = (recipe.master is None if count_lost_updates is None
+                            else count_lost_updates)
+        self._autocast_depth = 0
+        self._tracing = False
+        self._state_warned = False
+        self._pending_hook = None
         if backend == "native":      # validate before the optimizer is touched
             self._dtype = native_dtype(recipe)
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 raise ValueError("backend='native' converts parameter dtypes: call prepare() on "
                                  "the model before wrapping it in DistributedDataParallel")
+        else:
+            self._default_policy = LayerPolicy.from_recipe(recipe)
+        if keep is not None:
+            self._finalize(keep)
+        else:
+            # "first"/"last" need a forward pass: the first one under autocast() is traced
+            self._pending_hook = model.register_forward_pre_hook(
+                self._trace_first_forward, with_kwargs=True, prepend=True)
+
+    # -- set-up ---------------------------------------------------------------------
+    def _finalize(self, keep: frozenset) -> None:
+        """Fix the kept modules, then build master weights and precision policies and
+        round the model's weights to their storage formats (nothing before this touches
+        the weights or the optimizer)."""
+        self._keep = frozenset(keep)
+        if self._pending_hook is not None:
+            self._pending_hook.remove()
+            self._pending_hook = None
         self._masters = MasterOptimizer(
-            optimizer, self._make_slots(), optimizer_state=recipe.optimizer_state,
-            scaling=recipe.scaling, generator=generator,
-            count_lost_updates=(recipe.master is None if count_lost_updates is None
-                                else count_lost_updates))
-        if backend == "native":
+            self.optimizer, self._make_slots(), optimizer_state=self.recipe.optimizer_state,
+            scaling=self.recipe.scaling, generator=self.generator,
+            count_lost_updates=self._count_lost)
+        if self.backend == "native":
             self._setup_native()
         else:
             self._setup_emulated()
         self._masters.copy_to_model_()
 
+    def _trace_first_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of the model while the keep rules wait for a trace: the first
+        forward under :meth:`autocast` is first traced (eval mode, no gradients, plain
+        FP32; see :func:`mixprec.layers.trace_gemm_calls`) with the same inputs, the
+        engine is finalised, and the forward then runs under the finished policies."""
+        if self._keep is not None or self._tracing or self._autocast_depth == 0:
+            return None
+        root_hooks = set(module._forward_pre_hooks)
+        monitor, self._tracing = self.monitor, True
+        try:
+            if monitor is not None:    # the trace is no training step: the monitor skips it
+                monitor.detach()
+            calls = trace_gemm_calls(module, args, kwargs)
+        finally:
+            self._tracing = False
+            if monitor is not None:
+                monitor.attach()
+        self._finalize(resolve_keep_high_precision(module, self._filters, calls=calls))
+        # Hooks just registered on the model itself (its layer policy, a kept region,
+        # the monitor) were not in this call's hook list: run them for this call too.
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook_id in root_hooks:
+                continue
+            if hook_id in module._forward_pre_hooks_with_kwargs:
+                out = hook(module, args, kwargs)
+                if out is not None:
+                    args, kwargs = out
+            else:
+                out = hook(module, args)
+                if out is not None:
+                    args = out if isinstance(out, tuple) else (out,)
+        return args, kwargs
+
+    def _require_ready(self, call: str) -> MasterOptimizer:
+        if self._masters is None:
+            raise RuntimeError(
+                f"mixprec: {call} before the model ran under mp.autocast(): keep rules "
+                f"{'+'.join(f for f in self._filters if isinstance(f, str))} name positions "
+                f"in execution order, found by tracing the model's first forward under "
+                f"mp.autocast(). Call the model itself inside `with mp.autocast():`, or (when "
+                f"a step calls only its submodules) pass prepare(..., example_inputs=...)")
+        return self._masters
+
+    def _kept(self, param: torch.Tensor, owners: dict, fallback: str) -> bool:
+        return any(name in self._keep for name in owners.get(id(param), (fallback,)))
+
     def _make_slots(self) -> list:
         modules = dict(self.model.named_modules())
         names = {id(p): n for n, p in self.model.named_parameters()}
+        owners = parameter_owners(self.model)
         slots, seen = [], set()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -169,40 +208,62 @@ class Engine:
                 module_name = name.rpartition(".")[0]
                 slots.append(MasterOptimizer.make_slot(
                     name, modules[module_name], module_name, p,
-                    storage=_storage_spec(self.recipe, module_name in self.keep),
+                    storage=_storage_spec(self.recipe, self._kept(p, owners, module_name)),
                     master=self.recipe.master, native=self.backend == "native",
                     generator=self.generator))
         return slots
 
     def _setup_emulated(self) -> None:
-        normal = LayerPolicy.from_recipe(self.recipe)
+        normal, keep = self._default_policy, self._keep
         high = LayerPolicy.from_recipe(self.recipe, high_precision=True)
-        self._default_policy = normal
-        self._attached = attach(self.model, lambda n, m: high if n in self.keep else normal)
+        self._attached = attach(self.model, lambda n, m: high if n in keep else normal,
+                                kept=keep)
         # Weights not optimized (frozen) are rounded to their storage format once, here.
         optimized = {id(s.model) for s in self._masters.slots}
-        for name, module in self.model.named_modules():
-            spec = _storage_spec(self.recipe, name in self.keep)
-            for p in module.parameters(recurse=False):
-                if id(p) not in optimized and p.dtype == torch.float32:
-                    round_into_(p.data, p.data, spec, self.recipe.scaling, self.generator)
+        owners = parameter_owners(self.model)
+        for name, p in self.model.named_parameters():
+            if id(p) not in optimized and p.dtype == torch.float32:
+                spec = _storage_spec(self.recipe, self._kept(p, owners, name.rpartition(".")[0]))
+                round_into_(p.data, p.data, spec, self.recipe.scaling, self.generator)
 
     def _setup_native(self) -> None:
         keep_dtype = NATIVE_DTYPES.get(self.recipe.high_precision, torch.float32)
-        convert_parameters_(self.model, self._dtype, self.keep, keep_dtype)
-        self._hooks = keep_full_precision(self.model, self.keep, self.device.type)
+        convert_parameters_(self.model, self._dtype, self._keep, keep_dtype)
+        self._hooks = keep_full_precision(self.model, self._keep, self.device.type)
 
     # -- context --------------------------------------------------------------------
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Run the forward pass (and the loss) under the recipe's precision policy."""
-        if self.backend == "native":
-            with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):
-                yield
-        else:
-            with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
-                               default_policy=self._default_policy, generator=self.generator):
-                yield
+        """Run the forward pass (and the loss) under the recipe's precision policy.
+
+        When the keep rules wait for a trace ("first"/"last" without ``example_inputs``),
+        the first model forward in here is traced first and the engine finalised."""
+        self._autocast_depth += 1
+        try:
+            if self.backend == "native":
+                with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):
+                    yield
+            else:
+                with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
+                                   default_policy=self._default_policy,
+                                   generator=self.generator, recorder=self.recorder):
+                    yield
+        finally:
+            self._autocast_depth -= 1
+
+    def coverage(self, *, reset: bool = False) -> Coverage:
+        """What the matmul-like calls under :meth:`autocast` did since the engine was
+        built (or the last reset): emulated and in which formats, kept by a rule, FP32
+        ops, or not recognised (:mod:`mixprec.coverage`). ``reset=True`` starts a new
+        count after returning this one. The native backend leaves precision to
+        torch.autocast and records nothing.
+
+        >>> print(mp.coverage())
+        """
+        out = self.recorder.coverage()
+        if reset:
+            self.recorder.reset()
+        return out
 
     # -- stage bookkeeping ------------------------------------------------------------
     def _reset_step_flags(self) -> None:
@@ -229,6 +290,7 @@ class Engine:
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """Backward of ``loss * scale``; may be called several times before step()."""
         self._require((Stage.READY, Stage.BACKWARD), "backward()")
+        self._require_ready("backward()")
         # (1) backward: record a non-finite loss before backward turns it into NaN grads
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
@@ -267,6 +329,7 @@ class Engine:
         # (3) check finite -> skip: a skipped step touches no weight and no optimizer state
         skipped = self._found_inf or not self._loss_finite
         lost = 0.0 if self._masters.count_lost_updates else None
+        underflow = None
         mon = self.monitor
         self._culprit = mon.first_nonfinite() if (mon is not None and skipped) else None
         if not skipped:
@@ -276,14 +339,17 @@ class Engine:
             lost = self._masters.step()
             # (5) round master -> model weights
             self._masters.copy_to_model_()
-            # (6) optimizer state precision
-            self._masters.round_optimizer_state_()
+            # (6) optimizer state precision; moments left at zero where the gradient is
+            # not are counted (the history's state_underflow) and warned about once
+            underflow = self._masters.round_optimizer_state_()
+            self._warn_state_underflow(underflow)
         if mon is not None:
             mon.record_updates()       # ends the monitor's step (no update when skipped)
         # (7) update the loss scale; a forward NaN is no overflow, so it leaves S alone
         if self._loss_finite:
             self.loss_scaler.update(self._found_inf)
-        self._record(scale, skipped, lost)
+        self._record(scale, skipped, lost,
+                     underflow.worst if underflow is not None else None)
         self._stage = Stage.STEPPED
         if self._consecutive >= self.recipe.max_consecutive_skips:
             raise NonFiniteError(self._diagnosis())
@@ -291,16 +357,33 @@ class Engine:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear model and master gradients; the next step starts with backward()."""
-        self._masters.zero_grad()
+        if self._masters is not None:
+            self._masters.zero_grad()
         self.model.zero_grad(set_to_none=set_to_none)
         self._reset_step_flags()
         self._stage = Stage.READY
 
     # -- counters and diagnosis ------------------------------------------------------
-    def _record(self, scale: float, skipped: bool, lost: Optional[float]) -> None:
+    def _warn_state_underflow(self, underflow: Optional[StateUnderflow]) -> None:
+        if self._state_warned or underflow is None or underflow.worst <= STATE_UNDERFLOW_WARN:
+            return
+        self._state_warned = True
+        keys = ", ".join(f"{100 * f:.1f}% of {k}" for k, f in
+                         sorted(underflow.fraction.items(), key=lambda kv: -kv[1]))
+        names = ", ".join(f"{n!r} ({k} {100 * f:.0f}%)" for n, k, f in underflow.params[:6])
+        more = f" and {len(underflow.params) - 6} more" if len(underflow.params) > 6 else ""
+        warnings.warn(
+            f"mixprec: optimizer state underflows in {self.recipe.optimizer_state.format} at "
+            f"step {self._steps}: {keys} elements are 0 where the gradient is not (parameters "
+            f"{names}{more}); those moments no longer follow their gradients. Fix: keep the "
+            f"state in a wider format ('{self.recipe.name}:optimizer_state.format=fp32') or "
+            f"use a larger eps in the optimizer.", OptimizerStateUnderflowWarning, stacklevel=3)
+
+    def _record(self, scale: float, skipped: bool, lost: Optional[float],
+                underflow: Optional[float] = None) -> None:
         entry = {"step": self._steps, "scale": scale, "skipped": skipped,
                  "loss_finite": self._loss_finite, "grads_finite": not self._found_inf,
-                 "lost_updates": lost}
+                 "lost_updates": lost, "state_underflow": underflow}
         if self.monitor is not None:
             entry["first_nonfinite"] = ("/".join(self._culprit) if self._culprit else None)
         self._history.append(entry)
@@ -369,7 +452,10 @@ class Engine:
 
     @property
     def history(self) -> list:
-        """One dict per step: step, scale, skipped, loss_finite, grads_finite, lost_updates."""
+        """One dict per step: step, scale, skipped, loss_finite, grads_finite, lost_updates,
+        state_underflow (the largest fraction, over the optimizer's moments, of elements
+        rounded to zero where the gradient is not; None when the state is kept in FP32
+        or the step was skipped)."""
         return self._history
 
     @property
@@ -377,11 +463,17 @@ class Engine:
         """Fraction of parameter elements whose last update was lost to rounding; None
         unless counted (``prepare(..., count_lost_updates=True)``; on by default only
         for recipes without master weights, such as fp16-pure)."""
-        return self._masters.lost_update_fraction
+        return self._masters.lost_update_fraction if self._masters is not None else None
 
     @property
     def master_params(self) -> list:
-        return [s.master for s in self._masters.slots]
+        return [s.master for s in self._require_ready("master_params").slots]
+
+    @property
+    def keep(self) -> Optional[frozenset]:
+        """Qualified names of the modules kept in high precision; None until the first
+        forward under :meth:`autocast` when "first"/"last" wait for a trace."""
+        return self._keep
 
     @property
     def stage(self) -> Stage:
@@ -394,10 +486,12 @@ class Engine:
     def state_dict(self) -> dict:
         """A snapshot of everything a bit-identical resume needs (model buffers aside:
         save ``model.state_dict()`` too)."""
+        masters = self._require_ready("state_dict()")
         return copy.deepcopy({
             "recipe": _recipe_text(self.recipe), "backend": self.backend,
+            "keep": sorted(self._keep),
             "loss_scaler": self.loss_scaler.state_dict(),
-            "masters": self._masters.state_dict(),
+            "masters": masters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "counters": {"steps": self._steps, "skipped_steps": self._skipped,
                          "consecutive_skips": self._consecutive},
@@ -406,10 +500,19 @@ class Engine:
         })
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; master and model weights are overwritten."""
+        """Restore a :meth:`state_dict`; master and model weights are overwritten. An
+        engine still waiting for its first forward takes the kept modules from the
+        checkpoint."""
         if state["recipe"] != _recipe_text(self.recipe):
             raise ValueError(f"checkpoint recipe {state['recipe']!r} differs from this "
                              f"engine's {_recipe_text(self.recipe)!r}")
+        keep = state.get("keep")
+        if self._keep is None and keep is not None:
+            self._finalize(frozenset(keep))
+        elif keep is not None and frozenset(keep) != self._keep:
+            raise ValueError(f"checkpoint keeps modules {sorted(keep)} in high precision, this "
+                             f"engine keeps {sorted(self._keep)}")
+        self._require_ready("load_state_dict()")
         self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._masters.load_state_dict(state["masters"])
@@ -425,6 +528,9 @@ class Engine:
         """Detach the precision hooks from the model (weights stay as they are)."""
         for h in self._hooks:
             h.remove()
+        if self._pending_hook is not None:
+            self._pending_hook.remove()
+            self._pending_hook = None
         if getattr(self, "_attached", None) is not None:
             self._attached.remove()
 
@@ -441,7 +547,8 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             keep_high_precision: Union[KeepFilter, Sequence[KeepFilter], None] = None,
             generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None,
-            count_lost_updates: Optional[bool] = None) -> Engine:
+            count_lost_updates: Optional[bool] = None, strict: bool = False,
+            example_inputs: Union[torch.Tensor, tuple, list, dict, None] = None) -> Engine:
     """Set up ``model`` and ``optimizer`` for training with ``recipe``.
 
     Args:
@@ -451,13 +558,23 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
         recipe: a preset name, a recipe string ("fp8-e5m2:grads.rounding=nearest") or a Recipe.
         backend: "emulated", "native" or "auto" (default: the recipe's backend).
         keep_high_precision: overrides ``recipe.keep_high_precision`` ("first", "last",
-            "norm", fnmatch patterns, callables ``(name, module) -> bool``).
+            "norm", fnmatch patterns, callables ``(name, module) -> bool``; see
+            :func:`resolve_keep_high_precision`).
         generator: randomness of stochastic rounding; default a new generator seeded
             with ``seed`` (or ``torch.initial_seed()``), so runs are reproducible.
         count_lost_updates: count, every step, the fraction of parameter elements whose
             update the master rounding lost (``Engine.lost_update_fraction`` and the
             history's ``lost_updates``). Default: only for recipes without master
             weights (fp16-pure), where it is the diagnosis; it costs a few percent.
+        strict: a matmul-like call that runs unemulated inside ``autocast()`` outside
+            any kept module raises :class:`mixprec.coverage.UnemulatedOpError` instead
+            of warning once (:meth:`Engine.coverage` lists every call).
+        example_inputs: inputs of one forward (a tensor, a tuple of positional arguments
+            or a dict of keyword arguments), traced now to find the "first" and "last"
+            layers. Without them the first forward under ``mp.autocast()`` is traced,
+            with its own inputs, before it runs; until then the weights are untouched
+            and ``mp.keep`` is None. Either way the trace runs in eval mode without
+            gradients and changes nothing; both give the same engine, bit for bit.
 
     Returns:
         The :class:`Engine`.
@@ -472,11 +589,16 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
             recipe = get_recipe(recipe, keep_high_precision=filters)
     else:
         filters = recipe.keep_high_precision
-    keep = resolve_keep_high_precision(model, filters)
+    if needs_trace(filters) and example_inputs is None:
+        keep = None                    # traced at the first forward under autocast()
+    else:
+        if example_inputs is not None:
+            split_example_inputs(example_inputs)       # a TypeError for a wrong kind
+        keep = resolve_keep_high_precision(model, filters, example_inputs=example_inputs)
     device = next(iter(model.parameters()), torch.empty(0)).device
     backend = resolve_backend(backend or recipe.backend, recipe, device)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() if seed is None else seed)
     return Engine(model, optimizer, recipe, backend=backend, keep=keep, generator=generator,
-                  count_lost_updates=count_lost_updates)
+                  count_lost_updates=count_lost_updates, filters=filters, strict=strict)

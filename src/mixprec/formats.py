@@ -4,7 +4,8 @@ A format is sign + ``ebits`` exponent bits + ``mbits`` mantissa bits with an exp
 ``bias``.  What the top of the code space means is the format's *convention*:
 
 * ``ieee``   -- the all-ones exponent is reserved: mantissa 0 is inf, anything else NaN
-               (fp32, bf16, fp16, OCP e5m2).
+               (fp32, bf16, fp16, OCP e5m2); with no mantissa bits (e5m0) there is no
+               NaN code.
 * ``fn``     -- finite + NaN: no inf; only the all-ones code S.1..1.1..1 is NaN, so the
                top binade holds normal numbers but its last mantissa code (OCP e4m3fn).
 * ``fnuz``   -- finite + NaN, unsigned zero: no inf, no -0; the code 1000...0 is the
@@ -77,6 +78,10 @@ class FloatFormat:
 
     @property
     def has_nan(self) -> bool:
+        # IEEE-style with no mantissa bits: the all-ones exponent is inf, and no code is left
+        # for NaN (quantize still returns NaN for NaN input; encode cannot store it)
+        if self.convention is Convention.IEEE and self.mbits == 0:
+            return False
         return self.convention is not Convention.FINITE
 
     @property
@@ -96,7 +101,7 @@ class FloatFormat:
         """The NaN encoding in words (for tables and error messages)."""
         e, m = "1" * self.ebits, self.mbits
         return {
-            Convention.IEEE: f"S.{e}.(non-zero mantissa)",
+            Convention.IEEE: f"S.{e}.(non-zero mantissa)" if m else "none",
             Convention.FN: f"S.{e}.{'1' * m}" if m else f"S.{e}",
             Convention.FNUZ: "1." + "0" * (self.ebits + self.mbits) + " only",
             Convention.FINITE: "none",

@@ -6,6 +6,11 @@ bundled 8x8 digits) or your own: ``--model pkg.mod:factory`` returns an ``nn.Mod
 in FP32 with Adam or SGD while the monitor records every layer's activations, weights,
 gradients and updates; then the table of underflow/overflow fractions per format and
 the advice (loss scale, master weights, layers to keep in higher precision) are printed.
+
+``--coverage RECIPE`` adds a section: one forward and backward of the same model under
+RECIPE, and the coverage report of its matmul-like calls -- which were emulated and in
+which formats, which ran in high precision and why (kept by a rule, an FP32 op, or not
+recognised), by op and module (:mod:`mixprec.coverage`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from mixprec.experiments.train import task_loss
 from mixprec.experiments.workloads import DEFAULT_WORKLOAD, WORKLOADS, resolve_workload
 from mixprec.formats import get_format
 from mixprec.monitor import NumericsMonitor
+from mixprec.recipe import get_recipe
 
 __all__ = ["add_inspect_parser", "run_inspect"]
 
@@ -56,6 +62,9 @@ def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0,
                    help="loss scale S applied to gradients before the cast (default 1)")
     p.add_argument("--advise", metavar="FORMAT", help="format to advise on (default: the first of --formats)")
+    p.add_argument("--coverage", metavar="RECIPE",
+                   help="also run one forward+backward under RECIPE and print which "
+                        "matmul-like calls were emulated, in which formats, and why not")
     p.add_argument("--json", metavar="PATH", help="also write the report and advice as JSON")
     p.set_defaults(func=run_inspect)
     return p
@@ -79,8 +88,28 @@ def _watch(args: argparse.Namespace, formats: tuple[str, ...]) -> NumericsMonito
             task_loss(data.task, model(x), y).backward()
             mon.snapshot_weights()
             optimizer.step()
+            mon.record_optimizer_state(optimizer)
             mon.record_updates()
     return mon
+
+
+def coverage_of(args: argparse.Namespace, recipe: str):
+    """The coverage report of one forward and backward of the workload's model (built
+    under ``args.seed``) on its first training batch, under ``recipe``."""
+    from mixprec.engine import prepare      # the engine sits above the monitor
+    work = resolve_workload(args.workload, model=args.model, data=args.data)
+    torch.manual_seed(args.seed)
+    data = work.make_data()
+    model = work.make_model()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), recipe, seed=args.seed,
+                 backend="emulated")
+    x, y = next(iter(iterate_batches(data.x_train, data.y_train,
+                                     args.batch_size or work.batch_size, seed=args.seed)))
+    model.train()
+    with mp.autocast():
+        loss = task_loss(data.task, model(x), y)
+    mp.backward(loss)
+    return mp.coverage()
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -95,17 +124,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.coverage:
+        get_recipe(args.coverage)      # a bad recipe fails before the FP32 steps
     try:
         mon = _watch(args, formats)
+        coverage = coverage_of(args, args.coverage) if args.coverage else None
     finally:
         torch.set_num_threads(threads)
     advice = mon.advice(advise)
     print(mon.summary())
     print()
     print(advice["text"])
+    if coverage is not None:
+        print(f"\nCoverage under {args.coverage} (one forward and backward):")
+        print(coverage)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "func"}
+        doc = {"config": config, "report": mon.report(), "advice": advice}
+        if coverage is not None:
+            doc["coverage"] = coverage.to_dict()
         with open(args.json, "w") as fh:
-            json.dump({"config": config, "report": mon.report(), "advice": advice}, fh, indent=1)
+            json.dump(doc, fh, indent=1)
         print(f"\nwrote {args.json}")
     return 0

@@ -8,6 +8,10 @@ tensor role, what a reduced-precision format would do to the values:
 * ``grad_output`` gradient of the loss w.r.t. the layer output (tensor hook on the output)
 * ``weight_grad`` the parameters' ``.grad`` once accumulated (post-accumulate-grad hook)
 * ``update``      the parameter change across an optimizer step (``record_updates``)
+* ``optimizer_state`` the optimizer's per-element moments after a step (Adam's exp_avg and
+                  exp_avg_sq, momentum buffers), once :meth:`NumericsMonitor.record_optimizer_state`
+                  is called: their underflow is what an optimizer state stored in the
+                  format would lose
 
 Layer outputs are only checked for inf/NaN (role ``output`` in ``last_step_nonfinite``);
 their values are the next layer's activations.
@@ -48,7 +52,7 @@ from mixprec.formats import FloatFormat, FormatLike, get_format
 __all__ = ["NumericsMonitor", "TensorStats", "Thresholds", "format_thresholds", "ROLES",
            "GRAD_ROLES", "DEFAULT_EDGES"]
 
-ROLES = ("activation", "weight", "grad_output", "weight_grad", "update")
+ROLES = ("activation", "weight", "grad_output", "weight_grad", "update", "optimizer_state")
 GRAD_ROLES = frozenset({"grad_output", "weight_grad"})   # the roles the loss scale multiplies
 DEFAULT_EDGES = tuple(range(-40, 21))
 # Index i of the binade histogram holds [2^(i-127), 2^(i-126)), index 0 every nonzero value
@@ -564,6 +568,20 @@ class NumericsMonitor:
             if any(c.finite < c.n for c in counts):
                 self.last_step_nonfinite.append((layer, "update"))
 
+    def record_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record the optimizer's per-element state of the watched parameters (tensors of
+        the parameter's shape: moments, momentum; call after ``optimizer.step()``) as role
+        ``optimizer_state``. Its underflow in a format is the fraction of nonzero moment
+        values that a state stored in that format would hold as zero."""
+        if not (self._step < 0 or self._active):
+            return
+        for layer, ps in self._params.items():
+            moments = [v for p in ps.values() for k, v in optimizer.state.get(p, {}).items()
+                       if k != "step" and torch.is_tensor(v) and v.is_floating_point()
+                       and v.shape == p.shape]
+            if moments:
+                self._record(layer, "optimizer_state", *(m.detach() for m in moments))
+
     def observe_update(self, before_params: Mapping[str, torch.Tensor]) -> None:
         """Record updates against ``before_params``, keyed like ``model.named_parameters()``."""
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -721,9 +739,14 @@ class NumericsMonitor:
             "updates_recorded": sum(st.numel for st in ups), "nonzero_updates": n_u,
             "rel_threshold_log2": -(f.mbits + 1), "abs_threshold": f.min_subnormal,
             "below_abs_frac": sum(st.below_abs[f.name] for st in ups) / n_u if n_u else None}
+        states = [st for st in stats if st.role == "optimizer_state"]
+        n_s = sum(st.finite_nonzero for st in states)
+        adv["optimizer_state"] = {
+            "recorded": bool(states),
+            "underflow_frac": sum(st.underflow[f.name] for st in states) / n_s if n_s else None}
         worst: dict[str, dict] = {}
         for st in stats:
-            if st.role == "update":
+            if st.role in ("update", "optimizer_state"):
                 continue
             if st.role in GRAD_ROLES and k is not None:
                 u, o = st.count_at_most_pow2(j_zero - k) / max(st.finite_nonzero, 1), 0.0
@@ -764,6 +787,14 @@ def _advice_text(adv: dict, f: FloatFormat) -> str:
             f"- Master weights: {'needed' if m['needed'] else 'not needed'}: {pct(m['below_rel_frac'])} of nonzero "
             f"updates are below {rel} of their weight (threshold {thr}), which a {f.name} weight would swallow; "
             f"{pct(m['below_abs_frac'])} are below {_num(m['abs_threshold'])} absolute.")
+    s = adv.get("optimizer_state", {})
+    if s.get("underflow_frac") is not None:
+        bad = s["underflow_frac"] > adv["threshold"]
+        lines.append(
+            f"- Optimizer state: {pct(s['underflow_frac'])} of the nonzero moment values round to "
+            f"zero in {f.name}; " + ("store the state in fp32 (optimizer_state.format=fp32) or "
+                                     "raise the optimizer's eps." if bad else
+                                     f"{f.name} can hold it."))
     if adv["keep_high_precision"]:
         worst = ", ".join(f"{w['layer']} ({w['role']}: underflow {pct(w['underflow'])}, overflow {pct(w['overflow'])})"
                           for w in adv["keep_high_precision"])

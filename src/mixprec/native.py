@@ -24,6 +24,7 @@ from typing import Collection, Iterator, Optional
 import torch
 from torch import nn
 
+from .layers import parameter_owners
 from .recipe import BACKENDS, Recipe, Rounding, ScalingKind
 
 __all__ = [
@@ -102,14 +103,15 @@ def convert_parameters_(model: nn.Module, dtype: torch.dtype, keep: Collection[s
     """Store every parameter in ``dtype`` (modules named in ``keep``: ``keep_dtype``).
 
     Buffers (batch-norm running statistics) stay as they are: the FP32-ops policy
-    computes normalisation in FP32.
+    computes normalisation in FP32. A parameter owned by several modules (tied
+    embeddings) is converted once, to ``keep_dtype`` when any of them is kept.
     """
+    owners = parameter_owners(model)
     with torch.no_grad():
-        for name, module in model.named_modules():
-            target = keep_dtype if name in keep else dtype
-            for p in module.parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != target:
-                    p.data = p.data.to(target)
+        for p in model.parameters():
+            target = keep_dtype if any(n in keep for n in owners[id(p)]) else dtype
+            if p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
 
 
 def keep_full_precision(model: nn.Module, keep: Collection[str], device_type: str) -> list:

@@ -27,12 +27,16 @@ from .quant import quantize
 from .recipe import Rounding, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import quantize_spec
 
-__all__ = ["ParamSlot", "MasterOptimizer", "round_into_"]
+__all__ = ["ParamSlot", "MasterOptimizer", "round_into_", "StateUnderflow",
+           "OptimizerStateUnderflowWarning", "STATE_UNDERFLOW_WARN"]
 
 # Unscaled formats whose round-to-nearest is exactly torch's cast to a native dtype.
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # State entries that are counters, not per-element moments (never rounded).
 _COUNTER_KEYS = frozenset({"step"})
+# The engine warns (once per run) when more than this fraction of an optimizer moment's
+# elements are zero in the state format while their gradients are not.
+STATE_UNDERFLOW_WARN = 0.01
 
 
 def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
@@ -55,6 +59,30 @@ def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
             return quantize(src, spec.format, rounding=spec.rounding.value,
                             saturate=spec.saturate, generator=generator, out=dst)
         return dst.copy_(quantize_spec(src, spec, cfg, generator=generator))
+
+
+class OptimizerStateUnderflowWarning(UserWarning):
+    """Optimizer moments rounded to zero in their storage format while their gradients
+    are not zero: the optimizer no longer sees those gradients (an Adam update divides by
+    sqrt(exp_avg_sq) + eps, so a zero second moment turns into a huge step)."""
+
+
+@dataclass(frozen=True)
+class StateUnderflow:
+    """Optimizer-state elements that the state format rounded to zero where the gradient
+    of that step is not zero, after one step:
+
+        fraction[key] = #(round(state[key]) == 0 and grad != 0) / #(grad != 0)
+
+    over every parameter; ``worst`` is the largest of them (the history's
+    ``state_underflow``); ``params`` lists ``(parameter, key, fraction)``, worst first.
+    """
+    fraction: dict
+    params: tuple
+
+    @property
+    def worst(self) -> float:
+        return max(self.fraction.values(), default=0.0)
 
 
 @dataclass
@@ -211,15 +239,33 @@ class MasterOptimizer:
                 round_into_(s.model.data, s.master.data, s.storage, self.scaling, self.generator)
 
     # -- stage 6: optimizer state precision ------------------------------------------
-    def round_optimizer_state_(self) -> None:
-        """Round per-element optimizer state (moments, momentum) to ``optimizer_state``."""
+    def round_optimizer_state_(self) -> Optional[StateUnderflow]:
+        """Round per-element optimizer state (moments, momentum) to ``optimizer_state``.
+
+        Returns the elements that rounding left at zero where the gradient is not zero
+        (:class:`StateUnderflow`); None when the state is not rounded (FP32).
+        """
         if self.optimizer_state.is_identity:
-            return
+            return None
+        dead: dict = {}          # key -> [zero where grad != 0, grad != 0]
+        params = []
         for s in self.slots:
+            grad = s.master.grad
+            live = None if grad is None else grad != 0
+            n_live = 0 if live is None else int(torch.count_nonzero(live))
             for key, value in self.optimizer.state.get(s.master, {}).items():
                 if (key not in _COUNTER_KEYS and torch.is_tensor(value)
                         and value.is_floating_point() and value.shape == s.master.shape):
                     round_into_(value, value, self.optimizer_state, self.scaling, self.generator)
+                    if n_live:
+                        zero = int(torch.count_nonzero((value == 0) & live))
+                        counts = dead.setdefault(key, [0, 0])
+                        counts[0] += zero
+                        counts[1] += n_live
+                        if zero:
+                            params.append((s.name, key, zero / n_live))
+        params.sort(key=lambda t: -t[2])
+        return StateUnderflow({k: z / n for k, (z, n) in dead.items()}, tuple(params))
 
     def zero_grad(self) -> None:
         for s in self.slots:

@@ -27,6 +27,7 @@ from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
 __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "current_layer",
+           "owner_layer", "parameter_of",
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
 
 LAYER_ROLES = (Role.WEIGHT, Role.ACTIVATION, Role.GRAD_OUTPUT, Role.WEIGHT_GRAD)
@@ -194,9 +195,14 @@ def scaler_key(role: str, slot: int = 0, operand: str = "") -> str:
 # The stack of running layers
 # --------------------------------------------------------------------------------------
 class Layer(NamedTuple):
+    """A module under a policy: ``params`` holds the ids of every parameter the module
+    holds (recursively), for attributing an op to the module that owns its weight;
+    ``kept``: the module was kept in high precision by a rule."""
     name: str
     policy: LayerPolicy
     state: LayerState
+    params: frozenset = frozenset()
+    kept: bool = False
 
 
 _local = threading.local()
@@ -213,6 +219,31 @@ def current_layer() -> Optional[Layer]:
     """The innermost attached layer whose forward is running on this thread, or None."""
     stack = getattr(_local, "stack", None)
     return stack[-1] if stack else None
+
+
+def parameter_of(t: object) -> Optional[nn.Parameter]:
+    """``t`` itself when it is an nn.Parameter, the Parameter it is a view of (``w.t()``,
+    ``w.T``, ``w.view(...)``), else None."""
+    if isinstance(t, nn.Parameter):
+        return t
+    base = getattr(t, "_base", None) if isinstance(t, torch.Tensor) else None
+    return base if isinstance(base, nn.Parameter) else None
+
+
+def owner_layer(weight: Optional[torch.Tensor]) -> Optional[Layer]:
+    """The layer an op on ``weight`` is attributed to: the innermost running attached
+    layer that holds the Parameter (``parameter_of(weight)``), else the innermost running
+    layer, else None."""
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        return None
+    param = parameter_of(weight)
+    if param is not None:
+        key = id(param)
+        for layer in reversed(stack):
+            if key in layer.params:
+                return layer
+    return stack[-1]
 
 
 class AttachHandle:
@@ -253,18 +284,22 @@ class AttachHandle:
 
 
 def attach(model: nn.Module,
-           policy_for: Callable[[str, nn.Module], Optional[LayerPolicy]]) -> AttachHandle:
+           policy_for: Callable[[str, nn.Module], Optional[LayerPolicy]], *,
+           kept: Iterable[str] = ()) -> AttachHandle:
     """Give the modules of ``model`` precision policies.
 
     ``policy_for(qualified_name, module)`` is asked once per module (the root is named
     ""); modules it gives a LayerPolicy get forward hooks that push
     ``(name, policy, state)`` while they run (popped also when forward raises). Ops run
-    under :class:`~mixprec.emulate.PrecisionMode` use the innermost layer's policy.
+    under :class:`~mixprec.emulate.PrecisionMode` use the policy of the layer that owns
+    their weight operand (:func:`owner_layer`). Modules named in ``kept`` are reported
+    as "kept by a rule" in the coverage report (:mod:`mixprec.coverage`).
 
     >>> handle = attach(model, lambda name, m: policy if isinstance(m, nn.Linear) else None)
     >>> handle.remove()
     """
     handle = AttachHandle()
+    kept = frozenset(kept)
     for name, module in model.named_modules():
         policy = policy_for(name, module)
         if policy is None:
@@ -273,7 +308,8 @@ def attach(model: nn.Module,
             raise ValueError(f"policy_for({name!r}, ...) returned {policy!r}; expected a "
                              f"LayerPolicy or None")
         state = LayerState(name)
-        layer = Layer(name, policy, state)
+        layer = Layer(name, policy, state, frozenset(id(p) for p in module.parameters()),
+                      name in kept)
         handle.states[name], handle.policies[name] = state, policy
         handle._hooks.append(module.register_forward_pre_hook(_push_hook(layer)))
         handle._hooks.append(module.register_forward_hook(_pop_hook(layer), always_call=True))

@@ -22,10 +22,18 @@ MX blocks lie along the reduction dimension of the GEMM that consumes the tensor
 tensor used by two GEMMs is quantized twice from high precision (as MX hardware
 pipelines keep a "row-wise" and a "column-wise" copy):
 
-    op       forward (x, w)        saved for dw / dx        grad for dx / dw
-    linear   x: last, w: in        x: tokens, w: out        g: out / tokens
-    matmul   a: -1, b: -2          a: -2, b: -1             g: -1 / -2
-    conv     x, w: C_in (dim 1)    x: batch, w: C_out       g: C_out / batch
+    op              forward (x, w)          saved for dw / dx       grad for dx / dw
+    linear          x: last, w: in          x: tokens, w: out       g: out / tokens
+    matmul          a: -1, b: -2            a: -2, b: -1            g: -1 / -2
+    conv            x, w: C_in (dim 1)      x: batch, w: C_out      g: C_out / batch
+    conv_transpose  x: C_in (1), w: C_in (0)  x: batch, w: C_out (1)  g: C_out / batch
+    bilinear        every operand once, along its last axis, for both passes
+
+QMatmul serves the whole matmul family (mm, bmm, matmul, mv, the addmm family, and the
+tensordot / einsum contractions of :mod:`mixprec.dispatch`): each operand is rounded in
+its role (an ``nn.Parameter`` operand as a weight, with a weight gradient), and
+``y = alpha * (a @ b) + beta * addend`` with the addend added in FP32 before the output
+is stored.
 
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
@@ -39,7 +47,8 @@ high-precision inputs are not kept.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +62,8 @@ from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .shared import e5m2_as_float16, shared_operand
 
-__all__ = ["OpContext", "QLinear", "QConv", "QMatmul", "QEmbedding", "CONV_FUNCS",
-           "container_dtype"]
+__all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatmul",
+           "QBilinear", "QEmbedding", "QEmbeddingBag", "CONV_FUNCS", "container_dtype"]
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
@@ -390,39 +399,186 @@ class QConv(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
+class GemmSpec(NamedTuple):
+    """How :class:`QMatmul` treats its operands: the tensor role of each ("activation" or
+    "weight"), and ``y = alpha * (a @ b) + beta * addend`` (the addmm family).
+    ``addend_param``: the addend is a parameter (a bias), so its gradient is rounded as
+    a weight gradient."""
+    roles: Tuple[str, str] = ("activation", "activation")
+    alpha: float = 1.0
+    beta: float = 1.0
+    addend_param: bool = False
+
+
+_ACTIVATIONS = GemmSpec()
+
+
 class QMatmul(torch.autograd.Function):
-    """a @ b for a, b of at least 2 dims (batch dims broadcast); both are activations."""
+    """y = alpha * (a @ b) + beta * addend, for a, b of at least 2 dims (batch dims
+    broadcast); each operand is rounded in its role (``GemmSpec.roles``), the addend is
+    added in FP32 before the output is stored. A weight operand's gradient is rounded
+    as a weight gradient, along the forward reduction axis (as QLinear's)."""
 
     @staticmethod
-    def forward(ctx, a, b, c: OpContext, need_a: bool, need_b: bool):
+    def forward(ctx, a, b, addend, c: OpContext, spec: GemmSpec, need_a: bool, need_b: bool):
+        ra, rb = spec.roles
         with _exact(a.device.type):
-            c.observe("activation", a)
-            c.observe("activation", b)
-            aq, a_pack = c.operands(a, "activation", -1, -2, keep=need_b)
-            bq, b_pack = c.operands(b, "activation", -2, -1, keep=need_a,
-                                    operand="rhs")
-            y = c.store_output(_mm(aq, bq, c.policy.accumulation),
-                               torch.promote_types(a.dtype, b.dtype))
+            c.observe(ra, a)
+            c.observe(rb, b)
+            aq, a_pack = c.operands(a, ra, -1, -2, keep=need_b)
+            bq, b_pack = c.operands(b, rb, -2, -1, keep=need_a,
+                                    operand="rhs" if ra == rb else "")
+            y = _mm(aq, bq, c.policy.accumulation)
+            if spec.alpha != 1.0:
+                y = y * spec.alpha
+            if addend is not None:
+                add = addend.to(torch.float32)
+                y = y + (add if spec.beta == 1.0 else spec.beta * add)
+            acts = [t.dtype for t, r in ((a, ra), (b, rb)) if r == "activation"] or [a.dtype]
+            y = c.store_output(y, functools.reduce(torch.promote_types, acts))
         _save(ctx, a_pack, b_pack)
-        ctx.c, ctx.shapes, ctx.dtypes = c, (a.shape, b.shape), (a.dtype, b.dtype)
+        ctx.c, ctx.spec, ctx.dtypes = c, spec, (a.dtype, b.dtype)
+        ctx.shapes = (a.shape, b.shape, None if addend is None else addend.shape)
+        ctx.add_dtype = None if addend is None else addend.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
-        c, acc = ctx.c, ctx.c.policy.accumulation
-        need_a, need_b = ctx.needs_input_grad[:2]
-        da = db = None
+        c, spec, acc = ctx.c, ctx.spec, ctx.c.policy.accumulation
+        need_a, need_b, need_add = ctx.needs_input_grad[:3]
+        da = db = dadd = None
         with _exact(g.device.type):
             a_saved, b_saved = _load(ctx)
             c.observe("grad_output", g)
-            g_row, g_col = c.grads(g, -1, -2, need_a, need_b)
+            g_row, g_col = c.grads(g, -1, -2, need_a, need_b or need_add)
             if need_a:
-                da = _mm(g_row, b_saved.transpose(-1, -2), acc)
-                da = da.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0])
+                da = _scaled(_mm(g_row, b_saved.transpose(-1, -2), acc), spec.alpha)
+                da = da.sum_to_size(ctx.shapes[0])
+                if spec.roles[0] == "weight":
+                    da = c.weight_grad(da, -1)
+                da = da.to(ctx.dtypes[0])
             if need_b:
-                db = _mm(a_saved.transpose(-1, -2), g_col, acc)
-                db = db.sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
-        return da, db, None, None, None
+                db = _scaled(_mm(a_saved.transpose(-1, -2), g_col, acc), spec.alpha)
+                db = db.sum_to_size(ctx.shapes[1])
+                if spec.roles[1] == "weight":
+                    db = c.weight_grad(db, -2, "rhs" if spec.roles[0] == "weight" else "")
+                db = db.to(ctx.dtypes[1])
+            if need_add:
+                dadd = _scaled(g_col, spec.beta).sum_to_size(ctx.shapes[2])
+                if spec.addend_param:
+                    dadd = c.weight_grad(dadd, -1, "bias")
+                dadd = dadd.to(ctx.add_dtype)
+        return da, db, dadd, None, None, None, None
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else x * factor
+
+
+_CONV_TRANSPOSE_FUNCS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class QConvTranspose(torch.autograd.Function):
+    """conv_transpose(x, w) under the policy. With conv the adjoint of conv_transpose
+    (same stride, padding, dilation, groups):
+
+        y  = conv_transpose(round_act(x), round_w(w)) + bias
+        dx = conv(g', w_saved)                        (reduces over C_out)
+        dw = round_wgrad(conv_weight(input=g', grad_output=x_saved))   (over batch, space)
+
+    Weights are (C_in, C_out / groups, k...): MX blocks run along C_in (dim 0) forward and
+    along C_out (dim 1) in the copy saved for dx."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, c: OpContext, need_x: bool, need_w: bool):
+        nd = weight.dim() - 2
+        stride, padding, output_padding, groups, dilation = geometry
+        with _exact(x.device.type):
+            c.observe("activation", x)
+            c.observe("weight", weight)
+            xq, x_pack = c.operands(x, "activation", 1, 0, keep=need_w)
+            wq, w_pack = c.operands(weight, "weight", 0, 1, keep=need_x)
+            b32 = None if bias is None else bias.to(torch.float32)
+            y = _CONV_TRANSPOSE_FUNCS[nd](xq, wq, b32, stride, padding, output_padding,
+                                          groups, dilation)
+            y = c.store_output(y, x.dtype)
+        _save(ctx, x_pack, w_pack)
+        ctx.c, ctx.geometry, ctx.shapes = c, geometry, (x.shape, weight.shape)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        stride, padding, _, groups, dilation = ctx.geometry
+        (x_shape, w_shape), nd = ctx.shapes, len(ctx.shapes[1]) - 2
+        dx = dw = db = None
+        with _exact(g.device.type):
+            x_saved, w_saved = _load(ctx)
+            c.observe("grad_output", g)
+            g_row, g_col = c.grads(g, 1, 0, need_x, need_w or need_b)
+            if need_x:
+                dx = CONV_FUNCS[nd](g_row, w_saved, None, stride, padding, dilation, groups)
+                dx = dx.to(ctx.dtypes[0])
+            if need_w:
+                dw = _CONV_WEIGHT[nd](g_col, w_shape, x_saved, stride, padding, dilation, groups)
+                dw = c.weight_grad(dw, 0).to(ctx.dtypes[1])
+            if need_b:
+                dims = [0] + list(range(2, g_col.dim()))
+                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+        return dx, dw, db, None, None, None, None
+
+
+def _grads_of(fn, inputs: list, needs: list, g: torch.Tensor) -> list:
+    """Gradients of ``fn(*inputs)`` (FP32, torch's own backward) with respect to the
+    inputs whose ``needs`` flag is set; None for the others."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(bool(n))
+                  for t, n in zip(inputs, needs)]
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(fn(*leaves), wanted, g)) if wanted else iter(())
+    return [next(grads) if n else None for n in needs]
+
+
+class QBilinear(torch.autograd.Function):
+    """y_k = round_act(x1)^T round_w(W_k) round_act(x2) + b_k, FP32 arithmetic. The
+    backward applies torch's FP32 bilinear backward to the saved rounded operands and the
+    rounded grad_output; every operand is rounded once, along its last axis."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, weight, bias, c: OpContext, needs: tuple):
+        need1, need2, need_w = needs
+        with _exact(x1.device.type):
+            c.observe("activation", x1)
+            c.observe("activation", x2)
+            c.observe("weight", weight)
+            q1, p1 = c.operands(x1, "activation", -1, -1, keep=need2 or need_w)
+            q2, p2 = c.operands(x2, "activation", -1, -1, keep=need1 or need_w, operand="rhs")
+            wq, pw = c.operands(weight, "weight", -1, -1, keep=need1 or need2)
+            b32 = None if bias is None else bias.to(torch.float32)
+            y = c.store_output(F.bilinear(q1, q2, wq, b32), x1.dtype)
+        _save(ctx, p1, p2, pw)
+        ctx.c = c
+        ctx.dtypes = (x1.dtype, x2.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        needs = list(ctx.needs_input_grad[:4])
+        with _exact(g.device.type):
+            s1, s2, sw = _load(ctx)
+            c.observe("grad_output", g)
+            gq = c.round(g, "grad_output", -1)[0]
+            d1, d2, dw = _grads_of(F.bilinear, [s1, s2, sw], needs[:3], gq)
+            if dw is not None:
+                dw = c.weight_grad(dw, -1).to(ctx.dtypes[2])
+            db = None
+            if needs[3]:
+                db = c.weight_grad(gq.sum(0), -1, "bias").to(ctx.dtypes[3])
+        return (None if d1 is None else d1.to(ctx.dtypes[0]),
+                None if d2 is None else d2.to(ctx.dtypes[1]), dw, db, None, None)
 
 
 class QEmbedding(torch.autograd.Function):
@@ -452,3 +608,54 @@ class QEmbedding(torch.autograd.Function):
                     gq, indices, ctx.n, ctx.padding_idx, ctx.scale_grad_by_freq)
                 dw = c.weight_grad(dw, -1).to(ctx.dtype)
         return None, dw, None, None, None
+
+
+class QEmbeddingBag(torch.autograd.Function):
+    """``F.embedding_bag``: rows looked up exactly, bags reduced (sum / mean / max, with
+    per-sample weights) in FP32, the output rounded as an activation; the weight gradient
+    is torch's FP32 embedding_bag backward of the rounded grad_output, rounded as a
+    weight gradient."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, offsets, per_sample_weights, options: tuple,
+                c: OpContext):
+        with _exact(weight.device.type):
+            c.observe("weight", weight)
+            w32 = weight.to(torch.float32)
+            psw = None if per_sample_weights is None else per_sample_weights.to(torch.float32)
+            y = _bag(options)(indices, w32, offsets, psw)
+            c.observe("activation", y)
+            y = c.store_output(c.round(y, "activation", -1)[0], weight.dtype)
+        ctx.save_for_backward(indices, weight, offsets, per_sample_weights)
+        ctx.c, ctx.options = c, options
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        need_w, need_psw = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        indices, weight, offsets, psw = ctx.saved_tensors
+        dw = dpsw = None
+        with _exact(g.device.type):
+            c.observe("grad_output", g)
+            gq = c.round(g, "grad_output", -1)[0]
+            bag = _bag(ctx.options)
+            p32 = None if psw is None else psw.to(torch.float32)
+            dw, dpsw = _grads_of(lambda w, p: bag(indices, w, offsets, p),
+                                 [weight.to(torch.float32), p32], [need_w, need_psw], gq)
+            if dw is not None:
+                dw = c.weight_grad(dw, -1).to(weight.dtype)
+            if dpsw is not None:
+                dpsw = dpsw.to(psw.dtype)
+        return None, dw, None, dpsw, None, None
+
+
+def _bag(options: tuple):
+    """F.embedding_bag with ``options`` = (scale_grad_by_freq, mode, include_last_offset,
+    padding_idx) bound; max_norm is applied by the caller, sparse is not supported."""
+    scale_grad_by_freq, mode, include_last_offset, padding_idx = options
+
+    def bag(indices, weight, offsets, per_sample_weights):
+        return F.embedding_bag(indices, weight, offsets, None, 2.0, scale_grad_by_freq, mode,
+                               False, per_sample_weights, include_last_offset, padding_idx)
+    return bag

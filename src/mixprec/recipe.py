@@ -246,8 +246,10 @@ PRESETS: dict = {r.name: r for r in [
     Recipe(name="fp32", master=None),
     Recipe(name="fp16-mixed", **_same("fp16"), loss_scale=_DYNAMIC),
     Recipe(name="bf16-mixed", **_same("bf16")),
-    Recipe(name="fp16-pure", **_same("fp16"), master=None, optimizer_state=TensorSpec("fp16"),
-           loss_scale=_DYNAMIC),
+    # "Pure" FP16: FP16 weights updated in place, no master copy. The optimizer's moments
+    # stay FP32: in FP16, Adam's second moment (1 - beta2) * g^2 flushes to zero for
+    # |g| below about 2^-7.5 and the step becomes exp_avg / eps.
+    Recipe(name="fp16-pure", **_same("fp16"), master=None, loss_scale=_DYNAMIC),
     Recipe(name="fp8-e5m2",
            **_fwd_bwd(TensorSpec("e5m2", _NEAREST), TensorSpec("e5m2", _STOCH)),
            master=TensorSpec("fp16", _STOCH), loss_scale=_ENHANCED,

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from mixprec.experiments.schema import load_results
 
-__all__ = ["format_table", "table_rows", "plot_loss_curves", "plot_loss_scales",
+__all__ = ["format_table", "table_rows", "coverage_rows", "plot_loss_curves", "plot_loss_scales",
            "plot_grad_histograms", "figure_png", "render_html", "write_report", "PLOTS"]
 
 # Output file name -> what it shows (the HTML report inlines all of them).
@@ -91,6 +91,10 @@ def format_table(results: dict) -> str:
     out.append(f"{cfg['model']} on {cfg['data']['name']}, {cfg['steps']} steps, batch "
                f"{cfg['batch_size']}, lr {cfg['lr']:g}, seeds {cfg['seeds']}; step time and "
                f"saved activations relative to fp32")
+    covered = [(r[0], r[1:5]) for r in coverage_rows(results) if r[1] != "-"]
+    if covered:
+        out.append("matmul-like calls of step 0 (emulated/kept/fp32/not recognised): "
+                   + ", ".join(f"{name} {'/'.join(map(str, c))}" for name, c in covered))
     return "\n".join(out + notes)
 
 
@@ -268,6 +272,35 @@ def _run_rows(results: dict) -> list:
     return rows
 
 
+COVERAGE_HEADER = ["recipe", "emulated", "kept by a rule", "FP32 ops", "not recognised",
+                   "formats of emulated calls", "calls not emulated"]
+
+
+def coverage_rows(results: dict) -> list:
+    """One row per recipe (first seed) from the runs' coverage records: call counts by
+    status, the distinct role formats of emulated calls, and every call that was not
+    emulated as "op in module (why) xN". Runs without a record show "-"."""
+    rows = []
+    for run in _first_runs(results):
+        cov = run.get("coverage")
+        if cov is None:
+            rows.append([run["recipe"]["name"], "-", "-", "-", "-",
+                         "not recorded (native backend or failed run)", "-"])
+            continue
+        formats = []
+        for r in cov["rows"]:
+            text = ", ".join(f"{k} {v}" for k, v in r["formats"].items())
+            if r["status"] == "emulated" and text not in formats:
+                formats.append(text)
+        why = {"kept": "kept by a rule", "fp32": "FP32 op", "unrecognised": "not recognised"}
+        others = [f"{r['op']} in {r['module'] or '(root)'} ({why[r['status']]}"
+                  f"{': ' + r['reason'] if r['reason'] else ''}) x{r['calls']}"
+                  for r in cov["rows"] if r["status"] != "emulated"]
+        rows.append([run["recipe"]["name"], cov["emulated"], cov["kept"], cov["fp32"],
+                     cov["unrecognised"], " | ".join(formats) or "-", "; ".join(others) or "-"])
+    return rows
+
+
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
         "padding:3px 8px;text-align:left;font-size:90%}th{background:#f0f0f0}"
@@ -292,7 +325,12 @@ def render_html(results: dict, images: dict) -> str:
             f"<h2>Summary</h2><p>Step time and bytes saved for backward are relative to the "
             f"fp32 run of the same seed.</p>{_html_table(header, rows)}"
             f"{'<ul>' + notes + '</ul>' if notes else ''}"
-            f"<h2>Plots</h2>{figures}<h2>Runs</h2>{_html_table(runs_header, _run_rows(results))}"
+            f"<h2>Plots</h2>{figures}"
+            f"<h2>Coverage</h2><p>Matmul-like calls of step 0 (forward and backward) by what "
+            f"they did: emulated in the listed formats, kept in high precision by a rule, "
+            f"computed in FP32 by the recipe, or not recognised (torch's own kernel).</p>"
+            f"{_html_table(COVERAGE_HEADER, coverage_rows(results))}"
+            f"<h2>Runs</h2>{_html_table(runs_header, _run_rows(results))}"
             f"<h2>Configuration</h2>{_html_table(['setting', 'value'], _config_rows(results))}"
             f"</body></html>\n")
 

@@ -324,7 +324,7 @@ def activation_memory(ctx: RunContext) -> Outcome:
     for label, recipe in recipes.items():
         model = make_mlp(hidden, ctx.seed)
         mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe,
-                     backend="emulated", seed=ctx.seed)
+                     backend="emulated", seed=ctx.seed, example_inputs=x)
         for kind, n in saved_tensor_bytes(model, mp, x).items():
             m[f"{label}_saved_{kind}_bytes"] = n
     for label in recipes:

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mixprec.formats import get_format
+from mixprec.optim import STATE_UNDERFLOW_WARN
 from mixprec.recipe import PRESETS, get_recipe
 
 from .data import Dataset, Task
@@ -293,8 +294,11 @@ def _run_line(run: dict, i: int, n: int) -> str:
     m = run["metric"]
     value = "n/a" if m["value"] is None else f"{m['value']:.4g}"
     status = "" if run["status"] == "ok" else f"  FAILED: {run['error']}"
+    dead = run.get("state_underflow")
+    state = (f", optimizer state {100 * dead:.1f}% zero where the gradient is not"
+             if dead is not None and dead > STATE_UNDERFLOW_WARN else "")
     return (f"[{i}/{n}] {run['recipe']['name']} (seed {run['seed']}): {m['name']} {value}, "
-            f"{run['skipped_steps']} skipped, {run['wall_time_s']:.1f} s{status}")
+            f"{run['skipped_steps']} skipped{state}, {run['wall_time_s']:.1f} s{status}")
 
 
 def environment() -> dict:

@@ -11,8 +11,9 @@ The loop is the engine's contract, read top to bottom::
         mp.zero_grad()
 
 Measured along the way: the loss and loss scale of every step, skipped steps, the
-step time (lower quartile), the bytes saved for backward in one step, and log2-magnitude
-histograms of the weight gradients at a few points.  Nothing here branches on the recipe.
+step time (lower quartile), the bytes saved for backward in one step, the coverage
+report of step 0 (which matmul-like calls were emulated, in which formats), and
+log2-magnitude histograms of the weight gradients at a few points.  Nothing here branches on the recipe.
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     hist_at = set(histogram_steps(config.steps, config.hist_points))
     losses, scales, skipped_at, times, hists = [], [], [], [], []
     saved = SavedTensorBytes(model)
-    record = {"status": "ok", "error": None, "backend": None, "lost_update_fraction": None}
+    record = {"status": "ok", "error": None, "backend": None, "lost_update_fraction": None,
+              "coverage": None, "state_underflow": None}
     bar = _progress(config.steps, recipe.short_str(), progress)
     start = time.perf_counter()
     try:
@@ -224,6 +226,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
             applied = mp.step()
             mp.zero_grad()
             t3 = time.perf_counter()
+            if step == 0:
+                record["coverage"] = _first_step_coverage(mp)
             times.append((t1 - t0) + (t3 - t2))
             losses.append(finite_or_none(loss.detach().float()))
             scales.append(scale)
@@ -238,6 +242,9 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         lost = [h["lost_updates"] for h in getattr(mp, "history", [])
                 if h.get("lost_updates") is not None and not h.get("skipped")]
         record["lost_update_fraction"] = statistics.fmean(lost) if lost else None
+        dead = [h["state_underflow"] for h in getattr(mp, "history", [])
+                if h.get("state_underflow") is not None]
+        record["state_underflow"] = max(dead) if dead else None
     except Exception as e:       # noqa: BLE001 -- the failure itself is the finding
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         metric, test_loss, final_scale = math.nan, math.nan, scales[-1] if scales else math.nan
@@ -268,6 +275,15 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
     })
     return record
+
+
+def _first_step_coverage(mp) -> Optional[dict]:
+    """The engine's coverage report of step 0 (forward and backward) as a dict; None
+    for engines without one and for the native backend (torch.autocast decides)."""
+    coverage = getattr(mp, "coverage", None)
+    if coverage is None or getattr(mp, "backend", None) != "emulated":
+        return None
+    return coverage().to_dict()
 
 
 def _spec(recipe: Recipe) -> str:

@@ -1,0 +1,221 @@
+"""Coverage: which matmul-like calls were emulated, in which formats, and which were not.
+
+Every matmul-like call made under :class:`mixprec.emulate.PrecisionMode` passes through
+one dispatch function (:mod:`mixprec.dispatch`), which records it here with one status:
+
+    emulated      rounded per the layer's policy, forward and backward; ``formats``
+                  gives the format of each tensor role the op uses
+    kept          the owning module was kept in high precision by a rule
+                  (``keep_high_precision``); it ran in ``recipe.high_precision``
+    fp32          an FP32 op: the recipe computes it in FP32 (the policy is FP32,
+                  the op is in ``recipe.fp32_ops``, or no policy applies)
+    unrecognised  not recognised: the call ran torch's own kernel in the widest dtype
+                  of its operands (a composite such as an LSTM, an in-place variant,
+                  an einsum that is not a contraction); ``reason`` says which
+
+Each call is attributed to the module that owns its weight operand (the innermost
+running module holding that Parameter), else to the innermost running module.
+An unrecognised call outside every kept module warns once per (op, module)
+(:class:`CoverageWarning`), or raises :class:`UnemulatedOpError` under ``strict``.
+
+>>> mp = mixprec.prepare(model, optimizer, "fp8-hybrid")
+>>> with mp.autocast():
+...     loss = loss_fn(model(x), y)
+>>> mp.backward(loss)
+>>> print(mp.coverage())          # counts and one row per (op, module, status, formats)
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from .recipe import ScalingKind, TensorSpec
+
+__all__ = ["STATUSES", "CoverageRow", "Coverage", "CoverageRecorder", "CoverageWarning",
+           "UnemulatedOpError", "spec_text", "policy_formats", "OUTSIDE"]
+
+STATUSES = ("emulated", "kept", "fp32", "unrecognised")
+_WHY = {"emulated": "", "kept": "kept by a rule", "fp32": "an FP32 op",
+        "unrecognised": "not recognised"}
+# module name of calls made outside every module that has a policy
+OUTSIDE = "<outside modules>"
+
+
+class CoverageWarning(UserWarning):
+    """A matmul-like call ran unemulated inside ``autocast()``, outside any kept module."""
+
+
+class UnemulatedOpError(RuntimeError):
+    """Raised under ``prepare(..., strict=True)`` instead of a :class:`CoverageWarning`."""
+
+
+def spec_text(spec: TensorSpec) -> str:
+    """A tensor spec as ``format[/scaling][/rounding]``: "fp16", "e4m3/current",
+    "e5m2/stochastic", "e4m3/mx"."""
+    parts = [spec.format]
+    if spec.scaling is not ScalingKind.NONE:
+        parts.append(spec.scaling.value)
+    if spec.rounding.value != "nearest":
+        parts.append(spec.rounding.value)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    """Calls of one op in one module with one status and one set of formats.
+
+    ``formats``: (role, spec text) for each tensor role the op rounds (empty unless
+    emulated or kept in a narrow format); ``has_weight``: the module owned the op's
+    weight operand (a GEMM layer); ``reason``: why it ran in high precision."""
+    op: str
+    module: str
+    status: str
+    calls: int
+    formats: Tuple[Tuple[str, str], ...] = ()
+    reason: str = ""
+    has_weight: bool = False
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "module": self.module, "status": self.status,
+                "calls": self.calls, "formats": dict(self.formats), "reason": self.reason,
+                "has_weight": self.has_weight}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CoverageRow":
+        return cls(d["op"], d["module"], d["status"], int(d["calls"]),
+                   tuple(d["formats"].items()), d["reason"], bool(d["has_weight"]))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the matmul-like calls did, one row per (op, module, status, formats), in the
+    order they first ran. Counts are numbers of calls.
+
+    >>> cov = mp.coverage()
+    >>> cov.emulated, cov.kept, cov.fp32, cov.unrecognised
+    >>> print(cov)
+    """
+    rows: Tuple[CoverageRow, ...] = ()
+
+    def count(self, status: str) -> int:
+        if status not in STATUSES:
+            raise ValueError(f"unknown coverage status {status!r}; valid choices: "
+                             f"{', '.join(STATUSES)}")
+        return sum(r.calls for r in self.rows if r.status == status)
+
+    @property
+    def emulated(self) -> int:
+        return self.count("emulated")
+
+    @property
+    def kept(self) -> int:
+        return self.count("kept")
+
+    @property
+    def fp32(self) -> int:
+        return self.count("fp32")
+
+    @property
+    def unrecognised(self) -> int:
+        return self.count("unrecognised")
+
+    @property
+    def total(self) -> int:
+        return sum(r.calls for r in self.rows)
+
+    def counts(self) -> Dict[str, int]:
+        """{status: calls} for every status."""
+        return {s: self.count(s) for s in STATUSES}
+
+    def gemm_layers(self) -> Tuple[str, ...]:
+        """Modules that owned the weight operand of a matmul-like call (Linear, Conv,
+        transformers' Conv1D calling addmm, ...), in the order of their first call."""
+        seen: dict = {}
+        for r in self.rows:
+            if r.has_weight:
+                seen.setdefault(r.module, None)
+        return tuple(seen)
+
+    def by_module(self, module: str) -> Tuple[CoverageRow, ...]:
+        return tuple(r for r in self.rows if r.module == module)
+
+    def to_dict(self) -> dict:
+        return {**self.counts(), "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Coverage":
+        return cls(tuple(CoverageRow.from_dict(r) for r in d["rows"]))
+
+    def __str__(self) -> str:
+        head = ["op", "module", "status", "calls", "formats / why"]
+        body = [[r.op, r.module or "(root)", r.status, str(r.calls),
+                 ", ".join(f"{k} {v}" for k, v in r.formats) if r.status == "emulated"
+                 else "; ".join(x for x in (_WHY[r.status], r.reason,
+                                            ", ".join(f"{k} {v}" for k, v in r.formats)) if x)]
+                for r in self.rows]
+        widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        c = self.counts()
+        summary = (f"{self.total} matmul-like calls: {c['emulated']} emulated, {c['kept']} "
+                   f"kept by a rule, {c['fp32']} FP32 ops, {c['unrecognised']} not recognised")
+        return "\n".join([summary, line(head), line(["-" * w for w in widths])]
+                         + [line(r) for r in body])
+
+
+class CoverageRecorder:
+    """Counts calls by (op, module, status, formats, reason, has_weight); warns once per
+    (op, module) about unrecognised calls, or raises under ``strict``."""
+
+    def __init__(self, *, strict: bool = False):
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {strict!r}")
+        self.strict = strict
+        self._counts: Dict[tuple, int] = {}
+        self._policies: dict = {}
+        self._warned: set = set()
+
+    def record(self, op: str, module: str, status: str, policy=None, roles: tuple = (),
+               reason: str = "", has_weight: bool = False) -> None:
+        """Count one call; ``policy`` (a LayerPolicy) and ``roles`` give the formats,
+        spelled out only when :meth:`coverage` is asked for."""
+        key = (op, module, status, None if policy is None else id(policy), roles, reason,
+               has_weight)
+        count = self._counts.get(key)
+        if count is None:
+            if policy is not None:
+                self._policies[id(policy)] = policy     # keeps the id valid
+            count = 0
+        self._counts[key] = count + 1
+
+    def unrecognised(self, op: str, module: str, reason: str, has_weight: bool = False) -> None:
+        """Record an unrecognised call; warn once per (op, module), or raise if strict."""
+        self.record(op, module, "unrecognised", None, (), reason, has_weight)
+        where = module or "(root)"
+        message = (f"{op} in module {where!r} is not emulated ({reason}): it runs torch's own "
+                   f"kernel in the widest dtype of its operands")
+        if self.strict:
+            raise UnemulatedOpError(message + "; keep the module in high precision "
+                                    "(keep_high_precision) or call a supported op")
+        if (op, module) not in self._warned:
+            self._warned.add((op, module))
+            warnings.warn(message, CoverageWarning, stacklevel=4)
+
+    def reset(self) -> None:
+        """Forget the counts (warnings already given are not repeated)."""
+        self._counts = {}
+
+    def coverage(self) -> Coverage:
+        rows = []
+        for (op, module, status, pid, roles, reason, has_weight), n in self._counts.items():
+            formats = () if pid is None else policy_formats(self._policies[pid], roles)
+            rows.append(CoverageRow(op, module, status, n, formats, reason, has_weight))
+        return Coverage(tuple(rows))
+
+    def __repr__(self) -> str:
+        return f"CoverageRecorder(strict={self.strict}, rows={len(self._counts)})"
+
+
+def policy_formats(policy, roles: Tuple[str, ...]) -> Tuple[Tuple[str, str], ...]:
+    """(role, spec text) of ``roles`` under ``policy`` (a LayerPolicy)."""
+    return tuple((r, spec_text(getattr(policy, r))) for r in roles)
