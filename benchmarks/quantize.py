@@ -85,6 +85,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.clock == "cpu":
         args.threads = 1
+    if args.compiled:   # one compiled function per format and rounding
+        torch._dynamo.config.recompile_limit = 64
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 1 << args.log2n

@@ -60,8 +60,11 @@ def _loss(kind: str, model, x, y) -> torch.Tensor:
 
 def _graph_breaks(kind: str, recipe: str) -> tuple:
     model = _mlp() if kind == "mlp" else _llama()
-    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01), recipe=recipe)
     x, y = _batches(kind, 1)[0]
+    # example_inputs: keep rules that need a traced forward ("first", "last") are
+    # resolved now; else that one-time trace runs eagerly at the first compiled forward
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01), recipe=recipe,
+                         example_inputs=x if kind == "mlp" else {"input_ids": x})
     with mp.autocast(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         explained = torch._dynamo.explain(lambda a: _loss(kind, model, a, y))(x)
