@@ -153,3 +153,37 @@ def test_generator_ids_name_live_generators():
 def test_stochastic_rounding_without_a_seed_names_the_fix():
     with pytest.raises(ValueError, match="seed"):
         torch.ops.mixprec.round_bits(torch.ones(3), [0] + [0] * 11, 1, None)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["fp16", "e4m3", "e5m2", "e2m1", "e8m0"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_operators_match_the_cpu_kernel(fmt, mode):
+    x, seed = _inputs()["f32"], torch.tensor(4321)
+    want = quantize(x, fmt, rounding=mode, seed=seed)
+    got = quantize(x.cuda(), fmt, rounding=mode, seed=seed.cuda()).cpu()
+    assert torch.equal(_bits(want), _bits(got))
+
+
+@cuda
+def test_compiled_cuda_rounding_is_bit_identical_to_eager():
+    x, seed = _inputs()["f32"].cuda(), torch.tensor(7, device="cuda")
+    fn = torch.compile(lambda a, s: (quantize(a, "e4m3", rounding="stochastic", seed=s),
+                                     quantize(a, "e2m1", saturate=True)), fullgraph=True)
+    want = (quantize(x, "e4m3", rounding="stochastic", seed=seed),
+            quantize(x, "e2m1", saturate=True))
+    for w, c in zip(want, fn(x, seed)):
+        assert torch.equal(_bits(w), _bits(c))
+
+
+def test_gpu_benchmark_is_import_safe_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--steps" in out and "--skip-compile" in out

@@ -228,7 +228,9 @@ def _quantize_work(x: torch.Tensor, fmt: FloatFormat, mode: Rounding, saturate: 
         return _ops.round_e8m0(x, code, saturate, seed).to(lay.dtype), lay
     xw = x.to(lay.dtype).contiguous()   # the random bits follow the row-major index
     if not use_c:
-        return _ops.round_bits(xw, _plan_list(_plan(fmt, lay, saturate), lay), code, seed), lay
+        # under Dynamo the cache wrapper is traced through anyway; call the function itself
+        plan = (_plan.__wrapped__ if torch.compiler.is_compiling() else _plan)(fmt, lay, saturate)
+        return _ops.round_bits(xw, _plan_list(plan, lay), code, seed), lay
     if dst is None or dst.dtype != lay.dtype or not dst.is_contiguous():
         dst = torch.empty_like(xw, memory_format=torch.contiguous_format)
     if xw.numel():
