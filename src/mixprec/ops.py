@@ -164,6 +164,7 @@ def _round_bits(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor] = 
         if m0:   # no mantissa bits: the kept code's parity is the exponent's
             lsb = torch.where(shift == s0, (field + m0_adj) & 1, lsb)
         twice = low << 1
+        # shift > MW + 1: the value is below Q / 2 (sh is clamped, so say it)
         up = ((twice > full) | ((twice == full) & (lsb == 1))) & (shift <= mw + 1)
     elif mode == _STOCHASTIC:
         if seed is None:
