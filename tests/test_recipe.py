@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mixprec.recipe import (PRESETS, AccumulationConfig, LossScaleConfig, Recipe, Rounding,
-                            ScalingKind, TensorSpec, get_recipe, parse_recipe)
+from mixprec.recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfig, Recipe,
+                            Rounding, ScalingKind, TensorSpec, get_recipe, parse_recipe)
 
 # The preset table of DESIGN.md: weight/activation format, gradient format, master, loss scale.
 DESIGN_TABLE = {
@@ -105,8 +105,15 @@ def test_bad_recipe_type():
 
 
 _FORMATS = st.sampled_from(["fp32", "fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1", "e6m9"])
+# "block" scaling comes with a scheme (which sets format and scaling)
 _SPECS = st.builds(TensorSpec, format=_FORMATS, rounding=st.sampled_from(list(Rounding)),
-                   scaling=st.sampled_from(list(ScalingKind)), saturate=st.booleans())
+                   scaling=st.sampled_from([k for k in ScalingKind if k is not ScalingKind.BLOCK]),
+                   saturate=st.booleans(),
+                   scheme=st.one_of(st.none(), st.sampled_from(["nvfp4", "nvfp4-2d", "mxfp4",
+                                                                "fp8-block128"])))
+_HADAMARD = st.builds(HadamardConfig, signs=st.sampled_from(["fixed", "none"]),
+                      seed=st.integers(0, 3), fprop=st.sampled_from([0, 16, 128]),
+                      dgrad=st.sampled_from([0, 32]), wgrad=st.sampled_from([0, 16, 64]))
 
 
 @settings(max_examples=150, deadline=None)
@@ -121,11 +128,11 @@ _SPECS = st.builds(TensorSpec, format=_FORMATS, rounding=st.sampled_from(list(Ro
                                    max_size=3, unique_by=lambda t: t[0]).map(tuple)),
        keep=st.lists(st.sampled_from(["first", "last", "norm", "encoder.*"]), max_size=3,
                      unique=True).map(tuple),
-       backend=st.sampled_from(["auto", "emulated", "native"]))
-def test_parse_print_round_trip(base, w, go, master, acc, ls, keep, backend):
+       backend=st.sampled_from(["auto", "emulated", "native"]), rht=_HADAMARD)
+def test_parse_print_round_trip(base, w, go, master, acc, ls, keep, backend, rht):
     r = dataclasses.replace(PRESETS[base], weight=w, grad_output=go, master=master,
                             accumulation=acc, loss_scale=ls, keep_high_precision=keep,
-                            backend=backend)
+                            backend=backend, hadamard=rht)
     text = str(r)
     assert parse_recipe(text) == r
     assert str(parse_recipe(text)) == text

@@ -1,7 +1,9 @@
 """mixprec: reduced-precision training for PyTorch, bit-exact on any CPU.
 
 Numerics: :func:`get_format`, :func:`quantize`, :func:`encode`/:func:`decode`,
-:func:`quantize_mx`, per-tensor scaling and reduced-precision accumulation.
+:func:`quantize_mx`, per-tensor scaling and reduced-precision accumulation. Block-scaled
+formats (MX, NVFP4, blockwise FP8): :func:`quantize_blocked` with a :class:`BlockScheme`;
+random Hadamard transforms: :func:`hadamard_transform`.
 Training: :func:`prepare` wraps a model and optimizer in an :class:`Engine` that runs a
 :class:`Recipe` (a preset name such as ``"fp16-mixed"`` or ``"fp8-e5m2"``, with
 ``key=value`` overrides). Diagnostics: :class:`NumericsMonitor`.
@@ -10,9 +12,12 @@ from .formats import Convention, FloatFormat, get_format, list_formats, make_for
 from .quant import Rounding, decode, encode, has_c_extension, quantize
 from .ops import compile_options
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_scaled, tensor_to_amax
+from .blocks import (BlockQuantized, BlockScheme, HadamardSigns, ScaleFormat, ScaleRule, Ties,
+                     get_scheme, hadamard_matrix, hadamard_transform, list_schemes,
+                     quantize_blocked)
 from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
-from .recipe import (PRESETS, AccumulationConfig, LossScaleConfig, Recipe, Role,
+from .recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfig, Recipe, Role,
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
 from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
@@ -29,11 +34,15 @@ __all__ = [
     "Rounding", "quantize", "encode", "decode", "has_c_extension",
     "tensor_to_amax", "amax_to_scale", "quantize_scaled", "DelayedScaling", "quantize_mx",
     "sum_accum", "matmul_accum",
+    # block-scaled formats
+    "BlockScheme", "ScaleFormat", "ScaleRule", "Ties", "get_scheme", "list_schemes",
+    "quantize_blocked", "BlockQuantized", "hadamard_transform", "hadamard_matrix",
+    "HadamardSigns",
     # loss scaling
     "LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale",
     # recipes
     "Recipe", "Role", "TensorSpec", "ScalingKind", "ScalingConfig", "AccumulationConfig",
-    "LossScaleConfig", "PRESETS", "get_recipe", "list_presets",
+    "LossScaleConfig", "HadamardConfig", "PRESETS", "get_recipe", "list_presets",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     "compile_options",

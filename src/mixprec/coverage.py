@@ -52,10 +52,10 @@ class UnemulatedOpError(RuntimeError):
 
 def spec_text(spec: TensorSpec) -> str:
     """A tensor spec as ``format[/scaling][/rounding]``: "fp16", "e4m3/current",
-    "e5m2/stochastic", "e4m3/mx"."""
+    "e5m2/stochastic", "e4m3/mx", "e2m1/nvfp4" (a block scheme by its name)."""
     parts = [spec.format]
     if spec.scaling is not ScalingKind.NONE:
-        parts.append(spec.scaling.value)
+        parts.append(spec.scheme or spec.scaling.value)
     if spec.rounding.value != "nearest":
         parts.append(spec.rounding.value)
     return "/".join(parts)

@@ -525,6 +525,8 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     if layer is None:      # no policy anywhere (torch.autocast decides, in native mode)
         return func(*args, **kwargs)
     policy = layer.policy
+    if weight is None:      # activations only (attention): Recipe.attention decides
+        policy = policy.for_activations_only()
     if isinstance(call, _Unsupported) or policy.is_identity:
         reason = call.reason if isinstance(call, _Unsupported) else ""
         if layer.kept:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipe import (AccumulationConfig, Recipe, Role, ScalingConfig, ScalingKind, TensorSpec,
-                     get_recipe)
+from .recipe import (AccumulationConfig, HadamardConfig, Recipe, Role, ScalingConfig,
+                     ScalingKind, TensorSpec, get_recipe)
 from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
@@ -47,6 +47,9 @@ class LayerPolicy:
     scale for the output and keep it in the input's dtype, as FP8 GEMMs write high
     precision. ``round_output=False``: every output in the input's dtype, unrounded.
 
+    ``attention_format``: the format matmul-like calls whose operands are all activations
+    run in (:meth:`for_activations_only`), None for the layer's own specs.
+
     ``scaled_output``: where a scaled layer writes its output — "fp32" (the input's
     dtype, the default) or "fp16"/"bf16" (a real 16-bit tensor, nearest rounding: an FP8
     GEMM writing BF16 as on FP8 hardware). :meth:`from_recipe` takes it from
@@ -60,6 +63,8 @@ class LayerPolicy:
     scaling: ScalingConfig = ScalingConfig()
     round_output: bool = True
     scaled_output: str = "fp32"
+    hadamard: HadamardConfig = HadamardConfig()
+    attention_format: Optional[str] = None
 
     def __post_init__(self):
         if self.scaled_output not in _SCALED_OUTPUT:
@@ -68,10 +73,13 @@ class LayerPolicy:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
-                        "round_output": bool, "scaled_output": str}.get(f.name, TensorSpec)
+                        "round_output": bool, "scaled_output": str,
+                        "hadamard": HadamardConfig,
+                        "attention_format": (str, type(None))}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
-                raise ValueError(f"LayerPolicy.{f.name} must be a {expected.__name__}, "
-                                 f"got {value!r}")
+                raise ValueError(f"LayerPolicy.{f.name} must be a "
+                                 f"{getattr(expected, '__name__', 'str or None')}, got {value!r}")
+        self.hadamard.check_operands({r.value: getattr(self, r.value) for r in LAYER_ROLES})
 
     @classmethod
     def from_recipe(cls, recipe: Union[Recipe, str], high_precision: bool = False) -> "LayerPolicy":
@@ -91,8 +99,16 @@ class LayerPolicy:
             spec = TensorSpec(recipe.high_precision)
             return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
+        attention = recipe.high_precision if recipe.attention == "high_precision" else None
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
-                   recipe.accumulation, recipe.scaling, scaled_output=out)
+                   recipe.accumulation, recipe.scaling, scaled_output=out,
+                   hadamard=recipe.hadamard, attention_format=attention)
+
+    def for_activations_only(self) -> "LayerPolicy":
+        """The policy of a matmul-like call whose operands are all activations (attention):
+        every role in ``attention_format`` (nearest, unscaled, FP32 accumulation) when it
+        is set (``Recipe.attention="high_precision"``), else this policy."""
+        return self if self.attention_format is None else _attention_policy(self.attention_format)
 
     @property
     def is_identity(self) -> bool:
@@ -124,6 +140,12 @@ class LayerPolicy:
 
 
 IDENTITY = LayerPolicy()
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_policy(fmt: str) -> LayerPolicy:
+    spec = TensorSpec(fmt)
+    return LayerPolicy(spec, spec, spec, spec)
 
 Observer = Callable[[str, str, torch.Tensor], None]
 

@@ -35,6 +35,14 @@ its role (an ``nn.Parameter`` operand as a weight, with a weight gradient), and
 ``y = alpha * (a @ b) + beta * addend`` with the addend added in FP32 before the output
 is stored.
 
+Block schemes (``TensorSpec.scheme``: NVFP4, blockwise FP8, ...) are quantized twice the
+same way, through :func:`mixprec.quantize_blocked`; 1 x k blocks lie along the same axes as
+MX blocks; k x k tiles cover the two GEMM dimensions whichever is the reduction (for
+a convolution weight: C_out x C_in at every kernel position). With
+``policy.hadamard`` a GEMM's block-scaled operands (MX or a scheme; fprop: x, w; dgrad:
+g, w; wgrad: g, x) are transformed along its reduction axis with shared signs,
+quantized, and transformed back.
+
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
 never mixes kernel positions; C_in / groups should be a multiple of the block size.
@@ -59,6 +67,9 @@ from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
+from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
+                     scheme_along)
+from .blocks import quantize_blocked
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
 from .shared import e5m2_as_float16, shared_operand
 
@@ -67,6 +78,8 @@ __all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatm
 
 _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
+_BLOCK = ScalingKind.BLOCK
+_TWO_COPIES = (ScalingKind.MX, ScalingKind.BLOCK)   # blocks along each GEMM's reduction axis
 
 
 # --------------------------------------------------------------------------------------
@@ -74,7 +87,8 @@ _MX = ScalingKind.MX
 # --------------------------------------------------------------------------------------
 # A packed tensor is (kind, fmt, axis, block, tensors); kinds: "raw" (float, as is),
 # "values" (format values), "scaled" (per-tensor codes + scale), "mx" (codes + E8M0 scales),
-# "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
+# "block" (element codes, scale codes, tensor scale, Hadamard signs; fmt holds the
+# BlockScheme and the tensor's shape), "requant" (a wider tensor saved by its producer; fmt holds the unscaled TensorSpec that
 # backward applies to it again, see mixprec.shared).
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
@@ -141,7 +155,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
            scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
-           pack: bool = False) -> Tuple[torch.Tensor, Optional[Pack]]:
+           pack: bool = False, hadamard: Tuple[int, Optional[torch.Tensor]] = (0, None),
+           ) -> Tuple[torch.Tensor, Optional[Pack]]:
     """Round ``x`` (any float dtype) per ``spec``; return (float32 values, pack or None).
 
     Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
@@ -163,6 +178,13 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
                             if pack else None)
         return _widen(lp), (("values", fmt, axis, 0, (lp,)) if pack else None)
     x = x.to(torch.float32)
+    if spec.scaling is _BLOCK:
+        return _round_block(x, get_scheme(spec.scheme), spec, axis, generator, pack, hadamard)
+    if spec.scaling is _MX and hadamard[0]:
+        # MX with a Hadamard transform: the same MX setting of the block quantizer
+        rule = "floor" if cfg.mx_scale_rule == "ocp" else "ceil"
+        scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", rule)
+        return _round_block(x, scheme, spec, axis, generator, pack, hadamard)
     if spec.scaling is _MX:
         block = cfg.mx_block_size
         values, scales = quantize_mx(x, fmt, block_size=block, axis=axis,
@@ -190,8 +212,52 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     return lp / scale, (("scaled", fmt, axis, 0, (_to_storage(lp, fmt), scale)) if pack else None)
 
 
+def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: int,
+                 generator: Optional[torch.Generator], pack: bool,
+                 hadamard: Tuple[int, Optional[torch.Tensor]]):
+    """quantize_blocked along ``axis`` with ``scheme`` (the spec's, or its MX setting),
+    with the GEMM's Hadamard transform (size, signs) when it has one; dequantized in x's
+    domain."""
+    # k x k tiles span the two GEMM dimensions: the last two of a linear or matmul
+    # operand; of a convolution's (dims 0 and 1, channels, reduction axis 0 or 1) those
+    # two, at every kernel position or pixel, so they are moved last for quantizing.
+    moved = scheme.is_2d and x.dim() > 2 and axis % x.dim() in (0, 1)
+    if moved:
+        x, axis = x.movedim((0, 1), (-2, -1)), axis % x.dim() - 2
+    scheme = scheme_along(scheme, axis)
+    size, signs = hadamard
+    if size:
+        scheme = scheme.with_(axis=axis if not scheme.is_2d else
+                              (-1 if axis % x.dim() == x.dim() - 1 else -2),
+                              hadamard=size, hadamard_signs="none")
+    q = quantize_blocked(x, scheme, rounding=spec.rounding.value, generator=generator,
+                         signs=signs if size else None)
+    values = q.dequantize()
+    if moved:
+        values = values.movedim((-2, -1), (0, 1))
+    if not pack:
+        return values, None
+    scale_fmt = scheme.scale_format.float_format
+    scales = q.block_scales if scale_fmt is None else _to_storage(q.block_scales, scale_fmt)
+    no_signs = torch.empty(0)
+    codes = (_to_storage(q.elements, scheme.element), scales, q.tensor_scale,
+             no_signs if q.signs is None else q.signs)
+    # the pack's block slot says whether the stored layout has dims 0, 1 moved last; the
+    # format slot holds the scheme and x's shape (a Hadamard transform pads the elements)
+    return values, ("block", (scheme, q.shape), axis, int(moved), codes)
+
+
 def _unpack(pack: Pack) -> torch.Tensor:
     kind, fmt, axis, block, tensors = pack
+    if kind == "block":
+        (scheme, shape), (elems, scales, tensor_scale, signs) = fmt, tensors
+        scale_fmt = scheme.scale_format.float_format
+        if scale_fmt is not None:
+            scales = _from_storage(scales, scale_fmt)
+        q = BlockQuantized.from_parts(_from_storage(elems, scheme.element), scales,
+                                      tensor_scale, scheme, shape=shape,
+                                      signs=signs if signs.numel() else None)
+        return q.dequantize().movedim((-2, -1), (0, 1)) if block else q.dequantize()
     if kind == "raw":
         return _widen(tensors[0])
     if kind == "values":
@@ -242,18 +308,32 @@ class OpContext:
                  generator: Optional[torch.Generator], slot: int):
         self.policy, self.state, self.generator, self.slot = policy, state, generator, slot
 
-    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False):
+    def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False,
+              gemm: str = ""):
+        """``gemm`` ("fprop", "dgrad", "wgrad") names the GEMM the copy feeds, for the
+        policy's per-GEMM Hadamard transform of block-scheme roles."""
         spec = getattr(self.policy, role)
         scaler = None if self.state is None else self.state.scaler(
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
-        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack)
+        return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
+                      self._hadamard(spec, gemm))
+
+    def _hadamard(self, spec: TensorSpec, gemm: str) -> Tuple[int, Optional[torch.Tensor]]:
+        cfg = self.policy.hadamard
+        size = cfg.size(gemm) if spec.scaling in _TWO_COPIES else 0
+        if not size or cfg.signs == "none":
+            return size, None
+        if cfg.signs == "te":
+            return size, torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32)
+        return size, fixed_signs(size, cfg.seed)
 
     def observe(self, role: str, x: torch.Tensor) -> None:
         if self.state is not None:
             self.state.observe(role, x)
 
     def is_mx(self, role: str) -> bool:
-        return getattr(self.policy, role).scaling is _MX
+        """True when the role is block-scaled (MX or a block scheme): one copy per GEMM."""
+        return getattr(self.policy, role).scaling in _TWO_COPIES
 
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
@@ -287,9 +367,12 @@ class OpContext:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.is_mx(role)
-        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx)
+        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop")
         if keep and mx:
-            pack = self.round(x, role, bwd_axis, operand, pack=True)[1]
+            # the saved copy of an activation feeds dW (wgrad), that of a weight (or of a
+            # matmul's right operand) dX (dgrad)
+            gemm = "wgrad" if role == "activation" and operand != "rhs" else "dgrad"
+            pack = self.round(x, role, bwd_axis, operand, pack=True, gemm=gemm)[1]
         return xq, pack
 
     def grads(self, g, row_axis, col_axis, need_row, need_col):
@@ -298,8 +381,8 @@ class OpContext:
         if not self.is_mx("grad_output"):
             gq = self.round(g, "grad_output", row_axis)[0]
             return gq, gq
-        row = self.round(g, "grad_output", row_axis)[0] if need_row else None
-        col = self.round(g, "grad_output", col_axis)[0] if need_col else None
+        row = self.round(g, "grad_output", row_axis, gemm="dgrad")[0] if need_row else None
+        col = self.round(g, "grad_output", col_axis, gemm="wgrad")[0] if need_col else None
         return row, col
 
     def weight_grad(self, dw, axis, operand=""):

@@ -16,7 +16,7 @@ from .quant import Rounding
 
 __all__ = [
     "Role", "Rounding", "ScalingKind", "TensorSpec", "ScalingConfig", "AccumulationConfig",
-    "LossScaleConfig", "Recipe", "DEFAULT_FP32_OPS", "PRESETS", "get_recipe", "list_presets",
+    "LossScaleConfig", "HadamardConfig", "Recipe", "DEFAULT_FP32_OPS", "PRESETS", "get_recipe", "list_presets",
 ]
 
 
@@ -35,6 +35,7 @@ class ScalingKind(str, enum.Enum):
     CURRENT = "current"    # per-tensor scale from this tensor's amax
     DELAYED = "delayed"    # per-tensor scale from an amax history of earlier steps
     MX = "mx"              # OCP microscaling: one E8M0 scale per block
+    BLOCK = "block"        # a block scheme (TensorSpec.scheme): NVFP4, blockwise FP8, ...
 
 
 def _enum(cls, value, what):
@@ -53,11 +54,17 @@ def _choice(value, valid, what):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """How one tensor role is stored: ``format`` with ``rounding``, optionally scaled."""
+    """How one tensor role is stored: ``format`` with ``rounding``, optionally scaled.
+
+    ``scheme`` names a block scheme (:func:`mixprec.get_scheme`: "nvfp4", "nvfp4-2d",
+    "mxfp4", "fp8-block128", ...). With a scheme, ``format`` is the scheme's element
+    format and ``scaling`` is "block", both set from it; ``rounding`` rounds the elements.
+    """
     format: str = "fp32"
     rounding: Rounding = Rounding.NEAREST
     scaling: ScalingKind = ScalingKind.NONE
     saturate: bool = False
+    scheme: Optional[str] = None
 
     def __post_init__(self):
         # Canonicalize at construction so equal specs compare equal ("float16" == "fp16").
@@ -66,6 +73,19 @@ class TensorSpec:
         object.__setattr__(self, "scaling", _enum(ScalingKind, self.scaling, "scaling"))
         if not isinstance(self.saturate, bool):
             raise ValueError(f"saturate must be a bool, got {self.saturate!r}")
+        if self.scheme is not None:
+            from .blocks.scheme import get_scheme, list_schemes  # blocks sits beside recipe
+            if not isinstance(self.scheme, str):
+                raise ValueError(f"scheme must be the name of a block scheme, got "
+                                 f"{self.scheme!r}; valid: {', '.join(list_schemes())}")
+            name = self.scheme.strip().lower()
+            object.__setattr__(self, "scheme", name)
+            object.__setattr__(self, "format", get_scheme(name).element.name)
+            object.__setattr__(self, "scaling", ScalingKind.BLOCK)
+        elif self.scaling is ScalingKind.BLOCK:
+            valid = ", ".join(k.value for k in ScalingKind if k is not ScalingKind.BLOCK)
+            raise ValueError(f"scaling 'block' needs a scheme (scheme='nvfp4', ...: it sets "
+                             f"format and scaling); valid choices without one: {valid}")
 
     @property
     def is_identity(self) -> bool:
@@ -156,6 +176,59 @@ class LossScaleConfig:
             floor=dict(self.floor) or None)
 
 
+HADAMARD_SIGN_MODES = ("te", "fixed", "none")
+# The tensor roles of each GEMM of a layer (what a Hadamard transform of that GEMM touches).
+GEMM_OPERANDS = {"fprop": ("activation", "weight"), "dgrad": ("grad_output", "weight"),
+                 "wgrad": ("grad_output", "activation")}
+
+
+@dataclass(frozen=True)
+class HadamardConfig:
+    """Random Hadamard transforms per GEMM of a layer (0: none; else 16, 32, 64 or 128).
+
+    ``fprop`` (y = x w^T), ``dgrad`` (dx = g w), ``wgrad`` (dw = g^T x): both operands
+    of that GEMM are transformed along its reduction dimension with the same signs before
+    they are block-quantized, and transformed back after (the product equals the GEMM of
+    the transformed operands, up to float32 rounding). It applies to the block-scaled
+    operands (a scheme or MX); a GEMM with none raises ValueError when the layer policy
+    is built (:meth:`check_operands`).
+    ``signs``: "fixed" (one draw from ``seed`` per transform size, for the whole run),
+    "te" (TransformerEngine's fixed NVFP4 vector; size 16 only) or "none" (all +1). The
+    sign fields come first, so the printed form sets them before the sizes they allow.
+    """
+    signs: str = "fixed"
+    seed: int = 0
+    fprop: int = 0
+    dgrad: int = 0
+    wgrad: int = 0
+
+    def __post_init__(self):
+        for gemm in ("fprop", "dgrad", "wgrad"):
+            n = getattr(self, gemm)
+            if n not in (0, 16, 32, 64, 128):
+                raise ValueError(f"hadamard.{gemm} {n!r} not supported; valid choices: "
+                                 "0, 16, 32, 64, 128")
+            if self.signs == "te" and n not in (0, 16):
+                raise ValueError(f"hadamard.signs 'te' is TransformerEngine's 16-entry vector; "
+                                 f"hadamard.{gemm}={n} needs hadamard.signs=fixed or none "
+                                 "(set it first)")
+        _choice(self.signs, HADAMARD_SIGN_MODES, "hadamard.signs")
+
+    def size(self, gemm: str) -> int:
+        """The transform size of a GEMM ("fprop", "dgrad", "wgrad"; "" -> 0)."""
+        return getattr(self, gemm) if gemm else 0
+
+    def check_operands(self, specs: dict) -> None:
+        """Raise ValueError when a GEMM has a transform but no block-scaled operand
+        (``specs``: role name -> TensorSpec): the transform would change nothing."""
+        block_scaled = (ScalingKind.MX, ScalingKind.BLOCK)
+        for gemm, roles in GEMM_OPERANDS.items():
+            if getattr(self, gemm) and not any(specs[r].scaling in block_scaled for r in roles):
+                raise ValueError(f"hadamard.{gemm}={getattr(self, gemm)} would change nothing: "
+                                 f"neither of its operands ({', '.join(roles)}) is block-scaled; "
+                                 "give one a scheme or MX scaling, or set it to 0")
+
+
 # Ops that run in FP32 whatever the recipe (2018 paper: reductions in FP32), the same on
 # every device: names of torch / torch.nn.functional callables.
 DEFAULT_FP32_OPS: tuple = (
@@ -180,6 +253,7 @@ class Recipe:
     accumulation: AccumulationConfig = AccumulationConfig()
     loss_scale: LossScaleConfig = LossScaleConfig()
     scaling: ScalingConfig = ScalingConfig()
+    hadamard: HadamardConfig = HadamardConfig()
     # module filters kept in `high_precision`: "first", "last", "norm", or fnmatch
     # patterns on qualified module names
     keep_high_precision: tuple = ()
@@ -187,10 +261,15 @@ class Recipe:
     fp32_ops: tuple = DEFAULT_FP32_OPS
     backend: str = "auto"           # "auto" | "emulated" | "native"
     max_consecutive_skips: int = 50
+    # "high_precision": matmul-like calls whose operands are all activations (attention's
+    # Q K^T and P V, scaled_dot_product_attention) run in `high_precision`, as
+    # TransformerEngine keeps attention out of its FP8/FP4 recipes
+    attention: str = "quantized"
 
     def __post_init__(self):
         object.__setattr__(self, "high_precision", get_format(self.high_precision).name)
         _choice(self.backend, BACKENDS, "backend")
+        _choice(self.attention, ATTENTION_MODES, "attention")
         object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
         if self.max_consecutive_skips < 1:
@@ -212,6 +291,7 @@ class Recipe:
 
 
 BACKENDS = ("auto", "emulated", "native")
+ATTENTION_MODES = ("quantized", "high_precision")
 
 
 # --------------------------------------------------------------------------------------
@@ -263,6 +343,16 @@ PRESETS: dict = {r.name: r for r in [
     _mx("e2m1", "e2m1"),
 ]}
 
+# NVFP4 as TransformerEngine's NVFP4BlockScaling recipe: E2M1 with E4M3 block scales and
+# an FP32 tensor scale, 16x16 weight tiles, stochastic rounding of the output gradients,
+# a 16-point RHT with TE's signs on the operands of the weight-gradient GEMM, dW in high
+# precision, BF16 outside the FP4 GEMMs and in attention.
+PRESETS["nvfp4"] = Recipe(
+    name="nvfp4", weight=TensorSpec(scheme="nvfp4-2d"), activation=TensorSpec(scheme="nvfp4"),
+    grad_output=TensorSpec(rounding=_STOCH, scheme="nvfp4"),
+    hadamard=HadamardConfig(signs="te", wgrad=16), high_precision="bf16",
+    attention="high_precision")
+
 
 def list_presets() -> list:
     return list(PRESETS)
@@ -280,13 +370,14 @@ def list_presets() -> list:
 _ROLES = tuple(r.value for r in Role)
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TensorSpec))
 _NESTED = {"accumulation": AccumulationConfig, "loss_scale": LossScaleConfig,
-           "scaling": ScalingConfig}
+           "scaling": ScalingConfig, "hadamard": HadamardConfig}
 _TOP = ("keep_high_precision", "high_precision", "fp32_ops", "backend",
-        "max_consecutive_skips")
+        "max_consecutive_skips", "attention")
 _ALIASES = {"grads": ("grad_output", "weight_grad"), "grad": ("grad_output", "weight_grad")}
 _SHORT = {"weight": "w", "activation": "a", "grad_output": "go", "weight_grad": "wg",
           "master": "m", "optimizer_state": "os", "accumulation": "acc", "loss_scale": "ls",
-          "scaling": "sc", "format": "", "rounding": "r", "scaling_kind": "s"}
+          "scaling": "sc", "format": "", "rounding": "r", "scaling_kind": "s",
+          "hadamard": "rht"}
 
 
 def _valid_keys() -> list:
@@ -325,6 +416,7 @@ def _parse_tuple(text: str) -> tuple:
 def _converter(owner: type, name: str) -> Callable:
     """How the text of a value becomes a field value, from the field's default."""
     special = {"floor": _parse_floor, "min_scale": _parse_optional(float),
+               "scheme": _parse_optional(str),
                "max_scale": _parse_optional(float), "chunk": _parse_optional(int),
                "keep_high_precision": _parse_tuple, "fp32_ops": _parse_tuple}
     if name in special:
@@ -344,6 +436,12 @@ def _set_spec(recipe: Recipe, role: str, field_name: Optional[str], text: str) -
     if field_name not in _SPEC_FIELDS:
         raise ValueError(f"unknown field {field_name!r} of {role}; valid: {', '.join(_SPEC_FIELDS)}")
     spec = getattr(recipe, role) or TensorSpec()
+    if spec.scheme is not None and field_name in ("format", "scaling"):
+        raise ValueError(f"{role}.{field_name} is set by {role}.scheme={spec.scheme}; set "
+                         f"{role}.scheme=none first")
+    if field_name == "scheme" and text.lower() == "none" and spec.scheme is not None:
+        # leaving a scheme: back to the unscaled element format
+        return replace(recipe, **{role: TensorSpec(spec.format, spec.rounding)})
     value = _converter(TensorSpec, field_name)(text)
     return replace(recipe, **{role: replace(spec, **{field_name: value})})
 
@@ -421,7 +519,14 @@ def _overrides(recipe: Recipe) -> list:
             ref = theirs if theirs is not None else TensorSpec()
             if theirs is None:   # re-creating a dropped master: start from the default spec
                 out.append((f.name, mine.format))
-            for sf in _SPEC_FIELDS:
+            if ref.scheme is not None and mine.scheme is None:
+                out.append((f"{f.name}.scheme", "none"))      # leave the preset's scheme
+                ref = TensorSpec(ref.format, ref.rounding)
+            # a scheme sets format and scaling: print it first, and not them
+            fields_ = (("scheme",) + tuple(sf for sf in _SPEC_FIELDS
+                                           if sf not in ("scheme", "format", "scaling"))
+                       if mine.scheme is not None else _SPEC_FIELDS)
+            for sf in fields_:
                 if getattr(mine, sf) != getattr(ref, sf) and not (theirs is None and sf == "format"):
                     out.append((f"{f.name}.{sf}", _text(getattr(mine, sf))))
         elif f.name in _NESTED:

@@ -22,7 +22,9 @@ from typing import Optional, Union
 import torch
 
 from .formats import FloatFormat, FormatLike, get_format
-from .quant import quantize
+from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
+from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
+from .quant import Rounding, _choice, quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
 __all__ = [
@@ -34,7 +36,6 @@ AMAX_ALGOS = ("max", "most_recent")
 MX_SCALE_RULES = ("ocp", "ceil")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
-E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127             # scales 2^-127 .. 2^127
 
 ScaleLike = Union[torch.Tensor, float]
 
@@ -84,8 +85,7 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
                     rounding: str = "nearest", saturate: bool = True,
-                    generator: Optional[torch.Generator] = None,
-                    seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Quantize with a per-tensor scale and return the dequantized values in x's dtype.
 
     y = quantize(x * scale, fmt) / scale, both products in float32.
@@ -93,13 +93,11 @@ def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
     ``saturate=True`` clamps |x * scale| > fmt.max to fmt.max (what per-tensor FP8 recipes
     do: with a delayed scale a tensor may outgrow its history). For x in a narrower dtype
     than float32 (bf16, fp16) the dequantized value is rounded once more to that dtype.
-    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     scale = torch.as_tensor(scale, dtype=torch.float32).to(x.device)
     hp = x.detach().to(torch.float32)
-    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator,
-                  seed=seed)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
     return (lp / scale).to(x.dtype)
 
 
@@ -231,30 +229,6 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # MX block scaling
 # --------------------------------------------------------------------------------------
-def _pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """2**exponent for integer exponents in [-127, 127], built from float32 bits (exact)."""
-    biased = (exponent + 127).to(torch.int32)
-    # 2^-127 is the float32 subnormal with only the top mantissa bit set (1 << 22)
-    bits = torch.where(biased > 0, biased << 23, torch.full_like(biased, 1 << 22))
-    return bits.view(torch.float32)
-
-
-def _mx_exponent(amax: torch.Tensor, fmt: FloatFormat, scale_rule: str) -> torch.Tensor:
-    """Shared block exponent (int32) from block amaxes; undefined where amax is 0/non-finite.
-
-    ocp : floor(log2 amax) - emax_elem
-    ceil: ceil(log2(amax / max_elem)) = the ocp exponent, plus one when max_elem * X_ocp
-          still lies below amax (comparing mantissas keeps this exact, no division).
-    """
-    mant, exp = torch.frexp(amax)          # amax = mant * 2^exp, mant in [0.5, 1)
-    e_floor = exp.to(torch.int32) - 1      # floor(log2 amax), exact also for subnormals
-    shared = e_floor - fmt.emax
-    if scale_rule == "ceil":
-        top = fmt.max / 2.0 ** fmt.emax     # max_elem's mantissa in [1, 2): 1.75 for e4m3
-        shared = shared + (2.0 * mant > top).to(torch.int32)
-    return shared
-
-
 def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
                 scale_rule: str = "ocp", rounding: str = "nearest",
                 generator: Optional[torch.Generator] = None,
@@ -276,7 +250,11 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     by ``block_size`` is padded with zeros, which change no amax and are dropped again.
 
     ``scales`` is float32, shaped like x with ``axis`` of length ceil(n / block_size).
-    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
+
+    A shorthand for :func:`mixprec.quantize_blocked` with ``BlockScheme(fmt, (1,
+    block_size), "e8m0", "floor" | "ceil", axis=axis)``: the same bits, returned as
+    ``(quantize_blocked(...).dequantize(), block_scales)``. ``seed`` (0-d int64 tensor)
+    replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -286,36 +264,16 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
                          f"{', '.join(MX_SCALE_RULES)}")
     if x.dim() == 0:
         raise ValueError("quantize_mx needs a tensor with at least one dimension")
-    ax = axis % x.dim() if -x.dim() <= axis < x.dim() else None
-    if ax is None:
+    if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
-    # Blocks are cut along `ax` in place ((..., n, rest) -> (..., n_blocks, block, rest)),
-    # so no transpose is needed and the data stays contiguous for any axis.
-    hp = x.detach().to(torch.float32)
-    n = hp.shape[ax]
-    n_blocks = -(-n // block_size)
-    pad = n_blocks * block_size - n
-    if pad:
-        hp = torch.nn.functional.pad(hp, (0, 0) * (hp.dim() - 1 - ax) + (0, pad))
-    blocks = hp.reshape(*hp.shape[:ax], n_blocks, block_size, *hp.shape[ax + 1:])
-
-    amax = blocks.abs().amax(dim=ax + 1, keepdim=True)      # NaN propagates
-    special = ~torch.isfinite(amax)
-    shared = _mx_exponent(amax, fmt, scale_rule)
-    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_MIN_EXP))
-    shared = shared.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    shared = torch.where(special, torch.zeros_like(shared), shared)
-    # Multiplying by 2^-e is exact in float32 (like dividing by X) unless V/X falls below
-    # 2^-126, far under every element format's smallest subnormal.
-    elems = blocks * _pow2(-shared)
-    elems = quantize(elems, fmt, rounding=rounding, saturate=True, generator=generator,
-                     out=elems, seed=seed)
+    # The MX setting of the general block quantizer ("ocp" is its "floor" rule).
+    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0,
+                         ScaleRule.FLOOR if scale_rule == "ocp" else ScaleRule.CEIL, axis=axis)
+    b = _blocked_quantize(x, scheme, _choice(Rounding, rounding, "rounding"), generator,
+                          seed=seed)
     # A NaN scale turns its whole block into NaN through the product below.
-    nan = torch.tensor(float("nan"), dtype=torch.float32, device=x.device)
-    scales = torch.where(special, nan, _pow2(shared))
-    deq = elems.mul_(scales).reshape(hp.shape).narrow(ax, 0, n).to(x.dtype)
-    scales = scales.squeeze(ax + 1)
-    return deq, scales
+    deq = _from_blocks(b.elems.mul_(b.scales), b.geometry).to(x.dtype)
+    return deq, b.scales.squeeze(b.geometry.reduce)
 
 
 # --------------------------------------------------------------------------------------
@@ -332,6 +290,8 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
     delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
     mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                  scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
+    block         -> quantize_blocked(x, spec.scheme with its 1 x k blocks along axis)
+                     .dequantize()
 
     No autograd: the result is detached; layers wrap this in their own autograd functions.
 
@@ -364,5 +324,9 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                scale_rule=cfg.mx_scale_rule, rounding=rounding,
                                generator=generator)[0]
+        if kind is ScalingKind.BLOCK:
+            scheme = scheme_along(get_scheme(spec.scheme), axis)
+            return quantize_blocked(x, scheme, rounding=rounding,
+                                    generator=generator).dequantize()
     raise ValueError(f"unknown scaling {kind!r}; valid choices: "
                      f"{', '.join(k.value for k in ScalingKind)}")
