@@ -85,7 +85,8 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
                     rounding: str = "nearest", saturate: bool = True,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None,
+                    seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantize with a per-tensor scale and return the dequantized values in x's dtype.
 
     y = quantize(x * scale, fmt) / scale, both products in float32.
@@ -93,11 +94,13 @@ def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
     ``saturate=True`` clamps |x * scale| > fmt.max to fmt.max (what per-tensor FP8 recipes
     do: with a delayed scale a tensor may outgrow its history). For x in a narrower dtype
     than float32 (bf16, fp16) the dequantized value is rounded once more to that dtype.
+    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     scale = torch.as_tensor(scale, dtype=torch.float32).to(x.device)
     hp = x.detach().to(torch.float32)
-    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator,
+                  seed=seed)
     return (lp / scale).to(x.dtype)
 
 
