@@ -19,7 +19,7 @@ CPU time of one thread instead (torch.set_num_threads(1)), which other processes
 disturb far less than wall time.
 
     python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads N] [--clock cpu]
-                                  [--compiled]
+                                  [--quick] [--compiled]
 """
 from __future__ import annotations
 
@@ -80,9 +80,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one thread's CPU time (robust on a busy machine)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2^12 values, one round: a smoke run (seconds), as the test suite runs it")
     ap.add_argument("--compiled", action="store_true",
                     help="also time torch.compile'd quantize (first compiles take minutes)")
     args = ap.parse_args()
+    if args.quick:
+        args.log2n, args.rounds = 12, 1
     if args.clock == "cpu":
         args.threads = 1
     if args.compiled:   # one compiled function per format and rounding

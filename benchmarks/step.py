@@ -9,7 +9,7 @@ intra-op thread by default (--threads), so CPU time is not inflated by spinning 
 Saved bytes: one forward under ``torch.autograd.graph.saved_tensors_hooks``, summing
 numel * element_size of every tensor saved for backward, once per storage.
 
-    python benchmarks/step.py [--rounds 15] [--batch 256]
+    python benchmarks/step.py [--rounds 15] [--batch 256] [--quick]
 """
 from __future__ import annotations
 
@@ -139,7 +139,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="an MLP 64-32-32-10, batch 16, one round: a smoke run (seconds), as "
+                         "the test suite runs it")
     args = ap.parse_args()
+    if args.quick:
+        global SIZES
+        SIZES = (64, 32, 32, 10)
+        args.rounds, args.warmup, args.batch = 1, 0, 16
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, SIZES[0], generator=g)

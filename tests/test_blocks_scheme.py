@@ -23,8 +23,10 @@ def test_named_schemes_are_the_published_settings():
     assert get_scheme("fp8-block128").block == (1, 128)
     assert get_scheme("fp8-block128x128").block == (128, 128)
     assert get_scheme("fp8-block128").scale_format is ScaleFormat.POW2
+    assert get_scheme("fp8-block128-fp32").scale_format is ScaleFormat.FP32
     assert set(list_schemes()) == {"nvfp4", "nvfp4-2d", "mxfp8", "mxfp6", "mxfp4",
-                                   "fp8-block128", "fp8-block128x128"}
+                                   "fp8-block128", "fp8-block128x128",
+                                   "fp8-block128-fp32", "fp8-block128x128-fp32"}
 
 
 def test_strings_resolve_once_and_aliases():

@@ -47,3 +47,10 @@ def test_inspect_command_runs_as_shown(tmp_path):
     line = next(ln for b in _blocks("") for ln in b.splitlines() if ln.startswith("mixprec inspect"))
     out = _mixprec(*line.split()[1:], "--steps", "3", cwd=tmp_path)
     assert "fp16" in out and (tmp_path / "inspect.json").exists()
+
+
+def test_conformance_table_is_the_registry():
+    from mixprec.conformance import CONFORMANCE, conformance_table
+    assert conformance_table() in README
+    for entry in CONFORMANCE:
+        assert get_recipe(entry.preset).name == entry.preset

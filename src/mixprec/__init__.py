@@ -19,6 +19,7 @@ from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
 from .recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfig, Recipe, Role,
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
+from .conformance import CONFORMANCE, ConformanceEntry
 from .policy import LayerPolicy, attach
 from .emulate import PrecisionMode
 from .engine import Engine, NonFiniteError, prepare
@@ -43,6 +44,7 @@ __all__ = [
     # recipes
     "Recipe", "Role", "TensorSpec", "ScalingKind", "ScalingConfig", "AccumulationConfig",
     "LossScaleConfig", "HadamardConfig", "PRESETS", "get_recipe", "list_presets",
+    "CONFORMANCE", "ConformanceEntry",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
     "compile_options",

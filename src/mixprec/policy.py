@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipe import (AccumulationConfig, HadamardConfig, Recipe, Role, ScalingConfig,
-                     ScalingKind, TensorSpec, get_recipe)
+from .recipe import (BIAS_GRADS, AccumulationConfig, HadamardConfig, Recipe, Role,
+                     ScalingConfig, ScalingKind, TensorSpec, get_recipe)
 from .scaling import DelayedScaling
 from .recompute import run_recomputed
 
@@ -50,6 +50,9 @@ class LayerPolicy:
     ``attention_format``: the format matmul-like calls whose operands are all activations
     run in (:meth:`for_activations_only`), None for the layer's own specs.
 
+    ``bias_grad``: "rounded" sums the rounded grad_output into the bias gradient, "hp"
+    sums grad_output as it arrived (:attr:`Recipe.bias_grad`).
+
     ``scaled_output``: where a scaled layer writes its output — "fp32" (the input's
     dtype, the default) or "fp16"/"bf16" (a real 16-bit tensor, nearest rounding: an FP8
     GEMM writing BF16 as on FP8 hardware). :meth:`from_recipe` takes it from
@@ -65,8 +68,12 @@ class LayerPolicy:
     scaled_output: str = "fp32"
     hadamard: HadamardConfig = HadamardConfig()
     attention_format: Optional[str] = None
+    bias_grad: str = "rounded"
 
     def __post_init__(self):
+        if self.bias_grad not in BIAS_GRADS:
+            raise ValueError(f"LayerPolicy.bias_grad {self.bias_grad!r} is not one of "
+                             f"{', '.join(BIAS_GRADS)}")
         if self.scaled_output not in _SCALED_OUTPUT:
             raise ValueError(f"LayerPolicy.scaled_output {self.scaled_output!r} is not one of "
                              f"{', '.join(_SCALED_OUTPUT)}")
@@ -75,7 +82,8 @@ class LayerPolicy:
             expected = {"accumulation": AccumulationConfig, "scaling": ScalingConfig,
                         "round_output": bool, "scaled_output": str,
                         "hadamard": HadamardConfig,
-                        "attention_format": (str, type(None))}.get(f.name, TensorSpec)
+                        "attention_format": (str, type(None)),
+                        "bias_grad": str}.get(f.name, TensorSpec)
             if not isinstance(value, expected):
                 raise ValueError(f"LayerPolicy.{f.name} must be a "
                                  f"{getattr(expected, '__name__', 'str or None')}, got {value!r}")
@@ -97,12 +105,14 @@ class LayerPolicy:
             raise ValueError(f"recipe must be a Recipe or a recipe string, got {recipe!r}")
         if high_precision:
             spec = TensorSpec(recipe.high_precision)
-            return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling)
+            return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling,
+                       bias_grad=recipe.bias_grad)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
         attention = recipe.high_precision if recipe.attention == "high_precision" else None
         return cls(recipe.weight, recipe.activation, recipe.grad_output, recipe.weight_grad,
                    recipe.accumulation, recipe.scaling, scaled_output=out,
-                   hadamard=recipe.hadamard, attention_format=attention)
+                   hadamard=recipe.hadamard, attention_format=attention,
+                   bias_grad=recipe.bias_grad)
 
     def for_activations_only(self) -> "LayerPolicy":
         """The policy of a matmul-like call whose operands are all activations (attention):

@@ -70,7 +70,8 @@ from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
                      scheme_along)
 from .blocks import quantize_blocked
-from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_spec, tensor_to_amax
+from .scaling import (DelayedScaling, amax_to_scale, config_scale_kwargs, quantize_mx,
+                      quantize_spec, tensor_to_amax)
 from .shared import e5m2_as_float16, shared_operand
 
 __all__ = ["OpContext", "GemmSpec", "QLinear", "QConv", "QConvTranspose", "QMatmul",
@@ -80,6 +81,9 @@ _E8M0 = get_format("e8m0")
 _MX = ScalingKind.MX
 _BLOCK = ScalingKind.BLOCK
 _TWO_COPIES = (ScalingKind.MX, ScalingKind.BLOCK)   # blocks along each GEMM's reduction axis
+# Scalings whose scales run along the consuming GEMM's reduction dimension: a tensor used
+# by two GEMMs is quantized once per GEMM, from high precision.
+_PER_GEMM = _TWO_COPIES + (ScalingKind.AXISWISE,)
 
 
 # --------------------------------------------------------------------------------------
@@ -197,8 +201,12 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         elems = torch.where(torch.isnan(wide), torch.zeros_like(values), values / wide)
         codes = (_to_storage(elems, fmt), _to_storage(scales, _E8M0))
         return values, ("mx", fmt, axis, block, codes)
-    if spec.scaling is ScalingKind.CURRENT:
-        scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+    if spec.scaling is ScalingKind.AXISWISE:
+        # quantize_axiswise spelled out: one scale per row along the reduction axis
+        scale = amax_to_scale(x.abs().amax(dim=axis, keepdim=True), fmt,
+                              **config_scale_kwargs(cfg))
+    elif spec.scaling is ScalingKind.CURRENT:
+        scale = amax_to_scale(tensor_to_amax(x), fmt, **config_scale_kwargs(cfg))
     elif scaler is None:
         raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
                          "or run the layer under attach()")
@@ -335,6 +343,16 @@ class OpContext:
         """True when the role is block-scaled (MX or a block scheme): one copy per GEMM."""
         return getattr(self.policy, role).scaling in _TWO_COPIES
 
+    def per_gemm(self, role: str) -> bool:
+        """True when the role's scales follow the consuming GEMM's reduction axis (MX
+        blocks, axiswise rows), so each GEMM quantizes it afresh from high precision."""
+        return getattr(self.policy, role).scaling in _PER_GEMM
+
+    def bias_source(self, g_rounded: torch.Tensor, g_hp: torch.Tensor) -> torch.Tensor:
+        """What the bias gradient sums: the rounded grad_output, or (``bias_grad="hp"``)
+        grad_output as it arrived, in float32."""
+        return g_hp.to(torch.float32) if self.policy.bias_grad == "hp" else g_rounded
+
     def store_output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float32 result as the layer stores it: rounded to an unscaled activation
         format and held in the narrowest float dtype containing that format (float16
@@ -366,7 +384,7 @@ class OpContext:
             if how == "requantize" and keep:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
-        mx = self.is_mx(role)
+        mx = self.per_gemm(role)
         xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop")
         if keep and mx:
             # the saved copy of an activation feeds dW (wgrad), that of a weight (or of a
@@ -378,7 +396,7 @@ class OpContext:
     def grads(self, g, row_axis, col_axis, need_row, need_col):
         """grad_output rounded for dX (blocks along ``row_axis``) and dW (``col_axis``);
         unscaled and per-tensor specs round once and share the result."""
-        if not self.is_mx("grad_output"):
+        if not self.per_gemm("grad_output"):
             gq = self.round(g, "grad_output", row_axis)[0]
             return gq, gq
         row = self.round(g, "grad_output", row_axis, gemm="dgrad")[0] if need_row else None
@@ -434,7 +452,8 @@ class QLinear(torch.autograd.Function):
             if need_w:
                 dw = c.weight_grad(_mm(g_col.t(), x_saved, acc), -1).to(ctx.dtypes[1])
             if need_b:
-                db = c.weight_grad(_sum(g_col, acc, 0), -1, "bias").to(ctx.dtypes[2])
+                db = _sum(c.bias_source(g_col, g2), acc, 0)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None
 
 
@@ -478,7 +497,8 @@ class QConv(torch.autograd.Function):
                 dw = c.weight_grad(dw, 1).to(ctx.dtypes[1])
             if need_b:
                 dims = [0] + list(range(2, g_col.dim()))
-                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+                db = c.bias_source(g_col, g).sum(dims)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None, None
 
 
@@ -547,7 +567,7 @@ class QMatmul(torch.autograd.Function):
                     db = c.weight_grad(db, -2, "rhs" if spec.roles[0] == "weight" else "")
                 db = db.to(ctx.dtypes[1])
             if need_add:
-                dadd = _scaled(g_col, spec.beta).sum_to_size(ctx.shapes[2])
+                dadd = _scaled(c.bias_source(g_col, g), spec.beta).sum_to_size(ctx.shapes[2])
                 if spec.addend_param:
                     dadd = c.weight_grad(dadd, -1, "bias")
                 dadd = dadd.to(ctx.add_dtype)
@@ -609,7 +629,8 @@ class QConvTranspose(torch.autograd.Function):
                 dw = c.weight_grad(dw, 0).to(ctx.dtypes[1])
             if need_b:
                 dims = [0] + list(range(2, g_col.dim()))
-                db = c.weight_grad(g_col.sum(dims), -1, "bias").to(ctx.dtypes[2])
+                db = c.bias_source(g_col, g).sum(dims)
+                db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None, None
 
 
@@ -659,7 +680,7 @@ class QBilinear(torch.autograd.Function):
                 dw = c.weight_grad(dw, -1).to(ctx.dtypes[2])
             db = None
             if needs[3]:
-                db = c.weight_grad(gq.sum(0), -1, "bias").to(ctx.dtypes[3])
+                db = c.weight_grad(c.bias_source(gq, g).sum(0), -1, "bias").to(ctx.dtypes[3])
         return (None if d1 is None else d1.to(ctx.dtypes[0]),
                 None if d2 is None else d2.to(ctx.dtypes[1]), dw, db, None, None)
 

@@ -36,6 +36,7 @@ class ScalingKind(str, enum.Enum):
     DELAYED = "delayed"    # per-tensor scale from an amax history of earlier steps
     MX = "mx"              # OCP microscaling: one E8M0 scale per block
     BLOCK = "block"        # a block scheme (TensorSpec.scheme): NVFP4, blockwise FP8, ...
+    AXISWISE = "axiswise"  # one scale per row along the consuming GEMM's reduction dim
 
 
 def _enum(cls, value, what):
@@ -97,20 +98,36 @@ class TensorSpec:
 class ScalingConfig:
     """Knobs of per-tensor (current / delayed) and MX block scaling.
 
-    Per-tensor: scale = fmt.max / amax / 2**margin, where amax is the tensor's own
-    (current) or ``amax_algo`` over the last ``amax_history_len`` steps (delayed).
+    Per-tensor and axiswise: scale = fmt.max / max(amax, amax_eps) / 2**margin, where
+    amax is the tensor's own (current; axiswise: of each row along the GEMM's reduction
+    dimension) or ``amax_algo`` over the last ``amax_history_len`` steps (delayed).
+    ``amax_eps`` > 0 clamps a small or zero amax (torchao: 1e-12) instead of keeping the
+    previous scale. ``pow2_scale`` rounds the scale down to a power of two: "floor"
+    zeroes its mantissa bits (exact; TransformerEngine), "log2" takes
+    2**floor(log2(scale)) with float32 log2 (torchao's evaluation, which rounds a scale
+    just below a power of two up to it); "none" keeps it.
     MX: blocks of ``mx_block_size`` along the reduction dimension share one E8M0 scale,
-    X = 2**(floor(log2(amax)) - emax_elem) ("ocp") or 2**ceil(log2(amax / max_elem)) ("ceil").
+    X = 2**(floor(log2(amax)) - emax_elem) ("ocp"), 2**ceil(log2(amax / max_elem))
+    exactly ("ceil"; equal to cuBLAS's and TransformerEngine's round-up of the float32
+    quotient), or ceil(log2(fl(amax / max_elem))) in float32 ("ceil-log2": torchao's RCEIL
+    as it evaluates it, which differs from "ceil" where a quotient a few ulps above 2^k
+    has its log2 rounded to k).
     """
     amax_history_len: int = 16
     amax_algo: str = "max"          # "max" | "most_recent"
     margin: int = 0
     mx_block_size: int = 32
-    mx_scale_rule: str = "ocp"      # "ocp" | "ceil"
+    mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "ceil-log2"
+    amax_eps: float = 0.0
+    pow2_scale: str = "none"        # "none" | "floor" | "log2"
 
     def __post_init__(self):
         _choice(self.amax_algo, ("max", "most_recent"), "amax_algo")
-        _choice(self.mx_scale_rule, ("ocp", "ceil"), "mx_scale_rule")
+        _choice(self.mx_scale_rule, ("ocp", "ceil", "ceil-log2"), "mx_scale_rule")
+        _choice(self.pow2_scale, ("none", "floor", "log2"), "pow2_scale")
+        if not (isinstance(self.amax_eps, (int, float)) and 0.0 <= self.amax_eps < float("inf")):
+            raise ValueError(f"amax_eps must be a finite float >= 0, got {self.amax_eps!r}")
+        object.__setattr__(self, "amax_eps", float(self.amax_eps))
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.mx_block_size < 1:
@@ -265,11 +282,15 @@ class Recipe:
     # Q K^T and P V, scaled_dot_product_attention) run in `high_precision`, as
     # TransformerEngine keeps attention out of its FP8/FP4 recipes
     attention: str = "quantized"
+    # the bias gradient: "rounded" sums the rounded grad_output (as the weight GEMM sees
+    # it), "hp" sums grad_output as it arrived (torchao, TransformerEngine)
+    bias_grad: str = "rounded"
 
     def __post_init__(self):
         object.__setattr__(self, "high_precision", get_format(self.high_precision).name)
         _choice(self.backend, BACKENDS, "backend")
         _choice(self.attention, ATTENTION_MODES, "attention")
+        _choice(self.bias_grad, BIAS_GRADS, "bias_grad")
         object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
         if self.max_consecutive_skips < 1:
@@ -292,6 +313,7 @@ class Recipe:
 
 BACKENDS = ("auto", "emulated", "native")
 ATTENTION_MODES = ("quantized", "high_precision")
+BIAS_GRADS = ("rounded", "hp")
 
 
 # --------------------------------------------------------------------------------------
@@ -372,7 +394,7 @@ _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TensorSpec))
 _NESTED = {"accumulation": AccumulationConfig, "loss_scale": LossScaleConfig,
            "scaling": ScalingConfig, "hadamard": HadamardConfig}
 _TOP = ("keep_high_precision", "high_precision", "fp32_ops", "backend",
-        "max_consecutive_skips", "attention")
+        "max_consecutive_skips", "attention", "bias_grad")
 _ALIASES = {"grads": ("grad_output", "weight_grad"), "grad": ("grad_output", "weight_grad")}
 _SHORT = {"weight": "w", "activation": "a", "grad_output": "go", "weight_grad": "wg",
           "master": "m", "optimizer_state": "os", "accumulation": "acc", "loss_scale": "ls",

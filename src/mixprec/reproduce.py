@@ -1,10 +1,12 @@
 """``mixprec reproduce``: run the papers' claims as experiments and report the verdicts.
 
 Each claim (see :mod:`mixprec.claims`) is a small experiment that measures what the
-paper states and concludes "reproduced", "partly" or "not reproduced" with its reason
-("not run" when a dependency is missing or the experiment failed). The run writes
-``results.json`` (the records), then ``report.md`` and ``report.html`` drawn from those
-records only, and prints a table.
+paper states and concludes "reproduced", "partly" or "not reproduced" with its reason and
+the checks that held or failed. A claim that no experiment here can measure (it needs
+ImageNet, say) is "out of reach" with what it needs; "not run" means a dependency is
+missing or the experiment failed. The run writes ``results.json`` (the records, schema
+:data:`mixprec.claims.schema.RESULTS_SCHEMA`), then ``report.md`` and ``report.html``
+drawn from those records only, and prints a table.
 
 >>> doc = reproduce(only=["swamping"], quick=True)
 >>> doc["records"][0]["measured"]["sum_fp16_sequential"]
@@ -26,7 +28,7 @@ import torch
 __all__ = ["reproduce", "write_results", "add_reproduce_parser", "run_reproduce", "main",
            "SCHEMA"]
 
-SCHEMA = "mixprec.reproduce/1"
+from .claims.schema import SCHEMA_ID as SCHEMA
 
 
 def _environment() -> dict:
@@ -81,8 +83,11 @@ def reproduce(*, only: Optional[Sequence[str]] = None, quick: bool = False, seed
 
 
 def write_results(doc: dict, out: Path) -> dict:
-    """Write results.json, report.md, report.html (and plots/) into ``out``."""
+    """Validate ``doc`` (ValueError naming the problems) and write results.json,
+    report.md, report.html (and plots/) into ``out``."""
     from .claims.render import write_reports
+    from .claims.schema import validate_results
+    validate_results(doc)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # allow_nan=False: records keep non-finite outcomes as flags, so this never fires

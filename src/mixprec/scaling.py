@@ -29,11 +29,13 @@ from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
 __all__ = [
     "tensor_to_amax", "amax_to_scale", "quantize_scaled", "DelayedScaling", "quantize_mx",
-    "quantize_spec", "AMAX_ALGOS", "MX_SCALE_RULES",
+    "quantize_spec", "quantize_axiswise", "config_scale_kwargs", "AMAX_ALGOS",
+    "MX_SCALE_RULES", "POW2_RULES",
 ]
 
 AMAX_ALGOS = ("max", "most_recent")
-MX_SCALE_RULES = ("ocp", "ceil")
+MX_SCALE_RULES = ("ocp", "ceil", "ceil-log2")
+POW2_RULES = ("none", "floor", "log2")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
 
@@ -56,31 +58,84 @@ def tensor_to_amax(x: torch.Tensor) -> torch.Tensor:
 
 
 def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
-                  prev_scale: Optional[ScaleLike] = None) -> torch.Tensor:
+                  prev_scale: Optional[ScaleLike] = None, eps: float = 0.0,
+                  pow2: str = "none") -> torch.Tensor:
     """Return the factor that maps ``amax`` onto the format's largest value.
 
-    scale = fmt.max / amax / 2**margin                     (float32, one rounding)
-    if amax == 0 or amax is not finite: scale = prev_scale (1.0 if none)
+    eps == 0:
+      scale = fmt.max / amax / 2**margin                   (float32, one rounding)
+      if amax == 0 or amax is not finite: scale = prev_scale (1.0 if none)
+    eps > 0 (torchao's clamp):
+      scale = float32(fmt.max / max(amax, eps)) / 2**margin   (torchao's expression, in
+              float64; the same float32 value as the float32 quotient wherever amax >=
+              eps: its float64 error is far below any float32 quotient's distance from a
+              rounding midpoint); a zero amax is clamped, a non-finite one keeps prev_scale
     scale = min(scale, float32 max)                        (a tiny amax must not give inf)
+    pow2 = "floor": scale with its mantissa bits zeroed    (2**floor(log2 scale), exact)
+         = "log2" : exp2(floor(log2(scale))) in float32    (torchao; a scale just below
+                    a power of two may round up to it, through log2's rounding)
 
-    Computed with tensor ops only, so no host synchronisation happens on a GPU.
+    ``amax`` may have any shape (one amax per row for axiswise scaling); the scale has
+    its shape. Computed with tensor ops only, so no host synchronisation happens on a GPU.
 
     >>> amax_to_scale(torch.tensor(2.0), "e4m3")
     tensor(224.)
     """
     fmt = get_format(fmt)
+    if pow2 not in POW2_RULES:
+        raise ValueError(f"unknown pow2 rule {pow2!r}; valid choices: {', '.join(POW2_RULES)}")
     amax = torch.as_tensor(amax, dtype=torch.float32)
     device = amax.device
-    # Divide first, then apply the power-of-two margin: the only rounding is the division.
-    raw = torch.tensor(fmt.max, dtype=torch.float32, device=device) / amax
+    if eps > 0:
+        raw = (fmt.max / torch.clamp(amax.to(torch.float64), min=float(eps))).to(torch.float32)
+        usable = torch.isfinite(amax)
+    else:
+        # Divide first, then apply the power-of-two margin: the only rounding is the division.
+        raw = torch.tensor(fmt.max, dtype=torch.float32, device=device) / amax
+        usable = torch.isfinite(amax) & (amax > 0)
     raw = raw * (2.0 ** -float(margin))
     raw = torch.clamp(raw, max=_F32_MAX)
+    if pow2 == "floor":
+        raw = (raw.view(torch.int32) & 0x7F800000).view(torch.float32)
+    elif pow2 == "log2":
+        raw = torch.exp2(torch.floor(torch.log2(raw)))
     if prev_scale is None:
         prev = torch.ones((), dtype=torch.float32, device=device)
     else:
         prev = torch.as_tensor(prev_scale, dtype=torch.float32).to(device)
-    usable = torch.isfinite(amax) & (amax > 0)
-    return torch.where(usable, raw, prev).reshape(())
+    return torch.where(usable, raw, prev).reshape(amax.shape)
+
+
+def config_scale_kwargs(cfg: ScalingConfig) -> dict:
+    """The :func:`amax_to_scale` keywords a ScalingConfig sets (margin, eps, pow2)."""
+    return {"margin": cfg.margin, "eps": cfg.amax_eps, "pow2": cfg.pow2_scale}
+
+
+def quantize_axiswise(x: torch.Tensor, fmt: FormatLike, *, axis: int = -1,
+                      margin: float = 0, eps: float = 0.0, pow2: str = "none",
+                      rounding: str = "nearest", saturate: bool = True,
+                      generator: Optional[torch.Generator] = None) -> tuple:
+    """Axiswise ("rowwise") scaling; returns ``(dequantized, scales)``.
+
+    Every row along ``axis`` (the reduction dimension of the GEMM that consumes x) has
+    its own scale:
+
+        amax_r  = max |x_r| over axis
+        scale_r = amax_to_scale(amax_r, fmt, margin=margin, eps=eps, pow2=pow2)
+        y_r     = quantize(x_r * scale_r, fmt) / scale_r
+
+    ``scales`` is float32, shaped like x with ``axis`` of length 1.
+    """
+    fmt = get_format(fmt)
+    if x.dim() == 0:
+        raise ValueError("quantize_axiswise needs a tensor with at least one dimension")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
+    hp = x.detach().to(torch.float32)
+    amax = hp.abs().amax(dim=axis, keepdim=True)
+    scale = amax_to_scale(amax, fmt, margin=margin, eps=eps, pow2=pow2)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    return (lp / scale).to(x.dtype), scale
 
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
@@ -131,12 +186,13 @@ class DelayedScaling:
     """
 
     def __init__(self, history_len: int = 16, algo: str = "max", margin: float = 0,
-                 fmt: Optional[FormatLike] = None):
+                 fmt: Optional[FormatLike] = None, *, eps: float = 0.0, pow2: str = "none"):
         if isinstance(history_len, bool) or not isinstance(history_len, int) or history_len < 1:
             raise ValueError(f"history_len must be an int >= 1, got {history_len!r}")
         self.history_len = history_len
         self.algo = _check_algo(algo)
         self.margin = margin
+        self.eps, self.pow2 = eps, pow2
         self.fmt: Optional[FloatFormat] = None if fmt is None else get_format(fmt)
         self._history = torch.zeros(history_len, dtype=torch.float32)
         self._scale = torch.ones((), dtype=torch.float32)
@@ -145,7 +201,8 @@ class DelayedScaling:
 
     @classmethod
     def from_config(cls, cfg: ScalingConfig, fmt: Optional[FormatLike] = None) -> "DelayedScaling":
-        return cls(cfg.amax_history_len, cfg.amax_algo, cfg.margin, fmt)
+        return cls(cfg.amax_history_len, cfg.amax_algo, cfg.margin, fmt,
+                   eps=cfg.amax_eps, pow2=cfg.pow2_scale)
 
     # -- reading -----------------------------------------------------------------------
     @property
@@ -189,12 +246,14 @@ class DelayedScaling:
             chosen = finite.amax()
         else:
             chosen = amax
-        self._scale = amax_to_scale(chosen, self.fmt, margin=self.margin, prev_scale=self._scale)
+        self._scale = amax_to_scale(chosen, self.fmt, margin=self.margin, prev_scale=self._scale,
+                                    eps=self.eps, pow2=self.pow2)
         return self._scale
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history_len": self.history_len, "algo": self.algo, "margin": self.margin,
+                "eps": self.eps, "pow2": self.pow2,
                 "fmt": None if self.fmt is None else self.fmt.name,
                 "amax_history": self._history.clone(), "scale": self._scale.clone(),
                 "pos": self._pos, "count": self._count}
@@ -209,6 +268,8 @@ class DelayedScaling:
             self.bind(state["fmt"])
         self.algo = _check_algo(state["algo"])
         self.margin = state["margin"]
+        # states saved before eps / pow2 existed had neither
+        self.eps, self.pow2 = state.get("eps", 0.0), state.get("pow2", "none")
         self._history = state["amax_history"].detach().to(torch.float32).clone()
         self._scale = state["scale"].detach().to(torch.float32).clone().reshape(())
         self._pos, self._count = int(state["pos"]), int(state["count"])
@@ -241,7 +302,8 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     Each block of ``block_size`` consecutive elements along ``axis`` shares a scale
 
         ocp : X = 2^(floor(log2 amax) - emax_elem)    (emax_elem = fmt.emax: e4m3 8, e5m2 15)
-        ceil: X = 2^ceil(log2(amax / max_elem))        (TransformerEngine; never saturates)
+        ceil: X = 2^ceil(log2(amax / max_elem))        (exact; never saturates)
+        ceil-log2: X = 2^ceil(log2(fl32(amax / max_elem))) in float32  (torchao RCEIL)
         X clamped to E8M0's range [2^-127, 2^127]
 
     and stores quantize(V / X, fmt, saturate=True): under "ocp" an e4m3 V/X in (448, 512)
@@ -270,8 +332,9 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
     # The MX setting of the general block quantizer ("ocp" is its "floor" rule).
-    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0,
-                         ScaleRule.FLOOR if scale_rule == "ocp" else ScaleRule.CEIL, axis=axis)
+    rule = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
+            "ceil-log2": ScaleRule.CEIL_LOG2}[scale_rule]
+    scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0, rule, axis=axis)
     b = _blocked_quantize(x, scheme, _choice(Rounding, rounding, "rounding"), generator,
                           seed=seed)
     # A NaN scale turns its whole block into NaN through the product below.
@@ -293,6 +356,8 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
     delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
     mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                  scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
+    axiswise      -> quantize_axiswise(x, fmt, axis=axis, ...)[0]: one scale per row
+    (per-tensor and axiswise scales take cfg.margin, cfg.amax_eps and cfg.pow2_scale)
     block         -> quantize_blocked(x, spec.scheme with its 1 x k blocks along axis)
                      .dequantize()
 
@@ -312,7 +377,7 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize(x.detach(), fmt, rounding=rounding, saturate=spec.saturate,
                             generator=generator)
         if kind is ScalingKind.CURRENT:
-            scale = amax_to_scale(tensor_to_amax(x), fmt, margin=cfg.margin)
+            scale = amax_to_scale(tensor_to_amax(x), fmt, **config_scale_kwargs(cfg))
             return quantize_scaled(x, fmt, scale, rounding=rounding, saturate=spec.saturate,
                                    generator=generator)
         if kind is ScalingKind.DELAYED:
@@ -327,6 +392,10 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                scale_rule=cfg.mx_scale_rule, rounding=rounding,
                                generator=generator)[0]
+        if kind is ScalingKind.AXISWISE:
+            return quantize_axiswise(x, fmt, axis=axis, **config_scale_kwargs(cfg),
+                                     rounding=rounding, saturate=spec.saturate,
+                                     generator=generator)[0]
         if kind is ScalingKind.BLOCK:
             scheme = scheme_along(get_scheme(spec.scheme), axis)
             return quantize_blocked(x, scheme, rounding=rounding,

@@ -12,6 +12,7 @@ format's largest value (e2m1 6, e4m3 448), S_max the scale format's (e4m3 448)::
     block decode scale X and encode factor e, by scale format and rule:
         e8m0 floor   X = 2^clamp(floor(log2 amax_b) - emax_elem, -127, 127)    e = 1 / X
         e8m0 ceil    X = 2^clamp(ceil(log2(amax_b / E_max)), -127, 127)         e = 1 / X
+        e8m0 ceil-log2  as ceil, log2 of fl(amax_b / E_max) in float32 (torchao) e = 1 / X
         e8m0 dither  X as floor                                                 e = 1 / X, then * 3/4
         e4m3 | ue5m3 amax   X = RNE_S(min(amax_b * (g_enc * (1 / E_max)), S_max))
                             e = min(1 / (X * g_dec), FLT_MAX)
@@ -179,9 +180,20 @@ class _Blocked(NamedTuple):
     signs: Optional[torch.Tensor]
 
 
+def _ceil_log2_exponent(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """ceil(log2(q)) of q = fl(amax / max_elem), log2 and ceil in float32 (torchao RCEIL);
+    int32, clamped to E8M0's range; undefined where amax is 0 or not finite."""
+    e = torch.ceil(torch.log2(amax / fmt.max))
+    e = torch.nan_to_num(e, nan=0.0).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    return e.to(torch.int32)
+
+
 def _scale_e8m0(amax, scheme):
-    """floor / ceil / dither: (X, e) as exact powers of two, X in [2^-127, 2^127]."""
-    shared = _mx_exponent(amax, scheme.element, scheme.scale_rule is ScaleRule.CEIL)
+    """floor / ceil / ceil-log2 / dither: (X, e) as exact powers of two, X in [2^-127, 2^127]."""
+    if scheme.scale_rule is ScaleRule.CEIL_LOG2:
+        shared = _ceil_log2_exponent(amax, scheme.element)
+    else:
+        shared = _mx_exponent(amax, scheme.element, scheme.scale_rule is ScaleRule.CEIL)
     shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_MIN_EXP))
     shared = shared.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
     # 2^-e is exact in float32 (like dividing by X) unless V/X falls below 2^-126, far

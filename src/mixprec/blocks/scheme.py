@@ -21,7 +21,8 @@ A scheme answers five questions, each a field::
 
 Named schemes (``get_scheme``): nvfp4 (1x16), nvfp4-2d (16x16), mxfp8, mxfp6, mxfp4
 (1x32, OCP floor rule), fp8-block128 (1x128) and fp8-block128x128 (power-of-two FP32
-scales, as TransformerEngine's Float8BlockScaling). The algorithm that turns a scheme into
+scales, as TransformerEngine's Float8BlockScaling), and fp8-block128-fp32 /
+fp8-block128x128-fp32 with plain FP32 scales. The algorithm that turns a scheme into
 numbers is in :mod:`mixprec.blocks.quantize`.
 
 UE5M3 is taken to be an unsigned 8-bit float with 5 exponent bits (bias 15), 3 mantissa
@@ -62,6 +63,9 @@ class ScaleRule(str, enum.Enum):
     CEIL = "ceil"      # round the scale up: never saturates (torchao RCEIL, TE MXFP8)
     AMAX = "amax"      # amax / max_elem rounded to the scale format (NVFP4, blockwise FP8)
     DITHER = "dither"  # floor scale, elements scaled by 3/4 so stochastic rounding never clips
+    # ceil(log2(fl(amax / max_elem))) with float32 log2, as torchao's RCEIL evaluates it:
+    # "ceil" except where log2 rounds a quotient a few ulps above 2^k to k
+    CEIL_LOG2 = "ceil-log2"
 
 
 class Ties(str, enum.Enum):
@@ -72,7 +76,7 @@ class Ties(str, enum.Enum):
 
 _RULE_ALIASES = {"ocp": "floor", "rceil": "ceil", "nvfp4": "amax"}
 _TIE_ALIASES = {"even": "nearest-even", "up": "half-up", "down": "half-down"}
-_POW2_RULES = (ScaleRule.FLOOR, ScaleRule.CEIL, ScaleRule.DITHER)
+_POW2_RULES = (ScaleRule.FLOOR, ScaleRule.CEIL, ScaleRule.CEIL_LOG2, ScaleRule.DITHER)
 
 
 def _enum(cls, value, what: str, aliases: dict):
@@ -209,6 +213,10 @@ _SCHEMES = {
     # Blockwise FP8 (TE Float8BlockScaling, DeepSeek-V3 tiles): power-of-two FP32 scales
     "fp8-block128": BlockScheme("e4m3", (1, 128), ScaleFormat.POW2, ScaleRule.AMAX),
     "fp8-block128x128": BlockScheme("e4m3", (128, 128), ScaleFormat.POW2, ScaleRule.AMAX),
+    # the same with FP32 scales 448 / amax (Float8BlockScaling with power_2_scale off)
+    "fp8-block128-fp32": BlockScheme("e4m3", (1, 128), ScaleFormat.FP32, ScaleRule.AMAX),
+    "fp8-block128x128-fp32": BlockScheme("e4m3", (128, 128), ScaleFormat.FP32,
+                                         ScaleRule.AMAX),
 }
 
 

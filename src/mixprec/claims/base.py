@@ -3,13 +3,22 @@
 A claim is a small function ``run(ctx) -> Outcome`` registered with :func:`claim`. Running
 it (:func:`run_claim`) gives a *record*, a JSON-ready dict::
 
-    {id, claim, source, paper_value, measured, summary, verdict, reason, config,
-     seconds, plot}
+    {id, claim, source, paper_value, measured, checks, summary, verdict, needs, reason,
+     config, seconds, plot}
 
 ``measured`` maps names to finite numbers or booleans (a non-finite result is recorded
 as a flag such as ``"fp16_mean_nonfinite": true``, never as inf/NaN), so records stay
 valid JSON. ``plot`` is optional data for the report: ``{title, xlabel, ylabel, logy,
 x, lines: {label: [y, ...]}}``.
+
+Verdicts keep apart what was measured from what was not:
+
+    measured    reproduced | partly | not reproduced     (``checks`` say which held)
+    not measured  out of reach  (``needs`` names the data or hardware this machine lacks)
+                  not run       (a mixprec module is missing, or the experiment raised)
+
+``checks`` maps each named test of the claim to whether it held; a "reproduced" record
+has every check true; "partly" and "not reproduced" records name any that failed.
 """
 from __future__ import annotations
 
@@ -23,18 +32,22 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Verdict", "RunContext", "Outcome", "Claim", "claim", "REGISTRY", "run_claim",
-           "RECORD_FIELDS", "put_finite", "verdict_of", "explain"]
+__all__ = ["Verdict", "MEASURED_VERDICTS", "RunContext", "Outcome", "Claim", "claim", "REGISTRY",
+           "run_claim", "RECORD_FIELDS", "put_finite", "verdict_of", "explain"]
 
-RECORD_FIELDS = ("id", "claim", "source", "paper_value", "measured", "summary", "verdict",
-                 "reason", "config", "seconds", "plot")
+RECORD_FIELDS = ("id", "claim", "source", "paper_value", "measured", "checks", "summary",
+                 "verdict", "needs", "reason", "config", "seconds", "plot")
 
 
 class Verdict(str, enum.Enum):
     REPRODUCED = "reproduced"            # the paper's statement holds here, as stated
     PARTLY = "partly"                    # the mechanism holds; the paper's setting or number does not carry over
-    NOT_REPRODUCED = "not reproduced"    # measured otherwise, or out of reach here (the reason says which)
+    NOT_REPRODUCED = "not reproduced"    # measured, and it came out otherwise
+    OUT_OF_REACH = "out of reach"        # not measured: needs data or hardware we lack (``needs``)
     NOT_RUN = "not run"                  # a dependency was missing or the experiment raised
+
+
+MEASURED_VERDICTS = (Verdict.REPRODUCED, Verdict.PARTLY, Verdict.NOT_REPRODUCED)
 
 
 @dataclass(frozen=True)
@@ -57,13 +70,36 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a claim function measured and concluded."""
+    """What a claim function measured and concluded.
+
+    A measured verdict (reproduced, partly, not reproduced) needs measured values; a
+    "reproduced" one, every check true. "out of reach" needs ``needs`` (what is missing,
+    e.g. "ImageNet") and no measured values. Anything else raises ValueError, so a claim
+    cannot report an experiment it did not run.
+    """
     measured: dict
     summary: str
     verdict: Verdict
     reason: str
     config: dict = field(default_factory=dict)
     plot: Optional[dict] = None
+    checks: dict = field(default_factory=dict)
+    needs: Optional[str] = None
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.checks.items() if not isinstance(v, bool)}
+        if bad:
+            raise ValueError(f"checks must be booleans, got {bad}")
+        if self.verdict in MEASURED_VERDICTS and not self.measured:
+            raise ValueError(f"verdict {self.verdict.value!r} without measured values; a claim "
+                             f"that was not measured is {Verdict.OUT_OF_REACH.value!r}")
+        if self.verdict is Verdict.REPRODUCED and not all(self.checks.values()):
+            failed = [k for k, v in self.checks.items() if not v]
+            raise ValueError(f"verdict 'reproduced' with failed checks {failed}")
+        if self.verdict is Verdict.OUT_OF_REACH and (not self.needs or self.measured):
+            raise ValueError("verdict 'out of reach' needs `needs` (what is missing) and no "
+                             f"measured values; got needs={self.needs!r}, "
+                             f"measured={sorted(self.measured)}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +136,7 @@ def put_finite(measured: dict, key: str, value) -> None:
 
 def verdict_of(checks: dict, *, partly: bool = False) -> Verdict:
     """reproduced if every check holds (partly when the setting differs from the
-    paper's), not reproduced otherwise."""
+    paper's), not reproduced otherwise (the checks were measured and failed)."""
     if not all(checks.values()):
         return Verdict.NOT_REPRODUCED
     return Verdict.PARTLY if partly else Verdict.REPRODUCED
@@ -136,7 +172,8 @@ def run_claim(c: Claim, ctx: RunContext) -> dict:
         except Exception:  # a failed experiment is reported as such, never hidden
             tail = traceback.format_exc(limit=3).strip().splitlines()[-1]
             out = Outcome({}, "-", Verdict.NOT_RUN, f"the experiment raised: {tail}")
-    record.update(measured=out.measured, summary=out.summary, verdict=out.verdict.value,
-                  reason=out.reason, config={"quick": ctx.quick, "seed": ctx.seed, **out.config},
+    record.update(measured=out.measured, checks=dict(out.checks), summary=out.summary,
+                  verdict=out.verdict.value, needs=out.needs, reason=out.reason,
+                  config={"quick": ctx.quick, "seed": ctx.seed, **out.config},
                   seconds=round(time.perf_counter() - t0, 3), plot=out.plot)
     return record

@@ -51,7 +51,8 @@ def e5m2_underflow(ctx: RunContext) -> Outcome:
               f"half-keeps ({100 * (1 - m['flushed_fp16_unscaled']):.0f}% survive) is almost "
               "wiped out; one power-of-two scale chosen by the 2018 rule brings it back "
               "without overflow. Synthetic gradients, not the paper's networks.")
-    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {"amax": amax})
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {"amax": amax},
+                   checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +111,8 @@ def stochastic_rounding(ctx: RunContext) -> Outcome:
               "E5M2 and kept on average with stochastic. Isolated numerics, not the paper's "
               "networks (see stochastic-rounding-training).")
     return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
-                   {"trials": trials, "cases": {k: list(v) for k, v in cases.items()}})
+                   {"trials": trials, "cases": {k: list(v) for k, v in cases.items()}},
+                   checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def scale_floor(ctx: RunContext) -> Outcome:
     return Outcome(m, summary, verdict_of(checks, partly=True), explain(checks, reason),
                    {"floor": [list(p) for p in enhanced.floor],
                     "growth_interval": enhanced.growth_interval,
-                    "init_scale": enhanced.init_scale}, plot)
+                    "init_scale": enhanced.init_scale}, plot, checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,6 +271,9 @@ def mx_vs_per_tensor(ctx: RunContext) -> Outcome:
         verdict = Verdict.PARTLY          # MX wins only where the range exceeds the format's
     else:
         verdict = Verdict.NOT_REPRODUCED
+    checks = {**{f"e4m3_mx_wins_{k}": v for k, v in iid.items()},
+              **{f"e4m3_mx_wins_worst_rows_{k}": v for k, v in wide.items()},
+              **{f"e2m1_mx_wins_{k}": v for k, v in fp4.items()}}
     return Outcome(m, summary, verdict, reason,
                    {"rows": rows, "cols": cols, "block_size": 32, "scale_rule": "ocp",
-                    "kinds": list(HEAVY_TAILED_KINDS)})
+                    "kinds": list(HEAVY_TAILED_KINDS)}, checks=checks)

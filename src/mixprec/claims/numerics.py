@@ -85,7 +85,8 @@ def fp16_underflow(ctx: RunContext) -> Outcome:
               "or SSD model, so the flushed fraction illustrates the mechanism rather than "
               "reproducing the 5% figure.")
     return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
-                   {"gradients": n, "log2_mean": GRAD_LOG2_MEAN, "log2_std": GRAD_LOG2_STD})
+                   {"gradients": n, "log2_mean": GRAD_LOG2_MEAN, "log2_std": GRAD_LOG2_STD},
+                   checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def swamping(ctx: RunContext) -> Outcome:
               f"{pos[0] / max(pos[1], 1e-300):.0f}x on positive inputs.")
     return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"term": SWAMP_TERM, "count": SWAMP_COUNT, "chunk": SWAMP_CHUNK,
-                    "matmul_k": k, "matmul_mn": n})
+                    "matmul_k": k, "matmul_mn": n}, checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def fp32_reductions(ctx: RunContext) -> Outcome:
               "FP16 above 11.09. The paper gives the rule, not a number.")
     return Outcome(m, summary, verdict_of(checks), explain(checks, reason),
                    {"rows": rows, "n": n, "logit_std": 2.0,
-                    "bn_cases": {k: list(v) for k, v in _BN_CASES.items()}})
+                    "bn_cases": {k: list(v) for k, v in _BN_CASES.items()}}, checks=checks)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,4 +263,4 @@ def bf16_range(ctx: RunContext) -> Outcome:
     reason = ("BF16's 8 exponent bits keep every gradient of the distribution, each within "
               "half a bf16 ulp (2^-8 relative); FP16 loses half of them to zero. Numerics only "
               "(training: bf16-training).")
-    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {})
+    return Outcome(m, summary, verdict_of(checks), explain(checks, reason), {}, checks=checks)

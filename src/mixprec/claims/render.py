@@ -12,10 +12,27 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["terminal_table", "markdown", "html_page", "draw_plots", "write_reports"]
+__all__ = ["terminal_table", "markdown", "html_page", "draw_plots", "write_reports",
+           "verdict_text", "checks_text"]
 
 _COLOURS = {"reproduced": "#d8f0d8", "partly": "#fff3c4", "not reproduced": "#f6d6d6",
-            "not run": "#e4e4e4"}
+            "out of reach": "#e4e4ee", "not run": "#e4e4e4"}
+
+
+def verdict_text(record: dict) -> str:
+    """The verdict as shown: "out of reach: needs ImageNet" for a claim that could not be
+    measured here, the plain verdict otherwise."""
+    needs = record.get("needs")
+    return f"{record['verdict']}: needs {needs}" if needs else record["verdict"]
+
+
+def checks_text(record: dict) -> str:
+    """"passed: a, b; failed: c" from the record's checks ("" when it has none)."""
+    checks = record.get("checks") or {}
+    passed = [k for k, v in checks.items() if v]
+    failed = [k for k, v in checks.items() if not v]
+    return "; ".join(f"{what}: {', '.join(names)}"
+                     for what, names in (("passed", passed), ("failed", failed)) if names)
 
 
 def _cut(text: str, width: int) -> str:
@@ -25,14 +42,15 @@ def _cut(text: str, width: int) -> str:
 
 def terminal_table(records: list, *, width: int = 150) -> str:
     """claim | paper | measured | verdict, one line per record, cells shortened."""
-    cols = (("claim", "id", 28), ("paper", "paper_value", 44), ("measured", "summary", 54),
-            ("verdict", "verdict", 14))
+    cols = (("claim", "id", 28), ("paper", "paper_value", 40), ("measured", "summary", 42),
+            ("verdict", "verdict", 34))
     scale = max(0.5, min(1.0, width / 150))
     widths = [max(len(h), int(w * scale)) for h, _, w in cols]
     lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]
     for r in records:
-        lines.append("  ".join(_cut(r.get(k, ""), w).ljust(w)
+        cells = {**r, "verdict": verdict_text(r)}
+        lines.append("  ".join(_cut(cells.get(k, ""), w).ljust(w)
                                for (_, k, _), w in zip(cols, widths)).rstrip())
     counts = _counts(records)
     lines.append("")
@@ -71,12 +89,14 @@ def markdown(doc: dict, plots: Optional[dict] = None) -> str:
            "| # | claim | source | paper | measured | verdict |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(recs, 1):
         out.append(f"| {i} | {_md_cell(r['id'])} | {_md_cell(r['source'])} | {_md_cell(r['paper_value'])} "
-                   f"| {_md_cell(r['summary'])} | **{r['verdict']}** |")
+                   f"| {_md_cell(r['summary'])} | **{verdict_text(r)}** |")
     for i, r in enumerate(recs, 1):
-        out += ["", f"## {i}. {r['id']}: {r['verdict']}", "", f"*Claim.* {r['claim']}", "",
+        out += ["", f"## {i}. {r['id']}: {verdict_text(r)}", "", f"*Claim.* {r['claim']}", "",
                 f"*Source.* {r['source']}", "", f"*Paper.* {r['paper_value']}", "",
-                f"*Measured.* {r['summary']}", "", f"*Verdict.* **{r['verdict']}**: {r['reason']}",
-                ""]
+                f"*Measured.* {r['summary']}", "",
+                f"*Verdict.* **{verdict_text(r)}**: {r['reason']}", ""]
+        if checks_text(r):
+            out += [f"*Checks.* {checks_text(r)}", ""]
         if r["measured"]:
             out += ["| quantity | value |", "|---|---|"]
             out += [f"| {_md_cell(k)} | {_fmt(v)} |" for k, v in r["measured"].items()]
@@ -125,7 +145,7 @@ def html_page(doc: dict, pngs: Optional[dict] = None) -> str:
     rows = "".join(
         f"<tr style='background:{_COLOURS.get(r['verdict'], '#fff')}'><td>{i}</td>"
         f"<td><a href='#{e(r['id'])}'>{e(r['id'])}</a></td><td>{e(r['paper_value'])}</td>"
-        f"<td>{e(r['summary'])}</td><td><b>{e(r['verdict'])}</b></td></tr>"
+        f"<td>{e(r['summary'])}</td><td><b>{e(verdict_text(r))}</b></td></tr>"
         for i, r in enumerate(recs, 1))
     sections = []
     for i, r in enumerate(recs, 1):
@@ -134,11 +154,12 @@ def html_page(doc: dict, pngs: Optional[dict] = None) -> str:
         img = (f"<img alt='{e(r['id'])}' src='data:image/png;base64,"
                f"{base64.b64encode(pngs[r['id']]).decode()}'>" if r["id"] in pngs else "")
         sections.append(
-            f"<h2 id='{e(r['id'])}'>{i}. {e(r['id'])}: {e(r['verdict'])}</h2>"
+            f"<h2 id='{e(r['id'])}'>{i}. {e(r['id'])}: {e(verdict_text(r))}</h2>"
             f"<p><i>Claim.</i> {e(r['claim'])}</p><p><i>Source.</i> {e(r['source'])}</p>"
             f"<p><i>Paper.</i> {e(r['paper_value'])}</p><p><i>Measured.</i> {e(r['summary'])}</p>"
             f"<p style='background:{_COLOURS.get(r['verdict'], '#fff')}'><i>Verdict.</i> "
-            f"<b>{e(r['verdict'])}</b>: {e(r['reason'])}</p>"
+            f"<b>{e(verdict_text(r))}</b>: {e(r['reason'])}</p>"
+            + (f"<p><i>Checks.</i> {e(checks_text(r))}</p>" if checks_text(r) else "")
             + (f"<table class='m'><tr><th>quantity</th><th>value</th></tr>{measured}</table>"
                if measured else "")
             + img + f"<p class='c'>Configuration: <code>{e(json.dumps(r['config'], sort_keys=True))}"
