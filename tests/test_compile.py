@@ -24,9 +24,13 @@ ALL_PRESETS = [p for p in mixprec.list_presets() if p != "nvfp4"]
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    # compile in this process: no pool of compile workers left running beside later
+    # tests (the distributed ones spawn processes of their own)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(compile_threads=1):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
 
 
 def _mlp() -> nn.Module:

@@ -22,9 +22,13 @@ EAGER_BACKEND = "c" if has_c_extension() else "torch"
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    # compile in this process: no pool of compile workers left running beside later
+    # tests (the distributed ones spawn processes of their own)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(compile_threads=1):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
