@@ -17,7 +17,7 @@ fp16-mixed and bf16-mixed backends, and the emulated fp8-hybrid and mxfp8 recipe
 and compiled, as ratios to fp32 from the same run. About 2-4 minutes, most of it
 compiling. Without CUDA it prints that and exits 0.
 
-    python benchmarks/gpu.py [--steps 20] [--skip-compile]
+    python benchmarks/gpu.py [--steps 20] [--skip-compile] [--quick]
 """
 from __future__ import annotations
 
@@ -133,7 +133,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="two timed steps, no compiling: a smoke run, as the test suite runs it")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.skip_compile = 2, True
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check (this script needs a GPU)")
         return

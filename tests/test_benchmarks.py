@@ -22,6 +22,8 @@ TABLES = {
        for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp16-pure", "fp8-e5m2", "fp8-hybrid",
                  "mxfp8", "mxfp6", "mxfp4")]
     + [r"^\d+ target\(s\) failed$"],
+    # without CUDA the GPU checks say so and stop; with it the device line comes first
+    "gpu.py": [r"^(no CUDA device: nothing to check \(this script needs a GPU\)|device: .+)$"],
 }
 
 

@@ -101,7 +101,8 @@ def _apply_ties(src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat, ties: Ties
     wider = make_format(fmt.ebits, fmt.mbits + 1, fmt.convention, fmt.bias)
     tie = ((quantize(a, wider, rounding="toward_zero") == a)
            & (quantize(a, fmt, rounding="toward_zero") != a) & (a < fmt.max))
-    if not torch.compiler.is_compiling() and not bool(tie.any()):
+    if (not torch.compiler.is_compiling() and type(tie) is torch.Tensor
+            and not bool(tie.any())):
         return q
     r = q.abs()
     other = 2.0 * a - r
@@ -284,7 +285,8 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
     if src is not None:
         elems = _apply_ties(src, elems, scheme.element, scheme.ties)
     # under torch.compile without the host test: a graph cannot branch on data
-    if torch.compiler.is_compiling() or bool(special.any()):
+    if (torch.compiler.is_compiling() or type(special) is not torch.Tensor
+            or bool(special.any())):
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=hp.device)
         scales = torch.where(special, nan, scales)
         elems.masked_fill_(special, float("nan"))
