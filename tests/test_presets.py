@@ -102,7 +102,12 @@ def fp32_run() -> dict:
 
 
 def test_every_preset_is_covered():
-    assert set(PRESETS) == set(list_presets())
+    """Every preset is trained here, except the conformance presets, which
+    tests/test_conformance_*.py hold bit for bit to the stack each one names."""
+    from mixprec.conformance import CONFORMANCE_PRESETS
+    conformance = {r.name for r in CONFORMANCE_PRESETS}
+    assert set(PRESETS) == set(list_presets()) - conformance
+    assert conformance <= set(list_presets())
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ measurable by emulating narrower accumulators (Wang et al. 2018): a sequential F
 half an FP16 ulp and vanishes ("swamping"); summing in chunks of 64 and adding the chunk
 sums in FP32 recovers most of the accuracy.
 
-Rule (``AccumulationConfig(format, chunk, across)``), for terms t_0 .. t_{k-1}:
+Sequential mode (``AccumulationConfig(format, chunk, across)``), for terms t_0 .. t_{k-1}:
 
     for each chunk of ``chunk`` consecutive terms (None: a single chunk):
         s = round_format(t_first);  s = round_format(s + t) for every further t
@@ -15,6 +15,29 @@ Rule (``AccumulationConfig(format, chunk, across)``), for terms t_0 .. t_{k-1}:
 Every addition is rounded once, to nearest-even, exactly as a hardware adder of that
 width would ("fp32" = ordinary float32 addition). Overflow follows the format's own
 non-saturating convention (inf for fp16/bf16/e5m2, NaN for e4m3).
+
+Aligned mode (``mode="aligned", mantissa_bits=m, align, group=g, promote=N_C, across``):
+a model of Hopper-class FP8 tensor cores, whose accumulator keeps about 14 significant
+bits (DeepSeek-V3), with DeepSeek-V3's promotion of partial sums to FP32 every N_C = 128
+products. Products p_i = a_i * b_i are exact (float64 holds the product of two float32
+values exactly). With E(v) = floor(log2|v|) (zeros take no part) and R = trunc (toward
+zero, ``align="truncate"``) or round-half-even (``align="round"``):
+
+    for each interval of N_C consecutive products (None: one interval of all k):
+        s = 0
+        for each group G of g consecutive products of the interval:
+            E   = max(E(v) for v in {s} + G)              running maximum exponent
+            u   = 2^(E - m)                               last place kept at that exponent
+            t   = sum(u * R(v / u) for v in {s} + G)      aligned, cut, then added exactly
+            s   = 2^(E(t) - m) * R(t / 2^(E(t) - m))      normalised to m + 1 bits
+        acc = round_across(acc + s)                       promotion (acc starts at 0)
+
+A small addend against a large running maximum loses every bit below u: with m = 13,
+1 + 1.5 * 2^-14 gives 1 (truncate) or 1 + 2^-13 (round). The error grows with the number
+of products summed since the last promotion; promoting every product (N_C = 1) is FP32
+accumulation of the exact products. Sums (``sum_accum``) treat their terms as the
+products. The group size of real hardware is not published; ``group`` defaults to 32,
+the K of one FP8 WGMMA instruction.
 """
 from __future__ import annotations
 
@@ -91,13 +114,15 @@ def _accumulate(terms: torch.Tensor, rnd: Optional[Rounder]) -> torch.Tensor:
 
 
 def _chunked(term: TermFn, k: int, acc: AccumulationConfig) -> torch.Tensor:
-    """Apply the chunk rule to k >= 1 terms; ``term(positions)`` gives the terms at a
-    (strided) slice of positions, stacked along a new last dim.
+    """Apply the chunk rule (sequential mode) to k >= 1 terms; ``term(positions)`` gives
+    the terms at a (strided) slice of positions, stacked along a new last dim.
 
     Chunks are accumulated side by side: step j adds the j-th term of every full chunk at
     once, so the Python loop runs about chunk + k/chunk times instead of k, and at most
     one term per chunk is held in memory at a time.
     """
+    if acc.mode == "aligned":
+        return _aligned(term, k, acc)
     chunk = k if acc.chunk is None else min(acc.chunk, k)
     inner, across = _rounder(get_format(acc.format)), _rounder(get_format(acc.across))
     n_full, tail = divmod(k, chunk)
@@ -115,6 +140,72 @@ def _chunked(term: TermFn, k: int, acc: AccumulationConfig) -> torch.Tensor:
             s = _add(s, term(slice(base + j, base + j + 1)), inner)
         parts.append(s)
     return _accumulate(torch.cat(parts, dim=-1), across)
+
+
+_EXP_FLOOR = -960     # exponents of an all-zero step: far below any float32 product
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2.0**e in float64 for integer e in the normal range, built from its bits (exact)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def _floor_log2(v: torch.Tensor) -> torch.Tensor:
+    """floor(log2|v|) as int64; zeros (and non-finite values) give _EXP_FLOOR."""
+    _, e = torch.frexp(v)           # v = f * 2^e with 0.5 <= |f| < 1
+    return torch.where(torch.isfinite(v) & (v != 0), e.to(torch.int64) - 1,
+                       torch.full_like(e, _EXP_FLOOR, dtype=torch.int64))
+
+
+def _cut(v: torch.Tensor, place: torch.Tensor, align: str) -> torch.Tensor:
+    """v / place cut to an integer (trunc or round-half-even); exact for power-of-two place."""
+    q = v / place
+    if align == "round":
+        return torch.round(q)     # half to even
+    # floor(|q|) with q's sign: torch.trunc on float64 is ~1000x slower here (torch 2.13 CPU)
+    return torch.floor(q.abs()).copysign(q)
+
+
+def _aligned_interval(products: Callable[[int, int], torch.Tensor], length: int,
+                      acc: AccumulationConfig) -> torch.Tensor:
+    """The partial sums s of the aligned rule over intervals of ``length`` products,
+    side by side: ``products(j, n)`` gives products j .. j+n-1 of every interval, float64,
+    shape [..., intervals, n]. Returns float64 [..., intervals]."""
+    m, s = acc.mantissa_bits, None
+    for j in range(0, length, acc.group):
+        p = products(j, min(acc.group, length - j))
+        v = p if s is None else torch.cat([s.unsqueeze(-1), p], dim=-1)
+        e = _floor_log2(v).amax(dim=-1, keepdim=True)
+        place = _pow2(e - m)
+        # every addend is a multiple of place below 2^(m+1) * place: the integer sum is
+        # exact in float64 for any group below 2^38 products
+        t = _cut(v, place, acc.align).sum(dim=-1) * place.squeeze(-1)
+        place_t = _pow2(_floor_log2(t) - m)
+        s = _cut(t, place_t, acc.align) * place_t
+    return s
+
+
+def _aligned(term: TermFn, k: int, acc: AccumulationConfig) -> torch.Tensor:
+    """The aligned rule (module docstring) over k >= 1 terms given by ``term`` (as for
+    :func:`_chunked`); float32 result."""
+    interval = k if acc.promote is None else min(acc.promote, k)
+    n_full, tail = divmod(k, interval)
+    parts = []
+    if n_full:
+        end = n_full * interval
+
+        def full(j: int, n: int) -> torch.Tensor:
+            # product j + i of interval c sits at position c * interval + j + i
+            cols = [term(slice(j + i, end, interval)) for i in range(n)]
+            return torch.stack(cols, dim=-1).to(torch.float64)
+        parts.append(_aligned_interval(full, interval, acc))
+    if tail:
+        base = n_full * interval
+        parts.append(_aligned_interval(
+            lambda j, n: term(slice(base + j, base + j + n)).to(torch.float64).unsqueeze(-2),
+            tail, acc))
+    # m <= 23: every partial sum is exact in float32 (within its exponent range)
+    return _accumulate(torch.cat(parts, dim=-1).to(torch.float32), _rounder(get_format(acc.across)))
 
 
 def sum_accum(x: torch.Tensor, acc: AccumulationConfig, dim: int = -1) -> torch.Tensor:
@@ -144,6 +235,8 @@ def matmul_accum(a: torch.Tensor, b: torch.Tensor, acc: AccumulationConfig) -> t
     (bf16 products are exact too except at the far ends of the exponent range.) So the
     only roundings are the accumulator's, as in a hardware dot-product unit.
 
+    In aligned mode products are formed in float64, exact for any float32 operands.
+
     Shapes follow torch.matmul: 1-D, 2-D and batched with broadcasting. The result has
     the promoted dtype of a and b. ``acc.is_fp32`` is plain ``torch.matmul``.
     """
@@ -164,6 +257,22 @@ def matmul_accum(a: torch.Tensor, b: torch.Tensor, acc: AccumulationConfig) -> t
         raise ValueError(f"matmul_accum: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
                          f"match in the reduction dimension")
     k = a32.shape[-1]
+    if acc.mode == "aligned":
+        # float64 products are exact for any float32 operands, not only low-precision ones
+        a32, b32 = a32.to(torch.float64), b32.to(torch.float64)
+        rows = a32.shape[-2]
+        # bound the [..., rows, n, intervals, group] step tensors to about 2^22 elements
+        # by running blocks of rows one after another
+        per_row = max(1, b32.shape[-1] * min(k, acc.group * max(1, k // (acc.promote or k))))
+        block = max(1, (1 << 22) // per_row)
+        if rows > block and k > 0:
+            out = torch.cat([matmul_accum(a32[..., r:r + block, :], b32, acc)
+                             for r in range(0, rows, block)], dim=-2)
+            if squeeze_b:
+                out = out.squeeze(-1)
+            if squeeze_a:
+                out = out.squeeze(-2 if not squeeze_b else -1)
+            return out.to(out_dtype)
     b_t = b32.transpose(-1, -2)
 
     def products(pos: slice) -> torch.Tensor:

@@ -68,6 +68,9 @@ examples:
   mixprec compare --recipes fp32,fp16-mixed,fp8-e5m2:grads.rounding=nearest --steps 500
   mixprec compare --workload text-transformer --seeds 0,1
   mixprec compare --model mypkg.nets:make_model --data mypkg.data:make_dataset
+  mixprec compare --resume runs/compare-20260101-120000
+  mixprec compare --nproc 2
+  torchrun --nproc-per-node 2 -m mixprec compare
 
 --model names a callable returning a torch.nn.Module; --data one returning a
 mixprec.experiments.data.Dataset(name, task, x_train, y_train, x_test, y_test,
@@ -92,10 +95,13 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                     "seed, data order and initial weights) and write results.json, plots and "
                     "report.html.", epilog=_COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), metavar="LIST",
-                   help="comma list of presets or recipe strings (default: %(default)s)")
-    p.add_argument("--workload", "--task", dest="workload", default=DEFAULT_WORKLOAD,
-                   choices=list(WORKLOADS), help="built-in model and data (default: %(default)s)")
+    # defaults are None here and filled in by cmd_compare, so that --resume can tell the
+    # arguments given from the defaults
+    p.add_argument("--recipes", metavar="LIST",
+                   help=f"comma list of presets or recipe strings (default: "
+                        f"{','.join(DEFAULT_RECIPES)})")
+    p.add_argument("--workload", "--task", dest="workload", choices=list(WORKLOADS),
+                   help=f"built-in model and data (default: {DEFAULT_WORKLOAD})")
     p.add_argument("--model", metavar="PKG.MOD:FACTORY", help="your model factory")
     p.add_argument("--data", metavar="PKG.MOD:FACTORY", help="your data factory (a Dataset)")
     length = p.add_mutually_exclusive_group()
@@ -104,38 +110,172 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=float, help="passes over the training data instead")
     p.add_argument("--batch-size", type=int, help="default: the workload's")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the workload's)")
-    p.add_argument("--seeds", type=_int_list, default=(0,), metavar="LIST",
+    p.add_argument("--seeds", type=_int_list, metavar="LIST",
                    help="comma list of seeds (default: 0)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int,
                    help="torch CPU threads; 0 keeps torch's default (default: 1, best for "
                         "these small models)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare-<timestamp>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR",
+                       help="run folder (default: runs/compare-<timestamp>)")
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the interrupted comparison in RUN_DIR: finished runs "
+                            "are kept, an unfinished one continues from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help=f"checkpoint the running recipe every N steps; 0: never (default: "
+                        f"{DEFAULT_CHECKPOINT_EVERY}, or the interval of the run resumed)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel in N processes on this machine "
+                        "(DistributedDataParallel over gloo; default 1, or torchrun's world)")
+    p.add_argument("--shard", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard): not available in compare "
+                        "yet (the Python API supports it)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a rendezvous or collective may wait before failing "
+                        "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compare)
     return p
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import CompareConfig, run_compare, save_results
-    from .experiments.workloads import resolve_workload
-    from .report import format_table, write_report
-    cfg = CompareConfig(recipes=args.recipes, workload=args.workload, model=args.model,
-                        data=args.data, steps=args.steps, epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, seeds=args.seeds,
-                        threads=args.threads or None)
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+def _launched_world() -> Optional[int]:
+    """The world size torchrun (or any torch.distributed launcher) set, else None."""
+    import os
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else None
+
+
+def _compare_setup(args: argparse.Namespace) -> tuple:
+    """(CompareConfig, run folder, checkpoint interval or None) from the arguments, or
+    from the folder's saved configuration under --resume."""
+    from .experiments.compare import (DEFAULT_RECIPES, CompareConfig, resume_config,
+                                      saved_checkpoint_every)
+    from .experiments.workloads import DEFAULT_WORKLOAD, resolve_workload
+    if args.shard:
+        raise ValueError("--shard (FSDP2, fully_shard) is not available in compare yet: "
+                         "shard your own model with fully_shard and call mixprec.prepare on "
+                         "it (README, Distributed), or run compare data-parallel with "
+                         "--nproc N and no --shard")
+    every = args.checkpoint_every
+    if every is not None and every < 0:
+        raise ValueError(f"--checkpoint-every must be a number of steps >= 0, got {every}")
+    nproc = args.nproc
+    launched = _launched_world()
+    if launched is not None and nproc is not None and nproc != launched:
+        raise ValueError(f"--nproc {nproc} conflicts with the {launched} processes the launcher "
+                         f"started (WORLD_SIZE); leave --nproc out under torchrun")
+    if launched is not None:
+        nproc = launched
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    given = dict(recipes=args.recipes, workload=args.workload, model=args.model,
+                 data=args.data, steps=args.steps, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, nproc=nproc,
+                 threads=None if args.threads is None else (args.threads or None))
+    if args.resume:
+        out = args.resume
+        cfg = resume_config(out, **given)
+        if args.threads == 0 and cfg.threads is not None:   # 0 asks for torch's default
+            raise ValueError(f"--resume {out}: the arguments conflict with the saved "
+                             f"configuration: threads None (saved: {cfg.threads})")
+        if every is None:
+            every = saved_checkpoint_every(out)
+    else:
+        values = {k: v for k, v in given.items() if v is not None}
+        values.setdefault("recipes", ",".join(DEFAULT_RECIPES))
+        values.setdefault("workload", DEFAULT_WORKLOAD)
+        values.setdefault("seeds", (0,))
+        values["threads"] = 1 if args.threads is None else (args.threads or None)
+        cfg = CompareConfig(**values)
+        out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if every is None:
+            every = DEFAULT_CHECKPOINT_EVERY
     resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)   # bad specs fail here
-    out = args.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    return cfg, out, every or None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    cfg, out, every = _compare_setup(args)
+    launched = _launched_world()
+    if launched is not None and launched > 1 and not dist.is_initialized():
+        # under torchrun: the rendezvous comes from its environment (env://)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
+        try:
+            return _compare(args, cfg, out, every)
+        finally:
+            dist.destroy_process_group()
+    if cfg.nproc > 1 and not dist.is_initialized():
+        return _spawn_compare(args, cfg, out, every)
+    return _compare(args, cfg, out, every)
+
+
+def _spawn_compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:
+    """Start ``cfg.nproc`` processes (torch.multiprocessing, spawned: a fork of a
+    process with running torch threads can deadlock) that meet through a file."""
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+    rendezvous = tempfile.mkdtemp(prefix="mixprec-rdzv-")
+    try:
+        mp.spawn(_compare_rank, args=(args, cfg, out, every, f"{rendezvous}/init"),
+                 nprocs=cfg.nproc, join=True)
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"mixprec: error: a compare process failed:\n{e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+    return 0
+
+
+def _compare_rank(rank: int, args: argparse.Namespace, cfg, out: str, every: Optional[int],
+                  init_file: str) -> None:
+    """One spawned rank of ``mixprec compare --nproc N`` (rank 0 prints and writes)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=cfg.nproc,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    try:
+        rc = _compare(args, cfg, out, every)
+    except ValueError as e:
+        if rank == 0:
+            print(f"mixprec: error: {e}", file=sys.stderr)
+        rc = 2
+    finally:
+        dist.destroy_process_group()
+    if rc:
+        sys.exit(rc)
+
+
+def _compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:
+    """Run the comparison in this process (one rank of it, when distributed)."""
+    import torch.distributed as dist
+
+    from .experiments.compare import run_compare
+    from .report import format_table, write_report
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    log = None if args.quiet or not rank0 else (
+        lambda line: print(line, file=sys.stderr, flush=True))
     if log:
-        log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s) "
-            f"-> {out}")
+        log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s)"
+            f"{f' x {cfg.nproc} processes' if cfg.nproc > 1 else ''} -> {out}"
+            f"{' (resumed)' if args.resume else ''}")
     started = time.perf_counter()
     try:
-        results = run_compare(cfg, progress=not args.quiet and sys.stderr.isatty(), log=log)
+        results = run_compare(cfg, progress=log is not None and sys.stderr.isatty(), log=log,
+                              out=out, resume=bool(args.resume), checkpoint_every=every)
     except RuntimeError as e:
-        print(f"mixprec: error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"mixprec: error: {e}", file=sys.stderr)
         return 1
-    save_results(results, out)
+    if not rank0:
+        return 0
     paths = write_report(results, out)
     print(format_table(results))
     print(f"\nwrote {out}/results.json, {', '.join(p.name for p in paths.values())} "

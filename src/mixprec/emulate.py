@@ -103,9 +103,10 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, c: OpContext) -> t
                          f"shape {tuple(weight.shape)}")
     acc = c.policy.accumulation
     if not acc.is_fp32:
-        raise ValueError(f"emulated accumulation (format={acc.format!r}, across="
-                         f"{acc.across!r}) is implemented for linear and matmul only; "
-                         f"convolutions accumulate in FP32 (valid: accumulation.format=fp32)")
+        raise ValueError(f"emulated accumulation ({acc.describe()}) is implemented for "
+                         f"linear and matmul only; "
+                         f"convolutions accumulate in FP32 (valid: accumulation.mode=sequential, "
+                         f"accumulation.format=fp32)")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -164,9 +165,10 @@ def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, di
         raise ValueError(f"conv_transpose supports 1-, 2- and 3-d convolutions; got a "
                          f"weight of shape {tuple(weight.shape)}")
     if not c.policy.accumulation.is_fp32:
-        raise ValueError(f"emulated accumulation (format={c.policy.accumulation.format!r}) "
+        raise ValueError(f"emulated accumulation ({c.policy.accumulation.describe()}) "
                          f"is implemented for linear and matmul only; transposed "
-                         f"convolutions accumulate in FP32 (valid: accumulation.format=fp32)")
+                         f"convolutions accumulate in FP32 (valid: accumulation.mode=sequential, "
+                         f"accumulation.format=fp32)")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

@@ -16,6 +16,7 @@ are fixed.
 A step, stage by stage (every recipe runs the same stages; "off" is an identity object):
 
 1. backward      (loss * S).backward(); remember whether the loss itself was finite
+                 (an FSDP2 model: (loss * S / world).backward(), gradients summed)
 2. unscale       master.grad = fp32(model.grad) / S, once per step; found_inf reduced
                  across ranks so every rank skips the same steps
 3. check finite  a non-finite gradient or loss skips the step: nothing is updated
@@ -41,6 +42,7 @@ from torch import nn
 
 from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
+from .distributed.fsdp import sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
@@ -119,6 +121,9 @@ class Engine:
                                  "the model before wrapping it in DistributedDataParallel")
         else:
             self._default_policy = LayerPolicy.from_recipe(recipe)
+        # FSDP2: reduce-scatter as a sum; backward() divides the loss by the data-parallel
+        # size instead (see mixprec.distributed.fsdp)
+        self._dp_size = sum_gradient_reduction_(model)
         if keep is not None:
             self._finalize(keep)
         else:
@@ -298,7 +303,12 @@ class Engine:
         # (1) backward: record a non-finite loss before backward turns it into NaN grads
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
-        self.loss_scaler.scale_loss(loss).backward(**kwargs)
+        scaled = self.loss_scaler.scale_loss(loss)
+        if self._dp_size > 1:
+            # each rank's gradient is its share of the global-batch gradient, as in one
+            # process; FSDP sums the shares (mixprec.distributed.fsdp)
+            scaled = scaled / self._dp_size
+        scaled.backward(**kwargs)
         self._stage = Stage.BACKWARD
 
     # -- stage 2 --------------------------------------------------------------------
@@ -489,24 +499,32 @@ class Engine:
 
     def state_dict(self) -> dict:
         """A snapshot of everything a bit-identical resume needs (model buffers aside:
-        save ``model.state_dict()`` too)."""
+        save ``model.state_dict()`` too). For torch.distributed.checkpoint use
+        :class:`mixprec.distributed.checkpoint.EngineState`."""
         masters = self._require_ready("state_dict()")
         return copy.deepcopy({
+            **self._extra_state(),
+            "masters": masters.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        })
+
+    def _extra_state(self) -> dict:
+        """The state that is neither a tensor to reshard nor per-rank: recipe, backend,
+        kept modules, loss scaler, counters, history, delayed-scaling states (the same on
+        every rank, since found-inf and amax are reduced across ranks)."""
+        self._require_ready("state_dict()")
+        return {
             "recipe": _recipe_text(self.recipe), "backend": self.backend,
             "keep": sorted(self._keep),
             "loss_scaler": self.loss_scaler.state_dict(),
-            "masters": masters.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "counters": {"steps": self._steps, "skipped_steps": self._skipped,
                          "consecutive_skips": self._consecutive},
-            "history": self._history, "generator": self.generator.get_state(),
-            "layer_states": self._layer_states(),
-        })
+            "history": self._history, "layer_states": self._layer_states(),
+        }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; master and model weights are overwritten. An
-        engine still waiting for its first forward takes the kept modules from the
-        checkpoint."""
+    def _load_extra_state(self, state: dict) -> None:
+        """Check the recipe and kept modules, restore what :meth:`_extra_state` holds."""
         if state["recipe"] != _recipe_text(self.recipe):
             raise ValueError(f"checkpoint recipe {state['recipe']!r} differs from this "
                              f"engine's {_recipe_text(self.recipe)!r}")
@@ -518,15 +536,21 @@ class Engine:
                              f"engine keeps {sorted(self._keep)}")
         self._require_ready("load_state_dict()")
         self.loss_scaler.load_state_dict(state["loss_scaler"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._masters.load_state_dict(state["masters"])
         counters = state["counters"]
         self._steps, self._skipped = counters["steps"], counters["skipped_steps"]
         self._consecutive = counters["consecutive_skips"]
         self._history = list(state["history"])
-        self.generator.set_state(state["generator"])
         if state.get("layer_states") is not None and self._attached is not None:
             self._attached.load_state_dict(state["layer_states"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; master and model weights are overwritten. An
+        engine still waiting for its first forward takes the kept modules from the
+        checkpoint."""
+        self._load_extra_state(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._masters.load_state_dict(state["masters"])
+        self.generator.set_state(state["generator"])
 
     def remove(self) -> None:
         """Detach the precision hooks from the model (weights stay as they are)."""

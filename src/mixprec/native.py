@@ -57,7 +57,7 @@ def native_problems(recipe: Recipe) -> list:
         if spec.rounding is not Rounding.NEAREST:
             problems.append(f"{role} uses {spec.rounding.value} rounding")
     if not recipe.accumulation.is_fp32:
-        problems.append(f"accumulation in {recipe.accumulation.format} is emulated only")
+        problems.append(f"{recipe.accumulation.describe()} is emulated only")
     if recipe.high_precision not in ("fp32",) + tuple(NATIVE_DTYPES):
         problems.append(f"high_precision {recipe.high_precision!r} has no native dtype")
     return problems

@@ -30,6 +30,11 @@ from .scaling import quantize_spec
 __all__ = ["ParamSlot", "MasterOptimizer", "round_into_", "StateUnderflow",
            "OptimizerStateUnderflowWarning", "STATE_UNDERFLOW_WARN"]
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:       # a torch build without torch.distributed
+    _DTensor = None
+
 # Unscaled formats whose round-to-nearest is exactly torch's cast to a native dtype.
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # State entries that are counters, not per-element moments (never rounded).
@@ -37,6 +42,26 @@ _COUNTER_KEYS = frozenset({"step"})
 # The engine warns (once per run) when more than this fraction of an optimizer moment's
 # elements are zero in the state format while their gradients are not.
 STATE_UNDERFLOW_WARN = 0.01
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's local shard of a DTensor (sharing its storage), else ``t`` itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _sum_over_shards(count: int, tensors: Sequence[torch.Tensor]) -> int:
+    """A count made on this rank's shards, summed over the ranks holding the other shards
+    (the mesh dimensions the first DTensor among ``tensors`` is sharded on), so that
+    every rank reports the whole tensor's count. Plain tensors: ``count`` itself."""
+    sharded = next((t for t in tensors if _DTensor is not None and isinstance(t, _DTensor)),
+                   None)
+    if sharded is None:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=sharded.to_local().device)
+    for dim, placement in enumerate(sharded.placements):
+        if placement.is_shard():
+            torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group(dim))
+    return int(total.item())
 
 
 def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
@@ -48,6 +73,13 @@ def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
     dtype cast itself, which rounds to nearest-even.
     """
     with torch.no_grad():
+        if _DTensor is not None and isinstance(dst, _DTensor):
+            # An FSDP2 shard is rounded through its local tensor: the rounding is
+            # element-wise, and kernels outside torch's dispatch need plain tensors.
+            same = dst is src
+            local = dst.to_local()
+            round_into_(local, local if same else _local(src), spec, cfg, generator)
+            return dst
         if dst.dtype != torch.float32 or spec.is_identity:
             return dst if dst is src else dst.copy_(src)
         cast = _CAST_DTYPES.get(spec.format)
@@ -224,10 +256,12 @@ class MasterOptimizer:
         with torch.no_grad():
             for s, old in zip(rounded, before):
                 if count:
-                    lost += int(torch.count_nonzero(s.master != old))
+                    lost += int(torch.count_nonzero(_local(s.master) != _local(old)))
                 round_into_(s.master.data, s.master.data, s.keep, self.scaling, self.generator)
                 if count:
-                    lost -= int(torch.count_nonzero(s.master != old))
+                    lost -= int(torch.count_nonzero(_local(s.master) != _local(old)))
+        if count:
+            lost = _sum_over_shards(lost, [s.master for s in rounded])
         self.lost_update_fraction = lost / self._numel if count else None
         return self.lost_update_fraction
 

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from . import quant
 from .accum import matmul_accum, sum_accum
+from .distributed import reduce_amax_
 from .formats import FloatFormat, get_format
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
@@ -206,7 +207,9 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         scale = amax_to_scale(x.abs().amax(dim=axis, keepdim=True), fmt,
                               **config_scale_kwargs(cfg))
     elif spec.scaling is ScalingKind.CURRENT:
-        scale = amax_to_scale(tensor_to_amax(x), fmt, **config_scale_kwargs(cfg))
+        # the global amax: every rank scales as one process would on the whole batch
+        scale = amax_to_scale(reduce_amax_(tensor_to_amax(x)), fmt,
+                              **config_scale_kwargs(cfg))
     elif scaler is None:
         raise ValueError("delayed scaling needs a LayerState: pass state=LayerState() "
                          "or run the layer under attach()")

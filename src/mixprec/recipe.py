@@ -138,23 +138,61 @@ class ScalingConfig:
 class AccumulationConfig:
     """Precision of dot-product accumulation.
 
-    Products are summed sequentially in ``format`` within chunks of ``chunk`` products
-    (None: one chunk spanning the whole reduction), and chunk sums are added in
-    ``across``. ``format="fp32"`` means ordinary FP32 accumulation (the fast path).
+    ``mode="sequential"``: products are summed sequentially in ``format`` within chunks of
+    ``chunk`` products (None: one chunk spanning the whole reduction), and chunk sums are
+    added in ``across``. ``format="fp32"`` means ordinary FP32 accumulation (the fast path).
+
+    ``mode="aligned"``: a model of a Hopper-class FP8 tensor core (:mod:`mixprec.accum`).
+    Exact products are added ``group`` at a time into a partial sum of
+    ``mantissa_bits + 1`` significant bits, every addend aligned to the largest exponent
+    of the step and cut to the partial sum's last place (``align``: "truncate" toward
+    zero or "round" to nearest-even); every ``promote`` products (None: never) the partial
+    sum is added to an accumulator in ``across`` and restarts from zero. ``format`` and
+    ``chunk`` belong to the sequential mode and must keep their defaults.
     """
     format: str = "fp32"
     chunk: Optional[int] = None
     across: str = "fp32"
+    mode: str = "sequential"        # "sequential" | "aligned"
+    mantissa_bits: int = 13         # aligned: stored mantissa bits of the partial sum
+    align: str = "truncate"         # aligned: "truncate" | "round"
+    group: int = 32                 # aligned: products aligned together per step
+    promote: Optional[int] = 128    # aligned: promotion interval N_C (None: never)
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format).name)
         object.__setattr__(self, "across", get_format(self.across).name)
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"accumulation chunk must be >= 1 or None, got {self.chunk}")
+        _choice(self.mode, ("sequential", "aligned"), "accumulation mode")
+        _choice(self.align, ("truncate", "round"), "accumulation align")
+        if not isinstance(self.mantissa_bits, int) or not 1 <= self.mantissa_bits <= 23:
+            # <= 23: a partial sum is then exact in float32, where promotion adds it
+            raise ValueError(f"accumulation mantissa_bits must be an integer in 1..23, got "
+                             f"{self.mantissa_bits!r}")
+        if not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"accumulation group must be an integer >= 1, got {self.group!r}")
+        if self.promote is not None and (not isinstance(self.promote, int) or self.promote < 1):
+            raise ValueError(f"accumulation promote must be an integer >= 1 or None (never), "
+                             f"got {self.promote!r}")
+        if self.mode == "aligned" and (self.format != "fp32" or self.chunk is not None):
+            raise ValueError(f"accumulation mode 'aligned' models its own accumulator: "
+                             f"format={self.format!r} and chunk={self.chunk!r} apply to mode "
+                             f"'sequential' only (valid with 'aligned': format=fp32, chunk=none; "
+                             f"set mantissa_bits, align, group, promote, across)")
 
     @property
     def is_fp32(self) -> bool:
-        return self.format == "fp32" and self.across == "fp32"
+        return self.mode == "sequential" and self.format == "fp32" and self.across == "fp32"
+
+    def describe(self) -> str:
+        """A short human-readable account, for error messages and reports."""
+        if self.mode == "aligned":
+            every = "never" if self.promote is None else f"every {self.promote}"
+            return (f"aligned accumulator of {self.mantissa_bits + 1} significant bits "
+                    f"({self.align}, groups of {self.group}), promoted to {self.across} {every}")
+        chunk = "" if self.chunk is None else f" in chunks of {self.chunk}, {self.across} across"
+        return f"sequential {self.format} accumulation{chunk}"
 
 
 @dataclass(frozen=True)
@@ -440,6 +478,7 @@ def _converter(owner: type, name: str) -> Callable:
     special = {"floor": _parse_floor, "min_scale": _parse_optional(float),
                "scheme": _parse_optional(str),
                "max_scale": _parse_optional(float), "chunk": _parse_optional(int),
+               "promote": lambda t: None if t.lower() in ("none", "never") else int(t),
                "keep_high_precision": _parse_tuple, "fp32_ops": _parse_tuple}
     if name in special:
         return special[name]

@@ -284,10 +284,8 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
     """MAX-reduce amax across ranks so every rank derives the same scale."""
     # Imported here: distributed sits beside scaling in the layer map, and plain
     # single-process use should not pay for importing torch.distributed machinery.
-    from .distributed import all_reduce_amax_, is_distributed
-    if is_distributed():
-        all_reduce_amax_(amax)
-    return amax
+    from .distributed import reduce_amax_
+    return reduce_amax_(amax)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +350,8 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
 
     identity spec -> x itself (the same object)
     none          -> quantize(x, fmt, rounding, saturate)
-    current       -> quantize_scaled(x, fmt, amax_to_scale(amax(x), fmt, margin=cfg.margin))
+    current       -> quantize_scaled(x, fmt, amax_to_scale(amax(x), fmt, margin=cfg.margin)),
+                     amax MAX-reduced across ranks under torch.distributed
     delayed       -> quantize_scaled(x, fmt, state.scale); then state.update(amax(x))
     mx            -> quantize_mx(x, fmt, block_size=cfg.mx_block_size, axis=axis,
                                  scale_rule=cfg.mx_scale_rule)[0]  (always saturating)
@@ -377,7 +376,9 @@ def quantize_spec(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig, *,
             return quantize(x.detach(), fmt, rounding=rounding, saturate=spec.saturate,
                             generator=generator)
         if kind is ScalingKind.CURRENT:
-            scale = amax_to_scale(tensor_to_amax(x), fmt, **config_scale_kwargs(cfg))
+            # the global amax: every rank scales as one process would on the whole batch
+            scale = amax_to_scale(_all_reduce_max(tensor_to_amax(x)), fmt,
+                                  **config_scale_kwargs(cfg))
             return quantize_scaled(x, fmt, scale, rounding=rounding, saturate=spec.saturate,
                                    generator=generator)
         if kind is ScalingKind.DELAYED:

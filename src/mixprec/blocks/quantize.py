@@ -49,6 +49,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from ..distributed import reduce_amax_
 from ..formats import FloatFormat, make_format
 from ..quant import Rounding, _choice, quantize
 from .hadamard import TE_NVFP4_SIGNS, hadamard_transform, random_signs
@@ -230,6 +231,8 @@ def _tensor_scales(hp: torch.Tensor, scheme: BlockScheme):
     if not scheme.tensor_scale:
         return one, one
     amax = hp.abs().amax() if hp.numel() else torch.zeros_like(one)
+    # under torch.distributed the global amax, so every rank takes one process's scale
+    amax = reduce_amax_(amax.to(torch.float32))
     num = torch.tensor(scheme.scale_max * scheme.element.max, dtype=torch.float32,
                        device=hp.device)                  # 448 * 6 = 2688, exact
     g_enc = torch.clamp(num / amax, max=_F32_MAX)         # amax 0 -> inf -> FLT_MAX

@@ -4,7 +4,7 @@ Importing this package registers every claim; :data:`ORDER` fixes the report ord
 """
 from __future__ import annotations
 
-from . import fp8, numerics, out_of_reach, training  # noqa: F401  (registers the claims)
+from . import fp8, frontier, numerics, out_of_reach, training  # noqa: F401  (registers the claims)
 from .base import (RECORD_FIELDS, REGISTRY, Claim, Outcome, RunContext, Verdict,
                    run_claim)
 
@@ -15,11 +15,14 @@ VERDICTS = tuple(v.value for v in Verdict)
 
 # The brief's numbering: 1 fp16 underflow, 2 master weights, 3 loss scaling, 4 swamping,
 # 5 FP32 reductions, 6 E5M2 scaling, 7 stochastic rounding, 8 scale floor, 9 MX,
-# 10 BF16, 11 memory; then what cannot be run here.
+# 10 BF16, 11 memory; then the block-scaled recipes of 2024-2025 (FP8 accumulation,
+# the MXFP8 scale rule, RHT + SR for MXFP4, NVFP4 against MXFP4); then what cannot be
+# run here.
 ORDER = (
     "fp16-underflow", "master-weights", "loss-scaling", "swamping", "fp32-reductions",
     "e5m2-underflow", "e5m2-training", "stochastic-rounding", "stochastic-rounding-training",
     "scale-floor", "mx-vs-per-tensor", "bf16-range", "bf16-training", "activation-memory",
+    "fp8-accumulation-promotion", "mxfp8-scale-rule", "rht-sr-mxfp4", "nvfp4-vs-mxfp4",
     "resnet50-imagenet", "imagenet-cnns", "ssd-detection", "faster-rcnn", "biglstm",
     "deepspeech2", "fp8-imagenet-wmt",
 )

@@ -13,6 +13,7 @@ The result is one JSON document (``results.json``, schema ``results.schema.json`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import math
 import os
@@ -21,22 +22,25 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from mixprec.distributed import is_distributed
 from mixprec.formats import get_format
 from mixprec.optim import STATE_UNDERFLOW_WARN
 from mixprec.recipe import PRESETS, get_recipe
 
 from .data import Dataset, Task
+from .runfolder import RUN_FILE, CompareFolder, config_differences, is_rank0, on_rank0
 from .schema import load_results, save_results
 from .train import TrainConfig, train_recipe
 from .workloads import DEFAULT_WORKLOAD, resolve_workload
 
 __all__ = ["DEFAULT_RECIPES", "BASELINE", "HISTOGRAM_FORMATS", "CompareConfig", "split_recipes",
            "run_compare", "save_results", "load_results", "divergence_step", "environment",
-           "format_ranges"]
+           "format_ranges", "resume_config", "saved_checkpoint_every", "RUN_FILE"]
 
 DEFAULT_RECIPES = ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8")
 BASELINE = "fp32"
@@ -59,6 +63,10 @@ class CompareConfig:
     One thread by default: these models are small, and on a busy machine several
     threads per op spend most of their time waiting for each other (measured 3-30x
     slower steps on 2 shared cores), which would swamp the step-time ratios.
+
+    ``nproc``: data-parallel processes (DistributedDataParallel); the comparison must
+    run in an initialised process group of that many ranks (``mixprec compare --nproc``
+    or torchrun start one).
     """
     recipes: tuple = DEFAULT_RECIPES
     workload: str = DEFAULT_WORKLOAD
@@ -71,6 +79,7 @@ class CompareConfig:
     seeds: tuple = (0,)
     hist_points: int = 3
     threads: Optional[int] = 1
+    nproc: int = 1
     accuracy_tol: float = 0.01
     perplexity_tol: float = 0.02
     loss_tol: float = 0.10
@@ -92,6 +101,8 @@ class CompareConfig:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"nproc must be a positive number of processes, got {self.nproc!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.epochs is not None and not self.epochs > 0:
@@ -326,54 +337,148 @@ def format_ranges(names: Sequence[str] = HISTOGRAM_FORMATS) -> dict:
 
 def run_compare(cfg: CompareConfig, *, progress: bool = False,
                 prepare: Optional[Callable] = None,
-                log: Optional[Callable[[str], None]] = None) -> dict:
+                log: Optional[Callable[[str], None]] = None,
+                out: Union[str, Path, None] = None, resume: bool = False,
+                checkpoint_every: Optional[int] = None) -> dict:
     """Run every recipe of ``cfg`` for every seed; return the results document.
 
     ``prepare`` builds each engine (default :func:`mixprec.engine.prepare`); ``log``
     receives one line per finished run.
 
+    ``out``: the run folder (see :mod:`mixprec.experiments.runfolder`).  Each finished
+    run is written there as it completes, a checkpoint of the running one every
+    ``checkpoint_every`` steps (None: none), and results.json at the end.  A folder
+    holding an unfinished comparison is refused unless ``resume`` is set; then its
+    records are kept, an unfinished run continues from its checkpoint, and ``cfg`` must
+    equal the saved configuration (see :func:`resume_config`).
+
     >>> results = run_compare(CompareConfig(recipes=("fp32", "bf16-mixed"), steps=50))
     >>> [row["verdict"] for row in results["summary"]]
     """
+    if checkpoint_every is not None and out is None:
+        raise ValueError("checkpoints need a run folder: pass out= with checkpoint_every=")
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    if world != cfg.nproc:
+        raise ValueError(f"the comparison asks for nproc={cfg.nproc} data-parallel processes "
+                         f"but runs in {world}; start it with `mixprec compare --nproc "
+                         f"{cfg.nproc}` or torchrun --nproc-per-node {cfg.nproc}")
+    folder = None
+    if out is not None:
+        folder = CompareFolder(Path(out), CompareConfig)
+        if resume:
+            def check() -> None:
+                saved = folder.load_config()
+                if saved != cfg:
+                    raise ValueError(f"the configuration differs from the one saved in "
+                                     f"{str(folder.run_file)!r}: {config_differences(saved, cfg)}")
+                results = folder.root / "results.json"
+                if results.exists() and log is not None:
+                    try:
+                        load_results(results)
+                    except ValueError as e:   # rebuilt from the records below
+                        log(f"{e}; writing it again from the run records")
+            on_rank0(check)
+        else:
+            on_rank0(lambda: folder.start(cfg, checkpoint_every))
+    elif resume:
+        raise ValueError("resume=True needs the run folder to resume (out=)")
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_compare(cfg, progress, prepare, log)
+        doc = _run_compare(cfg, progress, prepare, log, folder, checkpoint_every)
     finally:
         torch.set_num_threads(previous_threads)
+    if folder is not None and is_rank0():
+        save_results(doc, folder.root)
+    return doc
+
+
+def resume_config(out: Union[str, Path], **given) -> CompareConfig:
+    """The configuration saved in the run folder ``out``, checked against ``given``.
+
+    ``given`` holds the CompareConfig fields a caller asked for explicitly (None: not
+    given).  Any that differs from the saved value, after the same normalisation
+    (recipes canonical and fp32 first), raises ValueError naming the field and both
+    values: a resumed comparison must be the comparison that was started.
+    """
+    saved = CompareFolder(Path(out), CompareConfig).load_config()
+    asked = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(asked) - {f.name for f in dataclasses.fields(CompareConfig)})
+    if unknown:
+        raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
+    wanted = dataclasses.replace(saved, **asked)
+    if wanted != saved:
+        raise ValueError(f"--resume {out}: the arguments conflict with the saved "
+                         f"configuration: {config_differences(saved, wanted)}; leave them out "
+                         f"to continue, or start a new comparison with --out")
+    return saved
+
+
+def saved_checkpoint_every(out: Union[str, Path]) -> Optional[int]:
+    """The checkpoint interval the comparison in ``out`` was started with."""
+    return CompareFolder(Path(out), CompareConfig).saved().get("checkpoint_every")
 
 
 def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable],
-                 log: Optional[Callable[[str], None]]) -> dict:
+                 log: Optional[Callable[[str], None]], folder: Optional[CompareFolder],
+                 checkpoint_every: Optional[int]) -> dict:
     started = time.perf_counter()
     workload = resolve_workload(cfg.workload, model=cfg.model, data=cfg.data)
     data = workload.make_data()
     runs = []
+    total = len(cfg.recipes) * len(cfg.seeds)
+    warmed = False
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         initial = workload.make_model()
         _check_model(initial, data, workload.model_name)
         tcfg = _train_config(cfg, workload, data, seed)
-        if not runs:   # untimed warm-up: one-off imports and allocator growth hit no recipe
-            train_recipe(copy.deepcopy(initial), data, BASELINE,
-                         TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr, seed=seed,
-                                     hist_points=1), prepare=prepare)
         seed_runs = []
-        for spec in cfg.recipes:
-            run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
-                               prepare=prepare)
-            run["recipe"]["spec"] = spec
-            run["config"].update(model=workload.model_name, data=workload.data_name,
-                                 workload=workload.name)
+        for index, spec in enumerate(cfg.recipes):
+            run = (on_rank0(lambda: folder.load_record(seed, index, spec))
+                   if folder is not None else None)
+            done = len(runs) + len(seed_runs) + 1
+            if run is not None:
+                # killed between writing the record and removing the checkpoint
+                if is_rank0():
+                    folder.checkpoint_path(seed, index).unlink(missing_ok=True)
+                if log is not None:
+                    log(_run_line(run, done, total) + " (recorded earlier)")
+            else:
+                if not warmed:   # untimed warm-up: one-off imports and allocator growth
+                    train_recipe(copy.deepcopy(initial), data, BASELINE,
+                                 TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr,
+                                             seed=seed, hist_points=1), prepare=prepare,
+                                 data_parallel=cfg.nproc > 1)
+                    warmed = True
+                ckpt = None if folder is None else folder.checkpoint(
+                    seed, index, checkpoint_every,
+                    {"spec": spec, "workload": workload.name, **dataclasses.asdict(tcfg)})
+                at = ckpt.saved_step() if ckpt is not None else None   # every rank asks
+                if at is not None and log is not None:
+                    log(f"[{done}/{total}] {spec} (seed {seed}): continuing from the "
+                        f"checkpoint at step {at} of {tcfg.steps}")
+                run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
+                                   prepare=prepare, checkpoint=ckpt, data_parallel=cfg.nproc > 1)
+                run["recipe"]["spec"] = spec
+                run["config"].update(model=workload.model_name, data=workload.data_name,
+                                     workload=workload.name)
+                if folder is not None and is_rank0():
+                    folder.save_record(run, seed, index)
+                    if ckpt is not None:
+                        ckpt.remove()
+                if log is not None:
+                    log(_run_line(run, done, total))
             if spec == BASELINE and run["status"] == "failed":
                 raise RuntimeError(f"the fp32 baseline failed (seed {seed}): {run['error']}")
             seed_runs.append(run)
-            if log is not None:
-                log(_run_line(run, len(runs) + len(seed_runs), len(cfg.recipes) * len(cfg.seeds)))
         for run in seed_runs:
             _compare_to_baseline(run, seed_runs[0], cfg)
         runs.extend(seed_runs)
+    command = " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None
+    if folder is not None and is_rank0():    # the other ranks' documents are not written
+        command = folder.saved().get("command", command)
     first = runs[0]["config"]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -384,10 +489,10 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             "data": data.describe(), "recipes": list(cfg.recipes), "baseline": BASELINE,
             "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
             "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
-            "threads": cfg.threads,
+            "threads": cfg.threads, "nproc": cfg.nproc,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
                            "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
-            "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,
+            "command": command,
         },
         "environment": environment(),
         "formats": format_ranges(),

@@ -207,12 +207,18 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> torch.Tensor:
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
-                    seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled mini-batches, epoch after epoch (see :func:`epoch_order`)."""
+                    seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled mini-batches, epoch after epoch (see :func:`epoch_order`).
+
+    ``start`` skips that many batches: batch k is batch k % steps_per_epoch of epoch
+    k // steps_per_epoch, so a resumed run sees the batches it would have seen.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    epoch = 0
+    if start < 0:
+        raise ValueError(f"start must be at least 0, got {start}")
+    epoch, skip = divmod(start, steps_per_epoch(len(x), batch_size))
     while True:
-        for idx in epoch_order(len(x), seed=seed, epoch=epoch).split(batch_size):
+        for idx in epoch_order(len(x), seed=seed, epoch=epoch).split(batch_size)[skip:]:
             yield x[idx], y[idx]
-        epoch += 1
+        epoch, skip = epoch + 1, 0

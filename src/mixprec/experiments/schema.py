@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 __all__ = ["SCHEMA_FILE", "load_schema", "schema_errors", "validate_results", "save_results",
-           "load_results"]
+           "load_results", "check_complete"]
 
 SCHEMA_FILE = "results.schema.json"
 
@@ -116,26 +116,62 @@ def validate_results(doc: Any) -> None:
 
 
 def save_results(results: dict, out_dir: Union[str, Path]) -> Path:
-    """Validate and write ``results.json`` (and a copy of its schema) into ``out_dir``."""
+    """Validate and write ``results.json`` (and a copy of its schema) into ``out_dir``.
+
+    Both are written atomically (temp file in the folder, then ``os.replace``): a reader,
+    or a run killed while writing, sees the old file or the new one, never part of one.
+    """
+    from .runfolder import atomic_write_text
     validate_results(results)
+    check_complete(results)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out / SCHEMA_FILE).write_text(json.dumps(load_schema(), indent=1) + "\n")
+    path = atomic_write_text(out / "results.json",
+                             json.dumps(results, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / SCHEMA_FILE, json.dumps(load_schema(), indent=1) + "\n")
     return path
 
 
+def check_complete(doc: dict, where: str = "results") -> None:
+    """Raise ValueError unless ``doc`` holds one run per (recipe, seed) of its config and
+    one summary row per recipe: a file that lost records must not make a shorter table."""
+    cfg = doc["config"]
+    want = [(spec, seed) for seed in cfg["seeds"] for spec in cfg["recipes"]]
+    have = [(r["recipe"].get("spec"), r["seed"]) for r in doc["runs"]]
+    missing = [f"{spec} (seed {seed})" for spec, seed in want if (spec, seed) not in have]
+    extra = sorted({f"{spec} (seed {seed})" for spec, seed in have
+                    if (spec, seed) not in want or have.count((spec, seed)) > 1})
+    rows = [row["spec"] for row in doc["summary"]]
+    problems = []
+    if missing:
+        problems.append(f"missing the run(s) {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected or repeated run(s) {', '.join(extra)}")
+    if rows != list(cfg["recipes"]):
+        problems.append(f"summary rows {rows} are not the configured recipes "
+                        f"{list(cfg['recipes'])}")
+    if problems:
+        raise ValueError(f"{where} are incomplete: " + "; ".join(problems))
+
+
 def load_results(path: Union[str, Path]) -> dict:
-    """Read and validate a ``results.json`` (a file or the run folder holding it)."""
+    """Read and validate a ``results.json`` (a file or the run folder holding it).
+
+    Every problem is a ValueError that names the file: missing, truncated or not JSON,
+    not matching the schema, or missing runs of its own configuration.
+    """
+    from .runfolder import read_json
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
+        if not p.exists() and (p.parent / "run.json").exists():
+            raise ValueError(f"no results file at {str(p)!r}: the comparison in "
+                             f"{str(p.parent)!r} has not finished; continue it with "
+                             f"`mixprec compare --resume {p.parent}`")
+    doc = read_json(p, what="results file")
     try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ValueError(f"no results file at {str(p)!r}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(p)!r} is not valid JSON: {e}") from e
-    validate_results(doc)
+        validate_results(doc)
+        check_complete(doc, where=f"the results in {str(p)!r}")
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if str(p) in msg else f"{str(p)!r}: {msg}") from e
     return doc

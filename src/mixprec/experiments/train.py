@@ -32,9 +32,10 @@ from torch.nn import functional as F
 from mixprec.recipe import Recipe, get_recipe
 
 from .data import Dataset, Task, iterate_batches
+from .runfolder import Checkpoint
 
 __all__ = ["TrainConfig", "SavedTensorBytes", "grad_log2_histogram", "histogram_steps",
-           "task_loss", "evaluate", "train_recipe", "finite_or_none"]
+           "task_loss", "evaluate", "train_recipe", "finite_or_none", "CheckpointWriteError"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class SavedTensorBytes:
     """
 
     def __init__(self, model: nn.Module):
-        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
+        self._model = model
+        self._exclude: set = set()
         self._seen: set = set()
         self.nbytes = 0
         self.by_dtype: dict = {}
@@ -106,6 +108,10 @@ class SavedTensorBytes:
         return t
 
     def __enter__(self) -> "SavedTensorBytes":
+        # the storages as they are now: set-up (a native recipe converting parameter
+        # dtypes) frees the old ones, whose addresses new tensors may then reuse
+        model = self._model
+        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
         self._hooks.__enter__()
         return self
 
@@ -184,7 +190,8 @@ def _default_prepare() -> Callable:
 
 
 def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *,
-                 progress: bool = False, prepare: Optional[Callable] = None) -> dict:
+                 progress: bool = False, prepare: Optional[Callable] = None,
+                 checkpoint: Optional[Checkpoint] = None, data_parallel: bool = False) -> dict:
     """Train ``model`` (modified in place) on ``data`` under ``recipe``; return its record.
 
     ``prepare`` builds the engine (default :func:`mixprec.engine.prepare`; any callable
@@ -194,6 +201,19 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     and gradient histograms (see ``results.schema.json``, ``$defs/run``).  A run the
     engine aborts (e.g. too many consecutive skipped steps) is recorded with
     ``status="failed"`` and the error, not raised: where a recipe breaks is a result.
+
+    ``checkpoint``: saved after every ``checkpoint.every`` steps (engine, model,
+    optimizer, global RNG, position in the data order and the record so far); when it
+    holds a saved state, training continues from there, and the record equals an
+    uninterrupted run's bit for bit (timings aside).
+
+    ``data_parallel``: run under torch.distributed with DistributedDataParallel (the
+    process group must be initialised).  Every rank sees the same global batches and
+    trains on its contiguous slice of each; the local loss is weighted by
+    n_local * world / n_global, so DDP's gradient average is the gradient of the mean
+    loss over the global batch, as in one process (up to the order of the sums).  The
+    recorded loss is that global mean.  At the end the ranks' weights are compared
+    bit for bit: a mismatch fails the run.
     """
     recipe = get_recipe(recipe)
     torch.manual_seed(config.seed)
@@ -202,22 +222,42 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     saved = SavedTensorBytes(model)
     record = {"status": "ok", "error": None, "backend": None, "lost_update_fraction": None,
               "coverage": None, "state_underflow": None}
+    # read before training: an unreadable checkpoint is an error of the run folder, not a
+    # finding about the recipe
+    resume = checkpoint.load() if checkpoint is not None else None
+    first = 0 if resume is None else int(resume["step"])
     bar = _progress(config.steps, recipe.short_str(), progress)
-    start = time.perf_counter()
+    if bar is not None and first:
+        bar.update(first)
+    start = time.perf_counter() - (0.0 if resume is None else float(resume["wall_time_s"]))
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                       weight_decay=config.weight_decay)
         mp = (prepare or _default_prepare())(model, optimizer, recipe, seed=config.seed)
         record["backend"] = getattr(mp, "backend", None)
+        # wrapped after prepare: the native backend converts parameter dtypes first
+        net = nn.parallel.DistributedDataParallel(model) if data_parallel else model
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            mp.load_state_dict(resume["engine"])
+            torch.set_rng_state(resume["torch_rng"])
+            losses, scales, skipped_at, times, hists = (
+                list(resume[k]) for k in ("losses", "scales", "skipped_at", "times", "hists"))
+            record["coverage"] = resume["coverage"]
+            saved.nbytes, saved.by_dtype = resume["saved_bytes"], dict(resume["saved_by_dtype"])
         model.train()
-        batches = iterate_batches(data.x_train, data.y_train, config.batch_size, seed=config.seed)
-        for step, (x, y) in zip(range(config.steps), batches):
+        batches = iterate_batches(data.x_train, data.y_train, config.batch_size,
+                                  seed=config.seed, start=first)
+        for step, (x, y) in zip(range(first, config.steps), batches):
             scale = float(mp.scale)
             t0 = time.perf_counter()
             with (saved if step == 0 else contextlib.nullcontext()):
                 with mp.autocast():
-                    loss = task_loss(data.task, model(x), y)
-            mp.backward(loss)
+                    if data_parallel:
+                        loss, local = _data_parallel_loss(net, data.task, x, y)
+                    else:
+                        loss = local = task_loss(data.task, net(x), y)
+            mp.backward(local)
             t1 = time.perf_counter()
             if step in hist_at:      # outside the timed region
                 hists.append(grad_log2_histogram((p.grad for p in model.parameters()),
@@ -237,6 +277,12 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses[-1] is not None else "nan")
+            if checkpoint is not None and checkpoint.due(step + 1, config.steps):
+                _save_checkpoint(checkpoint, step + 1, model, mp, record, saved,
+                                 (losses, scales, skipped_at, times, hists),
+                                 time.perf_counter() - start)
+        if data_parallel:
+            _check_ranks_agree(model)
         metric, test_loss = evaluate(model, data, mp, batch_size=config.eval_batch_size)
         final_scale = float(mp.scale)
         lost = [h["lost_updates"] for h in getattr(mp, "history", [])
@@ -245,6 +291,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         dead = [h["state_underflow"] for h in getattr(mp, "history", [])
                 if h.get("state_underflow") is not None]
         record["state_underflow"] = max(dead) if dead else None
+    except CheckpointWriteError:
+        raise                    # the run folder failed, not the recipe
     except Exception as e:       # noqa: BLE001 -- the failure itself is the finding
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         metric, test_loss, final_scale = math.nan, math.nan, scales[-1] if scales else math.nan
@@ -275,6 +323,68 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
     })
     return record
+
+
+def _data_parallel_loss(net: nn.Module, task: Task, x: torch.Tensor,
+                        y: torch.Tensor) -> tuple:
+    """(global mean loss, detached; this rank's weighted loss for backward)."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(x) < world:
+        raise ValueError(f"a batch of {len(x)} cannot be split over {world} processes; "
+                         f"use a batch size of at least {world}")
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    local = task_loss(task, net(xs), ys)
+    weight = ys.numel() * world / y.numel()
+    total = (local.detach().float() * ys.numel()).reshape(1)
+    dist.all_reduce(total)
+    return total[0] / y.numel(), local * weight
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check_ranks_agree(model: nn.Module) -> None:
+    """Raise RuntimeError unless every rank holds the same weights, bit for bit: two
+    checksums of the bit patterns (their sum and their index-weighted sum, in int64
+    arithmetic that wraps), gathered from every rank."""
+    import torch.distributed as dist
+    sums = []
+    for p in model.parameters():
+        flat = p.detach().reshape(-1)
+        bits = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+        index = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+        sums.append(torch.stack([bits.sum(), (bits * index).sum()]))
+    mine = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    differ = [r for r, theirs in enumerate(every) if not torch.equal(theirs, every[0])]
+    if differ:
+        raise RuntimeError(f"the weights of rank(s) {differ} differ from rank 0's after "
+                           f"data-parallel training")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (raised through, never recorded as a failed run)."""
+
+
+def _save_checkpoint(checkpoint: Checkpoint, steps_done: int, model: nn.Module, mp, record: dict,
+                     saved: SavedTensorBytes, lists: tuple, wall_time_s: float) -> None:
+    """Everything the rest of the run depends on: the engine (master weights, optimizer,
+    loss scaler, amax histories, stochastic-rounding stream, counters), the model (its
+    rounded weights and buffers), torch's global RNG, the position in the data order
+    (``step``: batches are a function of seed and position) and the record so far."""
+    losses, scales, skipped_at, times, hists = lists
+    state = {"step": steps_done, "model": model.state_dict(), "engine": mp.state_dict(),
+             "torch_rng": torch.get_rng_state(), "losses": losses, "scales": scales,
+             "skipped_at": skipped_at, "times": times, "hists": hists,
+             "coverage": record["coverage"], "saved_bytes": saved.nbytes,
+             "saved_by_dtype": saved.by_dtype, "wall_time_s": wall_time_s}
+    try:
+        checkpoint.save(state)
+    except Exception as e:   # noqa: BLE001 -- disk full, permissions, unpicklable state
+        raise CheckpointWriteError(f"cannot write the checkpoint {str(checkpoint.path)!r}: "
+                                   f"{type(e).__name__}: {e}") from e
 
 
 def _first_step_coverage(mp) -> Optional[dict]:

@@ -3,16 +3,30 @@
 Every rank must skip the same steps (found-inf is OR-reduced) and use the same FP8
 scales (amax is MAX-reduced).  Outside an initialised process group of two or more ranks
 every function is the identity, so single-process code calls them unconditionally.
+
+Per-tensor amaxes (current and delayed scaling) are MAX-reduced over the world whenever
+it has two or more ranks, so every rank derives the scale one process would derive from
+the global batch.  That is one small all-reduce per scaled tensor, which every rank must
+reach: code that quantizes on some ranks only (evaluation on rank 0) runs inside
+:func:`local_amax`.
+
+Submodules: :mod:`mixprec.distributed.fsdp` (FSDP2 models) and
+:mod:`mixprec.distributed.checkpoint` (torch.distributed.checkpoint of an engine).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Union
+import threading
+from typing import Iterator, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "all_reduce_found_inf", "all_reduce_amax_"]
+__all__ = ["is_distributed", "all_reduce_found_inf", "all_reduce_amax_", "reduce_amax_",
+           "local_amax", "amax_reduction_enabled"]
+
+_local = threading.local()
 
 
 def _dist():
@@ -90,4 +104,33 @@ def all_reduce_amax_(amax: Tensor, *, group=None) -> Tensor:
     value = value.masked_fill(any_nan > 0, math.nan)
     with torch.no_grad():
         amax.copy_(value.view(amax.shape))
+    return amax
+
+
+def amax_reduction_enabled() -> bool:
+    """False inside :func:`local_amax` (this thread), else True."""
+    return getattr(_local, "amax_reduction", True)
+
+
+@contextlib.contextmanager
+def local_amax() -> Iterator[None]:
+    """Within the block, scaled formats use this rank's amax (no collective).
+
+    For work that not every rank does (evaluation or logging on one rank): a collective
+    reached by one rank only would wait for the others until the process group's
+    timeout.
+    """
+    before = amax_reduction_enabled()
+    _local.amax_reduction = False
+    try:
+        yield
+    finally:
+        _local.amax_reduction = before
+
+
+def reduce_amax_(amax: Tensor) -> Tensor:
+    """:func:`all_reduce_amax_` over the world when distributed and not inside
+    :func:`local_amax`; else ``amax`` unchanged. Returns ``amax``."""
+    if amax_reduction_enabled() and is_distributed():
+        all_reduce_amax_(amax)
     return amax
