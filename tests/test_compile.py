@@ -8,6 +8,12 @@ rounding paths differ most; every preset and the tiny Llama run under ``-m slow`
 """
 from __future__ import annotations
 
+import os
+
+# Inductor compiles in this process: no pool of compile workers, which it would start on
+# import, left running beside later tests (the distributed ones spawn processes).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import copy
 import warnings
 

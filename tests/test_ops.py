@@ -7,6 +7,12 @@ Compiling is slow on a small CPU, so one compiled function covers all cases at o
 """
 from __future__ import annotations
 
+import os
+
+# Inductor compiles in this process: no pool of compile workers, which it would start on
+# import, left running beside later tests (the distributed ones spawn processes).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import pytest
 import torch
 
