@@ -10,6 +10,9 @@ it prints millions of elements per second for
                   it returns new tensors, as layers call it)
     torch rt      x.to(dtype).float(): torch's cast round trip, allocating as users write it
     torch rt buf  the same round trip into reused buffers (lo.copy_(x); out.copy_(lo))
+    compiled      with --compiled: torch.compile of quantize(x, fmt, out=out), the
+                  device-generic torch.ops.mixprec path fused by Inductor (nearest and
+                  stochastic), against the eager C kernel
 
 and the ratios nearest / torch rt buf, stochastic / nearest and mx / nearest.
 Every variant runs in each of --rounds interleaved rounds and keeps its best time, so a
@@ -18,7 +21,8 @@ thread with one thread, of the whole process with more), which other processes o
 shared machine disturb far less than wall time; with several threads a kernel's CPU time
 is the sum over its threads, so the ratios compare work done, not elapsed time.
 
-    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu] [--quick]
+    python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu]
+                                  [--quick] [--compiled]
 """
 from __future__ import annotations
 
@@ -41,11 +45,20 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
                 "e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
 
 
-def variants(x: torch.Tensor, out: torch.Tensor) -> dict:
+def _compiled(x: torch.Tensor, out: torch.Tensor, name: str, rounding: str, gen):
+    fn = torch.compile(lambda a, o: quantize(a, name, rounding=rounding, generator=gen, out=o),
+                       fullgraph=True)
+    return lambda: fn(x, out)
+
+
+def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict:
     """name -> zero-argument callable; buffers are made once, here."""
     runs = {"copy": lambda: out.copy_(x)}
     gen = torch.Generator().manual_seed(0)
     for name in FORMATS:
+        if compiled:
+            runs[f"{name} compiled"] = _compiled(x, out, name, "nearest", gen)
+            runs[f"{name} compiled sr"] = _compiled(x, out, name, "stochastic", gen)
         runs[f"{name} nearest"] = lambda n=name: quantize(x, n, out=out)
         runs[f"{name} stochastic"] = lambda n=name: quantize(
             x, n, rounding="stochastic", generator=gen, out=out)
@@ -81,9 +94,13 @@ def main() -> None:
                     help="cpu: CPU time (robust on a busy machine)")
     ap.add_argument("--quick", action="store_true",
                     help="2^12 values, one round: a smoke run (seconds), as the test suite runs it")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time torch.compile'd quantize (first compiles take minutes)")
     args = ap.parse_args()
     if args.quick:
         args.log2n, args.rounds = 12, 1
+    if args.compiled:   # one compiled function per format and rounding
+        torch._dynamo.config.recompile_limit = 64
     torch.set_num_threads(args.threads)
     n = 1 << args.log2n
     x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
@@ -92,7 +109,7 @@ def main() -> None:
         clock = time.thread_time if args.threads == 1 else time.process_time
     else:
         clock = time.perf_counter
-    rate = measure(variants(x, out), n, args.rounds, clock)
+    rate = measure(variants(x, out, args.compiled), n, args.rounds, clock)
 
     print(f"mixprec.quant on {n} float32 values, {torch.get_num_threads()} threads, "
           f"C extension: {has_c_extension()}; M elements / s of {args.clock} time "
@@ -120,6 +137,17 @@ def main() -> None:
     print(f"targets: nearest >= 1.5x torch's cast into preallocated buffers (8- and 16-bit "
           f"formats with a torch dtype); stochastic >= 0.7x nearest; mx >= 0.5x nearest: "
           f"{met} of {total} met")
+    if args.compiled:
+        head = f"{'format':8} {'compiled':>9} {'comp sr':>8} {'comp/C':>7} {'sr/C sr':>8}"
+        print(f"\ncompiled (torch.ops.mixprec fused by Inductor) vs the eager kernel "
+              f"above ({'C' if has_c_extension() else 'torch'})")
+        print(head)
+        print("-" * len(head))
+        for name in FORMATS:
+            c, csr = rate[f"{name} compiled"], rate[f"{name} compiled sr"]
+            print(f"{name:8} {c:9.0f} {csr:8.0f} {c / rate[f'{name} nearest']:7.2f} "
+                  f"{csr / rate[f'{name} stochastic']:8.2f}")
+        print("target: device-generic path, compiled, on CPU >= 0.5x the C kernel")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@ import datetime
 import math
 import os
 
+import time
+
 import pytest
+
+from spawning import spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -48,7 +52,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_agree_on_found_inf_and_amax(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2,
+                init_file=str(tmp_path / "init"))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     expected = torch.tensor(EXPECTED_AMAX)
     for res in results:
@@ -74,3 +79,15 @@ def test_identity_when_not_distributed():
     assert all_reduce_amax_(amax) is amax and amax[0] == 1.0 and amax[1].isnan()
     with pytest.raises(ValueError, match="floating-point tensor"):
         all_reduce_amax_(torch.tensor([1, 2]))
+
+
+def _hanging_worker(rank: int) -> None:
+    if rank == 1:
+        time.sleep(120)
+
+
+def test_a_hanging_rank_fails_the_test_instead_of_stalling_the_suite():
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 still running"):
+        spawn_ranks(_hanging_worker, (), 2, timeout=3, attempts=1)
+    assert time.monotonic() - t0 < 60

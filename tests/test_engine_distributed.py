@@ -3,6 +3,8 @@ import datetime
 import os
 
 import pytest
+
+from spawning import spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp_
@@ -50,7 +52,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
-    mp_.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD,
+                init_file=str(tmp_path / "init"))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     expected = [step != INJECT_AT for step in range(STEPS)]
     assert r0["applied"] == expected and r1["applied"] == expected

@@ -5,6 +5,8 @@ import math
 import os
 
 import pytest
+
+from spawning import spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -212,7 +214,7 @@ def spawned(tmp_path_factory):
     engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp16-mixed")
     _train(model, engine, range(1), 0, 1)
     dcp.save({"train": EngineState(engine)}, checkpoint_id=str(d / "one"))
-    mp_.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (str(d / "init"), str(d)), WORLD, init_file=str(d / "init"))
     return d
 
 

@@ -5,6 +5,8 @@ import warnings
 
 import numpy as np
 import pytest
+
+from spawning import spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp_
@@ -90,7 +92,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("fp8ag")
-    mp_.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (str(d / "init"), str(d)), WORLD, init_file=str(d / "init"))
     return [torch.load(d / f"fp8ag{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -10,6 +10,7 @@ Training: :func:`prepare` wraps a model and optimizer in an :class:`Engine` that
 """
 from .formats import Convention, FloatFormat, get_format, list_formats, make_format
 from .quant import Rounding, decode, encode, has_c_extension, quantize
+from .ops import compile_options
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_scaled, tensor_to_amax
 from .blocks import (BlockQuantized, BlockScheme, HadamardSigns, ScaleFormat, ScaleRule, Ties,
                      get_scheme, hadamard_matrix, hadamard_transform, list_schemes,
@@ -46,6 +47,7 @@ __all__ = [
     "CONFORMANCE", "ConformanceEntry",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
+    "compile_options",
     # diagnostics
     "NumericsMonitor", "Coverage", "CoverageRow", "CoverageWarning", "UnemulatedOpError",
     "is_gemm_layer",

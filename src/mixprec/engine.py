@@ -158,6 +158,10 @@ class Engine:
             self._setup_emulated()
         self._masters.copy_to_model_()
 
+    # Run eagerly under torch.compile: the one-time trace and set-up build parameters and
+    # hooks, which a graph cannot hold (one graph break, on the first forward only; the
+    # hook is removed after it, or pass example_inputs to prepare() to avoid it).
+    @torch.compiler.disable
     def _trace_first_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook of the model while the keep rules wait for a trace: the first
         forward under :meth:`autocast` is first traced (eval mode, no gradients, plain

@@ -12,7 +12,6 @@ This module also holds the FP32-op policy: which torch callables the names of
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from dataclasses import dataclass, fields
@@ -438,6 +437,15 @@ def _keeps_fp32(name: str, out, kwargs: dict) -> bool:
     return name in SCALAR_REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() == 0
 
 
+def _without_autocast(device_types: list, func: Callable, args: tuple, kwargs: dict):
+    """func(*args, **kwargs) with autocast off on ``device_types`` (plain ``with``
+    statements for the usual single device, which torch.compile traces)."""
+    if not device_types:
+        return func(*args, **kwargs)
+    with torch.autocast(device_types[0], enabled=False):
+        return _without_autocast(device_types[1:], func, args, kwargs)
+
+
 def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
     """Run ``func`` (the op called ``name``) in FP32, identically on every device.
 
@@ -468,7 +476,8 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
             if v.is_floating_point() and v.dtype.itemsize < 4:
                 c = v.to(torch.float32)
                 # an inference tensor has no version counter: None, compared by op only
-                copies.append((v, c, None if c.is_inference() else c._version))
+                copies.append((v, c, None if torch.compiler.is_compiling() or c.is_inference()
+                               else c._version))
                 return c
             return v
         if type(v) in (list, tuple):
@@ -477,13 +486,12 @@ def run_fp32(func: Callable, name: str, args: tuple, kwargs: dict):
 
     up_args = tuple(up(a) for a in args)
     up_kwargs = {k: up(v) for k, v in kwargs.items()}
-    with contextlib.ExitStack() as stack:
-        for device_type in autocasting:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        out = func(*up_args, **up_kwargs)
+    out = _without_autocast(sorted(autocasting), func, up_args, up_kwargs)
+    compiling = torch.compiler.is_compiling()
     for orig, copy, version in copies:
-        # batch-norm kernels update running statistics without bumping version counters
-        changed = version is not None and copy._version != version
+        # batch-norm kernels update running statistics without bumping version counters;
+        # a traced graph has no version counters to compare (fp32 ops mutate nothing else)
+        changed = not compiling and version is not None and copy._version != version
         if changed or (name in _UPDATES_STATS and not orig.requires_grad):
             with torch.no_grad():
                 orig.copy_(copy)

@@ -32,7 +32,7 @@ are small).
 
 The uniform r of element i (flat index in row-major order) is built from SplitMix64
 streams of a 64-bit seed drawn from ``generator`` (or torch's default generator): 31 bits
-decide whenever they can, 63 more where they tie (see _stochastic_up).  The C kernel
+decide whenever they can, 63 more where they tie (see mixprec.ops).  The C kernel
 (mixprec/_cquant.c) and the pure-torch path compute the same bits, so both give
 identical results on any layout and device.
 
@@ -52,6 +52,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import ops as _ops
 from .formats import Convention, FloatFormat, FormatLike, get_format
 
 try:  # the optional C extension; the torch path gives identical results without it
@@ -176,90 +177,12 @@ def _layout_for(dtype: torch.dtype, fmt: FloatFormat) -> _Layout:
     return _F32
 
 
-# -- random bits ------------------------------------------------------------------------
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-_GOLDEN, _MIX1, _MIX2, _SEED_B = (_signed64(c) for c in (
-    0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03))
-
-
-def _draw_seed(generator: Optional[torch.Generator]) -> int:
-    """One 64-bit seed from ``generator`` (default: torch's, so manual_seed governs it)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,
-                             generator=generator, device=device))
-
-
-def _lshr(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
-def _splitmix(seed: int, k: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 output k+1 from state seed: z = seed + (k+1)*golden, two mixing rounds."""
-    z = (k + 1) * _GOLDEN + seed
-    z = (z ^ _lshr(z, 30)) * _MIX1
-    z = (z ^ _lshr(z, 27)) * _MIX2
-    return z ^ _lshr(z, 31)
-
-
-def _stochastic_up(low: torch.Tensor, shift: torch.Tensor, seed: int) -> torch.Tensor:
-    """up = r < low / 2^shift, r = 0.(A_i: 31 bits)(B_i: 63 bits) uniform, i = flat index.
-
-    A_i = 32-bit word i (low word first) of splitmix(seed, 0), splitmix(seed, 1), ..., >> 1;
-    B_i = splitmix(seed ^ SEED_B, i) >> 1, read only where A_i ties with the top 31 bits
-    of the fraction (shift > 31, probability 2^-31).  int64 inputs, same shape.
-    """
-    n, dev = low.numel(), low.device
-    pairs = _splitmix(seed, torch.arange((n + 1) // 2, device=dev))
-    a = torch.stack([pairs & 0xFFFFFFFF, _lshr(pairs, 32)], 1).view(-1)[:n].view(low.shape) >> 1
-    s = shift - 31
-    top = torch.where(s <= 0, low << (-s).clamp(min=0), low >> s.clamp(0, 63))
-    up = a < top
-    need = ((s > 0) & (a == top)).view(-1)
-    if bool(need.any()):
-        idx = need.nonzero().squeeze(1)
-        sn, ln = s.reshape(-1)[idx], low.reshape(-1)[idx]
-        rem = ln & ((torch.ones_like(sn) << sn.clamp(max=62)) - 1)
-        thr = torch.where(sn <= 63, rem << (63 - sn).clamp(min=0), rem >> (sn - 63).clamp(0, 63))
-        up.view(-1)[idx] = _lshr(_splitmix(seed ^ _SEED_B, idx), 1) < thr
-    return up
-
-
 # -- the two kernels ----------------------------------------------------------------------
-def _round_bits_torch(bits: torch.Tensor, p: _Plan, lay: _Layout, mode: Rounding,
-                      seed: int) -> torch.Tensor:
-    """The algorithm of the module docstring in integer torch ops (any device)."""
-    mmask = (1 << lay.mw) - 1
-    a = bits & ((1 << (lay.ew + lay.mw)) - 1)
-    sign = bits ^ a
-    field = a >> lay.mw
-    shift = (p.te - field.clamp(min=1)).clamp(min=0) + p.s0
-    sh = shift.clamp(max=lay.mw + 1)
-    sig = torch.where(field > 0, (a & mmask) | (mmask + 1), a)
-    full = torch.ones_like(sh) << sh
-    low = sig & (full - 1)
-    if mode is Rounding.NEAREST:
-        lsb = (sig >> sh) & 1
-        if p.m0:   # no mantissa bits: the kept code's parity is the exponent's
-            lsb = torch.where(shift == p.s0, (field + p.m0_adj) & 1, lsb)
-        twice = low << 1
-        # shift > MW + 1: the value is below Q / 2 (sh is clamped, so say it)
-        up = ((twice > full) | ((twice == full) & (lsb == 1))) & (shift <= lay.mw + 1)
-    elif mode is Rounding.STOCHASTIC:
-        up = _stochastic_up(low.long(), shift.long(), seed)
-    else:
-        up = torch.zeros_like(a, dtype=torch.bool)
-    up = up.to(a.dtype)
-    r = torch.where(shift <= lay.mw, a - low + (up << sh), up * p.q_bits)
-    r = torch.where(r > p.max_bits, p.ovf_bits, r)
-    r = torch.where(a == p.inf_bits, p.infin_bits, r)
-    r = torch.where(a > p.inf_bits, p.nan_bits, r)
-    if p.unsigned_zero:
-        sign = torch.where((r == 0) | (r == p.nan_bits), 0, sign)
-    return r | sign
+# The torch kernel and the random bits live in mixprec.ops as torch.library operators
+# (torch.ops.mixprec.round_bits / round_e8m0), so torch.compile traces and fuses them.
+def _plan_list(p: _Plan, lay: _Layout) -> list:
+    """The plan as round_bits' int[] argument: [layout, *_Plan fields]."""
+    return [int(lay is _F64)] + [getattr(p, f) for f in _ops.PLAN_FIELDS]
 
 
 def _round_c(src: torch.Tensor, dst: torch.Tensor, p: _Plan, lay: _Layout,
@@ -272,25 +195,6 @@ def _round_c(src: torch.Tensor, dst: torch.Tensor, p: _Plan, lay: _Layout,
         p.infin_bits)
 
 
-def _round_e8m0(x: torch.Tensor, mode: Rounding, saturate: bool, seed: int) -> torch.Tensor:
-    """The e8m0 rule of the module docstring on float64 bits (all its values are normal there)."""
-    bits = x.double().contiguous().view(torch.int64)
-    lo, top = (_F64.bits_of(2.0 ** k) for k in (-127, 127))
-    inf, nan, mmask = _F64.bits_of(math.inf), _F64.bits_of(math.nan), (1 << 52) - 1
-    a = bits & ((1 << 63) - 1)
-    if mode is Rounding.NEAREST:   # up from the binade's 1.5 point (ties away); floor 2^-127
-        r = torch.clamp_min((a + (1 << 51)) & ~mmask, lo)
-    elif mode is Rounding.STOCHASTIC:
-        up = _stochastic_up(a & mmask, torch.full_like(a, 52), seed)
-        r = torch.where(a < lo, lo, (a & ~mmask) + (up.long() << 52))
-    else:
-        r = torch.where(a < lo, lo, a & ~mmask)
-    r = torch.where(r > top, top if saturate else nan, r)
-    r = torch.where(a == inf, top if saturate else nan, r)
-    r = torch.where((a > inf) | (a == 0) | (bits < 0), nan, r)
-    return r.view(torch.float64)
-
-
 # -- public API ---------------------------------------------------------------------------
 def _check_input(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
@@ -300,35 +204,52 @@ def _check_input(x, name: str = "x") -> None:
         raise ValueError(f"{name} has dtype {x.dtype}; valid: {valid}")
 
 
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    """One 64-bit seed from ``generator`` as a Python int, for the eager C kernels: the
+    same draw as :func:`mixprec.ops.draw_seed` (default: torch's generator)."""
+    return int(_ops.draw_seed(generator, torch.empty(())))
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """True while torch.compile traces (Dynamo, or AOT autograd's fake/functional tensors):
+    no data pointers then, so the C kernel cannot run and the operators are used."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
 def _quantize_work(x: torch.Tensor, fmt: FloatFormat, mode: Rounding, saturate: bool,
-                   generator, backend: Backend, dst: Optional[torch.Tensor] = None):
+                   generator, backend: Backend, dst: Optional[torch.Tensor] = None,
+                   seed: Optional[torch.Tensor] = None):
     """Round x into its working layout; returns (values in float32/float64, layout)."""
     x = x.detach()
     lay = _layout_for(x.dtype, fmt)
-    seed = _draw_seed(generator) if mode is Rounding.STOCHASTIC else 0
-    use_c = backend is Backend.C or (backend is Backend.AUTO and _cquant is not None
-                                     and x.device.type == "cpu")
+    if mode is Rounding.STOCHASTIC and seed is None:
+        seed = _ops.draw_seed(generator, x)
     if backend is Backend.C and (_cquant is None or x.device.type != "cpu"):
         raise ValueError(f"backend 'c' needs the built extension and a CPU tensor "
                          f"(extension built: {_cquant is not None}, device: {x.device})")
+    use_c = (backend is not Backend.TORCH and _cquant is not None and x.device.type == "cpu"
+             and not _tracing(x))
+    code = _MODE_CODE[mode]
     if fmt.convention is Convention.E8M0:
-        return _round_e8m0(x, mode, saturate, seed).to(lay.dtype), lay
+        return _ops.round_e8m0(x, code, saturate, seed).to(lay.dtype), lay
     xw = x.to(lay.dtype).contiguous()   # the random bits follow the row-major index
     if not use_c:
-        r = _round_bits_torch(xw.view(lay.int_dtype), _plan(fmt, lay, saturate), lay,
-                              mode, seed)
-        return r.view(lay.dtype), lay
+        # under Dynamo the cache wrapper is traced through anyway; call the function itself
+        plan = (_plan.__wrapped__ if torch.compiler.is_compiling() else _plan)(fmt, lay, saturate)
+        return _ops.round_bits(xw, _plan_list(plan, lay), code, seed), lay
     if dst is None or dst.dtype != lay.dtype or not dst.is_contiguous():
         dst = torch.empty_like(xw, memory_format=torch.contiguous_format)
     if xw.numel():
-        _round_c(xw, dst, _plan(fmt, lay, saturate), lay, mode, seed)
+        _round_c(xw, dst, _plan(fmt, lay, saturate), lay, mode,
+                 0 if seed is None else int(seed))
     return dst, lay
 
 
 def quantize(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding] = "nearest",
              saturate: bool = False, generator: Optional[torch.Generator] = None,
              out: Optional[torch.Tensor] = None,
-             backend: Union[str, Backend] = "auto") -> torch.Tensor:
+             backend: Union[str, Backend] = "auto",
+             seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Round x to the nearest (or a stochastic) value of ``fmt``; same dtype, shape, device.
 
     Args:
@@ -339,6 +260,9 @@ def quantize(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding]
         generator: source of the stochastic seed (default: torch's default generator).
         out: a tensor of x's shape, dtype and device to write into (may be x itself).
         backend: "auto", "c" (CPU kernel) or "torch" (integer torch ops): same results.
+            Under torch.compile "auto" takes the torch operators, which compile.
+        seed: a 0-d int64 tensor to use instead of drawing one from ``generator``
+            (:func:`mixprec.ops.draw_seed`); the same seed gives the same bits.
 
     >>> quantize(torch.tensor([460.0, 465.0, 1e-4]), "e4m3")
     tensor([448.,  nan,   0.])
@@ -352,11 +276,11 @@ def quantize(x: torch.Tensor, fmt: FormatLike, *, rounding: Union[str, Rounding]
         raise ValueError("out must be a tensor of x's shape, dtype and device "
                          f"({tuple(x.shape)}, {x.dtype}, {x.device})")
     direct = out if out is not None and out.dtype in (torch.float32, torch.float64) else None
-    y, _ = _quantize_work(x, fmt, mode, saturate, generator, backend, dst=direct)
+    y, _ = _quantize_work(x, fmt, mode, saturate, generator, backend, dst=direct, seed=seed)
     y = y.to(x.dtype).view(x.shape)
     if out is None:
         return y
-    if y.data_ptr() != out.data_ptr():
+    if _tracing(y) or y.data_ptr() != out.data_ptr():
         out.copy_(y)
     return out
 
@@ -384,13 +308,18 @@ def _values_to_codes(q: torch.Tensor, fmt: FloatFormat, lay: _Layout,
                      backend: Backend) -> torch.Tensor:
     """code = s << (E+M) | e << M | m for values already representable in fmt."""
     nan_code, width = _nan_code(fmt), fmt.ebits + fmt.mbits
-    if nan_code is None and bool(torch.isnan(q).any()):
-        raise ValueError(f"format {fmt.name!r} has no NaN code, and the input holds NaN")
+    if nan_code is None:
+        message = f"format {fmt.name!r} has no NaN code, and the input holds NaN"
+        if _tracing(q):   # no host branch in a graph: the check runs as an op
+            torch._assert_async(~torch.isnan(q).any(), message)
+        elif bool(torch.isnan(q).any()):
+            raise ValueError(message)
     s0, te = lay.mw - fmt.mbits, 1 - fmt.bias + lay.bw
     inf_bits = ((1 << lay.ew) - 1) << lay.mw
     inf_code = ((1 << fmt.ebits) - 1) << fmt.mbits if fmt.has_inf else 0
     out_dtype = _code_dtype(fmt)
-    if _cquant is not None and q.device.type == "cpu" and backend is not Backend.TORCH:
+    if (_cquant is not None and q.device.type == "cpu" and backend is not Backend.TORCH
+            and not _tracing(q)):
         q = q.contiguous()
         out = torch.empty(q.shape, dtype=out_dtype)
         _cquant.encode_codes(q.data_ptr(), out.data_ptr(), q.numel(), int(lay is _F64),
@@ -483,7 +412,10 @@ def decode(codes: torch.Tensor, fmt: FormatLike, dtype: torch.dtype = torch.floa
         raise ValueError(f"codes for {fmt.name!r} must be integer ({want}), got {codes.dtype}")
     if fmt.bits > 8:
         return _codes_to_values(codes, fmt).to(dtype)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << fmt.bits):
+    if _tracing(codes):   # no host branch in a graph: the check runs as an op
+        torch._assert_async(((codes >= 0) & (codes < 1 << fmt.bits)).all(),
+                            f"codes for {fmt.name!r} must lie in [0, {1 << fmt.bits})")
+    elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << fmt.bits):
         raise ValueError(f"codes for {fmt.name!r} must lie in [0, {1 << fmt.bits}), got "
                          f"[{int(codes.min())}, {int(codes.max())}]")
     table = _code_table(fmt).to(device=codes.device, dtype=dtype)

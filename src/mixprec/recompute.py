@@ -128,8 +128,10 @@ def run_recomputed(func: Callable, name: str, args: tuple, kwargs: dict) -> Opti
     """Run ``F.<name>`` in FP32 saving 16-bit tensors for backward, or return None when
     this call is not one the recomputation handles (the caller then runs it plainly):
     not a recomputed op, an input that is not float16/bfloat16, no gradient needed,
-    an explicit ``dtype=``, or arguments that do not bind to the functional signature."""
-    if name not in RECOMPUTED_OPS:
+    an explicit ``dtype=``, or arguments that do not bind to the functional signature.
+    Under torch.compile too: the compiled graph decides what backward keeps, and its
+    ``torch.autograd.grad`` inside a backward would break the graph."""
+    if name not in RECOMPUTED_OPS or torch.compiler.is_compiling():
         return None
     if _TORCH_SPELLINGS.get(func) == name:
         names = ("input", "dim", "dtype")

@@ -27,7 +27,8 @@ import torch
 from .formats import FloatFormat, FormatLike, get_format
 from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
 from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
-from .quant import _F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan
+from .quant import (_F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan,
+                    _tracing)
 from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
@@ -91,7 +92,7 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
     amax = torch.as_tensor(amax, dtype=torch.float32)
     device = amax.device
     if (device.type == "cpu" and amax.numel() == 1 and not amax.requires_grad and eps == 0
-            and pow2 == "none"):
+            and pow2 == "none" and not _tracing(amax)):
         return _amax_to_scale_cpu(float(amax), fmt, margin, prev_scale)
     if eps > 0:
         raw = (fmt.max / torch.clamp(amax.to(torch.float64), min=float(eps))).to(torch.float32)
@@ -160,7 +161,8 @@ def _amax_to_scale_cpu(amax: float, fmt: FloatFormat, margin: float, prev_scale)
 
 def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
                     rounding: str = "nearest", saturate: bool = True,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                    generator: Optional[torch.Generator] = None,
+                    seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantize with a per-tensor scale and return the dequantized values in x's dtype.
 
     y = quantize(x * scale, fmt) / scale, both products in float32.
@@ -168,11 +170,13 @@ def quantize_scaled(x: torch.Tensor, fmt: FormatLike, scale: ScaleLike, *,
     ``saturate=True`` clamps |x * scale| > fmt.max to fmt.max (what per-tensor FP8 recipes
     do: with a delayed scale a tensor may outgrow its history). For x in a narrower dtype
     than float32 (bf16, fp16) the dequantized value is rounded once more to that dtype.
+    ``seed`` (0-d int64 tensor) replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     scale = torch.as_tensor(scale, dtype=torch.float32).to(x.device)
     hp = x.detach().to(torch.float32)
-    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    lp = quantize(hp * scale, fmt, rounding=rounding, saturate=saturate, generator=generator,
+                  seed=seed)
     return (lp / scale).to(x.dtype)
 
 
@@ -310,7 +314,8 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
                 scale_rule: str = "ocp", rounding: str = "nearest",
-                generator: Optional[torch.Generator] = None) -> tuple:
+                generator: Optional[torch.Generator] = None,
+                seed: Optional[torch.Tensor] = None) -> tuple:
     """OCP MX block quantization; returns ``(dequantized, scales)``.
 
     Each block of ``block_size`` consecutive elements along ``axis`` shares a scale
@@ -332,7 +337,8 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
 
     A shorthand for :func:`mixprec.quantize_blocked` with ``BlockScheme(fmt, (1,
     block_size), "e8m0", "floor" | "ceil", axis=axis)``: the same bits, returned as
-    ``(quantize_blocked(...).dequantize(), block_scales)``.
+    ``(quantize_blocked(...).dequantize(), block_scales)``. ``seed`` (0-d int64 tensor)
+    replaces a draw from ``generator``, as in quantize.
     """
     fmt = get_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -345,28 +351,29 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
     deq, scales, _ = _mx_parts(x, fmt, block_size, axis % x.dim(), scale_rule, rounding,
-                               generator)
+                               generator, seed=seed)
     return deq, scales
 
 
 def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale_rule: str,
-              rounding: str, generator: Optional[torch.Generator], elements: bool = False):
+              rounding: str, generator: Optional[torch.Generator], elements: bool = False,
+              seed: Optional[torch.Tensor] = None):
     """quantize_mx's (dequantized, scales) and, when ``elements``, the float32 element
     values V/X (0 in NaN-scaled blocks) that storage encodes; arguments already checked.
     CPU tensors take the C kernel (mixprec/_cquant.c, the same steps in one pass); the
     block quantizer's torch ops are the reference it reproduces, random stream included."""
     hp = x.detach().to(torch.float32)
     mode = _choice(Rounding, rounding, "rounding")
-    if (_cquant is not None and hp.device.type == "cpu" and scale_rule in ("ocp", "ceil")
-            and _layout_for(torch.float32, fmt) is _F32):
+    if (_cquant is not None and hp.device.type == "cpu" and not _tracing(hp)
+            and scale_rule in ("ocp", "ceil") and _layout_for(torch.float32, fmt) is _F32):
         deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
-                                         generator, elements)
+                                         generator, elements, seed)
         return deq.to(x.dtype), scales, elems
     # the MX setting of the general block quantizer ("ocp" is its "floor" rule)
     rule = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
             "ceil-log2": ScaleRule.CEIL_LOG2}[scale_rule]
     scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0, rule, axis=ax)
-    b = _blocked_quantize(hp, scheme, mode, generator)
+    b = _blocked_quantize(hp, scheme, mode, generator, seed=seed)
     # A NaN scale turns its whole block into NaN through the product below.
     deq = _from_blocks(b.elems.mul_(b.scales), b.geometry)
     scales = b.scales.squeeze(b.geometry.reduce)
@@ -379,7 +386,8 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
 
 
 def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_rule: str,
-                mode: Rounding, generator: Optional[torch.Generator], elements: bool):
+                mode: Rounding, generator: Optional[torch.Generator], elements: bool,
+                seed_tensor: Optional[torch.Tensor] = None):
     hp = hp.contiguous()
     shape = hp.shape
     outer, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
@@ -388,7 +396,9 @@ def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_r
     scales = torch.empty(*shape[:ax], n_blocks, *shape[ax + 1:], dtype=torch.float32)
     elems = torch.empty_like(hp) if elements else None
     p = _plan(fmt, _F32, True)
-    seed = _draw_seed(generator) if mode is Rounding.STOCHASTIC else 0
+    seed = 0
+    if mode is Rounding.STOCHASTIC:   # a given seed tensor replaces the draw, as in quantize
+        seed = int(seed_tensor) if seed_tensor is not None else _draw_seed(generator)
     # max_elem's significand bits ("ceil" rule: amax's significand above them rounds up)
     top = fmt.max / 2.0 ** fmt.emax
     top_mbits = struct.unpack("<I", struct.pack("<f", top))[0] & 0x7FFFFF

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import FloatFormat, get_format
-from .quant import Rounding
+from .quant import Rounding, _tracing
 from .recipe import ScalingKind, TensorSpec
 
 try:  # the optional C extension (mask packing); the torch path gives the same bits
@@ -63,7 +63,10 @@ class Tag(NamedTuple):
 
 
 def sharing_enabled() -> bool:
-    return getattr(_local, "enabled", True)
+    """Whether outputs are tagged and saved tensors shared. Off while torch.compile
+    traces: a tag is a Python attribute compared with a version counter, which a graph
+    cannot hold; values and gradients are the same either way (module docstring)."""
+    return getattr(_local, "enabled", True) and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -83,15 +86,17 @@ def tag_output(t: torch.Tensor, fmt: FloatFormat,
 
     Inference tensors (``torch.inference_mode``) stay untagged: they have no version
     counter, and nothing is saved for backward there to share."""
-    if sharing_enabled() and not t.is_inference():
+    if sharing_enabled() and not torch.compiler.is_compiling() and not t.is_inference():
         setattr(t, _ATTR, Tag(fmt, stored, t._version))
     return t
 
 
 def get_tag(t: torch.Tensor) -> Optional[Tag]:
     """The tensor's tag, or None when it has none, is stale, or sharing is disabled."""
+    if not sharing_enabled():
+        return None
     tag = getattr(t, _ATTR, None)
-    if tag is None or tag.version != t._version or not sharing_enabled():
+    if tag is None or tag.version != t._version:
         return None
     return tag
 
@@ -130,7 +135,7 @@ def relu_mask(y: torch.Tensor) -> torch.Tensor:
     n = y.numel()
     y = y.contiguous()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=y.device)
-    if _cquant is not None and y.device.type == "cpu":
+    if _cquant is not None and not _tracing(y) and y.device.type == "cpu":
         _cquant.relu_mask(y.data_ptr(), out.data_ptr(), n, _INF_BITS[y.dtype],
                           torch.get_num_threads())
         return out
@@ -144,7 +149,7 @@ def masked_grad(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``g`` where the packed ``mask`` (see :func:`relu_mask`) is set, +0 elsewhere."""
     n = g.numel()
     g = g.contiguous()
-    if _cquant is not None and g.device.type == "cpu" and g.element_size() in (2, 4):
+    if _cquant is not None and not _tracing(g) and g.device.type == "cpu" and g.element_size() in (2, 4):
         out = torch.empty_like(g)
         _cquant.masked_grad(mask.data_ptr(), g.data_ptr(), out.data_ptr(), n,
                             g.element_size(), torch.get_num_threads())
@@ -176,9 +181,11 @@ def codes_to_float32(t: torch.Tensor, table: Optional[torch.Tensor] = None) -> t
     ``t.to(torch.float32)``; uint8 codes need ``table``). On CPU the C kernel reads the
     table, several times faster than torch's float8 casts; elsewhere torch indexes it."""
     if table is None:
+        if _tracing(t):   # compiled: torch's own cast, the same bits, fused by Inductor
+            return t.to(torch.float32)
         table = _float8_table(t.dtype)
     table = table.view(torch.int32)
-    if _cquant is not None and t.device.type == "cpu":
+    if _cquant is not None and not _tracing(t) and t.device.type == "cpu":
         src = t.contiguous().view(torch.uint8)
         out = torch.empty(t.shape, dtype=torch.float32)
         _cquant.lut_decode(src.data_ptr(), out.data_ptr(), src.numel(), table.data_ptr(),

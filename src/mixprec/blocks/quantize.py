@@ -102,7 +102,8 @@ def _apply_ties(src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat, ties: Ties
     wider = make_format(fmt.ebits, fmt.mbits + 1, fmt.convention, fmt.bias)
     tie = ((quantize(a, wider, rounding="toward_zero") == a)
            & (quantize(a, fmt, rounding="toward_zero") != a) & (a < fmt.max))
-    if not bool(tie.any()):
+    if (not torch.compiler.is_compiling() and type(tie) is torch.Tensor
+            and not bool(tie.any())):
         return q
     r = q.abs()
     other = 2.0 * a - r
@@ -254,7 +255,8 @@ def _resolve_signs(scheme: BlockScheme, signs, generator) -> Optional[torch.Tens
 
 
 def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
-                      generator: Optional[torch.Generator], signs=None) -> _Blocked:
+                      generator: Optional[torch.Generator], signs=None,
+                      seed: Optional[torch.Tensor] = None) -> _Blocked:
     signs = _resolve_signs(scheme, signs, generator)
     hp = x.detach().to(torch.float32)
     if scheme.hadamard is not None:
@@ -282,10 +284,12 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
                   and scheme.element.mbits < 23)
     src = elems.clone() if moves_ties else None
     quantize(elems, scheme.element, rounding=mode, saturate=True, generator=generator,
-             out=elems)
+             out=elems, seed=seed)
     if src is not None:
         elems = _apply_ties(src, elems, scheme.element, scheme.ties)
-    if bool(special.any()):
+    # under torch.compile without the host test: a graph cannot branch on data
+    if (torch.compiler.is_compiling() or type(special) is not torch.Tensor
+            or bool(special.any())):
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=hp.device)
         scales = torch.where(special, nan, scales)
         elems.masked_fill_(special, float("nan"))

@@ -1,0 +1,158 @@
+"""On a CUDA GPU: native and compiled paths against the emulation, bit for bit, and step ratios.
+
+Checks (each prints ok or the number of differing elements):
+
+    cuda ops       quantize on CUDA tensors (the torch.ops.mixprec operators) against the
+                   CPU C kernel, every format and rounding mode, the same seed
+    triton         torch.compile of quantize on CUDA (Inductor's Triton kernels) against
+                   eager CUDA, the stochastic stream included
+    native casts   torch's own CUDA casts to float16 / bfloat16 / float8_e5m2 against
+                   quantize(..., "nearest") (they must agree: the cast is round-to-even)
+    scaled_mm      torch._scaled_mm on e4m3 operands against the emulated product of the
+                   same operands (FP32 accumulation: equal up to summation order; prints
+                   the max relative difference), where the device supports it
+
+then the step time of an MLP 784-1024-1024-10 (batch 1024, AdamW) for fp32, the native
+fp16-mixed and bf16-mixed backends, and the emulated fp8-hybrid and mxfp8 recipes, eager
+and compiled, as ratios to fp32 from the same run. About 2-4 minutes, most of it
+compiling. Without CUDA it prints that and exits 0.
+
+    python benchmarks/gpu.py [--steps 20] [--skip-compile] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+FORMATS = ["fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1", "e8m0"]
+MODES = ["nearest", "stochastic", "toward_zero"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((_bits(a.cpu()) != _bits(b.cpu())).sum())
+
+
+def check_ops(x: torch.Tensor) -> None:
+    from mixprec import quantize
+    for fmt in FORMATS:
+        for mode in MODES:
+            seed = torch.tensor(1234)
+            cpu = quantize(x, fmt, rounding=mode, seed=seed)
+            gpu = quantize(x.cuda(), fmt, rounding=mode, seed=seed.cuda())
+            print(f"cuda ops  {fmt:5} {mode:12} differing: {_differ(cpu, gpu)}")
+
+
+def check_triton(x: torch.Tensor) -> None:
+    from mixprec import quantize
+    xc = x.cuda()
+    for fmt in ("e4m3", "e2m1", "bf16"):
+        for mode in ("nearest", "stochastic"):
+            seed = torch.tensor(99, device="cuda")
+            fn = torch.compile(lambda a, s: quantize(a, fmt, rounding=mode, seed=s),
+                               fullgraph=True)
+            print(f"triton    {fmt:5} {mode:12} differing: "
+                  f"{_differ(quantize(xc, fmt, rounding=mode, seed=seed), fn(xc, seed))}")
+
+
+def check_native_casts(x: torch.Tensor) -> None:
+    from mixprec import quantize
+    xc = x.cuda()
+    for fmt, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16),
+                       ("e5m2", torch.float8_e5m2)):
+        want = quantize(xc, fmt)
+        got = xc.to(dtype).to(torch.float32)
+        same = (_bits(want) == _bits(got)) | (want.isnan() & got.isnan())
+        print(f"native    {fmt:5} cast         differing: {int((~same).sum())}")
+
+
+def check_scaled_mm() -> None:
+    if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9):
+        print("scaled_mm not supported on this device")
+        return
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(256, 512, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(256, 512, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    native = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    emulated = a.float() @ b.float().t()
+    rel = ((native - emulated).abs().max() / emulated.abs().max()).item()
+    print(f"scaled_mm e4m3 x e4m3 -> fp32: max relative difference {rel:.2e}")
+
+
+def step_ratios(steps: int, compile_too: bool) -> None:
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import mixprec
+
+    x = torch.randn(1024, 784, device="cuda")
+    y = torch.randint(0, 10, (1024,), device="cuda")
+
+    def timed(recipe, backend, compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                              nn.ReLU(), nn.Linear(1024, 10)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        mp = mixprec.prepare(model, opt, recipe=recipe, backend=backend, example_inputs=x)
+        fwd = torch.compile(model, options=mixprec.compile_options()) if compiled else model
+
+        def step():
+            with mp.autocast():
+                loss = F.cross_entropy(fwd(x), y)
+            mp.backward(loss)
+            mp.step()
+            mp.zero_grad()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+
+    variants = [("fp32", "emulated"), ("fp16-mixed", "native"), ("bf16-mixed", "native"),
+                ("fp16-mixed", "emulated"), ("fp8-hybrid", "emulated"), ("mxfp8", "emulated")]
+    ref = timed("fp32", "emulated", False)
+    print(f"\nMLP step, {steps} steps, ratio to eager fp32 ({ref * 1e3:.2f} ms)")
+    for recipe, backend in variants:
+        cells = [f"{timed(recipe, backend, False) / ref:6.2f}x eager"]
+        if compile_too:
+            torch._dynamo.reset()
+            cells.append(f"{timed(recipe, backend, True) / ref:6.2f}x compiled")
+        print(f"{recipe:11} {backend:9} " + "  ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="two timed steps, no compiling: a smoke run, as the test suite runs it")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.skip_compile = 2, True
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (this script needs a GPU)")
+        return
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 16,), dtype=torch.int32,
+                             generator=g).view(torch.float32)
+    x = torch.cat([patterns, torch.randn(1 << 16, generator=g) * 100])
+    check_ops(x)
+    if not args.skip_compile:
+        check_triton(x)
+    check_native_casts(x)
+    check_scaled_mm()
+    step_ratios(args.steps, not args.skip_compile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Rounding as torch operators: ``torch.ops.mixprec.*``, traced by torch.compile.
+
+Registered in the ``mixprec`` namespace with :mod:`torch.library`:
+
+    round_bits(x, plan, mode, seed)        the rounding kernel of mixprec.quant on the
+                                           float32/float64 working copy x
+    round_e8m0(x, mode, saturate, seed)    the e8m0 rule of mixprec.quant
+    quantize(x, fmt, rounding, saturate, seed)            mixprec.quantize
+    quantize_scaled(x, fmt, scale, rounding, saturate, seed)  mixprec.quantize_scaled
+    quantize_mx(x, fmt, block_size, axis, scale_rule, rounding, seed) -> (values, scales)
+
+Every op is a CompositeImplicitAutograd definition in integer torch ops, with no
+data-dependent control flow, so Dynamo puts it into the graph as one call and AOT
+autograd decomposes it into elementwise ops that Inductor fuses (C++/OpenMP on CPU,
+Triton on CUDA). The same definitions run eagerly on every device; the Python
+functions of :mod:`mixprec.quant` take the C kernel instead for plain CPU tensors
+outside tracing. Both give the same bits.
+
+Stochastic rounding takes its randomness as ``seed``, a 0-d int64 tensor, not as a
+``torch.Generator`` (no schema type holds one): ``draw_seed(like, generator_id)``, an
+opaque custom op, draws it from the generator that :func:`generator_id` names, so a
+compiled graph consumes the generator's own stream as eager code does.
+Element i (flat row-major index) then reads the SplitMix64 counter stream of that seed:
+
+    A_i = word (i mod 2) of splitmix(seed, floor(i / 2)) >> 1        (31 bits)
+    B_i = splitmix(seed ^ SEED_B, i) >> 1                           (63 bits, for ties)
+
+exactly as the C kernel does; here both are computed for every element and B is
+selected where A ties, instead of a data-dependent gather of the ties.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["compile_options", "draw_seed", "generator_id", "round_bits", "round_e8m0", "splitmix64", "stochastic_up",
+           "PLAN_FIELDS"]
+
+# plan = [layout (0: float32 bits, 1: float64 bits), *_Plan fields in this order]
+PLAN_FIELDS = ("s0", "te", "m0", "m0_adj", "unsigned_zero", "max_bits", "q_bits",
+               "inf_bits", "nan_bits", "ovf_bits", "infin_bits")
+_LAYOUTS = {0: (torch.float32, torch.int32, 23, 8), 1: (torch.float64, torch.int64, 52, 11)}
+_NEAREST, _STOCHASTIC, _TOWARD_ZERO = 0, 1, 2
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+GOLDEN, MIX1, MIX2, SEED_B = (_signed64(c) for c in (
+    0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03))
+
+
+_generator_ids: "weakref.WeakKeyDictionary[torch.Generator, int]" = weakref.WeakKeyDictionary()
+_generators: dict = {}   # id -> weakref of the generator
+
+
+# Evaluated for real while Dynamo traces (the result becomes a constant of the graph), so
+# a generator first seen inside a compiled region is registered before the graph runs.
+@torch.compiler.assume_constant_result
+def generator_id(generator: Optional[torch.Generator]) -> int:
+    """A small int naming ``generator`` in draw_seed's schema (0: torch's default CPU
+    generator); generators are held weakly."""
+    if generator is None:
+        return 0
+    gid = _generator_ids.get(generator)
+    if gid is None:
+        gid = _generator_ids[generator] = len(_generators) + 1
+        _generators[gid] = weakref.ref(generator)
+    return gid
+
+
+def _generator(gid: int) -> torch.Generator:
+    if gid == 0:
+        return torch.default_generator
+    generator = _generators[gid]()
+    if generator is None:
+        raise ValueError(f"generator {gid} no longer exists; pass a live torch.Generator")
+    return generator
+
+
+def _draw(like: Tensor, generator: torch.Generator) -> Tensor:
+    seed = torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,
+                         generator=generator, device=generator.device)
+    return seed.to(like.device)
+
+
+# Tagged nondeterministic_seeded: graphs never merge two draws (CSE) nor recompute one in
+# backward; each call advances the generator exactly as the eager draw does.
+@torch.library.custom_op("mixprec::draw_seed", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _draw_seed_op(like: Tensor, generator: int) -> Tensor:
+    return _draw(like, _generator(generator))
+
+
+@_draw_seed_op.register_fake
+def _(like: Tensor, generator: int) -> Tensor:
+    return torch.empty((), dtype=torch.int64, device=like.device)
+
+
+def draw_seed(generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+    """One 64-bit seed from ``generator`` as a 0-d int64 tensor on ``like``'s device:
+    ``torch.ops.mixprec.draw_seed`` while torch.compile traces, so the compiled graph
+    draws from the generator's own stream in the eager order (None: torch's default CPU
+    generator); eagerly the same draw without the dispatcher."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
+        return torch.ops.mixprec.draw_seed(like, generator_id(generator))
+    return _draw(like, torch.default_generator if generator is None else generator)
+
+
+def _lshr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(seed, k: Tensor) -> Tensor:
+    """SplitMix64 output k+1 from state seed: z = seed + (k+1)*golden, two mixing rounds
+    (int64 arithmetic wraps modulo 2^64; ``seed`` an int or a 0-d int64 tensor)."""
+    z = (k + 1) * GOLDEN + seed
+    z = (z ^ _lshr(z, 30)) * MIX1
+    z = (z ^ _lshr(z, 27)) * MIX2
+    return z ^ _lshr(z, 31)
+
+
+def stochastic_up(low: Tensor, shift: Tensor, seed: Tensor) -> Tensor:
+    """up = r < low / 2^shift with r = 0.(A_i)(B_i) (module docstring); int64 inputs of
+    one shape, flat index i in row-major order. Branch-free: B is computed everywhere."""
+    i = torch.arange(low.numel(), device=low.device, dtype=torch.int64).view(low.shape)
+    # (seed & 0) makes the counter a value rather than an index expression: Inductor
+    # folds arithmetic on indices exactly, in unbounded integers, and the SplitMix
+    # products must wrap modulo 2^64 instead.
+    i = i ^ (seed & 0)
+    pair = splitmix64(seed, i >> 1)
+    a = torch.where((i & 1) == 1, _lshr(pair, 32), pair & 0xFFFFFFFF) >> 1
+    s = shift - 31
+    top = torch.where(s <= 0, low << (-s).clamp(min=0), low >> s.clamp(0, 63))
+    tie = (s > 0) & (a == top)
+    # ties only: the 63 bits of the fraction after the first 31 against B_i
+    rem = low & ((torch.ones_like(s) << s.clamp(0, 62)) - 1)
+    thr = torch.where(s <= 63, rem << (63 - s).clamp(min=0), rem >> (s - 63).clamp(0, 63))
+    b = _lshr(splitmix64(seed ^ SEED_B, i), 1)
+    return torch.where(tie, b < thr, a < top)
+
+
+def _round_bits(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor] = None) -> Tensor:
+    """mixprec.quant's rounding formula on the bits of x (float32 or float64)."""
+    dtype, int_dtype, mw, ew = _LAYOUTS[plan[0]]
+    s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits, ovf, infin = plan[1:]
+    bits = x.contiguous().view(int_dtype)
+    mmask = (1 << mw) - 1
+    a = bits & ((1 << (ew + mw)) - 1)
+    sign = bits ^ a
+    field = a >> mw
+    shift = (te - field.clamp(min=1)).clamp(min=0) + s0
+    sh = shift.clamp(max=mw + 1)
+    sig = torch.where(field > 0, (a & mmask) | (mmask + 1), a)
+    full = torch.ones_like(sh) << sh
+    low = sig & (full - 1)
+    if mode == _NEAREST:
+        lsb = (sig >> sh) & 1
+        if m0:   # no mantissa bits: the kept code's parity is the exponent's
+            lsb = torch.where(shift == s0, (field + m0_adj) & 1, lsb)
+        twice = low << 1
+        # shift > MW + 1: the value is below Q / 2 (sh is clamped, so say it)
+        up = ((twice > full) | ((twice == full) & (lsb == 1))) & (shift <= mw + 1)
+    elif mode == _STOCHASTIC:
+        if seed is None:
+            raise ValueError("stochastic rounding needs a seed tensor (mixprec.ops.draw_seed)")
+        up = stochastic_up(low.long(), shift.long(), seed.to(x.device))
+    else:
+        up = torch.zeros_like(a, dtype=torch.bool)
+    up = up.to(a.dtype)
+    r = torch.where(shift <= mw, a - low + (up << sh), up * q_bits)
+    r = torch.where(r > max_bits, ovf, r)
+    r = torch.where(a == inf_bits, infin, r)
+    r = torch.where(a > inf_bits, nan_bits, r)
+    if unsigned_zero:
+        sign = torch.where((r == 0) | (r == nan_bits), 0, sign)
+    return (r | sign).view(dtype)
+
+
+def _round_e8m0(x: Tensor, mode: int, saturate: bool, seed: Optional[Tensor] = None) -> Tensor:
+    """mixprec.quant's e8m0 rule on float64 bits (all its values are normal there)."""
+    bits = x.to(torch.float64).contiguous().view(torch.int64)
+    lo, top = 0x3800000000000000, 0x47E0000000000000            # 2^-127, 2^127
+    inf, nan, mmask = 0x7FF0000000000000, 0x7FF8000000000000, (1 << 52) - 1
+    a = bits & ((1 << 63) - 1)
+    if mode == _NEAREST:   # up from the binade's 1.5 point (ties away); floor 2^-127
+        r = torch.clamp_min((a + (1 << 51)) & ~mmask, lo)
+    elif mode == _STOCHASTIC:
+        if seed is None:
+            raise ValueError("stochastic rounding needs a seed tensor (mixprec.ops.draw_seed)")
+        up = stochastic_up(a & mmask, torch.full_like(a, 52), seed.to(x.device))
+        r = torch.where(a < lo, lo, (a & ~mmask) + (up.long() << 52))
+    else:
+        r = torch.where(a < lo, lo, a & ~mmask)
+    big = top if saturate else nan
+    r = torch.where(r > top, big, r)
+    r = torch.where(a == inf, big, r)
+    r = torch.where((a > inf) | (a == 0) | (bits < 0), nan, r)
+    return r.view(torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------
+_lib = torch.library.Library("mixprec", "DEF")
+_lib.define("round_bits(Tensor x, int[] plan, int mode, Tensor? seed=None) -> Tensor")
+_lib.define("round_e8m0(Tensor x, int mode, bool saturate, Tensor? seed=None) -> Tensor")
+_lib.define("quantize(Tensor x, str fmt, str rounding='nearest', bool saturate=False, "
+            "Tensor? seed=None) -> Tensor")
+_lib.define("quantize_scaled(Tensor x, str fmt, Tensor scale, str rounding='nearest', "
+            "bool saturate=True, Tensor? seed=None) -> Tensor")
+_lib.define("quantize_mx(Tensor x, str fmt, int block_size=32, int axis=-1, "
+            "str scale_rule='ocp', str rounding='nearest', Tensor? seed=None) "
+            "-> (Tensor, Tensor)")
+
+_COMPOSITE = "CompositeImplicitAutograd"
+_lib.impl("round_bits", _round_bits, _COMPOSITE)
+_lib.impl("round_e8m0", _round_e8m0, _COMPOSITE)
+
+
+# The dispatcher leaves out trailing arguments equal to their schema default.
+def _quantize(x: Tensor, fmt: str, rounding: str = "nearest", saturate: bool = False,
+              seed: Optional[Tensor] = None) -> Tensor:
+    from .quant import quantize   # quant imports this module
+    return quantize(x, fmt, rounding=rounding, saturate=saturate, seed=seed)
+
+
+def _quantize_scaled(x: Tensor, fmt: str, scale: Tensor, rounding: str = "nearest",
+                     saturate: bool = True, seed: Optional[Tensor] = None) -> Tensor:
+    from .scaling import quantize_scaled
+    return quantize_scaled(x, fmt, scale, rounding=rounding, saturate=saturate, seed=seed)
+
+
+def _quantize_mx(x: Tensor, fmt: str, block_size: int = 32, axis: int = -1,
+                 scale_rule: str = "ocp", rounding: str = "nearest",
+                 seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    from .scaling import quantize_mx
+    return quantize_mx(x, fmt, block_size=block_size, axis=axis, scale_rule=scale_rule,
+                       rounding=rounding, seed=seed)
+
+
+_lib.impl("quantize", _quantize, _COMPOSITE)
+_lib.impl("quantize_scaled", _quantize_scaled, _COMPOSITE)
+_lib.impl("quantize_mx", _quantize_mx, _COMPOSITE)
+
+
+def round_bits(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.mixprec.round_bits``: x (float32/float64) rounded by ``plan``."""
+    return torch.ops.mixprec.round_bits(x, plan, mode, seed)
+
+
+def round_e8m0(x: Tensor, mode: int, saturate: bool, seed: Optional[Tensor] = None) -> Tensor:
+    """``torch.ops.mixprec.round_e8m0``: x rounded to e8m0, as float64."""
+    return torch.ops.mixprec.round_e8m0(x, mode, saturate, seed)
+
+
+def compile_options() -> dict:
+    """Inductor options under which a compiled model rounds like eager PyTorch:
+    ``torch.compile(model, options=mixprec.compile_options())``.
+
+    ``emulate_precision_casts``: Inductor otherwise keeps a float16/bfloat16 value that
+    one fused kernel produces and consumes in float32, skipping the rounding that the
+    eager cast performs (a layer's float16 output or gradient, for instance).
+    """
+    return {"emulate_precision_casts": True}
