@@ -264,8 +264,7 @@ def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec
     """(quantize(x * scale) / scale, quantize(x * scale) or None) from the C kernel in
     one pass over x (float32 or bfloat16 on CPU), the same products, roundings, random
     stream and quotients as the tensor ops; None where it does not apply."""
-    if (quant._cquant is None or quant._tracing(x) or x.device.type != "cpu"
-            or scale.device.type != "cpu"
+    if (not quant._fast_path(quant._cquant, x, scale)
             or x.dtype not in (torch.float32, torch.bfloat16) or scale.numel() != 1
             or fmt.convention.name == "E8M0"
             or quant._layout_for(torch.float32, fmt) is not quant._F32):
@@ -356,7 +355,7 @@ def _fresh(t: torch.Tensor, stored: torch.Tensor) -> bool:
     """True when ``t`` (decoded from ``stored``) is a new contiguous buffer we may overwrite
     (never while compiling: traced tensors have no storage to compare, and Inductor
     reuses buffers by itself)."""
-    if quant._tracing(t):
+    if not quant._fast_path(True, t, cpu=False):
         return False
     return t.data_ptr() != stored.data_ptr() and t.is_contiguous()
 

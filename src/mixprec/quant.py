@@ -216,6 +216,18 @@ def _tracing(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(x) is not torch.Tensor
 
 
+def _fast_path(kernel, *tensors: torch.Tensor, cpu: bool = True) -> bool:
+    """True where an eager shortcut may run on ``tensors``: the C module it calls is
+    there (``kernel`` is the caller's ``_cquant``, None when the extension is not built;
+    True for a shortcut in Python), torch.compile is not tracing and every tensor is a
+    plain one (traced tensors have no data pointers or host values: the torch operators
+    run instead, with the same bits), on the CPU unless ``cpu=False``. The one guard of
+    the C kernels, host-side scale arithmetic and in-place buffer reuse."""
+    if kernel is None:
+        return False
+    return all(not _tracing(t) and (not cpu or t.device.type == "cpu") for t in tensors)
+
+
 def _quantize_work(x: torch.Tensor, fmt: FloatFormat, mode: Rounding, saturate: bool,
                    generator, backend: Backend, dst: Optional[torch.Tensor] = None,
                    seed: Optional[torch.Tensor] = None):
@@ -227,8 +239,7 @@ def _quantize_work(x: torch.Tensor, fmt: FloatFormat, mode: Rounding, saturate: 
     if backend is Backend.C and (_cquant is None or x.device.type != "cpu"):
         raise ValueError(f"backend 'c' needs the built extension and a CPU tensor "
                          f"(extension built: {_cquant is not None}, device: {x.device})")
-    use_c = (backend is not Backend.TORCH and _cquant is not None and x.device.type == "cpu"
-             and not _tracing(x))
+    use_c = backend is not Backend.TORCH and _fast_path(_cquant, x)
     code = _MODE_CODE[mode]
     if fmt.convention is Convention.E8M0:
         return _ops.round_e8m0(x, code, saturate, seed).to(lay.dtype), lay
@@ -318,8 +329,7 @@ def _values_to_codes(q: torch.Tensor, fmt: FloatFormat, lay: _Layout,
     inf_bits = ((1 << lay.ew) - 1) << lay.mw
     inf_code = ((1 << fmt.ebits) - 1) << fmt.mbits if fmt.has_inf else 0
     out_dtype = _code_dtype(fmt)
-    if (_cquant is not None and q.device.type == "cpu" and backend is not Backend.TORCH
-            and not _tracing(q)):
+    if backend is not Backend.TORCH and _fast_path(_cquant, q):
         q = q.contiguous()
         out = torch.empty(q.shape, dtype=out_dtype)
         _cquant.encode_codes(q.data_ptr(), out.data_ptr(), q.numel(), int(lay is _F64),

@@ -27,8 +27,8 @@ import torch
 from .formats import FloatFormat, FormatLike, get_format
 from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
 from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
-from .quant import (_F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _layout_for, _plan,
-                    _tracing)
+from .quant import (_F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _fast_path,
+                    _layout_for, _plan)
 from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
@@ -91,8 +91,8 @@ def amax_to_scale(amax: ScaleLike, fmt: FormatLike, *, margin: float = 0,
         raise ValueError(f"unknown pow2 rule {pow2!r}; valid choices: {', '.join(POW2_RULES)}")
     amax = torch.as_tensor(amax, dtype=torch.float32)
     device = amax.device
-    if (device.type == "cpu" and amax.numel() == 1 and not amax.requires_grad and eps == 0
-            and pow2 == "none" and not _tracing(amax)):
+    if (_fast_path(True, amax) and amax.numel() == 1 and not amax.requires_grad
+            and eps == 0 and pow2 == "none"):
         return _amax_to_scale_cpu(float(amax), fmt, margin, prev_scale)
     if eps > 0:
         raw = (fmt.max / torch.clamp(amax.to(torch.float64), min=float(eps))).to(torch.float32)
@@ -364,7 +364,7 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
     block quantizer's torch ops are the reference it reproduces, random stream included."""
     hp = x.detach().to(torch.float32)
     mode = _choice(Rounding, rounding, "rounding")
-    if (_cquant is not None and hp.device.type == "cpu" and not _tracing(hp)
+    if (_fast_path(_cquant, hp)
             and scale_rule in ("ocp", "ceil") and _layout_for(torch.float32, fmt) is _F32):
         deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
                                          generator, elements, seed)

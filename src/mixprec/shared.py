@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import FloatFormat, get_format
-from .quant import Rounding, _tracing
+from .quant import Rounding, _fast_path, _tracing
 from .recipe import ScalingKind, TensorSpec
 
 try:  # the optional C extension (mask packing); the torch path gives the same bits
@@ -135,7 +135,7 @@ def relu_mask(y: torch.Tensor) -> torch.Tensor:
     n = y.numel()
     y = y.contiguous()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=y.device)
-    if _cquant is not None and not _tracing(y) and y.device.type == "cpu":
+    if _fast_path(_cquant, y):
         _cquant.relu_mask(y.data_ptr(), out.data_ptr(), n, _INF_BITS[y.dtype],
                           torch.get_num_threads())
         return out
@@ -149,7 +149,7 @@ def masked_grad(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``g`` where the packed ``mask`` (see :func:`relu_mask`) is set, +0 elsewhere."""
     n = g.numel()
     g = g.contiguous()
-    if _cquant is not None and not _tracing(g) and g.device.type == "cpu" and g.element_size() in (2, 4):
+    if _fast_path(_cquant, g, mask) and g.element_size() in (2, 4):
         out = torch.empty_like(g)
         _cquant.masked_grad(mask.data_ptr(), g.data_ptr(), out.data_ptr(), n,
                             g.element_size(), torch.get_num_threads())
@@ -185,7 +185,7 @@ def codes_to_float32(t: torch.Tensor, table: Optional[torch.Tensor] = None) -> t
             return t.to(torch.float32)
         table = _float8_table(t.dtype)
     table = table.view(torch.int32)
-    if _cquant is not None and not _tracing(t) and t.device.type == "cpu":
+    if _fast_path(_cquant, t, table):
         src = t.contiguous().view(torch.uint8)
         out = torch.empty(t.shape, dtype=torch.float32)
         _cquant.lut_decode(src.data_ptr(), out.data_ptr(), src.numel(), table.data_ptr(),
