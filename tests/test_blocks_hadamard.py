@@ -193,3 +193,19 @@ def test_rht_raises_nvfp4_error_on_the_same_inputs():
     plain = _rel_err(x, base)
     rht = _rel_err(x, base.with_(hadamard=16, hadamard_signs="te"))
     assert rht > 1.2 * plain, (plain, rht)
+
+
+def test_transform_stays_float32_inside_autocast():
+    """Under a caller's torch.autocast (as inside mp.autocast() with a BF16 high-precision
+    side) the transform is still the float32 matmul: float32, the same bits as outside,
+    and within float32 rounding of a float64 oracle (a bfloat16 matmul is ~2^-8 off)."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    plain = hadamard_transform(x, 16, signs=TE_NVFP4_SIGNS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = hadamard_transform(x, 16, signs=TE_NVFP4_SIGNS)
+    m = hadamard_matrix(16, signs=TE_NVFP4_SIGNS)
+    oracle = (x.double().reshape(-1, 16) @ m).reshape(x.shape)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside.view(torch.int32), plain.view(torch.int32))
+    norms = x.double().reshape(-1, 16).norm(dim=1, keepdim=True).expand(-1, 16).reshape(x.shape)
+    assert ((inside.double() - oracle).abs() <= 16 * 2.0 ** -24 * norms).all()

@@ -88,6 +88,8 @@ class LayerPolicy:
                 raise ValueError(f"LayerPolicy.{f.name} must be a "
                                  f"{getattr(expected, '__name__', 'str or None')}, got {value!r}")
         self.hadamard.check_operands({r.value: getattr(self, r.value) for r in LAYER_ROLES})
+        if self.attention_format is not None:
+            _attention_policy(self.attention_format)   # built now, outside any traced forward
 
     @classmethod
     def from_recipe(cls, recipe: Union[Recipe, str], high_precision: bool = False) -> "LayerPolicy":
@@ -152,10 +154,19 @@ class LayerPolicy:
 IDENTITY = LayerPolicy()
 
 
-@functools.lru_cache(maxsize=8)
+_ATTENTION_POLICIES: Dict[str, LayerPolicy] = {}
+
+
 def _attention_policy(fmt: str) -> LayerPolicy:
-    spec = TensorSpec(fmt)
-    return LayerPolicy(spec, spec, spec, spec)
+    """The all-``fmt`` policy of attention's matmuls, built once per format when a policy
+    naming it is made: a forward traced by torch.compile then reads it from this table
+    (constructing it inside the graph would break it: Dynamo cannot build the default
+    AccumulationConfig)."""
+    policy = _ATTENTION_POLICIES.get(fmt)
+    if policy is None:
+        spec = TensorSpec(fmt)
+        policy = _ATTENTION_POLICIES[fmt] = LayerPolicy(spec, spec, spec, spec)
+    return policy
 
 Observer = Callable[[str, str, torch.Tensor], None]
 

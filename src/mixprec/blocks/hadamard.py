@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from ..quant import _tracing
+
 __all__ = ["TE_NVFP4_SIGNS", "hadamard_matrix", "random_signs", "fixed_signs",
            "hadamard_transform", "HadamardSigns"]
 
@@ -67,7 +69,10 @@ def _as_signs(signs, size: int) -> Optional[torch.Tensor]:
     if signs is None:
         return None
     s = torch.as_tensor(signs, dtype=torch.float64).reshape(-1).cpu()
-    if s.numel() != size or not bool(((s == 1) | (s == -1)).all()):
+    if _tracing(s):   # no host branch (nor a repr of traced values) in a graph
+        torch._assert_async(((s == 1) | (s == -1)).all() & (s.numel() == size),
+                            f"signs must be {size} values of +1 or -1")
+    elif s.numel() != size or not bool(((s == 1) | (s == -1)).all()):
         raise ValueError(f"signs must be {size} values of +1 or -1, got {signs!r}")
     return s
 
@@ -135,7 +140,10 @@ def hadamard_transform(x: torch.Tensor, size: int, *, signs=None, axis: int = -1
         m = m.t()
     hp = x.detach().to(torch.float32).movedim(axis, -1)
     shape = hp.shape
-    out = hp.reshape(-1, size) @ m
+    # float32 as documented, also inside a caller's autocast region (which would run
+    # the matmul in its low-precision dtype)
+    with torch.autocast(hp.device.type, enabled=False):
+        out = hp.reshape(-1, size) @ m
     return out.reshape(shape).movedim(-1, axis)
 
 

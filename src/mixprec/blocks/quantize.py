@@ -208,7 +208,9 @@ def _scale_narrow(amax, scheme, g_enc, g_dec):
     fmt = scheme.scale_format.float_format
     one_over_emax = torch.tensor(1.0 / scheme.element.max, dtype=torch.float32)
     mult = g_enc * one_over_emax.to(amax.device)          # float32(g_enc * fl(1/E_max))
-    x = torch.clamp(amax * mult, max=_F32_MAX).clamp_(max=fmt.max)
+    # amax is float32 here; spelled out because a 0-d float32 factor does not promote a
+    # narrower amax, and FLT_MAX does not fit a bfloat16 clamp
+    x = torch.clamp(amax.to(torch.float32) * mult, max=_F32_MAX).clamp_(max=fmt.max)
     scales = quantize(x, fmt, saturate=True)              # nearest-even
     enc = torch.clamp(1.0 / (scales * g_dec), max=_F32_MAX)
     return scales, enc
