@@ -40,3 +40,17 @@ def pytest_terminal_summary(terminalreporter):
     for problem, count in _seen.items():
         terminalreporter.section("oracle version differs from the lock", red=True)
         terminalreporter.write_line(f"{count} tests failed because: {problem}")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile from a clean slate, and nothing left behind: Dynamo's caches reset
+    before and after, and Inductor compiles in this process (no pool of compile workers
+    left running beside later tests; the distributed ones spawn processes of their own).
+    The compile test modules use it for every test."""
+    import torch
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(compile_threads=1):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()

@@ -24,35 +24,31 @@ import torch.nn.functional as F
 
 import mixprec
 
-# nvfp4 (block schemes with Hadamard transforms) still breaks graphs: not listed yet
 # Slow for now: in the same process as these compiles, tests/test_distributed.py's
-# spawned ranks hang (cause not found yet); run with -m slow.
-pytestmark = pytest.mark.slow
+# spawned ranks hang (cause not found yet); the default run executes the selection of
+# tests/test_compile_isolated.py in a child process.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_dynamo")]
 
-ALL_PRESETS = [p for p in mixprec.list_presets() if p != "nvfp4"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # compile in this process: no pool of compile workers left running beside later
-    # tests (the distributed ones spawn processes of their own)
-    import torch._inductor.config as inductor_config
-    with inductor_config.patch(compile_threads=1):
-        torch._dynamo.reset()
-        yield
-        torch._dynamo.reset()
+# te-delayed: the backward of an emulated layer updates the gradients' delayed-scaling
+# state (amax history position, a new scaler in the layer's table), Python state that
+# Dynamo cannot trace inside an autograd.Function's backward, so it gives up on the
+# whole frame and compiles each module's forward as a graph of its own.
+_BREAKS_KNOWN = {"te-delayed": "delayed scaling updates Python state in the backward"}
+ALL_PRESETS = [pytest.param(p, marks=pytest.mark.xfail(reason=_BREAKS_KNOWN[p], strict=True))
+               if p in _BREAKS_KNOWN else p for p in mixprec.list_presets()]
 
 
-def _mlp() -> nn.Module:
+def _mlp(hidden: int = 1024) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                         nn.Linear(1024, 10))
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
 
-def _llama() -> nn.Module:
+def _llama(layers: int = 2) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=4,
                                    vocab_size=128)
     return transformers.LlamaForCausalLM(cfg)
@@ -72,8 +68,10 @@ def _loss(kind: str, model, x, y) -> torch.Tensor:
     return model(input_ids=x, labels=x).loss
 
 
-def _graph_breaks(kind: str, recipe: str) -> tuple:
-    model = _mlp() if kind == "mlp" else _llama()
+def _graph_breaks(kind: str, recipe: str, small: bool = False) -> tuple:
+    """(graph breaks, their reasons) of one forward and loss under ``recipe``; ``small``:
+    the MLP 64 wide, the Llama with one decoder layer (the same calls, traced faster)."""
+    model = (_mlp(64 if small else 1024) if kind == "mlp" else _llama(1 if small else 2))
     x, y = _batches(kind, 1)[0]
     # example_inputs: keep rules that need a traced forward ("first", "last") are
     # resolved now; else that one-time trace runs eagerly at the first compiled forward
@@ -97,6 +95,21 @@ def test_mlp_compiles_without_graph_breaks(recipe):
 @pytest.mark.parametrize("recipe", ALL_PRESETS)
 def test_models_compile_without_graph_breaks_under_every_preset(kind, recipe):
     assert _graph_breaks(kind, recipe) == (0, [])
+
+
+@pytest.mark.parametrize("recipe", ALL_PRESETS)
+def test_small_mlp_traces_without_graph_breaks_under_every_preset(recipe):
+    # the default run's check of every preset (tests/test_compile_isolated.py): Dynamo's
+    # trace only, no training
+    assert _graph_breaks("mlp", recipe, small=True) == (0, [])
+
+
+def test_one_layer_llama_traces_without_graph_breaks_under_nvfp4():
+    # the default run's Llama check: embedding, norms, FP32 ops, and attention under a
+    # high-precision policy of its own (nvfp4), block scales and Hadamard transforms;
+    # every preset with two layers is test_models_compile_without_graph_breaks_under_
+    # every_preset (-m slow)
+    assert _graph_breaks("llama", "nvfp4", small=True) == (0, [])
 
 
 def _train(kind: str, base: nn.Module, recipe, compiled: bool) -> tuple:

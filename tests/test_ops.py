@@ -25,16 +25,7 @@ FORMATS = ["fp16", "bf16", "tf32", "e5m2", "e4m3", "e4m3fnuz", "e5m2fnuz", "e3m2
 MODES = ["nearest", "stochastic", "toward_zero"]
 EAGER_BACKEND = "c" if has_c_extension() else "torch"
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # compile in this process: no pool of compile workers left running beside later
-    # tests (the distributed ones spawn processes of their own)
-    import torch._inductor.config as inductor_config
-    with inductor_config.patch(compile_threads=1):
-        torch._dynamo.reset()
-        yield
-        torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")   # tests/conftest.py
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
