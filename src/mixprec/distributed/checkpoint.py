@@ -13,7 +13,7 @@ What is saved, and how DCP treats it:
     master  the master weights, by parameter name  sharded like the parameters
     optim   get_optimizer_state_dict(masters, optimizer), keyed by parameter name
     engine  recipe, loss scaler, step counters and history, delayed-scaling amax
-            histories: one torch.save blob (read back with weights_only=True), the same
+            histories, the Hadamard sign stream: one torch.save blob (read back with weights_only=True), the same
             on every rank (found-inf and amax are reduced across ranks), written once
     rng     every rank's stochastic-rounding generator state (gathered from all ranks
             into one blob, written once), so each rank resumes its own random stream
