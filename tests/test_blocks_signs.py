@@ -164,3 +164,15 @@ def test_engine_redraws_every_step_and_resumes_bit_identically():
     model = _model()
     assert mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
                            "mxfp4-rht-sr:hadamard.signs=fixed").signs is None
+
+
+def test_preset_equals_the_readme_override_line():
+    import dataclasses
+    from pathlib import Path
+    # README: "The mxfp4-rht-sr preset is the mxfp4:...redraw... line above ... with BF16
+    # outside the FP4 GEMMs" (the mxfp4 preset's high precision)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln.split("#")[0].strip() for ln in readme.splitlines()
+                if ln.startswith("mxfp4:") and "hadamard.signs=redraw" in ln)
+    assert dataclasses.replace(parse_recipe(line), name="mxfp4-rht-sr") == \
+        get_recipe("mxfp4-rht-sr")
