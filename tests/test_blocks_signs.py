@@ -117,13 +117,13 @@ def _batch(step):
     return torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
 
 
-def _train(steps, start=0, state=None, recipe="mxfp4-rht-sr"):
+def _build(recipe="mxfp4-rht-sr"):
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mp = mixprec.prepare(model, opt, recipe, seed=1234)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        mp.load_state_dict(state["engine"])
+    return model, mixprec.prepare(model, opt, recipe, seed=1234)
+
+
+def _steps(model, mp, start, steps) -> list:
     signs = []
     for s in range(start, start + steps):
         signs.append(mp.signs.current()[64].clone())
@@ -132,6 +132,15 @@ def _train(steps, start=0, state=None, recipe="mxfp4-rht-sr"):
         mp.backward(loss)
         mp.step()
         mp.zero_grad()
+    return signs
+
+
+def _train(steps, start=0, state=None):
+    model, mp = _build()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        mp.load_state_dict(state["engine"])
+    signs = _steps(model, mp, start, steps)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "engine": mp.state_dict()}, buf)
     buf.seek(0)
@@ -142,8 +151,13 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
 
 
-def test_engine_redraws_every_step_and_resumes_bit_identically():
-    full, full_mp, full_signs, _ = _train(6)
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return _train(6)
+
+
+def test_engine_redraws_every_step_and_resumes_bit_identically(uninterrupted):
+    full, full_mp, full_signs, _ = uninterrupted
     assert [s.tolist() for s in full_signs] == [d[64].tolist() for d in _draws(0, (64,), 6)]
     assert full_mp.signs.step == 6
     _, _, _, state = _train(3)
@@ -164,6 +178,23 @@ def test_engine_redraws_every_step_and_resumes_bit_identically():
     model = _model()
     assert mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
                            "mxfp4-rht-sr:hadamard.signs=fixed").signs is None
+
+
+# one process: DCP says it saves and loads without a process group, as intended here
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_engine_state_resumes_the_stream(uninterrupted, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from mixprec.distributed.checkpoint import EngineState
+    full, _, full_signs, _ = uninterrupted
+    model, mp = _build()
+    _steps(model, mp, 0, 3)
+    dcp.save({"train": EngineState(mp)}, checkpoint_id=str(tmp_path / "ckpt"))
+    model, mp = _build()
+    dcp.load({"train": EngineState(mp)}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert mp.signs.step == 3
+    signs = _steps(model, mp, 3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(signs, full_signs[3:]))
+    assert _same(model.state_dict(), full.state_dict())
 
 
 def test_preset_equals_the_readme_override_line():

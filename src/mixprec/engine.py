@@ -364,9 +364,10 @@ class Engine:
         self._unscale_once()
         return self._masters.clip_grad_norm_(max_norm, norm_type)
 
-    # -- stages 3-7 -----------------------------------------------------------------
+    # -- stages 3-8 -----------------------------------------------------------------
     def step(self) -> bool:
-        """Unscale, check finite, step or skip, round master -> model, update the scale.
+        """Unscale, check finite, step or skip, round master -> model, update the scale,
+        draw the next step's Hadamard signs (``hadamard.signs=redraw``).
 
         Returns False when the step was skipped. Raises :class:`NonFiniteError` after
         ``recipe.max_consecutive_skips`` consecutive skips.
