@@ -42,7 +42,7 @@ AMAX_ALGOS = ("max", "most_recent")
 MX_SCALE_RULES = ("ocp", "ceil", "ceil-log2", "dither")
 # each MX scale rule as the block quantizer's ScaleRule ("ocp" is its "floor")
 MX_RULE = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
-              "ceil-log2": ScaleRule.CEIL_LOG2, "dither": ScaleRule.DITHER}
+           "ceil-log2": ScaleRule.CEIL_LOG2, "dither": ScaleRule.DITHER}
 POW2_RULES = ("none", "floor", "log2")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
