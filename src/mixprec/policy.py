@@ -136,6 +136,15 @@ class LayerPolicy:
         return _SCALED_OUTPUT[self.scaled_output]
 
     @property
+    def scaled_block_gemm(self) -> bool:
+        """True when linear GEMMs run in TransformerEngine's NVFP4 reference order
+        (``scaling.block_gemm="scaled"``): weight, activation and grad_output are block
+        schemes (a policy whose roles are not, such as a kept layer's, computes as usual)."""
+        return (self.scaling.block_gemm == "scaled"
+                and all(getattr(self, r).scaling is ScalingKind.BLOCK
+                        for r in ("weight", "activation", "grad_output")))
+
+    @property
     def rounds_output(self) -> bool:
         spec = self.activation
         return self.round_output and not spec.is_identity and spec.scaling is ScalingKind.NONE
