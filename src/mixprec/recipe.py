@@ -122,7 +122,8 @@ class ScalingConfig:
     each k-element block pair times fl(s_a * s_b), summed over the blocks in order from
     zero, then times fl(amax_a * amax_b / (E_max^2 * S_max^2)); Hadamard-transformed
     operands stay in the transformed domain. It needs the weight, activation and
-    grad_output specs to be such schemes, and FP32 accumulation.
+    grad_output specs to be such schemes, and FP32 accumulation (checked where a layer
+    policy is built, :class:`mixprec.LayerPolicy`; kept layers compute as usual).
     """
     amax_history_len: int = 16
     amax_algo: str = "max"          # "max" | "most_recent"
@@ -346,31 +347,6 @@ class Recipe:
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
         if self.max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
-        if self.scaling.block_gemm == "scaled":
-            self._check_scaled_block_gemm()
-
-    def _check_scaled_block_gemm(self) -> None:
-        """scaling.block_gemm="scaled" multiplies block elements and rescales by tensor
-        amaxes: every GEMM operand must be a block scheme with a tensor scale, all with one
-        block length, and the GEMM accumulates in FP32 in its own order."""
-        from .blocks.scheme import get_scheme  # blocks sits beside recipe
-        sizes = set()
-        for role in ("weight", "activation", "grad_output"):
-            spec = getattr(self, role)
-            scheme = get_scheme(spec.scheme) if spec.scheme is not None else None
-            if scheme is None or not scheme.tensor_scale:
-                raise ValueError(f"scaling.block_gemm='scaled' needs {role} to be a block scheme "
-                                 f"with a tensor scale (e.g. {role}.scheme=nvfp4), got "
-                                 f"{role}.scheme={spec.scheme}; or set scaling.block_gemm="
-                                 "dequantized")
-            sizes.add(scheme.block_size)
-        if len(sizes) > 1:
-            raise ValueError(f"scaling.block_gemm='scaled' needs one block length for weight, "
-                             f"activation and grad_output, got {sorted(sizes)}")
-        if not self.accumulation.is_fp32:
-            raise ValueError("scaling.block_gemm='scaled' sums the block products in FP32 in its "
-                             f"own order; accumulation must be fp32, got "
-                             f"{self.accumulation.describe()}")
 
     def spec(self, role: Union[Role, str]) -> Optional[TensorSpec]:
         """The TensorSpec of a role."""
