@@ -357,9 +357,9 @@ _WARNED_DEQUANTIZED: set = set()
 
 
 def _warn_dequantized(c: "OpContext", op: str) -> None:
-    """Say once per op kind that scaling.block_gemm="scaled" does not reach it."""
-    if c.policy.scaled_block_gemm and op not in _WARNED_DEQUANTIZED:
-        _WARNED_DEQUANTIZED.add(op)
+    """Say once per op kind and policy that scaling.block_gemm="scaled" does not reach it."""
+    if c.policy.scaled_block_gemm and (op, c.policy) not in _WARNED_DEQUANTIZED:
+        _WARNED_DEQUANTIZED.add((op, c.policy))
         warnings.warn(f"scaling.block_gemm='scaled' applies to linear layers; {op} computes "
                       "with dequantized block operands (elements * block scale * tensor "
                       "decode scale, then an FP32 GEMM)", stacklevel=3)
