@@ -261,6 +261,20 @@ def test_rht_only_on_the_wgrad_copies_with_te_signs():
     assert fwd.elements.count_nonzero().item() == 1
 
 
+def test_alpha_comes_from_the_amaxes_not_the_decode_scales():
+    # x[0,0] = 3 (amax 3: g_enc = 896), W[0,0] = 7 (g_enc = 384): both blocks get X = 448
+    # (3 * fl(896 * fl(1/6)) and 7 * 64 round to 448) and the element 6, so
+    # acc = fl(448 * 448) * 36 = 7225344 and
+    #   alpha = fl(fl(3 * 7) / 7225344) = fl(1/344064) = 2.9064360660413513e-06,
+    #   y = fl(alpha * 7225344) = 21.0.
+    # The product of the decode scales fl(fl(1/896) * fl(1/384)) = 2.9064362934150267e-06
+    # is one ulp larger and would give 21.000001907348633.
+    x, w = torch.zeros(32, 32), torch.zeros(32, 32)
+    x[0, 0], w[0, 0] = 3.0, 7.0
+    y = qlinear(x, w, None, LayerPolicy.from_recipe(NEAREST))
+    assert y[0, 0].item() == 21.0 and y.count_nonzero().item() == 1
+
+
 def test_blocks_are_summed_in_order_from_zero():
     # three 16-blocks whose products are 2^24, 1, 1 (alpha = 2688 * 2688 / 7225344 = 1):
     # (0 + 2^24) + 1 = 2^24 (the tie goes to even), + 1 = 2^24 again; summing the last
