@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mixprec
 from mixprec import BlockQuantized, block_scaled_mm, get_recipe, get_scheme
 from mixprec.emulate import qlinear
 from mixprec.policy import LayerPolicy
@@ -427,11 +428,21 @@ def test_kept_layers_and_grammar():
     assert not LayerPolicy.from_recipe(r, high_precision=True).scaled_block_gemm
 
 
-def test_other_gemm_ops_warn_that_they_keep_the_dequantized_order():
-    conv = torch.nn.Conv2d(16, 16, 1)
-    x = torch.randn(2, 16, 4, 4)
-    import mixprec
-    mp = mixprec.prepare(conv, torch.optim.SGD(conv.parameters(), lr=0.1), recipe="te-nvfp4")
-    with pytest.warns(UserWarning, match="convolution computes with dequantized"):
+class _MatmulLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.t()
+
+
+@pytest.mark.parametrize("make,op", [(lambda: torch.nn.Conv2d(16, 16, 1), "convolution"),
+                                     (_MatmulLayer, "matmul")])
+def test_other_gemm_ops_warn_that_they_keep_the_dequantized_order(make, op):
+    model = make()
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="te-nvfp4")
+    x = torch.randn(2, 16, 1, 1)
+    with pytest.warns(UserWarning, match=f"{op} computes with dequantized"):
         with mp.autocast():
-            F.relu(conv(x)).sum()
+            F.relu(model(x)).sum()

@@ -15,6 +15,10 @@ What the stacks share, and what the presets therefore set, beside the formats:
     bias_grad   = "hp"             the bias gradient sums grad_output as it arrived
     master      = fp32, no loss scaling, no layer kept in high precision
 
+``te-nvfp4`` also sets ``scaling.block_gemm="scaled"``: its linear GEMMs follow TE's
+reference GEMM (block products times the block scales, summed over blocks, rescaled by the
+tensor amaxes), see :func:`mixprec.blocks.block_scaled_mm`.
+
 :data:`CONFORMANCE` lists, per preset, the stack and version, what is bit-identical and
 the documented differences (the stack's quirks that a preset follows or leaves, and why).
 """
@@ -22,7 +26,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
-from .recipe import PRESETS, HadamardConfig, Recipe, Rounding, ScalingConfig, ScalingKind, TensorSpec
+from .recipe import (PRESETS, HadamardConfig, Recipe, Rounding, ScalingConfig, ScalingKind,
+                     TensorSpec)
 
 __all__ = ["ConformanceEntry", "CONFORMANCE", "CONFORMANCE_PRESETS", "TORCHAO_VERSION",
            "conformance_table"]
