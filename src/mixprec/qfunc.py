@@ -353,13 +353,10 @@ def _block_operand(x: torch.Tensor, spec: TensorSpec, axis: int,
     return q, ("bq", (scheme, q.shape), axis, 0, codes)
 
 
-_WARNED_DEQUANTIZED: set = set()
-
-
 def _warn_dequantized(c: "OpContext", op: str) -> None:
-    """Say once per op kind and policy that scaling.block_gemm="scaled" does not reach it."""
-    if c.policy.scaled_block_gemm and (op, c.policy) not in _WARNED_DEQUANTIZED:
-        _WARNED_DEQUANTIZED.add((op, c.policy))
+    """Say that scaling.block_gemm="scaled" does not reach this op (Python's warning
+    filters show it once per op kind by default)."""
+    if c.policy.scaled_block_gemm:
         warnings.warn(f"scaling.block_gemm='scaled' applies to linear layers; {op} computes "
                       "with dequantized block operands (elements * block scale * tensor "
                       "decode scale, then an FP32 GEMM)", stacklevel=3)
