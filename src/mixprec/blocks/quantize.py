@@ -37,7 +37,9 @@ factor is a reciprocal and the elements are x times it (not x divided by X * g_d
   6 * X * g_dec; here the block is NaN (overflow must stay visible to the loss scaler);
 * -0.0 inputs: TE's reference encodes them as +0, here they stay -0 (equal values);
 * TE's GEMM rescales by amax_x * amax_w / (6^2 * 448^2) instead of multiplying the two
-  g_dec factors; ``dequantize`` uses g_dec, the factor the encode used.
+  g_dec factors; ``dequantize`` uses g_dec, the factor the encode used, and
+  :func:`mixprec.blocks.block_scaled_mm` (the GEMM of ``scaling.block_gemm="scaled"``)
+  TE's rescale, from ``BlockQuantized.amax``.
 
 The fp32 and pow2 rules are TransformerEngine's Float8 current/blockwise scale
 (``scale = fp8_max / amax``, FLT_MAX for inf, mantissa zeroed for power-of-two scales,
