@@ -119,7 +119,8 @@ def test_recipe_option_in_an_emulated_linear():
     assert torch.equal(y, want)
     # a block-scheme role takes the named scheme
     r = parse_recipe("fp32:grad_output.scheme=mxfp4-dither,grad_output.rounding=stochastic")
-    assert r.grad_output.format == "e2m1" and get_scheme("mxfp4-dither").scale_rule.value == "dither"
+    assert r.grad_output.format == "e2m1"
+    assert get_scheme("mxfp4-dither").scale_rule.value == "dither"
     for text in ("mxfp4:scaling.mx_scale_rule=dither", format_recipe(r)):
         assert parse_recipe(format_recipe(parse_recipe(text))) == parse_recipe(text)
 
