@@ -112,11 +112,17 @@ def _oracle_scaled(x: torch.Tensor) -> np.ndarray:
 
 def test_recipe_option_in_an_emulated_linear():
     # y = x_hat @ w_hat^T with both operands dithered along K (the MX role's blocks)
-    x, w = _data(2, rows=16), _data(3, rows=8)
+    # dx = g_hat @ w_hat from the weight copy saved for backward (blocks along N): the
+    # saved copy keeps the 4/3 decode factor
+    x, w, dy = _data(2, rows=16), _data(3, rows=32), _data(4, rows=16, n=32)
+    deq = lambda t: torch.from_numpy(_oracle(t)[1])                 # noqa: E731
     policy = LayerPolicy.from_recipe("mxfp4:scaling.mx_scale_rule=dither,high_precision=fp32")
-    y = qlinear(x, w, None, policy)
-    want = torch.from_numpy(_oracle(x)[1]) @ torch.from_numpy(_oracle(w)[1]).t()
-    assert torch.equal(y, want)
+    wr = w.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    y = qlinear(xr, wr, None, policy)
+    assert torch.equal(y, deq(x) @ deq(w).t())
+    y.backward(dy)
+    assert torch.equal(xr.grad, deq(dy) @ deq(w.t().contiguous()).t())
     # a block-scheme role takes the named scheme
     r = parse_recipe("fp32:grad_output.scheme=mxfp4-dither,grad_output.rounding=stochastic")
     assert r.grad_output.format == "e2m1"
