@@ -6,8 +6,8 @@ it prints millions of elements per second for
     copy          out.copy_(x): the memory-bandwidth ceiling of a read + write
     nearest       quantize(x, fmt, out=out)
     stochastic    quantize(x, fmt, rounding="stochastic", out=out)
-    mx            quantize_mx(x viewed as rows of 1024, fmt) (blocks of 32 along the rows;
-                  it returns new tensors, as layers call it)
+    mx            quantize_mx(x viewed as rows of 1024, fmt, out=(out, scales)) (blocks of
+                  32 along the rows), into preallocated buffers as nearest
     torch rt      x.to(dtype).float(): torch's cast round trip, allocating as users write it
     torch rt buf  the same round trip into reused buffers (lo.copy_(x); out.copy_(lo))
     compiled      with --compiled: torch.compile of quantize(x, fmt, out=out), the
@@ -55,6 +55,8 @@ def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict
     """name -> zero-argument callable; buffers are made once, here."""
     runs = {"copy": lambda: out.copy_(x)}
     gen = torch.Generator().manual_seed(0)
+    rows = x.view(-1, 1024)
+    mx_out = (out.view(-1, 1024), torch.empty(rows.shape[0], 1024 // 32))
     for name in FORMATS:
         if compiled:
             runs[f"{name} compiled"] = _compiled(x, out, name, "nearest", gen)
@@ -63,7 +65,7 @@ def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict
         runs[f"{name} stochastic"] = lambda n=name: quantize(
             x, n, rounding="stochastic", generator=gen, out=out)
         if name in MX_FORMATS:
-            runs[f"{name} mx"] = lambda n=name: quantize_mx(x.view(-1, 1024), n)
+            runs[f"{name} mx"] = lambda n=name: quantize_mx(rows, n, out=mx_out)
         dt = TORCH_DTYPES.get(name)
         if dt is not None:
             lo = torch.empty(x.shape, dtype=dt)

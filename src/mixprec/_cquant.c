@@ -668,7 +668,104 @@ static int64_t mx_exponent(uint32_t a, int64_t emax, int64_t ceil_rule, uint32_t
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
 
+/* Nearest rounding of blocks of 32 along the last axis (the OCP block), one block at a
+ * time in one pass: amax, scale, x * 2^-e, rounding and q * 2^e stay in registers, with no
+ * tile buffers or per-tile calls.  The rounding is the kernel's formula specialised to
+ * what an MX block can hold, v = x * 2^-e finite with |v| < 2^(emax + 2):
+ *     d  = min(max(te - field, 0), M + 1),   sh = s0 + d          (s0 = 23 - M)
+ *     sh <= 23:  q = (a + 2^(sh-1) - 1 + kept bit) & ~(2^sh - 1)   (kept bit: bit sh of
+ *                a, or the implicit 1 at sh = 23)
+ *     sh == 24:  v in [Q/2, Q) rounds to Q above the tie, else 0 (field below: 0)
+ * then saturation at max and the sign (fnuz: no -0).  Every lane runs the same
+ * instructions, with variable shifts, so the loops vectorise.  Same bits as the tile
+ * path below, which serves the other roundings, blocks and axes. */
+MULTIVERSION static void mx_rows_nearest32(mx_job_t *J) {
+    const plan_t *pl = J->plan;
+    const uint32_t s0 = (uint32_t)pl->s0, te = (uint32_t)pl->te;
+    const uint32_t max_bits = (uint32_t)pl->max_bits, ovf_bits = (uint32_t)pl->ovf_bits;
+    const uint32_t q_bits = (uint32_t)pl->q_bits, uz = (uint32_t)pl->unsigned_zero;
+    /* 2^23 Q: float32 steps of Q above it, so (|v| + magic) - magic rounds |v| < 2^emin
+     * to a multiple of Q, to nearest-even under the default rounding mode */
+    const uint32_t magic_bits = q_bits + (23u << 23);
+    float magic;
+    memcpy(&magic, &magic_bits, 4);
+    const uint32_t half_m1 = (1u << (s0 - 1)) - 1, keep = ~((1u << s0) - 1);
+    const int64_t n = J->n, nb = J->n_blocks;
+    uint32_t pad[32], q[32];
+    int64_t o = J->row_begin / nb, b = J->row_begin % nb;
+    for (int64_t r = J->row_begin; r < J->row_end; r++) {
+        int64_t j_end = n - b * 32 < 32 ? n - b * 32 : 32;
+        int64_t at = o * n + b * 32;
+        const uint32_t *in = J->src + at;
+        if (j_end < 32) {   /* the padded last block of a row */
+            memcpy(pad, in, sizeof(uint32_t) * (size_t)j_end);
+            memset(pad + j_end, 0, sizeof(uint32_t) * (size_t)(32 - j_end));
+            in = pad;
+        }
+        if (++b == nb) { b = 0; o++; }
+        uint32_t am = 0;
+        for (int j = 0; j < 32; j++) {
+            uint32_t a = in[j] & 0x7FFFFFFF;
+            am = a > am ? a : am;
+        }
+        if (am >= 0x7F800000) {   /* NaN or inf in the block: NaN scale, NaN values */
+            J->scales[r] = 0x7FC00000;
+            for (int64_t j = 0; j < j_end; j++) J->deq[at + j] = 0x7FC00000;
+            if (J->elems) memset(J->elems + at, 0, sizeof(uint32_t) * (size_t)j_end);
+            continue;
+        }
+        int64_t e = mx_exponent(am, J->emax, J->ceil_rule, J->top_mbits);
+        uint32_t mb = pow2_bits(-e), sb = pow2_bits(e);
+        float m, s;
+        memcpy(&m, &mb, 4);
+        memcpy(&s, &sb, 4);
+        /* one branch-free loop: blocks with and without values below the format's
+         * normals alternate unpredictably (e3m2), so both results are computed and the
+         * normal one taken where |v| >= 2^emin */
+        for (int j = 0; j < 32; j++) {
+            float vf;
+            memcpy(&vf, in + j, 4);
+            vf *= m;
+            uint32_t v;
+            memcpy(&v, &vf, 4);
+            uint32_t sign = v & 0x80000000u, a = v ^ sign;
+            uint32_t res = (a + half_m1 + ((a >> s0) & 1)) & keep;
+            res = res > max_bits ? ovf_bits : res;
+            float af;
+            memcpy(&af, &a, 4);
+            af = (af + magic) - magic;
+            uint32_t sub;
+            memcpy(&sub, &af, 4);
+            res = (a >> 23) >= te ? res : sub;
+            sign = (uz & (res == 0)) ? 0 : sign;
+            q[j] = res | sign;
+        }
+        float *drow = (float *)(J->deq + at);
+        if (j_end == 32) {
+            for (int j = 0; j < 32; j++) {
+                float qf;
+                memcpy(&qf, q + j, 4);
+                drow[j] = qf * s;
+            }
+        } else {
+            for (int64_t j = 0; j < j_end; j++) {
+                float qf;
+                memcpy(&qf, q + j, 4);
+                drow[j] = qf * s;
+            }
+        }
+        if (J->elems) memcpy(J->elems + at, q, sizeof(uint32_t) * (size_t)j_end);
+        J->scales[r] = sb;
+    }
+}
+
 MULTIVERSION static void mx_rows(mx_job_t *J) {
+    const plan_t *pl = J->plan;
+    if (J->mode == MODE_NEAREST && J->inner == 1 && J->block == 32 && !pl->m0 &&
+        pl->s0 >= 1 && pl->te > 24 - pl->s0) {
+        mx_rows_nearest32(J);
+        return;
+    }
     const int64_t inner = J->inner, block = J->block, n = J->n;
     const int64_t kt_max = inner < MX_TILE ? inner : MX_TILE;
     /* whole rows per tile when a row's inner extent fits, else one k-range of one row */
