@@ -20,6 +20,9 @@ busy machine slows all columns alike.  --clock cpu measures CPU time (of the cal
 thread with one thread, of the whole process with more), which other processes on a
 shared machine disturb far less than wall time; with several threads a kernel's CPU time
 is the sum over its threads, so the ratios compare work done, not elapsed time.
+OpenMP's workers (torch's casts and copies) sleep as soon as a parallel region ends
+(OMP_WAIT_POLICY=PASSIVE unless set): a worker that spins on waits charges its CPU time to
+whichever variant is timed next, and to none when it is still spinning at the clock read.
 
     python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu]
                                   [--quick] [--compiled]
@@ -31,7 +34,8 @@ import os
 import sys
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read once, when torch loads OpenMP
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpuinfo import cpu_line  # noqa: E402

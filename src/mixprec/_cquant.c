@@ -82,19 +82,20 @@ static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uin
 #define MULTIVERSION
 #endif
 
-/* out[j] = splitmix(seed, k0 + j) for j < n, four at a time in vector registers (GCC
- * vector extensions; where the target lacks 64-bit vector multiplies the compiler
- * composes them from 32-bit ones).  Same numbers as the scalar splitmix. */
-typedef uint64_t u64x4 __attribute__((vector_size(32)));
+/* out[j] = splitmix(seed, k0 + j) for j < n, eight at a time in vector registers (GCC
+ * vector extensions: one AVX-512 register, two AVX2 ones; where the target lacks 64-bit
+ * vector multiplies the compiler composes them from 32-bit ones).  Same numbers as the
+ * scalar splitmix. */
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
 static inline void splitmix_run(uint64_t *out, uint64_t seed, uint64_t k0, int64_t n) {
     const uint64_t G = 0x9E3779B97F4A7C15ULL;
     int64_t j = 0;
-    u64x4 z = {seed + (k0 + 1) * G, seed + (k0 + 2) * G, seed + (k0 + 3) * G,
-               seed + (k0 + 4) * G};
-    const u64x4 step = {4 * G, 4 * G, 4 * G, 4 * G};
-    for (; j + 4 <= n; j += 4) {
-        u64x4 v = z;
+    u64x8 z;
+    for (int l = 0; l < 8; l++) z[l] = seed + (k0 + 1 + (uint64_t)l) * G;
+    const u64x8 step = {8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G};
+    for (; j + 8 <= n; j += 8) {
+        u64x8 v = z;
         v = (v ^ (v >> 30)) * 0xBF58476D1CE4E5B9ULL;
         v = (v ^ (v >> 27)) * 0x94D049BB133111EBULL;
         v = v ^ (v >> 31);
@@ -161,24 +162,34 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
  * element by element with stochastic_up.  In-place calls go through a block buffer so
  * that the redo still sees the input. */
 #define BLOCK 1024
+
+/* The words of pairs[0..npairs) in the order low, high, low, high...: on a little-endian
+ * target that is the memory of the pairs itself (read as uint32_t; the extension is built
+ * with -fno-strict-aliasing), elsewhere they are swapped in place. */
+static inline const uint32_t *split_words(uint64_t *pairs, int64_t npairs) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    (void)npairs;
+#else
+    for (int64_t k = 0; k < npairs; k++)
+        pairs[k] = (pairs[k] << 32) | (pairs[k] >> 32);
+#endif
+    return (const uint32_t *)pairs;
+}
 #define DEFINE_STOCHASTIC(NAME, UINT, MW)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
                               const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
     const UINT BITS = sizeof(UINT) * 8;                                                \
     uint64_t pairs[BLOCK / 2 + 1];                                                     \
-    uint32_t words[BLOCK + 2];                                                         \
     UINT tmp[BLOCK], flags[BLOCK];                                                     \
     for (int64_t blk = begin; blk < end; blk += BLOCK) {                               \
         int64_t len = end - blk < BLOCK ? end - blk : BLOCK;                           \
         int64_t gi = idx0 + blk;  /* random index of the block's first element */     \
         int64_t k0 = gi >> 1, npairs = ((gi & 1) + len + 1) >> 1;                      \
         splitmix_run(pairs, seed, (uint64_t)k0, npairs);                               \
-        for (int64_t k = 0; k < npairs; k++) {                                         \
-            words[2 * k] = (uint32_t)pairs[k];                                         \
-            words[2 * k + 1] = (uint32_t)(pairs[k] >> 32);                             \
-        }                                                                              \
-        const uint32_t *w = words + (gi & 1);                                          \
+        /* the 32-bit words of the pairs, low word first (x86-64 and other             \
+         * little-endian targets; elsewhere the pairs are split explicitly) */          \
+        const uint32_t *w = split_words(pairs, npairs) + (gi & 1);                     \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
         for (int64_t c0 = 0; c0 < len; c0 += 64) { /* chunks of 64 of the block */      \
