@@ -23,7 +23,11 @@
  * flat element index), so both paths give identical results.
  *
  * Integer-only: no floating-point instruction touches the data, so the result does not
- * depend on the FPU rounding mode or on flush-to-zero settings.
+ * depend on the FPU rounding mode or on flush-to-zero settings.  The MX kernel is the
+ * exception: it scales with float32 products, as the torch ops it replaces do, and its
+ * nearest loop for blocks of 32 rounds values below the format's normals with a float32
+ * addition, which assumes the default rounding mode (round to nearest-even) that torch
+ * also runs under; flush-to-zero does not change its results.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
