@@ -27,7 +27,7 @@
  * exception: it scales with float32 products, as the torch ops it replaces do, and its
  * nearest loop for blocks of 32 rounds values below the format's normals with a float32
  * addition, which assumes the default rounding mode (round to nearest-even) that torch
- * also runs under; flush-to-zero does not change its results.
+ * also runs under; flush-to-zero does not change what that addition gives.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
