@@ -125,10 +125,11 @@ def test_mx_blocks_of_32_nearest_equals_the_torch_ops(fmt):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (fmt, rule)
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_mx_kernel_same_bits_at_one_and_two_threads(axis):
+@pytest.mark.parametrize("axis,rounding", [(0, "stochastic"), (1, "stochastic"),
+                                           (1, "nearest")])
+def test_mx_kernel_same_bits_at_one_and_two_threads(axis, rounding):
     x = _data(1024 * 400).view(1024, 400)
-    got = [_with_threads(k, lambda: _mx(x, "e5m2", axis, "ocp", "stochastic", 32, c=True))
+    got = [_with_threads(k, lambda: _mx(x, "e5m2", axis, "ocp", rounding, 32, c=True))
            for k in (1, 2)]
     for a, b in zip(*got):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
