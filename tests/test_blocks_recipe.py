@@ -54,8 +54,9 @@ def test_scheme_sets_format_and_scaling():
     ("fp32:activation.scheme=nvfp8", "unknown block scheme 'nvfp8'; valid choices"),
     ("fp32:activation.scaling=block", "scaling 'block' needs a scheme"),
     ("fp32:hadamard.wgrad=24", "hadamard.wgrad 24 not supported; valid choices: 0, 16, 32, 64, 128"),
-    ("nvfp4:hadamard.wgrad=32", "needs hadamard.signs=fixed or none"),
-    ("fp32:hadamard.signs=random", "unknown hadamard.signs 'random'; valid choices: te, fixed, none"),
+    ("nvfp4:hadamard.wgrad=32", "needs hadamard.signs=fixed, redraw or none"),
+    ("fp32:hadamard.signs=random",
+     "unknown hadamard.signs 'random'; valid choices: te, fixed, redraw, none"),
 ])
 def test_bad_overrides(text, match):
     with pytest.raises(ValueError, match=match):

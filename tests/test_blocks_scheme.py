@@ -24,7 +24,11 @@ def test_named_schemes_are_the_published_settings():
     assert get_scheme("fp8-block128x128").block == (128, 128)
     assert get_scheme("fp8-block128").scale_format is ScaleFormat.POW2
     assert get_scheme("fp8-block128-fp32").scale_format is ScaleFormat.FP32
+    # the MX blocks for stochastic rounding (Tseng et al. 2025): the floor scale, 3/4 dither
+    for name, elem in [("mxfp8", "e4m3"), ("mxfp6", "e3m2"), ("mxfp4", "e2m1")]:
+        assert get_scheme(f"{name}-dither") == get_scheme(name).with_(scale_rule="dither")
     assert set(list_schemes()) == {"nvfp4", "nvfp4-2d", "mxfp8", "mxfp6", "mxfp4",
+                                   "mxfp8-dither", "mxfp6-dither", "mxfp4-dither",
                                    "fp8-block128", "fp8-block128x128",
                                    "fp8-block128-fp32", "fp8-block128x128-fp32"}
 

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 import mixprec
 
-# nvfp4 (block schemes with Hadamard transforms) still breaks graphs: not listed yet
+# nvfp4 and mxfp4-rht-sr (block schemes with Hadamard transforms) still break graphs:
+# not listed yet
 # Slow for now: in the same process as these compiles, tests/test_distributed.py's
 # spawned ranks hang (cause not found yet); run with -m slow.
 pytestmark = pytest.mark.slow
 
-ALL_PRESETS = [p for p in mixprec.list_presets() if p != "nvfp4"]
+ALL_PRESETS = [p for p in mixprec.list_presets() if p not in ("nvfp4", "mxfp4-rht-sr")]
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def test_seed_presets_keep_their_gradient_and_scale_semantics(name):
     ("fp8-hybrid:bias_grad=fp32", "bias_grad 'fp32'.*rounded, hp"),
     ("fp8-hybrid:scaling.pow2_scale=round", "pow2_scale 'round'.*none, floor, log2"),
     ("fp8-hybrid:scaling.amax_eps=-1", "amax_eps must be a finite float >= 0"),
-    ("mxfp8:scaling.mx_scale_rule=up", "mx_scale_rule 'up'.*ocp, ceil, ceil-log2"),
+    ("mxfp8:scaling.mx_scale_rule=up", "mx_scale_rule 'up'.*ocp, ceil, ceil-log2, dither"),
     ("fp8-hybrid:activation.scaling=rowwise", "scaling 'rowwise'.*axiswise"),
 ])
 def test_bad_values_name_the_valid_choices(text, match):

@@ -1,4 +1,5 @@
-"""Data-parallel training: every rank skips the same steps and the weights stay equal."""
+"""Data-parallel training: every rank skips the same steps and the weights stay equal, and
+draws the same Hadamard signs under hadamard.signs=redraw."""
 import datetime
 import os
 
@@ -43,9 +44,28 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 model[2].weight.grad[0, 0] = float("inf")   # after the all-reduce: rank 1 only
             applied.append(engine.step())
             engine.zero_grad()
+        # hadamard.signs=redraw with another stochastic-rounding seed on each rank: the
+        # signs come from hadamard.seed and the step count, the same on every rank
+        torch.manual_seed(0)
+        model2 = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+        ddp2 = nn.parallel.DistributedDataParallel(model2)
+        engine2 = prepare(ddp2, torch.optim.Adam(ddp2.parameters(), lr=1e-2), "mxfp4-rht-sr",
+                          seed=7 + rank)
+        signs = []
+        for step in range(2):
+            signs.append(engine2.signs.current()[64].clone())
+            g = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+            with engine2.autocast():
+                loss = F.cross_entropy(ddp2(x), y)
+            engine2.backward(loss)
+            engine2.step()
+            engine2.zero_grad()
         torch.save({"applied": applied, "scale": engine.scale, "history": engine.history,
                     "weights": {k: v.clone() for k, v in model.state_dict().items()},
-                    "masters": [m.detach().clone() for m in engine.master_params]},
+                    "masters": [m.detach().clone() for m in engine.master_params],
+                    "signs": signs + [engine2.signs.current()[64].clone()],
+                    "signs_weights": {k: v.clone() for k, v in model2.state_dict().items()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -63,3 +83,8 @@ def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
     for a, b in zip(r0["masters"], r1["masters"]):
         assert torch.equal(a, b)
+    # hadamard.signs=redraw: both ranks drew the same signs at every step, fresh each step
+    assert all(torch.equal(a, b) for a, b in zip(r0["signs"], r1["signs"]))
+    assert not torch.equal(r0["signs"][0], r0["signs"][1])
+    for k in r0["signs_weights"]:
+        assert torch.equal(r0["signs_weights"][k], r1["signs_weights"][k]), k

@@ -14,7 +14,11 @@ independent oracles:
 - MX (mxfp8/6/4): the saved elements and E8M0 scales are the OCP MX quantization of the
   weight and the input, blocks of 32 along the dimension the backward GEMM reduces
   over, ``X = 2^(floor(log2 amax) - emax)`` and ``V / X`` rounded to nearest-even and
-  saturated, computed with ml_dtypes from the formats' definitions.
+  saturated, computed with ml_dtypes from the formats' definitions;
+- mxfp4-rht-sr: the same MXFP4 quantization of the weight and the input after a 64-point
+  Hadamard transform along that dimension (numpy: Sylvester's H_64 times the first
+  step's signs, 2 * randint(0, 2) - 1 from a generator seeded with hadamard.seed = 0,
+  over 8; the input's 24 tokens zero-padded to 64), and the saved signs are those.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import mixprec
 from mixprec.recipe import list_presets
 
 PRESETS = ("fp32", "fp16-mixed", "bf16-mixed", "fp16-pure", "fp8-e5m2", "fp8-hybrid",
-           "mxfp8", "mxfp6", "mxfp4", "nvfp4")
+           "mxfp8", "mxfp6", "mxfp4", "nvfp4", "mxfp4-rht-sr")
 STEPS, BATCH, BATCHES = 40, 24, 4      # 40 steps over 4 batches of a fixed training set
 
 # element format of MX saved tensors: (ml_dtypes type, largest value, emax of the element)
@@ -194,6 +198,33 @@ def _check_mx(run: dict, preset: str) -> None:
         assert found, f"no MX copy of a {tuple(t.shape)} tensor was saved ({preset})"
 
 
+def _rht_reference(t: torch.Tensor, signs: np.ndarray) -> torch.Tensor:
+    """t (rows <= 64) zero-padded to 64 rows, each column times diag(signs) H_64 / 8."""
+    h = np.ones((1, 1))
+    while h.shape[0] < 64:
+        h = np.block([[h, h], [h, -h]])           # Sylvester: H_2m = [[H, H], [H, -H]]
+    v = np.zeros((64, t.shape[1]))
+    v[:t.shape[0]] = t.double().numpy()
+    m = signs[:, None] * h / 8.0                  # exact in float64
+    return torch.from_numpy((v.T @ m).T.astype(np.float32))
+
+
+def _check_rht(run: dict) -> None:
+    g = torch.Generator().manual_seed(0)           # hadamard.seed
+    signs = (torch.randint(0, 2, (64,), generator=g) * 2 - 1).double().numpy()
+    saved_signs = [t for t in run["saved"] if tuple(t.shape) == (64,) and t.dtype == torch.float32]
+    assert saved_signs and all(np.array_equal(t.double().numpy(), signs) for t in saved_signs)
+    # the weight's dgrad copy and the input's wgrad copy: elements, then E8M0 scales
+    pairs = [(c, run["saved"][i + 1]) for i, c in enumerate(run["saved"][:-1])
+             if c.dtype == torch.uint8 and run["saved"][i + 1].dtype == torch.float8_e8m0fnu]
+    for t in (run["first_weight"], run["first_input"]):
+        want, want_scale = _mx_reference(_rht_reference(t, signs), "mxfp4")
+        hits = [1 for c, sc in pairs if tuple(c.shape) == want.shape
+                and np.array_equal(_decode(c, "mxfp4").view(np.int32), want.view(np.int32))
+                and np.array_equal(sc.float().numpy(), want_scale.astype(np.float32))]
+        assert hits, f"no RHT-64 MXFP4 copy of a {tuple(t.shape)} tensor was saved"
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_in_its_formats_and_differs_from_fp32(preset, fp32_run):
     run = fp32_run if preset == "fp32" else train(preset)
@@ -215,5 +246,7 @@ def test_preset_trains_in_its_formats_and_differs_from_fp32(preset, fp32_run):
         _check_per_tensor(run)
     elif preset in _MX_ELEMENT:
         _check_mx(run, preset)
+    elif preset == "mxfp4-rht-sr":
+        _check_rht(run)
     # nvfp4 (16-element blocks with E4M3 scales and a tensor scale): its saved blocks are
     # not checked here; tests/test_blocks_torchao.py holds its quantization to torchao

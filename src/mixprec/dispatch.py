@@ -538,5 +538,6 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
         return _plain(func, args, kwargs)
     rec.record(op, module, "kept" if layer.kept else "emulated", policy, call.roles, "",
                has_weight)
-    gen, state = mode.generator, layer.state
-    return call.run(lambda: OpContext(policy, state, gen, state.next_slot()))
+    gen, state, stream = mode.generator, layer.state, mode.signs
+    signs = None if stream is None else stream.current()    # this step's Hadamard signs
+    return call.run(lambda: OpContext(policy, state, gen, state.next_slot(), signs))

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, current_layer,
                      resolve_fp32_ops, run_fp32)
 from .formats import get_format
+from .blocks import SignStream
 from .qfunc import (_ACTIVATIONS, CONV_FUNCS, GemmSpec, OpContext, QBilinear, QConv,
                     QConvTranspose, QEmbedding, QEmbeddingBag, QLinear, QMatmul)
 from .coverage import OUTSIDE, CoverageRecorder
@@ -311,7 +312,9 @@ class PrecisionMode(TorchFunctionMode):
     Ops named in ``fp32_ops`` follow :func:`mixprec.policy.run_fp32`. ReLU of an
     output that an emulated layer rounded to its activation format saves that output
     once, in the format's own storage, for itself and the next layer
-    (:mod:`mixprec.shared`). Stochastic rounding draws from ``generator``.
+    (:mod:`mixprec.shared`). Stochastic rounding draws from ``generator``; GEMMs of a
+    policy with ``hadamard.signs="redraw"`` take the current signs of ``signs`` (a
+    :class:`mixprec.blocks.SignStream`, which the engine advances every step).
 
     >>> with PrecisionMode(default_policy=LayerPolicy.from_recipe("bf16-mixed")) as mode:
     ...     y = model(x)
@@ -321,13 +324,15 @@ class PrecisionMode(TorchFunctionMode):
     def __init__(self, fp32_ops: Sequence[str] = DEFAULT_FP32_OPS,
                  default_policy: Optional[LayerPolicy] = None,
                  generator: Optional[torch.Generator] = None, *,
-                 recorder: Optional[CoverageRecorder] = None, strict: bool = False):
+                 recorder: Optional[CoverageRecorder] = None, strict: bool = False,
+                 signs: Optional[SignStream] = None):
         super().__init__()
         if default_policy is not None:
             _check_policy(default_policy)
         self.fp32_ops = tuple(fp32_ops)
         self.default_policy = default_policy
         self.generator = generator
+        self.signs = signs
         self.recorder = recorder if recorder is not None else CoverageRecorder(strict=strict)
         self.fp32 = resolve_fp32_ops(self.fp32_ops)
         self.default = None if default_policy is None else Layer(

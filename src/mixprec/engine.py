@@ -28,6 +28,9 @@ A step, stage by stage (every recipe runs the same stages; "off" is an identity 
                  state_underflow) and warned about once
 7. loss scale    S <- update(S, found_inf); a forward NaN leaves S alone (scaling
                  cannot fix it)
+8. signs         Hadamard signs <- the next draw of the seeded stream
+                 (``hadamard.signs=redraw``), on applied and skipped steps alike: the
+                 signs of step k are the stream's k-th draw on every rank
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, pa
 from .optim import (STATE_UNDERFLOW_WARN, MasterOptimizer, OptimizerStateUnderflowWarning,
                     ParamSlot, StateUnderflow, round_into_)
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
+from .blocks import SignStream
 
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
            "STATE_UNDERFLOW_WARN", "needs_trace", "resolve_keep_high_precision"]
@@ -99,6 +103,10 @@ class Engine:
         self.recorder = CoverageRecorder(strict=strict)
         self.backend, self.generator = backend, generator
         self.loss_scaler = recipe.loss_scale.build()
+        # hadamard.signs=redraw: the signs of every transform size, fresh each step
+        self.signs: Optional[SignStream] = None
+        if backend != "native" and recipe.hadamard.signs == "redraw" and recipe.hadamard.sizes():
+            self.signs = SignStream(recipe.hadamard.sizes(), seed=recipe.hadamard.seed)
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self._steps = self._skipped = self._consecutive = 0
         self._history: list = []
@@ -266,7 +274,8 @@ class Engine:
             else:
                 with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
                                    default_policy=self._default_policy,
-                                   generator=self.generator, recorder=self.recorder):
+                                   generator=self.generator, recorder=self.recorder,
+                                   signs=self.signs):
                     yield
         finally:
             self._autocast_depth -= 1
@@ -355,9 +364,10 @@ class Engine:
         self._unscale_once()
         return self._masters.clip_grad_norm_(max_norm, norm_type)
 
-    # -- stages 3-7 -----------------------------------------------------------------
+    # -- stages 3-8 -----------------------------------------------------------------
     def step(self) -> bool:
-        """Unscale, check finite, step or skip, round master -> model, update the scale.
+        """Unscale, check finite, step or skip, round master -> model, update the scale,
+        draw the next step's Hadamard signs (``hadamard.signs=redraw``).
 
         Returns False when the step was skipped. Raises :class:`NonFiniteError` after
         ``recipe.max_consecutive_skips`` consecutive skips.
@@ -389,6 +399,9 @@ class Engine:
             self.loss_scaler.update(self._found_inf)
         self._record(scale, skipped, lost,
                      underflow.worst if underflow is not None else None)
+        # (8) fresh Hadamard signs for the next step (its forward and backward)
+        if self.signs is not None:
+            self.signs.advance()
         self._stage = Stage.STEPPED
         if self._consecutive >= self.recipe.max_consecutive_skips:
             raise NonFiniteError(self._diagnosis())
@@ -551,7 +564,8 @@ class Engine:
     def _extra_state(self) -> dict:
         """The state that is neither a tensor to reshard nor per-rank: recipe, backend,
         kept modules, loss scaler, counters, history, delayed-scaling states (the same on
-        every rank, since found-inf and amax are reduced across ranks)."""
+        every rank, since found-inf and amax are reduced across ranks), the Hadamard
+        sign stream (the same on every rank: one seed, one draw per step)."""
         self._require_ready("state_dict()")
         return {
             "recipe": _recipe_text(self.recipe), "backend": self.backend,
@@ -560,6 +574,7 @@ class Engine:
             "counters": {"steps": self._steps, "skipped_steps": self._skipped,
                          "consecutive_skips": self._consecutive},
             "history": self._history, "layer_states": self._layer_states(),
+            "hadamard_signs": None if self.signs is None else self.signs.state_dict(),
         }
 
     def _load_extra_state(self, state: dict) -> None:
@@ -581,6 +596,12 @@ class Engine:
         self._history = list(state["history"])
         if state.get("layer_states") is not None and self._attached is not None:
             self._attached.load_state_dict(state["layer_states"])
+        if self.signs is not None:
+            if state.get("hadamard_signs") is None:
+                raise ValueError("the checkpoint holds no Hadamard sign stream, but this "
+                                 "engine's recipe re-draws signs every step "
+                                 "(hadamard.signs=redraw): it cannot resume the same signs")
+            self.signs.load_state_dict(state["hadamard_signs"])
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`; master and model weights are overwritten. An

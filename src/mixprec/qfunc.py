@@ -82,7 +82,7 @@ from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
                      scheme_along)
 from .blocks import block_scaled_mm, quantize_blocked
-from .scaling import (DelayedScaling, _mx_parts, amax_to_scale, config_scale_kwargs,
+from .scaling import (MX_RULE, DelayedScaling, _mx_parts, amax_to_scale, config_scale_kwargs,
                       quantize_mx, quantize_spec, tensor_to_amax)
 from .shared import _FLOAT8, codes_to_float32, shared_operand
 
@@ -203,10 +203,11 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
     if spec.scaling is _BLOCK:
         return _round_block(x.to(torch.float32), get_scheme(spec.scheme), spec, axis,
                             generator, pack, hadamard)
-    if spec.scaling is _MX and hadamard[0]:
-        # MX with a Hadamard transform: the same MX setting of the block quantizer
-        rule = "floor" if cfg.mx_scale_rule == "ocp" else "ceil"
-        scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", rule)
+    if spec.scaling is _MX and (hadamard[0] or cfg.mx_scale_rule == "dither"):
+        # MX with a Hadamard transform, or with dither's 4/3 decode factor (which the
+        # "mx" pack of codes and E8M0 scales has no slot for): the same MX setting of
+        # the block quantizer, stored as a block pack
+        scheme = BlockScheme(fmt, (1, cfg.mx_block_size), "e8m0", MX_RULE[cfg.mx_scale_rule])
         return _round_block(x.to(torch.float32), scheme, spec, axis, generator, pack,
                             hadamard)
     if spec.scaling is _MX:
@@ -438,12 +439,18 @@ def _exact(device_type: str):
 
 
 class OpContext:
-    """What an emulated op needs besides its tensors."""
-    __slots__ = ("policy", "state", "generator", "slot")
+    """What an emulated op needs besides its tensors.
+
+    ``signs``: the Hadamard signs of the current optimizer step, {size: signs} from the
+    engine's :class:`~mixprec.blocks.SignStream` (``hadamard.signs=redraw``), taken when
+    the op runs forward and kept for its backward, so both passes use the same M."""
+    __slots__ = ("policy", "state", "generator", "slot", "signs")
 
     def __init__(self, policy: LayerPolicy, state: Optional[LayerState],
-                 generator: Optional[torch.Generator], slot: int):
+                 generator: Optional[torch.Generator], slot: int,
+                 signs: Optional[dict] = None):
         self.policy, self.state, self.generator, self.slot = policy, state, generator, slot
+        self.signs = signs
 
     def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False,
               gemm: str = ""):
@@ -468,6 +475,15 @@ class OpContext:
             return size, None
         if cfg.signs == "te":
             return size, torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32)
+        if cfg.signs == "redraw":
+            if self.signs is None or size not in self.signs:
+                raise ValueError(
+                    f"hadamard.signs='redraw' takes this step's signs from the engine's "
+                    f"sign stream, and this op has none for size {size}: run the model under "
+                    f"mixprec.prepare(...).autocast(), or give PrecisionMode a "
+                    f"signs=SignStream(({size},), seed=...) that you advance every step; "
+                    f"valid fixed alternatives: hadamard.signs=fixed, te, none")
+            return size, self.signs[size]
         return size, fixed_signs(size, cfg.seed)
 
     def observe(self, role: str, x: torch.Tensor) -> None:

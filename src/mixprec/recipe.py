@@ -114,7 +114,9 @@ class ScalingConfig:
     exactly ("ceil"; equal to cuBLAS's and TransformerEngine's round-up of the float32
     quotient), or ceil(log2(fl(amax / max_elem))) in float32 ("ceil-log2": torchao's RCEIL
     as it evaluates it, which differs from "ceil" where a quotient a few ulps above 2^k
-    has its log2 rounded to k).
+    has its log2 rounded to k), or "dither": X as "ocp", elements round(3/4 * V / X) and
+    decode scale X * fl32(4/3), so stochastic rounding never clips (Tseng et al. 2025;
+    the BlockScheme rule "dither").
     ``block_gemm``: how a linear layer's GEMMs apply the scales of block schemes with a
     tensor scale (NVFP4). "dequantized": each operand becomes elements * (block scale *
     tensor decode scale) in FP32, then an FP32 GEMM. "scaled": TransformerEngine's NVFP4
@@ -129,14 +131,14 @@ class ScalingConfig:
     amax_algo: str = "max"          # "max" | "most_recent"
     margin: int = 0
     mx_block_size: int = 32
-    mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "ceil-log2"
+    mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "ceil-log2" | "dither"
     amax_eps: float = 0.0
     pow2_scale: str = "none"        # "none" | "floor" | "log2"
     block_gemm: str = "dequantized"  # "dequantized" | "scaled"
 
     def __post_init__(self):
         _choice(self.amax_algo, ("max", "most_recent"), "amax_algo")
-        _choice(self.mx_scale_rule, ("ocp", "ceil", "ceil-log2"), "mx_scale_rule")
+        _choice(self.mx_scale_rule, ("ocp", "ceil", "ceil-log2", "dither"), "mx_scale_rule")
         _choice(self.pow2_scale, ("none", "floor", "log2"), "pow2_scale")
         _choice(self.block_gemm, BLOCK_GEMMS, "block_gemm")
         if not (isinstance(self.amax_eps, (int, float)) and 0.0 <= self.amax_eps < float("inf")):
@@ -245,7 +247,7 @@ class LossScaleConfig:
             floor=dict(self.floor) or None)
 
 
-HADAMARD_SIGN_MODES = ("te", "fixed", "none")
+HADAMARD_SIGN_MODES = ("te", "fixed", "redraw", "none")
 # The tensor roles of each GEMM of a layer (what a Hadamard transform of that GEMM touches).
 GEMM_OPERANDS = {"fprop": ("activation", "weight"), "dgrad": ("grad_output", "weight"),
                  "wgrad": ("grad_output", "activation")}
@@ -262,6 +264,9 @@ class HadamardConfig:
     operands (a scheme or MX); a GEMM with none raises ValueError when the layer policy
     is built (:meth:`check_operands`).
     ``signs``: "fixed" (one draw from ``seed`` per transform size, for the whole run),
+    "redraw" (fresh signs every optimizer step from a stream seeded with ``seed``,
+    :class:`mixprec.blocks.SignStream`: the engine holds it, advances it in ``step()``
+    and checkpoints it; the forward and backward of one step share its signs),
     "te" (TransformerEngine's fixed NVFP4 vector; size 16 only) or "none" (all +1). The
     sign fields come first, so the printed form sets them before the sizes they allow.
     """
@@ -279,9 +284,13 @@ class HadamardConfig:
                                  "0, 16, 32, 64, 128")
             if self.signs == "te" and n not in (0, 16):
                 raise ValueError(f"hadamard.signs 'te' is TransformerEngine's 16-entry vector; "
-                                 f"hadamard.{gemm}={n} needs hadamard.signs=fixed or none "
-                                 "(set it first)")
+                                 f"hadamard.{gemm}={n} needs hadamard.signs=fixed, redraw or "
+                                 "none (set it first)")
         _choice(self.signs, HADAMARD_SIGN_MODES, "hadamard.signs")
+
+    def sizes(self) -> tuple:
+        """The distinct transform sizes in use, ascending (() when none)."""
+        return tuple(sorted({getattr(self, g) for g in ("fprop", "dgrad", "wgrad")} - {0}))
 
     def size(self, gemm: str) -> int:
         """The transform size of a GEMM ("fprop", "dgrad", "wgrad"; "" -> 0)."""
@@ -433,6 +442,18 @@ PRESETS["nvfp4"] = Recipe(
     grad_output=TensorSpec(rounding=_STOCH, scheme="nvfp4"),
     hadamard=HadamardConfig(signs="te", wgrad=16), high_precision="bf16",
     attention="high_precision")
+
+
+# MXFP4 training as Tseng et al. 2025: the backward GEMMs' output-gradient operand in
+# MXFP4 with the 3/4 dither and stochastic rounding, a 64-point RHT with signs drawn
+# afresh every optimizer step on both operands of both backward GEMMs. The forward is
+# the mxfp4 preset's (a weight or activation has one spec for every GEMM it feeds, so
+# the backward GEMMs' other operands are MXFP4 too; the paper keeps its forward in BF16);
+# dW is not rounded, as in nvfp4.
+PRESETS["mxfp4-rht-sr"] = Recipe(
+    name="mxfp4-rht-sr", weight=PRESETS["mxfp4"].weight, activation=PRESETS["mxfp4"].activation,
+    grad_output=TensorSpec(rounding=_STOCH, scheme="mxfp4-dither"),
+    hadamard=HadamardConfig(signs="redraw", dgrad=64, wgrad=64), high_precision=_HIGH)
 
 
 def list_presets() -> list:

@@ -35,11 +35,14 @@ from .recipe import ScalingConfig, ScalingKind, TensorSpec
 __all__ = [
     "tensor_to_amax", "amax_to_scale", "quantize_scaled", "DelayedScaling", "quantize_mx",
     "quantize_spec", "quantize_axiswise", "config_scale_kwargs", "AMAX_ALGOS",
-    "MX_SCALE_RULES", "POW2_RULES",
+    "MX_SCALE_RULES", "MX_RULE", "POW2_RULES",
 ]
 
 AMAX_ALGOS = ("max", "most_recent")
-MX_SCALE_RULES = ("ocp", "ceil", "ceil-log2")
+MX_SCALE_RULES = ("ocp", "ceil", "ceil-log2", "dither")
+# each MX scale rule as the block quantizer's ScaleRule ("ocp" is its "floor")
+MX_RULE = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
+           "ceil-log2": ScaleRule.CEIL_LOG2, "dither": ScaleRule.DITHER}
 POW2_RULES = ("none", "floor", "log2")
 
 _F32_MAX = torch.finfo(torch.float32).max          # 3.4028e38
@@ -324,10 +327,14 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
         ocp : X = 2^(floor(log2 amax) - emax_elem)    (emax_elem = fmt.emax: e4m3 8, e5m2 15)
         ceil: X = 2^ceil(log2(amax / max_elem))        (exact; never saturates)
         ceil-log2: X = 2^ceil(log2(fl32(amax / max_elem))) in float32  (torchao RCEIL)
+        dither: X as ocp, the elements quantize(3/4 * V / X): |V/X| < 2^(emax_elem + 1),
+                so |3/4 V/X| < 1.5 * 2^emax_elem <= max_elem and stochastic rounding
+                never clips (Tseng et al. 2025)
         X clamped to E8M0's range [2^-127, 2^127]
 
     and stores quantize(V / X, fmt, saturate=True): under "ocp" an e4m3 V/X in (448, 512)
-    becomes 448. The dequantized value is that times X, in x's dtype.
+    becomes 448. The dequantized value is that times X (dither: times X * fl32(4/3),
+    the BlockScheme "dither" rule), in x's dtype.
 
     Special blocks: an all-zero block reports X = 2^-127 (the formula's -inf exponent
     clamped to E8M0's minimum; OCP allows any) and stays zero. A block holding NaN or
@@ -398,13 +405,19 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
                                          generator, elements, seed, out)
         return deq.to(x.dtype), scales, elems
     # the MX setting of the general block quantizer ("ocp" is its "floor" rule)
-    rule = {"ocp": ScaleRule.FLOOR, "ceil": ScaleRule.CEIL,
-            "ceil-log2": ScaleRule.CEIL_LOG2}[scale_rule]
+    rule = MX_RULE[scale_rule]
     scheme = BlockScheme(fmt, (1, block_size), ScaleFormat.E8M0, rule, axis=ax)
     b = _blocked_quantize(hp, scheme, mode, generator, seed=seed)
+    scales = b.scales.squeeze(b.geometry.reduce)
+    if rule is ScaleRule.DITHER:
+        # decode X * 4/3 as BlockQuantized.dequantize does: (X * fl32(4/3)), then times
+        # the element; the element values are the quantized 3/4 V/X themselves
+        values = (torch.nan_to_num(_from_blocks(b.elems, b.geometry), nan=0.0)
+                  if elements else None)
+        deq = _from_blocks(b.elems * (b.scales * b.tensor_scale), b.geometry)
+        return deq.to(x.dtype), scales, values
     # A NaN scale turns its whole block into NaN through the product below.
     deq = _from_blocks(b.elems.mul_(b.scales), b.geometry)
-    scales = b.scales.squeeze(b.geometry.reduce)
     values = None
     if elements:
         n = deq.shape[ax]

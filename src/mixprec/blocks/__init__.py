@@ -9,8 +9,8 @@ quantizer that runs it, and random Hadamard transforms.
 """
 from .scheme import (HADAMARD_SIGNS, HADAMARD_SIZES, BlockScheme, ScaleFormat, ScaleRule,
                      SchemeLike, Ties, get_scheme, list_schemes, scheme_along)
-from .hadamard import (TE_NVFP4_SIGNS, HadamardSigns, fixed_signs, hadamard_matrix,
-                       hadamard_transform, random_signs)
+from .hadamard import (TE_NVFP4_SIGNS, HadamardSigns, SignStream, fixed_signs,
+                       hadamard_matrix, hadamard_transform, random_signs)
 from .quantize import BlockQuantized, quantize_blocked
 from .gemm import block_scaled_mm
 
@@ -18,6 +18,6 @@ __all__ = [
     "BlockScheme", "ScaleFormat", "ScaleRule", "Ties", "SchemeLike", "get_scheme",
     "list_schemes", "scheme_along", "HADAMARD_SIZES", "HADAMARD_SIGNS",
     "BlockQuantized", "quantize_blocked", "block_scaled_mm",
-    "TE_NVFP4_SIGNS", "HadamardSigns", "fixed_signs", "hadamard_matrix", "hadamard_transform",
-    "random_signs",
+    "TE_NVFP4_SIGNS", "HadamardSigns", "SignStream", "fixed_signs", "hadamard_matrix",
+    "hadamard_transform", "random_signs",
 ]

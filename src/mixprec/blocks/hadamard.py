@@ -30,7 +30,9 @@ rounding (about n * 2^-24 relative to each group's norm).
 
 Signs are fixed (TE's vector, or one draw from a seed) or re-drawn on every call from a
 seeded ``torch.Generator``; :class:`HadamardSigns` holds that choice and its generator,
-with a ``state_dict`` so a resumed run draws the same signs.
+with a ``state_dict`` so a resumed run draws the same signs. :class:`SignStream` re-draws
+the signs of every transform size once per optimizer step (a recipe's
+``hadamard.signs=redraw``; the engine holds it and advances it in ``step()``).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from typing import Optional
 import torch
 
 __all__ = ["TE_NVFP4_SIGNS", "hadamard_matrix", "random_signs", "fixed_signs",
-           "hadamard_transform", "HadamardSigns"]
+           "hadamard_transform", "HadamardSigns", "SignStream"]
 
 TE_NVFP4_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 _SIZES = (16, 32, 64, 128)
@@ -192,3 +194,64 @@ class HadamardSigns:
 
     def __repr__(self) -> str:
         return f"HadamardSigns(size={self.size}, mode={self.mode!r}, seed={self.seed})"
+
+
+class SignStream:
+    """Hadamard signs re-drawn once per optimizer step from one seeded stream.
+
+    One generator seeded with ``seed`` is drawn in a fixed order, step after step::
+
+        g = torch.Generator().manual_seed(seed)
+        step k = 0, 1, ...:  for n in sorted(sizes):  s_k[n] = 2 * randint(0, 2, (n,), g) - 1
+
+    so with a single size, step 0's signs are ``fixed_signs(n, seed)``. ``current()`` is
+    the mapping {n: signs} of the current step; ``advance()`` moves to the next step and
+    builds a new mapping (a holder of the old one keeps the old signs: the forward and
+    backward of one step see the same M, so the transform pair stays exact).
+    ``state_dict()`` holds the step count, the generator state and the current signs, so
+    a run resumed from a checkpoint draws exactly the signs an uninterrupted one would.
+    Data-parallel ranks need no communication: each builds the stream from the same seed
+    and advances it once per optimizer step, so all draw the same signs.
+    """
+
+    def __init__(self, sizes, *, seed: int = 0):
+        sizes = tuple(sorted({_check_size(n) for n in sizes}))
+        if not sizes:
+            raise ValueError("SignStream needs at least one transform size; valid sizes: "
+                             f"{', '.join(map(str, _SIZES))}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.sizes, self.seed, self.step = sizes, int(seed), 0
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._signs = self._draw()
+
+    def _draw(self) -> dict:
+        return {n: random_signs(n, self._gen) for n in self.sizes}
+
+    def current(self) -> dict:
+        """{size: float32 signs} of the current step (do not modify the tensors)."""
+        return self._signs
+
+    def advance(self) -> dict:
+        """Draw the next step's signs; return them."""
+        self._signs = self._draw()
+        self.step += 1
+        return self._signs
+
+    def state_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seed": self.seed, "step": self.step,
+                "generator": self._gen.get_state(),
+                "signs": {n: s.clone() for n, s in self._signs.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["sizes"]) != self.sizes or int(state["seed"]) != self.seed:
+            raise ValueError(f"sign stream state is for sizes {tuple(state['sizes'])}, seed "
+                             f"{state['seed']}; this stream has sizes {self.sizes}, seed "
+                             f"{self.seed}")
+        self._gen.set_state(state["generator"])
+        self.step = int(state["step"])
+        self._signs = {int(n): s.detach().to(torch.float32).clone()
+                       for n, s in state["signs"].items()}
+
+    def __repr__(self) -> str:
+        return f"SignStream(sizes={self.sizes}, seed={self.seed}, step={self.step})"

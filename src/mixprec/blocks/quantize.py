@@ -385,7 +385,7 @@ def quantize_blocked(x: torch.Tensor, scheme: SchemeLike, *,
 
     Args:
         x: float32, bfloat16, float16 or float64 tensor (worked on in float32).
-        scheme: a BlockScheme or a name: nvfp4, nvfp4-2d, mxfp8, mxfp6, mxfp4,
+        scheme: a BlockScheme or a name: nvfp4, nvfp4-2d, mxfp8, mxfp6, mxfp4, mxfp4-dither,
             fp8-block128, fp8-block128x128.
         rounding: element rounding: "nearest" (ties by ``scheme.ties``), "stochastic"
             or "toward_zero". Scales always round as their rule says.

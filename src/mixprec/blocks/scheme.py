@@ -20,7 +20,8 @@ A scheme answers five questions, each a field::
                   fixed NVFP4 vector), "random" (drawn per call) or "none"
 
 Named schemes (``get_scheme``): nvfp4 (1x16), nvfp4-2d (16x16), mxfp8, mxfp6, mxfp4
-(1x32, OCP floor rule), fp8-block128 (1x128) and fp8-block128x128 (power-of-two FP32
+(1x32, OCP floor rule), mxfp8-dither, mxfp6-dither, mxfp4-dither (the same with the
+dither rule, for stochastic rounding), fp8-block128 (1x128) and fp8-block128x128 (power-of-two FP32
 scales, as TransformerEngine's Float8BlockScaling), and fp8-block128-fp32 /
 fp8-block128x128-fp32 with plain FP32 scales. The algorithm that turns a scheme into
 numbers is in :mod:`mixprec.blocks.quantize`.
@@ -210,6 +211,11 @@ _SCHEMES = {
     "mxfp8": BlockScheme("e4m3", (1, 32), ScaleFormat.E8M0, ScaleRule.FLOOR),
     "mxfp6": BlockScheme("e3m2", (1, 32), ScaleFormat.E8M0, ScaleRule.FLOOR),
     "mxfp4": BlockScheme("e2m1", (1, 32), ScaleFormat.E8M0, ScaleRule.FLOOR),
+    # the same blocks for stochastic rounding (Tseng et al. 2025): OCP scales, elements
+    # from 3/4 * V / X so that SR never rounds past the largest element
+    "mxfp8-dither": BlockScheme("e4m3", (1, 32), ScaleFormat.E8M0, ScaleRule.DITHER),
+    "mxfp6-dither": BlockScheme("e3m2", (1, 32), ScaleFormat.E8M0, ScaleRule.DITHER),
+    "mxfp4-dither": BlockScheme("e2m1", (1, 32), ScaleFormat.E8M0, ScaleRule.DITHER),
     # Blockwise FP8 (TE Float8BlockScaling, DeepSeek-V3 tiles): power-of-two FP32 scales
     "fp8-block128": BlockScheme("e4m3", (1, 128), ScaleFormat.POW2, ScaleRule.AMAX),
     "fp8-block128x128": BlockScheme("e4m3", (128, 128), ScaleFormat.POW2, ScaleRule.AMAX),

@@ -24,9 +24,10 @@ Trainer                             engine stage
 ``_clip_grad_norm``                 stage 2 and clipping of the FP32 master
                                     gradients (``max_grad_norm``); the logged
                                     ``grad_norm`` is the unscaled norm
-``optimizer.step()``                stages 3-7 (skip on inf/NaN, step the masters,
+``optimizer.step()``                stages 3-8 (skip on inf/NaN, step the masters,
                                     round master -> weights, optimizer state,
-                                    update S), then ``engine.zero_grad()``
+                                    update S, next Hadamard signs), then
+                                    ``engine.zero_grad()``
 ``log``                             adds ``loss_scale`` (the scale the last step's
                                     backward used) and ``skipped_steps``
 ``optimizer.state_dict()``          ``engine.state_dict()``: checkpoints resume

@@ -22,11 +22,11 @@ Lightning hook              engine stage
                             (``LightningModule.backward`` then runs its backward)
 ``optimizer_step``          closure (forward + backward), stage 2 unscale into the
                             master gradients, ``on_before_optimizer_step``,
-                            clipping of the master gradients, stages 3-7
+                            clipping of the master gradients, stages 3-8
                             (``engine.step()``: skip on inf/NaN, step the masters,
-                            round master -> weights, optimizer state, update S),
-                            then ``engine.zero_grad()``; logs ``mixprec/loss_scale``
-                            and ``mixprec/skipped_steps``
+                            round master -> weights, optimizer state, update S, next
+                            Hadamard signs), then ``engine.zero_grad()``; logs
+                            ``mixprec/loss_scale`` and ``mixprec/skipped_steps``
 ``state_dict``              ``engine.state_dict()`` (loss scale, masters, counters)
 ``teardown``                removes the engine's hooks from the module
 ==========================  ===================================================
@@ -151,7 +151,7 @@ class MixprecPrecision(Precision):
             return closure_result
         engine.unscale_()                     # stage 2, before the user's hooks and clipping
         self._after_closure(model, optimizer)
-        engine.step()                         # stages 3-7
+        engine.step()                         # stages 3-8
         engine.zero_grad()                    # model and master gradients of this step
         if self.log_loss_scale and hasattr(model, "log"):
             last = engine.history[-1]
