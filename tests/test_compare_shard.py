@@ -92,8 +92,33 @@ def _worker(rank: int, init_file: str, out: str) -> None:
                     runfolder.Rank0Checkpoint.save = original
         if rank == 0:
             Path(f"{out}/killed-files.json").write_text(json.dumps(seen))
+        layout = _layout()
+        if rank == 0:
+            Path(f"{out}/layout.json").write_text(json.dumps(layout))
     finally:
         dist.destroy_process_group()
+
+
+def _layout() -> dict:
+    """Which modules shard_model_ makes FSDP units, and the error for a parameter shared
+    between a block and the rest."""
+    from torch import nn
+    from torch.distributed.fsdp import FSDPModule
+
+    from mixprec.distributed.fsdp import shard_model_
+    from mixprec.experiments.models import CharTransformer
+    model = shard_model_(CharTransformer(n_layer=2))
+    units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    tied = nn.Module()
+    tied.emb = nn.Embedding(10, 4)
+    tied.blocks = nn.ModuleList([nn.Linear(4, 10)])
+    tied.blocks[0].weight = tied.emb.weight
+    try:
+        shard_model_(tied)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return {"units": units, "tied": error}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +128,8 @@ def compared(tmp_path_factory):
                 timeout=110)
     return {name: json.loads((d / name / "results.json").read_text())
             for name in ("ddp", "fsdp", "killed")} | {
-        "files": json.loads((d / "killed-files.json").read_text()), "dir": d}
+        "files": json.loads((d / "killed-files.json").read_text()), "dir": d,
+        "layout": json.loads((d / "layout.json").read_text())}
 
 
 def _record(doc: dict, spec: str) -> dict:
@@ -165,6 +191,14 @@ def test_shard_killed_twice_resumes_to_the_uninterrupted_results(compared):
     assert _numerics(compared["killed"]) == _numerics(compared["fsdp"])
     # every checkpoint file and sharded save is gone once the runs are recorded
     assert not list((compared["dir"] / "killed" / "checkpoints").iterdir())
+
+
+def test_shard_model_shards_blocks_then_the_root(compared):
+    # one FSDP unit per Transformer block, the embeddings, final norm and head with the root
+    assert compared["layout"]["units"] == ["", "blocks.0", "blocks.1"]
+    assert compared["layout"]["tied"] == (
+        "cannot shard the model block by block: emb.weight and blocks.0.weight are one "
+        "parameter in two groups; apply fully_shard yourself so that they share one")
 
 
 def test_shard_needs_two_processes_and_resume_keeps_it(tmp_path, capsys):
