@@ -213,7 +213,8 @@ def test_fp8_all_gather_needs_fsdp():
 def test_fp8_all_gather_checkpoint_loads_and_continues_bit_identically(ranks):
     for rank, res in enumerate(ranks):
         out = res["dcp"]
-        drop = lambda d: {k: v for k, v in d.items() if k not in ("losses", "gathers")}  # noqa: E731
+        def drop(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in ("losses", "gathers")}
         # the fresh engine (other weights, other seed) holds the saved state after dcp.load
         _assert_same(drop(out["loaded"]), drop(out["saved"]), f"loaded rank {rank}")
         # and continues as the uninterrupted run: losses, masters, weights, optimizer

@@ -78,7 +78,8 @@ class SavedTensorBytes:
     Storages of the model's own parameters and buffers are left out, so the count is what
     the forward pass *adds*: activations, and any low-precision copies of the weights that
     a layer keeps for its backward.  Under FSDP2 the all-gathered parameters of the
-    forward count as the model's own (they are the weights, whole, on every rank).  ``by_dtype`` splits the count by storage dtype.
+    forward count as the model's own (they are the weights, whole, on every rank).
+    ``by_dtype`` splits the count by storage dtype.
 
     >>> with SavedTensorBytes(model) as saved:
     ...     loss = model(x).sum()
