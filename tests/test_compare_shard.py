@@ -237,7 +237,7 @@ def test_compare_nproc_2_shard_killed_with_sigkill_resumes(compared, tmp_path, c
     try:
         while (proc.poll() is None and time.monotonic() < deadline
                and not list(out.glob("checkpoints/seed0-[1-9].pt"))):
-            time.sleep(0.01)
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
