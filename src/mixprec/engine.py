@@ -46,7 +46,7 @@ from torch import nn
 from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
 from .distributed.fp8_all_gather import FP8AllGather
-from .distributed.fsdp import is_fsdp, sum_gradient_reduction_
+from .distributed.fsdp import fsdp_modules, is_fsdp, sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
@@ -156,6 +156,10 @@ class Engine:
         if self._pending_hook is not None:
             self._pending_hook.remove()
             self._pending_hook = None
+        # FSDP2 keeps the root's parameters unsharded after a forward (the trace): put the
+        # sharded ones back, which the optimizer holds and the masters are made from
+        for module in fsdp_modules(self.model):
+            module.reshard()
         self._masters = MasterOptimizer(
             self.optimizer, self._make_slots(), optimizer_state=self.recipe.optimizer_state,
             scaling=self.recipe.scaling, generator=self.generator,
