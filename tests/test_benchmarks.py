@@ -21,7 +21,7 @@ TABLES = {
                     r"^\d+.*CPU: .*flags: "]
     + [rf"^{f} +\d+ +\d+ +" for f in ("fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1")]
     + [r"^targets: .*: \d+ of \d+ met$"],
-    "step.py": [r"^variant +ms +vs fp32 +spread +saved MiB +vs fp32 +target$",
+    "step.py": [r"^variant +ms +vs fp32 +spread +saved MiB +vs fp32 +w/ batch +target$",
                 r"^torch fp32 ", r"^torch\.amp bf16 ", r"^\d+.*CPU: .*flags: "]
     + [rf"^mixprec {re.escape(p)} \(emulated\) +[\d.]+ +[\d.]+x +[\d.]+-[\d.]+ +[\d.]+ +[\d.]+x"
        for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8",
