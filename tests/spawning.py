@@ -6,10 +6,16 @@ suite. :func:`spawn_ranks` joins with a deadline instead: past it the ranks stil
 are killed and the attempt fails, naming them. Gloo ranks on a loaded 2-core machine
 have been seen to hang or fail rarely and irreproducibly (cause not found), so a failed
 attempt is retried once from a fresh rendezvous file; a second failure fails the test.
+Before killing a hung rank, its Python stacks (every thread, by ``faulthandler`` on
+SIGUSR1) are added to the failure message, so the retry warning says where it hung; a
+rank with no stack was still starting (importing) at the deadline.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import tempfile
 import time
 import warnings
 
@@ -17,19 +23,44 @@ import pytest
 import torch.multiprocessing as mp
 
 
+def _rank_main(rank: int, fn, stack_dir: str, *args) -> None:
+    """Run ``fn(rank, *args)`` with the rank's stacks dumped to a file on SIGUSR1."""
+    with open(os.path.join(stack_dir, f"rank{rank}.txt"), "w") as f:
+        faulthandler.register(signal.SIGUSR1, file=f, all_threads=True)
+        fn(rank, *args)
+
+
+def _stacks(ctx, alive: list, stack_dir: str) -> str:
+    for rank in alive:
+        os.kill(ctx.processes[rank].pid, signal.SIGUSR1)
+    time.sleep(2.0)
+    out = []
+    for rank in alive:
+        with open(os.path.join(stack_dir, f"rank{rank}.txt")) as f:
+            text = f.read().strip()
+        out.append(f"--- rank {rank}:\n" + (text[-3000:] if text else
+                                              "(no stack: still starting up)"))
+    return "\n".join(out)
+
+
 def _attempt(fn, args: tuple, nprocs: int, timeout: float) -> None:
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):   # raises if a rank failed
-        if time.monotonic() > deadline:
-            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"ranks {alive} of {nprocs} still running after {timeout:.0f} s: "
-                        f"a rank hangs", pytrace=False)
+    with tempfile.TemporaryDirectory(prefix="ranks-") as stack_dir:
+        for rank in range(nprocs):
+            open(os.path.join(stack_dir, f"rank{rank}.txt"), "w").close()
+        ctx = mp.spawn(_rank_main, args=(fn, stack_dir) + tuple(args), nprocs=nprocs,
+                       join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):   # raises if a rank failed
+            if time.monotonic() > deadline:
+                alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+                stacks = _stacks(ctx, alive, stack_dir)
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join(5)
+                pytest.fail(f"ranks {alive} of {nprocs} still running after {timeout:.0f} s: "
+                            f"a rank hangs\n{stacks}", pytrace=False)
 
 
 def spawn_ranks(fn, args: tuple, nprocs: int, *, timeout: float = 150.0, attempts: int = 2,
