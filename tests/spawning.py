@@ -9,25 +9,53 @@ attempt is retried once from a fresh rendezvous file; a second failure fails the
 Before killing a hung rank, its Python stacks (every thread, by ``faulthandler`` on
 SIGUSR1) are added to the failure message, so the retry warning says where it hung; a
 rank with no stack was still starting (importing) at the deadline.
+
+One cause of the hangs, found with gdb on a hung rank (torch 2.13): a worker returns
+after ``destroy_process_group()``, and freeing its DDP model (or FSDP state) drops the
+last reference to the gloo process group. ``~ProcessGroupGloo`` then joins its worker
+threads while the main thread holds the GIL, and a worker thread still destroying its
+last finished all-reduce needs the GIL to release that work's tensors: a deadlock, rare
+and timing-dependent. Workers therefore end with :func:`leave_process_group`, which
+keeps the group object alive, and :func:`spawn_ranks` ends each rank that returns with
+``os._exit(0)``, so the destructor never runs.
 """
 from __future__ import annotations
 
 import faulthandler
 import os
 import signal
+import sys
 import tempfile
 import time
 import warnings
 
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# process groups left by leave_process_group(), never destroyed (see module docstring)
+_LEFT: list = []
+
+
+def leave_process_group() -> None:
+    """``dist.destroy_process_group()``, but the group object stays referenced here, so
+    freeing the rank's DDP/FSDP objects never runs the gloo destructor; the rank then
+    ends with ``os._exit`` (:func:`spawn_ranks`)."""
+    if dist.is_initialized():
+        _LEFT.append(dist.group.WORLD)
+        dist.destroy_process_group()
 
 
 def _rank_main(rank: int, fn, stack_dir: str, *args) -> None:
-    """Run ``fn(rank, *args)`` with the rank's stacks dumped to a file on SIGUSR1."""
+    """Run ``fn(rank, *args)`` with the rank's stacks dumped to a file on SIGUSR1; on
+    return, exit at once (``os._exit(0)``)."""
     with open(os.path.join(stack_dir, f"rank{rank}.txt"), "w") as f:
         faulthandler.register(signal.SIGUSR1, file=f, all_threads=True)
         fn(rank, *args)
+    # no interpreter teardown: it would destroy the groups kept by leave_process_group
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _stacks(ctx, alive: list, stack_dir: str) -> str:

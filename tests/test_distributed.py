@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         res["skipped"], res["scale"] = ls.last_step_skipped, ls.scale
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.mark.distributed

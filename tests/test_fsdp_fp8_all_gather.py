@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp_
@@ -86,7 +86,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                                         if "fp8_all_gather" in str(w.message)])
         torch.save(res, os.path.join(out_dir, f"fp8ag{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.fixture(scope="module")

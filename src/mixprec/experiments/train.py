@@ -126,6 +126,7 @@ class SavedTensorBytes:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._held = ()
 
 
 def grad_log2_histogram(grads: Iterable[torch.Tensor], *, scale: float = 1.0,
