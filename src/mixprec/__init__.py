@@ -13,8 +13,8 @@ from .quant import Rounding, decode, encode, has_c_extension, quantize
 from .ops import compile_options
 from .scaling import DelayedScaling, amax_to_scale, quantize_mx, quantize_scaled, tensor_to_amax
 from .blocks import (BlockQuantized, BlockScheme, HadamardSigns, ScaleFormat, ScaleRule, Ties,
-                     get_scheme, hadamard_matrix, hadamard_transform, list_schemes,
-                     quantize_blocked)
+                     block_scaled_mm, get_scheme, hadamard_matrix, hadamard_transform,
+                     list_schemes, quantize_blocked)
 from .accum import matmul_accum, sum_accum
 from .loss_scale import DynamicLossScale, LossScale, NoOpLossScale, StaticLossScale
 from .recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfig, Recipe, Role,
@@ -38,7 +38,7 @@ __all__ = [
     # block-scaled formats
     "BlockScheme", "ScaleFormat", "ScaleRule", "Ties", "get_scheme", "list_schemes",
     "quantize_blocked", "BlockQuantized", "hadamard_transform", "hadamard_matrix",
-    "HadamardSigns",
+    "HadamardSigns", "block_scaled_mm",
     # loss scaling
     "LossScale", "NoOpLossScale", "StaticLossScale", "DynamicLossScale",
     # recipes

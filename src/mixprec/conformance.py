@@ -15,6 +15,10 @@ What the stacks share, and what the presets therefore set, beside the formats:
     bias_grad   = "hp"             the bias gradient sums grad_output as it arrived
     master      = fp32, no loss scaling, no layer kept in high precision
 
+``te-nvfp4`` also sets ``scaling.block_gemm="scaled"``: its linear GEMMs follow TE's
+reference GEMM (block products times the block scales, summed over blocks, rescaled by the
+tensor amaxes), see :func:`mixprec.blocks.block_scaled_mm`.
+
 :data:`CONFORMANCE` lists, per preset, the stack and version, what is bit-identical and
 the documented differences (the stack's quirks that a preset follows or leaves, and why).
 """
@@ -22,7 +26,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
-from .recipe import PRESETS, Recipe, ScalingConfig, ScalingKind, TensorSpec
+from .recipe import (PRESETS, HadamardConfig, Recipe, Rounding, ScalingConfig, ScalingKind,
+                     TensorSpec)
 
 __all__ = ["ConformanceEntry", "CONFORMANCE", "CONFORMANCE_PRESETS", "TORCHAO_VERSION",
            "conformance_table"]
@@ -87,6 +92,19 @@ CONFORMANCE_PRESETS: Tuple[Recipe, ...] = (
     # 448 / amax with the mantissa zeroed (power_2_scale)
     _gemm(TensorSpec(scheme="fp8-block128x128"), TensorSpec(scheme="fp8-block128"),
           TensorSpec(scheme="fp8-block128"), ScalingConfig(), "te-blockwise"),
+    # TE NVFP4BlockScaling: E2M1 elements, E4M3 block decode scales and an FP32 tensor
+    # scale per copy; 1x16 blocks of activations and gradients along each GEMM's reduction
+    # dim, 16x16 weight tiles; the 16-point RHT with TE's sign vector on the wgrad operands
+    # only (the columnwise copies of x and dy, amax taken after it); stochastic rounding
+    # of the gradients; every GEMM in the reference order (NVFP4QuantizerRef.qgemm:
+    # block products times s_x * s_w, summed over blocks, times amax_x * amax_w /
+    # (6^2 * 448^2)); attention unquantized
+    Recipe(name="te-nvfp4", weight=TensorSpec(scheme="nvfp4-2d"),
+           activation=TensorSpec(scheme="nvfp4"),
+           grad_output=TensorSpec(rounding=Rounding.STOCHASTIC, scheme="nvfp4"),
+           weight_grad=_HP, scaling=ScalingConfig(block_gemm="scaled"),
+           hadamard=HadamardConfig(signs="te", wgrad=16), attention="high_precision",
+           bias_grad="hp"),
 )
 
 
@@ -132,6 +150,17 @@ CONFORMANCE: Tuple[ConformanceEntry, ...] = (
         "te-blockwise", "TE `Float8BlockScaling` (E4M3, power-of-two scales)", _TE_VERSION,
         _TE_TESTED + "; a layer against TE's formula", "none known; FP32 scales (power_2_scale "
         "off): the schemes fp8-block128-fp32 / fp8-block128x128-fp32"),
+    ConformanceEntry(
+        "te-nvfp4", "TE `NVFP4BlockScaling` (2-D weights, RHT on wgrad, SR gradients)",
+        _TE_VERSION, "y, dX, dW, dbias: hand-computed cases against TE's reference "
+        "(`NVFP4QuantizerRef`, its `qgemm`), gradients rounded to nearest as that reference "
+        "does (`te-nvfp4:grad_output.rounding=nearest`); with SR, the neighbours and their "
+        "probabilities",
+        "SR bits come from mixprec's seeded stream, not TE's CUDA Philox stream (same "
+        "neighbours and odds, other draws); the RHT's 16-term FP32 sums follow the CPU "
+        "matmul's order (exact in the tested cases); the bias is added in FP32 after the "
+        "alpha rescale (TE's reference GEMM takes none); a block holding inf gives NaN "
+        "(TE clips it to 6); BF16 inputs are transformed in FP32 (TE's reference: in BF16)"),
 )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Union
 
 import torch
@@ -88,6 +88,31 @@ class LayerPolicy:
                 raise ValueError(f"LayerPolicy.{f.name} must be a "
                                  f"{getattr(expected, '__name__', 'str or None')}, got {value!r}")
         self.hadamard.check_operands({r.value: getattr(self, r.value) for r in LAYER_ROLES})
+        if self.scaling.block_gemm == "scaled":
+            self._check_scaled_block_gemm()
+
+    def _check_scaled_block_gemm(self) -> None:
+        """scaling.block_gemm="scaled" multiplies block elements and rescales by tensor
+        amaxes: every GEMM operand must be a block scheme with a tensor scale, all with one
+        block length, and the GEMM accumulates in FP32 in its own order."""
+        from .blocks.scheme import get_scheme  # blocks sits beside policy
+        sizes = set()
+        for role in ("weight", "activation", "grad_output"):
+            spec = getattr(self, role)
+            scheme = get_scheme(spec.scheme) if spec.scheme is not None else None
+            if scheme is None or not scheme.tensor_scale:
+                raise ValueError(f"scaling.block_gemm='scaled' needs {role} to be a block scheme "
+                                 f"with a tensor scale (e.g. {role}.scheme=nvfp4), got "
+                                 f"{role}.scheme={spec.scheme}; or set scaling.block_gemm="
+                                 "dequantized")
+            sizes.add(scheme.block_size)
+        if len(sizes) > 1:
+            raise ValueError(f"scaling.block_gemm='scaled' needs one block length for weight, "
+                             f"activation and grad_output, got {sorted(sizes)}")
+        if not self.accumulation.is_fp32:
+            raise ValueError("scaling.block_gemm='scaled' sums the block products in FP32 in its "
+                             f"own order; accumulation must be fp32, got "
+                             f"{self.accumulation.describe()}")
 
     @classmethod
     def from_recipe(cls, recipe: Union[Recipe, str], high_precision: bool = False) -> "LayerPolicy":
@@ -105,7 +130,9 @@ class LayerPolicy:
             raise ValueError(f"recipe must be a Recipe or a recipe string, got {recipe!r}")
         if high_precision:
             spec = TensorSpec(recipe.high_precision)
-            return cls(spec, spec, spec, spec, AccumulationConfig(), recipe.scaling,
+            # a kept layer's GEMMs have no block operands: they compute as usual
+            scaling = replace(recipe.scaling, block_gemm="dequantized")
+            return cls(spec, spec, spec, spec, AccumulationConfig(), scaling,
                        bias_grad=recipe.bias_grad)
         out = recipe.high_precision if recipe.high_precision in _SCALED_OUTPUT else "fp32"
         attention = recipe.high_precision if recipe.attention == "high_precision" else None
@@ -134,6 +161,13 @@ class LayerPolicy:
         if self.activation.scaling is ScalingKind.NONE or not self.round_output:
             return None
         return _SCALED_OUTPUT[self.scaled_output]
+
+    @property
+    def scaled_block_gemm(self) -> bool:
+        """True when linear GEMMs run in TransformerEngine's NVFP4 reference order
+        (``scaling.block_gemm="scaled"``; the constructor checks that weight, activation
+        and grad_output are block schemes with a tensor scale)."""
+        return self.scaling.block_gemm == "scaled"
 
     @property
     def rounds_output(self) -> bool:

@@ -43,6 +43,15 @@ a convolution weight: C_out x C_in at every kernel position). With
 g, w; wgrad: g, x) are transformed along its reduction axis with shared signs,
 quantized, and transformed back.
 
+With ``scaling.block_gemm="scaled"`` (TransformerEngine's NVFP4 reference order) a linear
+layer keeps its block-scheme operands quantized instead: each GEMM is
+:func:`mixprec.blocks.block_scaled_mm` of the two copies (block products times the block
+scales, summed over blocks in order, times alpha from the tensor amaxes), in the
+Hadamard-transformed domain where the GEMM has a transform, and the copies saved for
+backward keep their elements, block scales and tensor amax. The other GEMM-like ops
+keep the dequantized order and warn once (TransformerEngine's recipe covers linear
+layers only).
+
 For convolutions the reduction runs over C_in*kh*kw; blocks cover consecutive input
 channels at one kernel position (the channel-innermost im2col layout), so a block
 never mixes kernel positions; C_in / groups should be a multiple of the block size.
@@ -56,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -71,7 +81,7 @@ from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
 from .blocks import (BlockQuantized, BlockScheme, TE_NVFP4_SIGNS, fixed_signs, get_scheme,
                      scheme_along)
-from .blocks import quantize_blocked
+from .blocks import block_scaled_mm, quantize_blocked
 from .scaling import (DelayedScaling, _mx_parts, amax_to_scale, config_scale_kwargs,
                       quantize_mx, quantize_spec, tensor_to_amax)
 from .shared import _FLOAT8, codes_to_float32, shared_operand
@@ -321,8 +331,45 @@ def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: i
     return values, ("block", (scheme, q.shape), axis, int(moved), codes)
 
 
-def _unpack(pack: Pack) -> torch.Tensor:
+def _block_operand(x: torch.Tensor, spec: TensorSpec, axis: int,
+                   generator: Optional[torch.Generator], pack: bool,
+                   hadamard: Tuple[int, Optional[torch.Tensor]]):
+    """(BlockQuantized, pack or None): a 2-D GEMM operand quantized with its block scheme
+    along ``axis`` (the GEMM's reduction axis) and the GEMM's Hadamard transform, kept
+    quantized for :func:`block_scaled_mm` (``scaling.block_gemm="scaled"``)."""
+    scheme = scheme_along(get_scheme(spec.scheme), axis)
+    size, signs = hadamard
+    if size:
+        scheme = scheme.with_(axis=axis if not scheme.is_2d else
+                              (-1 if axis % x.dim() == x.dim() - 1 else -2),
+                              hadamard=size, hadamard_signs="none")
+    q = quantize_blocked(x.to(torch.float32), scheme, rounding=spec.rounding.value,
+                         generator=generator, signs=signs if size else None)
+    if not pack:
+        return q, None
+    codes = (_to_storage(q.elements, scheme.element),
+             _to_storage(q.block_scales, scheme.scale_format.float_format), q.tensor_scale,
+             torch.empty(0) if q.signs is None else q.signs, q.amax)
+    return q, ("bq", (scheme, q.shape), axis, 0, codes)
+
+
+def _warn_dequantized(c: "OpContext", op: str) -> None:
+    """Say that scaling.block_gemm="scaled" does not reach this op (Python's warning
+    filters show it once per op kind by default)."""
+    if c.policy.scaled_block_gemm:
+        warnings.warn(f"scaling.block_gemm='scaled' applies to linear layers; {op} computes "
+                      "with dequantized block operands (elements * block scale * tensor "
+                      "decode scale, then an FP32 GEMM)", stacklevel=3)
+
+
+def _unpack(pack: Pack):
     kind, fmt, axis, block, tensors = pack
+    if kind == "bq":
+        (scheme, shape), (elems, scales, tensor_scale, signs, amax) = fmt, tensors
+        return BlockQuantized.from_parts(
+            _from_storage(elems, scheme.element),
+            _from_storage(scales, scheme.scale_format.float_format), tensor_scale, scheme,
+            shape=shape, signs=signs if signs.numel() else None, amax=amax)
     if kind == "block":
         (scheme, shape), (elems, scales, tensor_scale, signs) = fmt, tensors
         scale_fmt = scheme.scale_format.float_format
@@ -407,6 +454,12 @@ class OpContext:
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
         return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
                       self._hadamard(spec, gemm))
+
+    def block_operand(self, x, role: str, axis: int, gemm: str, pack: bool = False):
+        """(BlockQuantized, pack or None) of a block-scheme role for ``gemm``, kept
+        quantized (``scaling.block_gemm="scaled"``)."""
+        spec = getattr(self.policy, role)
+        return _block_operand(x, spec, axis, self.generator, pack, self._hadamard(spec, gemm))
 
     def _hadamard(self, spec: TensorSpec, gemm: str) -> Tuple[int, Optional[torch.Tensor]]:
         cfg = self.policy.hadamard
@@ -508,9 +561,20 @@ class QLinear(torch.autograd.Function):
             c.observe("activation", x)
             c.observe("weight", weight)
             x2 = x.reshape(-1, x.shape[-1])
-            xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w, source=x)
-            wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
-            y = _mm(xq, wq.t(), c.policy.accumulation)
+            if c.policy.scaled_block_gemm:
+                # TE NVFP4: y from the rowwise copies; x's columnwise (wgrad) copy and
+                # w's dgrad copy are saved, each quantized from high precision
+                qx = c.block_operand(x2, "activation", -1, "fprop")[0]
+                qw = c.block_operand(weight, "weight", -1, "fprop")[0]
+                x_pack = c.block_operand(x2, "activation", 0, "wgrad", True)[1] if need_w \
+                    else None
+                w_pack = c.block_operand(weight, "weight", 0, "dgrad", True)[1] if need_x \
+                    else None
+                y = block_scaled_mm(qx, qw, a_axis=-1, b_axis=-1)
+            else:
+                xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w, source=x)
+                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
+                y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
                 y = y.add_(bias.to(torch.float32))   # y is the GEMM's fresh result
             y = c.store_output(y, x.dtype)
@@ -528,6 +592,8 @@ class QLinear(torch.autograd.Function):
             x_saved, w_saved = _load(ctx)
             c.observe("grad_output", g)
             g2 = g.reshape(-1, g.shape[-1])
+            if c.policy.scaled_block_gemm:
+                return _scaled_linear_backward(ctx, c, g2, x_saved, w_saved)
             g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
             if need_x:
                 dx = _mm(g_row, w_saved, acc).reshape(ctx.x_shape).to(ctx.dtypes[0])
@@ -537,6 +603,29 @@ class QLinear(torch.autograd.Function):
                 db = _sum(c.bias_source(g_col, g2), acc, 0)
                 db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
         return dx, dw, db, None, None, None
+
+
+def _scaled_linear_backward(ctx, c: OpContext, g2: torch.Tensor, qx: BlockQuantized,
+                            qw: BlockQuantized):
+    """QLinear's backward under scaling.block_gemm="scaled" (TE NVFP4 reference order):
+    dX = g_row (blocks along out) x w's dgrad copy, dW = g_col (blocks along the tokens,
+    with the wgrad transform) x x's wgrad copy, both by block_scaled_mm."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_x:
+        qg = c.block_operand(g2, "grad_output", -1, "dgrad")[0]
+        dx = block_scaled_mm(qg, qw, a_axis=-1, b_axis=0)
+        dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
+    rounded_bias = need_b and c.policy.bias_grad == "rounded"
+    qg_col = (c.block_operand(g2, "grad_output", 0, "wgrad")[0]
+              if need_w or rounded_bias else None)
+    if need_w:
+        dw = c.weight_grad(block_scaled_mm(qg_col, qx, a_axis=0, b_axis=0), -1)
+        dw = dw.to(ctx.dtypes[1])
+    if need_b:
+        db = c.bias_source(qg_col.dequantize() if rounded_bias else None, g2).sum(0)
+        db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
+    return dx, dw, db, None, None, None
 
 
 CONV_FUNCS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -550,6 +639,7 @@ class QConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, geometry, c: OpContext, need_x: bool, need_w: bool):
         nd = weight.dim() - 2
+        _warn_dequantized(c, "convolution")
         with _exact(x.device.type):
             c.observe("activation", x)
             c.observe("weight", weight)
@@ -607,6 +697,7 @@ class QMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, addend, c: OpContext, spec: GemmSpec, need_a: bool, need_b: bool):
         ra, rb = spec.roles
+        _warn_dequantized(c, "matmul")
         with _exact(a.device.type):
             c.observe(ra, a)
             c.observe(rb, b)
@@ -678,6 +769,7 @@ class QConvTranspose(torch.autograd.Function):
     def forward(ctx, x, weight, bias, geometry, c: OpContext, need_x: bool, need_w: bool):
         nd = weight.dim() - 2
         stride, padding, output_padding, groups, dilation = geometry
+        _warn_dequantized(c, "transposed convolution")
         with _exact(x.device.type):
             c.observe("activation", x)
             c.observe("weight", weight)
@@ -735,6 +827,7 @@ class QBilinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, weight, bias, c: OpContext, needs: tuple):
         need1, need2, need_w = needs
+        _warn_dequantized(c, "bilinear")
         with _exact(x1.device.type):
             c.observe("activation", x1)
             c.observe("activation", x2)

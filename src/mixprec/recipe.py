@@ -94,6 +94,9 @@ class TensorSpec:
         return self.format == "fp32" and self.scaling is ScalingKind.NONE
 
 
+BLOCK_GEMMS = ("dequantized", "scaled")
+
+
 @dataclass(frozen=True)
 class ScalingConfig:
     """Knobs of per-tensor (current / delayed) and MX block scaling.
@@ -112,6 +115,15 @@ class ScalingConfig:
     quotient), or ceil(log2(fl(amax / max_elem))) in float32 ("ceil-log2": torchao's RCEIL
     as it evaluates it, which differs from "ceil" where a quotient a few ulps above 2^k
     has its log2 rounded to k).
+    ``block_gemm``: how a linear layer's GEMMs apply the scales of block schemes with a
+    tensor scale (NVFP4). "dequantized": each operand becomes elements * (block scale *
+    tensor decode scale) in FP32, then an FP32 GEMM. "scaled": TransformerEngine's NVFP4
+    reference order (:func:`mixprec.blocks.block_scaled_mm`): the exact dot product of
+    each k-element block pair times fl(s_a * s_b), summed over the blocks in order from
+    zero, then times fl(amax_a * amax_b / (E_max^2 * S_max^2)); Hadamard-transformed
+    operands stay in the transformed domain. It needs the weight, activation and
+    grad_output specs to be such schemes, and FP32 accumulation (checked where a layer
+    policy is built, :class:`mixprec.LayerPolicy`; kept layers compute as usual).
     """
     amax_history_len: int = 16
     amax_algo: str = "max"          # "max" | "most_recent"
@@ -120,11 +132,13 @@ class ScalingConfig:
     mx_scale_rule: str = "ocp"      # "ocp" | "ceil" | "ceil-log2"
     amax_eps: float = 0.0
     pow2_scale: str = "none"        # "none" | "floor" | "log2"
+    block_gemm: str = "dequantized"  # "dequantized" | "scaled"
 
     def __post_init__(self):
         _choice(self.amax_algo, ("max", "most_recent"), "amax_algo")
         _choice(self.mx_scale_rule, ("ocp", "ceil", "ceil-log2"), "mx_scale_rule")
         _choice(self.pow2_scale, ("none", "floor", "log2"), "pow2_scale")
+        _choice(self.block_gemm, BLOCK_GEMMS, "block_gemm")
         if not (isinstance(self.amax_eps, (int, float)) and 0.0 <= self.amax_eps < float("inf")):
             raise ValueError(f"amax_eps must be a finite float >= 0, got {self.amax_eps!r}")
         object.__setattr__(self, "amax_eps", float(self.amax_eps))

@@ -37,7 +37,9 @@ factor is a reciprocal and the elements are x times it (not x divided by X * g_d
   6 * X * g_dec; here the block is NaN (overflow must stay visible to the loss scaler);
 * -0.0 inputs: TE's reference encodes them as +0, here they stay -0 (equal values);
 * TE's GEMM rescales by amax_x * amax_w / (6^2 * 448^2) instead of multiplying the two
-  g_dec factors; ``dequantize`` uses g_dec, the factor the encode used.
+  g_dec factors; ``dequantize`` uses g_dec, the factor the encode used, and
+  :func:`mixprec.blocks.block_scaled_mm` (the GEMM of ``scaling.block_gemm="scaled"``)
+  TE's rescale, from ``BlockQuantized.amax``.
 
 The fp32 and pow2 rules are TransformerEngine's Float8 current/blockwise scale
 (``scale = fp8_max / amax``, FLT_MAX for inf, mantissa zeroed for power-of-two scales,
@@ -180,6 +182,7 @@ class _Blocked(NamedTuple):
     tensor_scale: torch.Tensor  # 0-d float32 decode scale
     geometry: _Geometry
     signs: Optional[torch.Tensor]
+    amax: Optional[torch.Tensor] = None   # 0-d float32 tensor amax (tensor scale only)
 
 
 def _ceil_log2_exponent(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -226,10 +229,10 @@ def _scale_fp32(amax, scheme):
 
 
 def _tensor_scales(hp: torch.Tensor, scheme: BlockScheme):
-    """(g_enc, g_dec) as 0-d float32 tensors."""
+    """(g_enc, g_dec, amax) as 0-d float32 tensors (amax None without a tensor scale)."""
     one = torch.ones((), dtype=torch.float32, device=hp.device)
     if not scheme.tensor_scale:
-        return one, one
+        return one, one, None
     amax = hp.abs().amax() if hp.numel() else torch.zeros_like(one)
     # under torch.distributed the global amax, so every rank takes one process's scale
     amax = reduce_amax_(amax.to(torch.float32))
@@ -237,7 +240,7 @@ def _tensor_scales(hp: torch.Tensor, scheme: BlockScheme):
                        device=hp.device)                  # 448 * 6 = 2688, exact
     g_enc = torch.clamp(num / amax, max=_F32_MAX)         # amax 0 -> inf -> FLT_MAX
     g_enc = torch.where(g_enc == 0, one, g_enc)           # amax inf -> 0 -> 1
-    return g_enc, 1.0 / g_enc
+    return g_enc, 1.0 / g_enc, amax.reshape(())
 
 
 def _resolve_signs(scheme: BlockScheme, signs, generator) -> Optional[torch.Tensor]:
@@ -267,7 +270,7 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
     amax = blocks.abs().amax(dim=g.reduce, keepdim=True)   # NaN propagates
     special = ~torch.isfinite(amax)
     rule = scheme.scale_rule
-    g_enc, g_dec = _tensor_scales(hp, scheme)
+    g_enc, g_dec, tensor_amax = _tensor_scales(hp, scheme)
     if scheme.scale_format is ScaleFormat.E8M0:
         scales, enc = _scale_e8m0(amax, scheme)
         if rule is ScaleRule.DITHER:
@@ -293,7 +296,7 @@ def _blocked_quantize(x: torch.Tensor, scheme: BlockScheme, mode: Rounding,
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=hp.device)
         scales = torch.where(special, nan, scales)
         elems.masked_fill_(special, float("nan"))
-    return _Blocked(elems, scales, g_dec.reshape(()), g, signs)
+    return _Blocked(elems, scales, g_dec.reshape(()), g, signs, tensor_amax)
 
 
 # --------------------------------------------------------------------------------------
@@ -310,6 +313,10 @@ class BlockQuantized:
             1 x k blocks: x's shape with ``axis`` shortened to ceil(n / k); k x k tiles:
             ``x.shape[:-2] + (ceil(M / k), ceil(N / k))``.
         tensor_scale: 0-d float32 decode scale (1 when the scheme has none; 4/3 for dither).
+        amax: 0-d float32 amax of the tensor the tensor scale came from (after a Hadamard
+            transform), None when the scheme has no tensor scale. TransformerEngine's
+            NVFP4 GEMM rescales by amax_a * amax_b / (E_max^2 * S_max^2) rather than by
+            the two decode scales (:func:`mixprec.blocks.gemm.block_scaled_mm`).
         scheme: the resolved BlockScheme. signs: the Hadamard signs used (None: none).
     """
 
@@ -317,10 +324,11 @@ class BlockQuantized:
     def from_parts(cls, elements: torch.Tensor, block_scales: torch.Tensor,
                    tensor_scale: torch.Tensor, scheme: SchemeLike, *,
                    signs: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
-                   shape: Optional[Tuple[int, ...]] = None) -> "BlockQuantized":
+                   shape: Optional[Tuple[int, ...]] = None,
+                   amax: Optional[torch.Tensor] = None) -> "BlockQuantized":
         """Rebuild a result from its parts (e.g. decoded from storage): the inverse of
-        reading ``elements``, ``block_scales``, ``tensor_scale``, ``signs`` and ``shape``
-        (x's shape, when a Hadamard transform padded the elements)."""
+        reading ``elements``, ``block_scales``, ``tensor_scale``, ``signs``, ``shape``
+        (x's shape, when a Hadamard transform padded the elements) and ``amax``."""
         scheme = get_scheme(scheme)
         g = _geometry(tuple(elements.shape), scheme)
         blocked = _to_blocks(elements.to(torch.float32), g)
@@ -329,7 +337,9 @@ class BlockQuantized:
             keep[d] = 1
         scales = block_scales.to(torch.float32).reshape(keep)
         ts = torch.as_tensor(tensor_scale, dtype=torch.float32).reshape(())
-        return cls(_Blocked(blocked, scales, ts, g, signs), scheme, dtype, shape)
+        if amax is not None:
+            amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+        return cls(_Blocked(blocked, scales, ts, g, signs, amax), scheme, dtype, shape)
 
     def __init__(self, blocked: _Blocked, scheme: BlockScheme, dtype: torch.dtype,
                  shape: Optional[Tuple[int, ...]] = None):
@@ -339,6 +349,7 @@ class BlockQuantized:
         self.shape = tuple(blocked.geometry.shape if shape is None else shape)
         self.signs = blocked.signs
         self.tensor_scale = blocked.tensor_scale
+        self.amax = blocked.amax
         self.elements = _from_blocks(blocked.elems, blocked.geometry)
         self.block_scales = blocked.scales.squeeze(blocked.geometry.reduce)
 
