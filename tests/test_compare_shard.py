@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 from test_resume import TIMING, _numerics
 
 from mixprec.cli import main
@@ -96,7 +96,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         if rank == 0:
             Path(f"{out}/layout.json").write_text(json.dumps(layout))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _layout() -> dict:

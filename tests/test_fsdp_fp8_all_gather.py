@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -89,7 +89,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["dcp"] = _checkpointed(rank, out_dir)
         torch.save(res, os.path.join(out_dir, f"fp8ag{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 SAVE_AT = 2

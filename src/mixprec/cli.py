@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -256,9 +257,18 @@ def _compare_rank(rank: int, args: argparse.Namespace, cfg, out: str, every: Opt
             print(f"mixprec: error: {e}", file=sys.stderr)
         rc = 2
     finally:
+        # torch's gloo group destructor can deadlock: it joins its worker threads while
+        # holding the GIL that a worker needs to free its last collective's tensors.
+        # The group is kept referenced and the rank leaves without interpreter teardown
+        # (everything it writes is written and renamed by now).
+        _KEPT_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
-    if rc:
-        sys.exit(rc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+_KEPT_GROUPS: list = []
 
 
 def _compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:

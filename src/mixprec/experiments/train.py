@@ -75,13 +75,14 @@ def task_loss(task: Task, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 class SavedTensorBytes:
     """Count the bytes autograd saves for backward inside the context, each storage once.
 
-    Storages of the model's own parameters and buffers are left out, so the count is what
-    the forward pass *adds*: activations, and any low-precision copies of the weights that
-    a layer keeps for its backward.  Under FSDP2 the all-gathered parameters of the
-    forward count as the model's own (they are the weights, whole, on every rank).
-    ``by_dtype`` splits the count by storage dtype.
+    Storages of the model's own parameters and buffers, and of the batch named with
+    :meth:`holding`, are left out, so the count is what the forward pass *adds*:
+    activations, and any low-precision copies of the weights or of the batch that a layer
+    keeps for its backward.  Under FSDP2 the all-gathered parameters of the forward count
+    as the model's own (they are the weights, whole, on every rank).  ``by_dtype`` splits
+    the count by storage dtype.
 
-    >>> with SavedTensorBytes(model) as saved:
+    >>> with SavedTensorBytes(model).holding(x) as saved:
     ...     loss = model(x).sum()
     >>> saved.nbytes
     """
@@ -93,7 +94,14 @@ class SavedTensorBytes:
         self._sharded = False
         self.nbytes = 0
         self.by_dtype: dict = {}
+        self._held: tuple = ()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def holding(self, *batch: torch.Tensor) -> "SavedTensorBytes":
+        """Leave out the storages of ``batch`` (the tensors the training loop passes in
+        and holds through the step) in the next ``with`` block; returns self."""
+        self._held = batch
+        return self
 
     @staticmethod
     def _key(t: torch.Tensor):
@@ -119,13 +127,15 @@ class SavedTensorBytes:
         # the storages as they are now: set-up (a native recipe converting parameter
         # dtypes) frees the old ones, whose addresses new tensors may then reuse
         model = self._model
-        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
+        self._exclude = {self._key(t) for t in
+                         list(model.parameters()) + list(model.buffers()) + list(self._held)}
         self._sharded = is_fsdp(model)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._held = ()
 
 
 def grad_log2_histogram(grads: Iterable[torch.Tensor], *, scale: float = 1.0,
@@ -290,7 +300,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         for step, (x, y) in zip(range(first, config.steps), batches):
             scale = float(mp.scale)
             t0 = time.perf_counter()
-            with (saved if step == 0 else contextlib.nullcontext()):
+            with (saved.holding(x, y) if step == 0 else contextlib.nullcontext()):
                 with mp.autocast():
                     if data_parallel:
                         loss, local = _data_parallel_loss(net, data.task, x, y)
