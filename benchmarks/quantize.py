@@ -6,8 +6,8 @@ it prints millions of elements per second for
     copy          out.copy_(x): the memory-bandwidth ceiling of a read + write
     nearest       quantize(x, fmt, out=out)
     stochastic    quantize(x, fmt, rounding="stochastic", out=out)
-    mx            quantize_mx(x viewed as rows of 1024, fmt) (blocks of 32 along the rows;
-                  it returns new tensors, as layers call it)
+    mx            quantize_mx(x viewed as rows of 1024, fmt, out=(out, scales)) (blocks of
+                  32 along the rows), into preallocated buffers as nearest
     torch rt      x.to(dtype).float(): torch's cast round trip, allocating as users write it
     torch rt buf  the same round trip into reused buffers (lo.copy_(x); out.copy_(lo))
     compiled      with --compiled: torch.compile of quantize(x, fmt, out=out), the
@@ -20,6 +20,9 @@ busy machine slows all columns alike.  --clock cpu measures CPU time (of the cal
 thread with one thread, of the whole process with more), which other processes on a
 shared machine disturb far less than wall time; with several threads a kernel's CPU time
 is the sum over its threads, so the ratios compare work done, not elapsed time.
+OpenMP's workers (torch's casts and copies) sleep as soon as a parallel region ends
+(OMP_WAIT_POLICY=PASSIVE unless set): a worker that spins on waits charges its CPU time to
+whichever variant is timed next, and to none when it is still spinning at the clock read.
 
     python benchmarks/quantize.py [--log2n 24] [--rounds 7] [--threads 2] [--clock cpu]
                                   [--quick] [--compiled]
@@ -31,7 +34,8 @@ import os
 import sys
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read once, when torch loads OpenMP
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpuinfo import cpu_line  # noqa: E402
@@ -55,6 +59,8 @@ def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict
     """name -> zero-argument callable; buffers are made once, here."""
     runs = {"copy": lambda: out.copy_(x)}
     gen = torch.Generator().manual_seed(0)
+    rows = x.view(-1, 1024)
+    mx_out = (out.view(-1, 1024), torch.empty(rows.shape[0], 1024 // 32))
     for name in FORMATS:
         if compiled:
             runs[f"{name} compiled"] = _compiled(x, out, name, "nearest", gen)
@@ -63,7 +69,7 @@ def variants(x: torch.Tensor, out: torch.Tensor, compiled: bool = False) -> dict
         runs[f"{name} stochastic"] = lambda n=name: quantize(
             x, n, rounding="stochastic", generator=gen, out=out)
         if name in MX_FORMATS:
-            runs[f"{name} mx"] = lambda n=name: quantize_mx(x.view(-1, 1024), n)
+            runs[f"{name} mx"] = lambda n=name: quantize_mx(rows, n, out=mx_out)
         dt = TORCH_DTYPES.get(name)
         if dt is not None:
             lo = torch.empty(x.shape, dtype=dt)

@@ -21,7 +21,7 @@ TABLES = {
                     r"^\d+.*CPU: .*flags: "]
     + [rf"^{f} +\d+ +\d+ +" for f in ("fp16", "bf16", "e5m2", "e4m3", "e3m2", "e2m1")]
     + [r"^targets: .*: \d+ of \d+ met$"],
-    "step.py": [r"^variant +ms +vs fp32 +spread +saved MiB +vs fp32 +target$",
+    "step.py": [r"^variant +ms +vs fp32 +spread +saved MiB +vs fp32 +w/ batch +target$",
                 r"^torch fp32 ", r"^torch\.amp bf16 ", r"^\d+.*CPU: .*flags: "]
     + [rf"^mixprec {re.escape(p)} \(emulated\) +[\d.]+ +[\d.]+x +[\d.]+-[\d.]+ +[\d.]+ +[\d.]+x"
        for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8",
@@ -64,3 +64,28 @@ def test_step_benchmark_runs_the_llama_model_quick():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"^LlamaForCausalLM hidden 256", proc.stdout, re.M), proc.stdout
     assert re.search(r"^mixprec fp8-hybrid \(emulated\) +[\d.]+ +[\d.]+x", proc.stdout, re.M)
+
+
+def test_step_benchmark_saved_bytes_of_the_fp8_e5m2_mlp():
+    """The README's MLP saved-bytes figures for fp8-e5m2, at full size (one forward each,
+    no timing), against a count from the layer shapes: fp32 saves ReLU 1's and ReLU 2's
+    outputs, W2 and W3 (parameters saved by torch itself, counted), the log-softmax output
+    and the loss's scalar weight; fp8-e5m2 ReLU 1's bit mask, layer 2's e5m2 input and
+    weight, ReLU 2's e5m2 output (shared with layer 3), W3 and the logits in fp16. Both
+    save the batch itself (left out, counted in the second number)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    (n, k, h, c), b = step.SIZES, 1024
+    batch = step.make_batch("mlp", b)
+    x_bytes, y_bytes = 4 * b * n, 8 * b
+    fp32 = step.plain_fp32("mlp").saved_bytes(batch)
+    ours = step.mixprec_variant("mlp", "fp8-e5m2", "emulated").saved_bytes(batch)
+    assert fp32[0] == 4 * (b * k + b * h + h * k + c * h + b * c) + 4
+    assert ours[0] == b * k // 8 + b * k + h * k + b * h + 2 * (c * h + b * c)
+    assert (fp32[1] - fp32[0], ours[1] - ours[0]) == (x_bytes + y_bytes,) * 2
+    assert ours[0] / fp32[0] <= 0.30
+    assert f"{ours[0] / fp32[0]:.2f}x" == "0.26x"
+    assert f"{ours[1] / fp32[1]:.2f}x" == "0.41x"

@@ -189,6 +189,21 @@ def test_saved_bytes_count_the_input_of_a_linear_layer(dtype, width):
     assert saved.by_dtype == {str(dtype)[6:]: saved.nbytes}
 
 
+def test_saved_bytes_leave_out_the_held_batch_for_one_block():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(32, 16)                  # saved by the matmul itself, as the caller's
+    saved = SavedTensorBytes(layer)
+    with saved.holding(x):
+        z = layer(x).exp()
+    assert saved.nbytes == z.numel() * 4
+    again = SavedTensorBytes(layer)
+    with again.holding(x):
+        pass
+    with again:                              # holding() covered one block only
+        z = layer(x).exp()
+    assert again.nbytes == x.numel() * 4 + z.numel() * 4
+
+
 def test_saved_bytes_count_a_storage_once():
     x = torch.randn(64, requires_grad=True)
     with SavedTensorBytes(nn.Identity()) as saved:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -120,7 +120,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         _train_part(rank, out_dir)
         _ckpt_part(rank, out_dir)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _train_part(rank: int, out_dir: str) -> None:

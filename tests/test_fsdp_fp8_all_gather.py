@@ -6,13 +6,15 @@ import warnings
 import numpy as np
 import pytest
 
-from spawning import spawn_ranks
+from spawning import leave_process_group, spawn_ranks
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp_
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.distributed.checkpoint import EngineState
 from mixprec.engine import prepare
 from test_fsdp import WORLD, _assert_same, _batch, _init, _model, _rows, _sharded, _snapshot
 
@@ -84,9 +86,57 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             except ValueError as e:
                 res[recipe] = (str(e), [str(w.message) for w in caught
                                         if "fp8_all_gather" in str(w.message)])
+        res["dcp"] = _checkpointed(rank, out_dir)
         torch.save(res, os.path.join(out_dir, f"fp8ag{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
+
+
+SAVE_AT = 2
+
+
+def _steps(model, engine, steps, rank: int) -> list:
+    losses = []
+    for step in steps:
+        x, y = (_rows(t, rank, WORLD) for t in _batch(step))
+        with engine.autocast():
+            loss = F.cross_entropy(model(x), y)
+        losses.append(loss.detach().clone())
+        engine.backward(loss)
+        engine.step()
+        engine.zero_grad()
+    return losses
+
+
+def _checkpointed(rank: int, out_dir: str) -> dict:
+    """fp8-hybrid with FP8 all-gather: STEPS steps straight; SAVE_AT steps, saved with
+    DCP, loaded by a fresh engine (other initial weights and seed) and continued."""
+    def engine_for(model, seed, **kw):
+        return prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "fp8-hybrid",
+                       seed=seed, fp8_all_gather=True, **kw)
+
+    def snap(engine, losses):
+        return {**_snapshot(engine), "losses": losses, "rng": engine.generator.get_state(),
+                "gathers": engine.all_gather_bytes()["gathers"]}
+    out = {}
+    model = _sharded()
+    engine = engine_for(model, 7)
+    out["straight"] = snap(engine, _steps(model, engine, range(STEPS), rank))
+    model = _sharded()
+    engine = engine_for(model, 7)
+    losses = _steps(model, engine, range(SAVE_AT), rank)
+    path = os.path.join(out_dir, "fp8ag-ckpt")
+    dcp.save({"train": EngineState(engine)}, checkpoint_id=path)
+    out["saved"] = snap(engine, losses)
+    model = _sharded(seed=1)
+    engine = engine_for(model, 99, example_inputs=_rows(_batch(0)[0], rank, WORLD))
+    dcp.load({"train": EngineState(engine)}, checkpoint_id=path)
+    out["loaded"] = snapshot = snap(engine, [])
+    before = snapshot["gathers"]
+    resumed = _steps(model, engine, range(SAVE_AT, STEPS), rank)
+    out["resumed"] = snap(engine, losses + resumed)
+    out["resumed"]["gathers"] -= before      # the continued steps' FP8 all-gathers only
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +208,19 @@ def test_fp8_all_gather_needs_fsdp():
     with pytest.raises(ValueError, match="fully_shard"):
         prepare(model, torch.optim.AdamW(model.parameters()), "fp8-hybrid",
                 fp8_all_gather=True)
+
+
+def test_fp8_all_gather_checkpoint_loads_and_continues_bit_identically(ranks):
+    for rank, res in enumerate(ranks):
+        out = res["dcp"]
+        def drop(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in ("losses", "gathers")}
+        # the fresh engine (other weights, other seed) holds the saved state after dcp.load
+        _assert_same(drop(out["loaded"]), drop(out["saved"]), f"loaded rank {rank}")
+        # and continues as the uninterrupted run: losses, masters, weights, optimizer
+        # state, scale, history, layer states, generator
+        _assert_same(drop(out["resumed"]), drop(out["straight"]), f"resumed rank {rank}")
+        _assert_same(out["resumed"]["losses"], out["straight"]["losses"], f"losses rank {rank}")
+        # still gathered in FP8 after the load: one gather of the middle layer's weight
+        # before each forward and each backward
+        assert out["resumed"]["gathers"] == 2 * (STEPS - SAVE_AT)

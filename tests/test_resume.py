@@ -334,10 +334,8 @@ def test_compare_under_torchrun_trains_data_parallel(tmp_path, one_process):
     _matches_one_process(json.loads((tmp_path / "run" / "results.json").read_text()), one_process)
 
 
-def test_nproc_shard_and_launcher_conflicts_are_clear_errors(tmp_path, monkeypatch, capsys):
+def test_nproc_and_launcher_conflicts_are_clear_errors(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "x")
-    assert main(["compare", *SMALL, "--nproc", "2", "--shard", "--out", out]) == 2
-    assert "--shard (FSDP2, fully_shard) is not available in compare yet" in _error(capsys)
     assert main(["compare", *SMALL, "--nproc", "0", "--out", out]) == 2
     assert "--nproc must be at least 1, got 0" in _error(capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")

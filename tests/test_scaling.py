@@ -388,6 +388,76 @@ def test_mx_matches_float64_reference(fmt, rule):
         np.testing.assert_array_equal(scales[r].numpy(), ref_scales.astype(np.float32))
 
 
+def grid_ties_and_neighbours(fmt_name: str) -> np.ndarray:
+    """Every finite value >= 0 of the format (ml_dtypes decodes all codes), every midpoint
+    of two neighbours (a tie; Q/2 included) and the float32 values next to each midpoint."""
+    bits = {"e5m2": 8, "e4m3": 8, "e3m2": 6, "e2m3": 6, "e2m1": 4}[fmt_name]
+    grid = np.arange(2 ** bits, dtype=np.uint8).view(NP_DTYPE[fmt_name]).astype(np.float64)
+    grid = np.unique(grid[np.isfinite(grid) & (grid >= 0)])
+    mids = ((grid[:-1] + grid[1:]) / 2).astype(np.float32)
+    return np.concatenate([grid.astype(np.float32), mids, np.nextafter(mids, np.float32(0)),
+                           np.nextafter(mids, np.float32(np.inf))])
+
+
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+@pytest.mark.parametrize("rule", ["ocp", "ceil"])
+def test_mx_blocks_of_32_ties_and_subnormals_against_float64_reference(fmt, rule):
+    """Blocks of 32 along the last axis (the OCP block; the C kernel's one-pass loop):
+    blocks whose amax is the format's max (scale 2^0 before the row factor) holding every
+    value of the format, every tie, both neighbours of every tie and the values between
+    Q/2 and the smallest normal, with signs; random blocks; a padded last block."""
+    f = get_format(fmt)
+    vals = grid_ties_and_neighbours(fmt)
+    vals = vals * np.where(np.arange(len(vals)) % 2, -1, 1).astype(np.float32)
+    per = -(-len(vals) // 31)
+    body = np.zeros(per * 31, dtype=np.float32)
+    body[:len(vals)] = vals
+    blocks = np.concatenate([np.full((per, 1), f.max, dtype=np.float32),
+                             body.reshape(per, 31)], axis=1)
+    ties = torch.from_numpy(blocks.reshape(-1))
+    rand = spread_blocks(1, 8, 32, seed=11).reshape(-1)
+    row = torch.cat([ties, rand, torch.tensor([3.0, -0.1, 1e-3, 0.0, 7.0])])   # 5 pad
+    x = torch.stack([row * 2.0 ** k for k in (-20, 0, 9)])
+    deq, scales = quantize_mx(x, fmt, block_size=32, scale_rule=rule)
+    for r in range(x.shape[0]):
+        ref_deq, ref_scales = mx_reference(x[r].numpy(), fmt, 32, rule)
+        np.testing.assert_array_equal(deq[r].numpy(), ref_deq.astype(np.float32))
+        np.testing.assert_array_equal(scales[r].numpy(), ref_scales.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mx_out_writes_the_given_buffers(dtype):
+    """out=(dequantized, scales): the same tensors come back, holding the bits of a call
+    without out= and of the float64 reference; x may be its own out."""
+    x = spread_blocks(3, 4, 32, seed=5).to(dtype)
+    x[1, 40] = float("nan")
+    deq_buf = torch.full_like(x, 7.0)
+    sc_buf = torch.full((3, 4), 7.0)
+    got = quantize_mx(x, "e4m3", out=(deq_buf, sc_buf))
+    assert got[0] is deq_buf and got[1] is sc_buf
+    want = quantize_mx(x, "e4m3")
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                           b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
+    if dtype == torch.float32:
+        for r in range(3):
+            ref_deq, ref_scales = mx_reference(x[r].numpy(), "e4m3", 32, "ocp")
+            np.testing.assert_array_equal(deq_buf[r].numpy(), ref_deq.astype(np.float32))
+            np.testing.assert_array_equal(sc_buf[r].numpy(), ref_scales.astype(np.float32))
+    y = x.clone()
+    quantize_mx(y, "e4m3", out=(y, torch.empty(3, 4)))
+    assert torch.equal(y.float().view(torch.int32), want[0].float().view(torch.int32))
+
+
+def test_mx_bad_out():
+    x = torch.randn(2, 64)
+    for bad in [torch.empty(2, 64), (torch.empty(2, 64),), (torch.empty(2, 64), torch.empty(2, 3)),
+                (torch.empty(2, 64, dtype=torch.float64), torch.empty(2, 2)),
+                (torch.empty(2, 64), torch.empty(2, 2, dtype=torch.bfloat16))]:
+        with pytest.raises(ValueError, match=r"out must be a \(dequantized, scales\) pair"):
+            quantize_mx(x, "e4m3", out=bad)
+
+
 @pytest.mark.parametrize("fmt", MX_FORMATS)
 def test_mx_ceil_rule_never_saturates_ocp_does(fmt):
     f = get_format(fmt)

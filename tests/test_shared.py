@@ -11,7 +11,8 @@ from mixprec.emulate import PrecisionMode, attach
 from mixprec.engine import prepare
 from mixprec.formats import get_format
 from mixprec.policy import LayerPolicy
-from mixprec.shared import QReLU, e5m2_as_float16, get_tag, sharing_disabled, tag_output
+from mixprec.shared import (QReLU, caller_inputs, e5m2_as_float16, exit_caller_inputs, get_tag,
+                            shared_operand, sharing_disabled, tag_output)
 
 B, SIZES = 8, (12, 16, 16, 4)
 
@@ -61,22 +62,23 @@ def engine_loss(recipe):
 
 
 def test_fp8_preset_saved_bytes_by_dtype():
-    # first and last layer FP16: x (fp16); ReLU 1 (fp16 output) its 1-bit mask; layer 2
-    # its own e5m2 copy of its input and its weight (e5m2); ReLU 2 output (e5m2, reused
-    # by layer 3); layer 3 weight (fp16); the loss's fp16 logits (its FP32 log-softmax is
-    # recomputed in backward), int64 targets
+    # first and last layer FP16: the batch x itself (float32, the caller's: no copy); ReLU 1
+    # (fp16 output) its 1-bit mask; layer 2 its own e5m2 copy of its input and its weight
+    # (e5m2); ReLU 2 output (e5m2, reused by layer 3); layer 3 weight (fp16); the loss's
+    # fp16 logits (its FP32 log-softmax is recomputed in backward), int64 targets
     _, loss = engine_loss("fp8-e5m2")
     got = saved_by_dtype(loss)
-    assert got[torch.float16] == 2 * (B * SIZES[0] + SIZES[3] * SIZES[2] + B * SIZES[3])
+    assert got[torch.float32] == 4 * B * SIZES[0]
+    assert got[torch.float16] == 2 * (SIZES[3] * SIZES[2] + B * SIZES[3])
     assert got[torch.uint8] == B * SIZES[1] // 8
     assert got[torch.float8_e5m2] == SIZES[2] * SIZES[1] + B * SIZES[1] + B * SIZES[2]
-    assert torch.float32 not in got
     assert got[torch.int64] == 8 * B
     with sharing_disabled():
         before = saved_by_dtype(loss)
-    # without sharing: ReLU 2 keeps its mask, layer 3 its fp16 input, layer 2 no e5m2 copy
-    # of ReLU 2's output
-    assert before[torch.float16] == got[torch.float16] + 2 * B * SIZES[2]
+    # without sharing: layer 1 keeps an fp16 copy of x, ReLU 2 its mask, layer 3 its fp16
+    # input, layer 2 no e5m2 copy of ReLU 2's output
+    assert torch.float32 not in before
+    assert before[torch.float16] == got[torch.float16] + 2 * B * SIZES[2] + 2 * B * SIZES[0]
     assert before[torch.uint8] == got[torch.uint8] + B * SIZES[2] // 8
     assert before[torch.float8_e5m2] == got[torch.float8_e5m2] - B * SIZES[2]
 
@@ -86,7 +88,9 @@ def test_all_fp8_saved_bytes_by_dtype():
     got = saved_by_dtype(loss)
     assert got[torch.float16] == 2 * B * SIZES[3]     # the loss's logits, nothing else
     weights = sum(a * b for a, b in zip(SIZES, SIZES[1:])) - SIZES[0] * SIZES[1]
-    assert got[torch.float8_e5m2] == B * sum(SIZES[:3]) + weights
+    # layer 1 saves the caller's float32 batch itself, layers 2 and 3 e5m2 inputs
+    assert got[torch.float32] == 4 * B * SIZES[0]
+    assert got[torch.float8_e5m2] == B * sum(SIZES[1:3]) + weights
 
 
 @pytest.mark.parametrize("recipe", ["fp8-e5m2", "fp8-e5m2:keep_high_precision=none",
@@ -120,6 +124,124 @@ def test_training_bit_identical_without_sharing(recipe, scale):
     for a, b in zip(*runs):
         assert a.dtype == b.dtype
         assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype.itemsize == 1 else a, b)
+
+
+def saved_tensors(fn) -> list:
+    """The tensors saved for backward while fn runs (as saved, without copies)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("recipe, copy_dtype", [
+    ("fp8-e5m2", torch.float16), ("fp16-mixed", torch.float16),
+    ("bf16-mixed", torch.bfloat16), ("fp8-hybrid", torch.bfloat16)])
+def test_first_layer_saves_the_callers_batch(recipe, copy_dtype):
+    """The model's input (the data batch the caller holds) is saved itself, not a rounded
+    16-bit copy of it; with sharing off the layer keeps its copy."""
+    x, y = data()
+    model = mlp()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe,
+                 backend="emulated", seed=0)
+
+    def run():
+        with mp.autocast():
+            return F.cross_entropy(model(x), y)
+    for ctx, shares in ((contextlib.nullcontext, True), (sharing_disabled, False)):
+        with ctx():
+            saved, _ = saved_tensors(run)
+        batch = [t for t in saved if t.untyped_storage().data_ptr() == x.data_ptr()]
+        copies = [t for t in saved if t.shape == x.shape and t.dtype == copy_dtype]
+        assert (len(batch), len(copies)) == ((1, 0) if shares else (0, 1))
+
+
+def test_an_input_computed_inside_the_model_is_copied():
+    """A tensor without gradient that the model computes itself (here x / 4) is no input
+    of the caller's: the layer saves its own 16-bit copy, as before."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x / 4)
+
+    model = Scaled()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-e5m2",
+                 backend="emulated", seed=0)
+    x, y = data()
+
+    def run():
+        with mp.autocast():
+            return F.cross_entropy(model(x), y)
+    saved, _ = saved_tensors(run)
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    assert sum(t.dtype == torch.float16 and t.shape == x.shape for t in saved) == 1
+
+
+@pytest.mark.parametrize("recipe", ["fp8-e5m2", "fp16-mixed", "bf16-mixed", "fp8-hybrid"])
+@pytest.mark.parametrize("scale", [1.0, 1e-6])
+def test_whole_model_training_bit_identical_without_sharing(recipe, scale):
+    """Three steps of model(x) (the batch saved itself and rounded again in backward):
+    losses, gradients and weights equal those of the path that saves rounded copies
+    (scale 1e-6 puts the batch into the fp16 subnormals and below)."""
+    runs = []
+    for ctx in (contextlib.nullcontext, sharing_disabled):
+        model = mlp()
+        x, y = data(scale=scale)
+        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                     recipe, backend="emulated", seed=0)
+        seen = []
+        with ctx():
+            for _ in range(3):
+                with mp.autocast():
+                    loss = F.cross_entropy(model(x), y)
+                mp.backward(loss)
+                seen += [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+                mp.step()
+                mp.zero_grad()
+        seen += [p.detach().clone() for p in model.parameters()]
+        runs.append(seen)
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_batch_changed_in_place_before_backward_raises():
+    """The saved batch is the caller's tensor: changing it in place before backward is
+    caught by autograd's version check (as with torch's own FP32 layers), never a
+    gradient silently computed from the new values."""
+    model = mlp()
+    mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp16-mixed",
+                 backend="emulated", seed=0)
+    x, y = data()
+    with mp.autocast():
+        loss = F.cross_entropy(model(x), y)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        mp.backward(loss)
+
+
+def test_caller_inputs_blocks_nest_and_close():
+    x, other = torch.randn(3, 4), torch.randn(3, 4)
+    spec = LayerPolicy.from_recipe("fp16-mixed").activation
+    assert shared_operand(x, spec) is None
+    with caller_inputs([x]):
+        with caller_inputs([other]):
+            how, stored = shared_operand(x[1:], spec)
+            assert how == "requantize" and stored.data_ptr() == x[1:].data_ptr()
+        assert shared_operand(x.view(12), spec)[0] == "requantize"
+        assert shared_operand(other, spec) is None
+        assert shared_operand(x.half(), spec) is None     # a copy, and the format's dtype
+        with sharing_disabled():
+            assert shared_operand(x, spec) is None
+    assert shared_operand(x, spec) is None
+    exit_caller_inputs()      # nothing open: no error
 
 
 def e5m2_policy():

@@ -23,7 +23,11 @@
  * flat element index), so both paths give identical results.
  *
  * Integer-only: no floating-point instruction touches the data, so the result does not
- * depend on the FPU rounding mode or on flush-to-zero settings.
+ * depend on the FPU rounding mode or on flush-to-zero settings.  The MX kernel is the
+ * exception: it scales with float32 products, as the torch ops it replaces do, and its
+ * nearest loop for blocks of 32 rounds values below the format's normals with a float32
+ * addition, which assumes the default rounding mode (round to nearest-even) that torch
+ * also runs under; flush-to-zero does not change what that addition gives.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -82,19 +86,20 @@ static inline int stochastic_up(uint64_t low, uint64_t shift, uint64_t seed, uin
 #define MULTIVERSION
 #endif
 
-/* out[j] = splitmix(seed, k0 + j) for j < n, four at a time in vector registers (GCC
- * vector extensions; where the target lacks 64-bit vector multiplies the compiler
- * composes them from 32-bit ones).  Same numbers as the scalar splitmix. */
-typedef uint64_t u64x4 __attribute__((vector_size(32)));
+/* out[j] = splitmix(seed, k0 + j) for j < n, eight at a time in vector registers (GCC
+ * vector extensions: one AVX-512 register, two AVX2 ones; where the target lacks 64-bit
+ * vector multiplies the compiler composes them from 32-bit ones).  Same numbers as the
+ * scalar splitmix. */
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
 static inline void splitmix_run(uint64_t *out, uint64_t seed, uint64_t k0, int64_t n) {
     const uint64_t G = 0x9E3779B97F4A7C15ULL;
     int64_t j = 0;
-    u64x4 z = {seed + (k0 + 1) * G, seed + (k0 + 2) * G, seed + (k0 + 3) * G,
-               seed + (k0 + 4) * G};
-    const u64x4 step = {4 * G, 4 * G, 4 * G, 4 * G};
-    for (; j + 4 <= n; j += 4) {
-        u64x4 v = z;
+    u64x8 z;
+    for (int l = 0; l < 8; l++) z[l] = seed + (k0 + 1 + (uint64_t)l) * G;
+    const u64x8 step = {8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G, 8 * G};
+    for (; j + 8 <= n; j += 8) {
+        u64x8 v = z;
         v = (v ^ (v >> 30)) * 0xBF58476D1CE4E5B9ULL;
         v = (v ^ (v >> 27)) * 0x94D049BB133111EBULL;
         v = v ^ (v >> 31);
@@ -161,24 +166,34 @@ MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t
  * element by element with stochastic_up.  In-place calls go through a block buffer so
  * that the redo still sees the input. */
 #define BLOCK 1024
+
+/* The words of pairs[0..npairs) in the order low, high, low, high...: on a little-endian
+ * target that is the memory of the pairs itself (read as uint32_t; the extension is built
+ * with -fno-strict-aliasing), elsewhere they are swapped in place. */
+static inline const uint32_t *split_words(uint64_t *pairs, int64_t npairs) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    (void)npairs;
+#else
+    for (int64_t k = 0; k < npairs; k++)
+        pairs[k] = (pairs[k] << 32) | (pairs[k] >> 32);
+#endif
+    return (const uint32_t *)pairs;
+}
 #define DEFINE_STOCHASTIC(NAME, UINT, MW)                                              \
 MULTIVERSION static void NAME(const UINT *src, UINT *dst, int64_t begin, int64_t end,  \
                               const plan_t *pl, uint64_t seed, int64_t idx0) {         \
     PLAN_LOCALS(UINT, MW)                                                              \
     const UINT BITS = sizeof(UINT) * 8;                                                \
     uint64_t pairs[BLOCK / 2 + 1];                                                     \
-    uint32_t words[BLOCK + 2];                                                         \
     UINT tmp[BLOCK], flags[BLOCK];                                                     \
     for (int64_t blk = begin; blk < end; blk += BLOCK) {                               \
         int64_t len = end - blk < BLOCK ? end - blk : BLOCK;                           \
         int64_t gi = idx0 + blk;  /* random index of the block's first element */     \
         int64_t k0 = gi >> 1, npairs = ((gi & 1) + len + 1) >> 1;                      \
         splitmix_run(pairs, seed, (uint64_t)k0, npairs);                               \
-        for (int64_t k = 0; k < npairs; k++) {                                         \
-            words[2 * k] = (uint32_t)pairs[k];                                         \
-            words[2 * k + 1] = (uint32_t)(pairs[k] >> 32);                             \
-        }                                                                              \
-        const uint32_t *w = words + (gi & 1);                                          \
+        /* the 32-bit words of the pairs, low word first (x86-64 and other             \
+         * little-endian targets; elsewhere the pairs are split explicitly) */          \
+        const uint32_t *w = split_words(pairs, npairs) + (gi & 1);                     \
         const UINT *in = src + blk;                                                    \
         UINT *out = (src == dst) ? tmp : dst + blk;                                    \
         for (int64_t c0 = 0; c0 < len; c0 += 64) { /* chunks of 64 of the block */      \
@@ -668,7 +683,104 @@ static int64_t mx_exponent(uint32_t a, int64_t emax, int64_t ceil_rule, uint32_t
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
 
+/* Nearest rounding of blocks of 32 along the last axis (the OCP block), one block at a
+ * time in one pass: amax, scale, x * 2^-e, rounding and q * 2^e stay in registers, with no
+ * tile buffers or per-tile calls.  The rounding is the kernel's formula specialised to
+ * what an MX block can hold, v = x * 2^-e finite with |v| < 2^(emax + 2):
+ *     d  = min(max(te - field, 0), M + 1),   sh = s0 + d          (s0 = 23 - M)
+ *     sh <= 23:  q = (a + 2^(sh-1) - 1 + kept bit) & ~(2^sh - 1)   (kept bit: bit sh of
+ *                a, or the implicit 1 at sh = 23)
+ *     sh == 24:  v in [Q/2, Q) rounds to Q above the tie, else 0 (field below: 0)
+ * then saturation at max and the sign (fnuz: no -0).  Every lane runs the same
+ * instructions, with variable shifts, so the loops vectorise.  Same bits as the tile
+ * path below, which serves the other roundings, blocks and axes. */
+MULTIVERSION static void mx_rows_nearest32(mx_job_t *J) {
+    const plan_t *pl = J->plan;
+    const uint32_t s0 = (uint32_t)pl->s0, te = (uint32_t)pl->te;
+    const uint32_t max_bits = (uint32_t)pl->max_bits, ovf_bits = (uint32_t)pl->ovf_bits;
+    const uint32_t q_bits = (uint32_t)pl->q_bits, uz = (uint32_t)pl->unsigned_zero;
+    /* 2^23 Q: float32 steps of Q above it, so (|v| + magic) - magic rounds |v| < 2^emin
+     * to a multiple of Q, to nearest-even under the default rounding mode */
+    const uint32_t magic_bits = q_bits + (23u << 23);
+    float magic;
+    memcpy(&magic, &magic_bits, 4);
+    const uint32_t half_m1 = (1u << (s0 - 1)) - 1, keep = ~((1u << s0) - 1);
+    const int64_t n = J->n, nb = J->n_blocks;
+    uint32_t pad[32], q[32];
+    int64_t o = J->row_begin / nb, b = J->row_begin % nb;
+    for (int64_t r = J->row_begin; r < J->row_end; r++) {
+        int64_t j_end = n - b * 32 < 32 ? n - b * 32 : 32;
+        int64_t at = o * n + b * 32;
+        const uint32_t *in = J->src + at;
+        if (j_end < 32) {   /* the padded last block of a row */
+            memcpy(pad, in, sizeof(uint32_t) * (size_t)j_end);
+            memset(pad + j_end, 0, sizeof(uint32_t) * (size_t)(32 - j_end));
+            in = pad;
+        }
+        if (++b == nb) { b = 0; o++; }
+        uint32_t am = 0;
+        for (int j = 0; j < 32; j++) {
+            uint32_t a = in[j] & 0x7FFFFFFF;
+            am = a > am ? a : am;
+        }
+        if (am >= 0x7F800000) {   /* NaN or inf in the block: NaN scale, NaN values */
+            J->scales[r] = 0x7FC00000;
+            for (int64_t j = 0; j < j_end; j++) J->deq[at + j] = 0x7FC00000;
+            if (J->elems) memset(J->elems + at, 0, sizeof(uint32_t) * (size_t)j_end);
+            continue;
+        }
+        int64_t e = mx_exponent(am, J->emax, J->ceil_rule, J->top_mbits);
+        uint32_t mb = pow2_bits(-e), sb = pow2_bits(e);
+        float m, s;
+        memcpy(&m, &mb, 4);
+        memcpy(&s, &sb, 4);
+        /* one branch-free loop: blocks with and without values below the format's
+         * normals alternate unpredictably (e3m2), so both results are computed and the
+         * normal one taken where |v| >= 2^emin */
+        for (int j = 0; j < 32; j++) {
+            float vf;
+            memcpy(&vf, in + j, 4);
+            vf *= m;
+            uint32_t v;
+            memcpy(&v, &vf, 4);
+            uint32_t sign = v & 0x80000000u, a = v ^ sign;
+            uint32_t res = (a + half_m1 + ((a >> s0) & 1)) & keep;
+            res = res > max_bits ? ovf_bits : res;
+            float af;
+            memcpy(&af, &a, 4);
+            af = (af + magic) - magic;
+            uint32_t sub;
+            memcpy(&sub, &af, 4);
+            res = (a >> 23) >= te ? res : sub;
+            sign = (uz & (res == 0)) ? 0 : sign;
+            q[j] = res | sign;
+        }
+        float *drow = (float *)(J->deq + at);
+        if (j_end == 32) {
+            for (int j = 0; j < 32; j++) {
+                float qf;
+                memcpy(&qf, q + j, 4);
+                drow[j] = qf * s;
+            }
+        } else {
+            for (int64_t j = 0; j < j_end; j++) {
+                float qf;
+                memcpy(&qf, q + j, 4);
+                drow[j] = qf * s;
+            }
+        }
+        if (J->elems) memcpy(J->elems + at, q, sizeof(uint32_t) * (size_t)j_end);
+        J->scales[r] = sb;
+    }
+}
+
 MULTIVERSION static void mx_rows(mx_job_t *J) {
+    const plan_t *pl = J->plan;
+    if (J->mode == MODE_NEAREST && J->inner == 1 && J->block == 32 && !pl->m0 &&
+        pl->s0 >= 1 && pl->te > 24 - pl->s0) {
+        mx_rows_nearest32(J);
+        return;
+    }
     const int64_t inner = J->inner, block = J->block, n = J->n;
     const int64_t kt_max = inner < MX_TILE ? inner : MX_TILE;
     /* whole rows per tile when a row's inner extent fits, else one k-range of one row */

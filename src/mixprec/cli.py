@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -71,6 +72,7 @@ examples:
   mixprec compare --model hf:examples/tiny-llama --recipes fp16-mixed,fp8-hybrid
   mixprec compare --resume runs/compare-20260101-120000
   mixprec compare --nproc 2
+  mixprec compare --nproc 2 --shard
   torchrun --nproc-per-node 2 -m mixprec compare
 
 --model names a callable returning a torch.nn.Module; --data one returning a
@@ -134,8 +136,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help="train data-parallel in N processes on this machine "
                         "(DistributedDataParallel over gloo; default 1, or torchrun's world)")
     p.add_argument("--shard", action="store_true",
-                   help="shard the model with FSDP2 (fully_shard): not available in compare "
-                        "yet (the Python API supports it)")
+                   help="shard each run's model with FSDP2 (fully_shard) instead of DDP; "
+                        "needs --nproc N >= 2 or torchrun; checkpoints go through "
+                        "torch.distributed.checkpoint")
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long a rendezvous or collective may wait before failing "
                         "(default: %(default)s)")
@@ -160,11 +163,6 @@ def _compare_setup(args: argparse.Namespace) -> tuple:
     from .experiments.compare import (DEFAULT_RECIPES, CompareConfig, resume_config,
                                       saved_checkpoint_every)
     from .experiments.workloads import DEFAULT_WORKLOAD, resolve_workload
-    if args.shard:
-        raise ValueError("--shard (FSDP2, fully_shard) is not available in compare yet: "
-                         "shard your own model with fully_shard and call mixprec.prepare on "
-                         "it (README, Distributed), or run compare data-parallel with "
-                         "--nproc N and no --shard")
     every = args.checkpoint_every
     if every is not None and every < 0:
         raise ValueError(f"--checkpoint-every must be a number of steps >= 0, got {every}")
@@ -177,9 +175,14 @@ def _compare_setup(args: argparse.Namespace) -> tuple:
         nproc = launched
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if args.shard and not args.resume and (nproc or 1) < 2:
+        raise ValueError(f"--shard (FSDP2, fully_shard) needs at least 2 processes: add "
+                         f"--nproc N with N >= 2, or launch with torchrun --nproc-per-node N; "
+                         f"got {nproc or 1} process")
     given = dict(recipes=args.recipes, workload=args.workload, model=args.model,
                  data=args.data, steps=args.steps, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, nproc=nproc,
+                 shard=True if args.shard else None,
                  threads=None if args.threads is None else (args.threads or None))
     if args.resume:
         out = args.resume
@@ -254,9 +257,18 @@ def _compare_rank(rank: int, args: argparse.Namespace, cfg, out: str, every: Opt
             print(f"mixprec: error: {e}", file=sys.stderr)
         rc = 2
     finally:
+        # torch's gloo group destructor can deadlock: it joins its worker threads while
+        # holding the GIL that a worker needs to free its last collective's tensors.
+        # The group is kept referenced and the rank leaves without interpreter teardown
+        # (everything it writes is written and renamed by now).
+        _KEPT_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
-    if rc:
-        sys.exit(rc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+_KEPT_GROUPS: list = []
 
 
 def _compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> int:
@@ -270,7 +282,8 @@ def _compare(args: argparse.Namespace, cfg, out: str, every: Optional[int]) -> i
         lambda line: print(line, file=sys.stderr, flush=True))
     if log:
         log(f"mixprec compare: {len(cfg.recipes)} recipes x {len(cfg.seeds)} seed(s)"
-            f"{f' x {cfg.nproc} processes' if cfg.nproc > 1 else ''} -> {out}"
+            f"{f' x {cfg.nproc} processes' if cfg.nproc > 1 else ''}"
+            f"{' (FSDP2)' if cfg.shard else ''} -> {out}"
             f"{' (resumed)' if args.resume else ''}")
     started = time.perf_counter()
     try:

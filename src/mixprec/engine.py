@@ -42,11 +42,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
 from .distributed.fp8_all_gather import FP8AllGather
-from .distributed.fsdp import is_fsdp, sum_gradient_reduction_
+from .distributed.fsdp import fsdp_modules, is_fsdp, sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
 from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
                      native_dtype, resolve_backend)
@@ -56,6 +57,7 @@ from .optim import (STATE_UNDERFLOW_WARN, MasterOptimizer, OptimizerStateUnderfl
                     ParamSlot, StateUnderflow, round_into_)
 from .recipe import Recipe, ScalingKind, TensorSpec, get_recipe
 from .blocks import SignStream
+from .shared import enter_caller_inputs, exit_caller_inputs
 
 __all__ = ["prepare", "Engine", "NonFiniteError", "Stage", "KEEP_KEYWORDS",
            "STATE_UNDERFLOW_WARN", "needs_trace", "resolve_keep_high_precision"]
@@ -140,6 +142,12 @@ class Engine:
         # FSDP2: reduce-scatter as a sum; backward() divides the loss by the data-parallel
         # size instead (see mixprec.distributed.fsdp)
         self._dp_size = sum_gradient_reduction_(model)
+        self._input_hooks = []
+        if backend != "native":
+            # the model's inputs are the caller's: layers save them rather than copies
+            self._input_hooks = [
+                model.register_forward_pre_hook(_enter_inputs, with_kwargs=True),
+                model.register_forward_hook(_exit_inputs, always_call=True)]
         if keep is not None:
             self._finalize(keep)
         else:
@@ -156,6 +164,10 @@ class Engine:
         if self._pending_hook is not None:
             self._pending_hook.remove()
             self._pending_hook = None
+        # FSDP2 keeps the root's parameters unsharded after a forward (the trace): put the
+        # sharded ones back, which the optimizer holds and the masters are made from
+        for module in fsdp_modules(self.model):
+            module.reshard()
         self._masters = MasterOptimizer(
             self.optimizer, self._make_slots(), optimizer_state=self.recipe.optimizer_state,
             scaling=self.recipe.scaling, generator=self.generator,
@@ -614,13 +626,27 @@ class Engine:
 
     def remove(self) -> None:
         """Detach the precision hooks from the model (weights stay as they are)."""
-        for h in self._hooks:
+        for h in self._hooks + self._input_hooks:
             h.remove()
+        self._input_hooks = []
         if self._pending_hook is not None:
             self._pending_hook.remove()
             self._pending_hook = None
         if getattr(self, "_attached", None) is not None:
             self._attached.remove()
+
+
+def _enter_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the model: its tensor arguments count as held by the caller
+    for the duration of the call (:func:`mixprec.shared.caller_inputs`). Not while
+    compiling: saved tensors are not shared in a graph (``sharing_enabled``)."""
+    if not torch.compiler.is_compiling():
+        enter_caller_inputs(tree_leaves((args, kwargs)))
+
+
+def _exit_inputs(module: nn.Module, args: tuple, output) -> None:
+    if not torch.compiler.is_compiling():
+        exit_caller_inputs()
 
 
 def _recipe_text(recipe: Recipe) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed.fsdp import is_fsdp
 from .recipe import (BIAS_GRADS, AccumulationConfig, HadamardConfig, Recipe, Role,
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe)
 from .scaling import DelayedScaling
@@ -377,6 +378,9 @@ def attach(model: nn.Module,
     """
     handle = AttachHandle()
     kept = frozenset(kept)
+    # FSDP2 registers all-gathered parameters for a forward and sharded ones outside it:
+    # the ids that attribute an op to its layer are then taken as the forward starts
+    live = is_fsdp(model)
     for name, module in model.named_modules():
         policy = policy_for(name, module)
         if policy is None:
@@ -388,25 +392,33 @@ def attach(model: nn.Module,
         layer = Layer(name, policy, state, frozenset(id(p) for p in module.parameters()),
                       name in kept)
         handle.states[name], handle.policies[name] = state, policy
-        handle._hooks.append(module.register_forward_pre_hook(_push_hook(layer)))
+        handle._hooks.append(module.register_forward_pre_hook(_push_hook(layer, live)))
         handle._hooks.append(module.register_forward_hook(_pop_hook(layer), always_call=True))
     return handle
 
 
-def _push_hook(layer: Layer):
+def _push_hook(layer: Layer, live: bool = False):
     def push(module, args):
         layer.state.begin_forward()
-        _stack().append(layer)
+        running = layer
+        if live:
+            running = layer._replace(params=frozenset(id(p) for p in module.parameters()))
+        _stack().append(running)
     return push
 
 
 def _pop_hook(layer: Layer):
+    # a layer on the stack is this one when it has the same state (the pushed tuple may
+    # hold the parameter ids of this forward)
     def pop(module, args, output):
         stack = _stack()
-        if stack and stack[-1] is layer:
+        if stack and stack[-1].state is layer.state:
             stack.pop()
-        elif layer in stack:   # an inner forward raised before its own hook ran
-            del stack[len(stack) - 1 - stack[::-1].index(layer):]
+            return
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].state is layer.state:   # an inner forward raised before its hook ran
+                del stack[i:]
+                return
     return pop
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -318,7 +318,8 @@ def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
 def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis: int = -1,
                 scale_rule: str = "ocp", rounding: str = "nearest",
                 generator: Optional[torch.Generator] = None,
-                seed: Optional[torch.Tensor] = None) -> tuple:
+                seed: Optional[torch.Tensor] = None,
+                out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> tuple:
     """OCP MX block quantization; returns ``(dequantized, scales)``.
 
     Each block of ``block_size`` consecutive elements along ``axis`` shares a scale
@@ -346,6 +347,10 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
     block_size), "e8m0", "floor" | "ceil", axis=axis)``: the same bits, returned as
     ``(quantize_blocked(...).dequantize(), block_scales)``. ``seed`` (0-d int64 tensor)
     replaces a draw from ``generator``, as in quantize.
+
+    ``out``: a ``(dequantized, scales)`` pair of tensors to write into and return (shapes
+    and dtypes as above, x's device), so repeated calls reuse their buffers; the C kernel
+    writes float32 CPU results into them directly.
     """
     fmt = get_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -357,24 +362,47 @@ def quantize_mx(x: torch.Tensor, fmt: FormatLike, *, block_size: int = 32, axis:
         raise ValueError("quantize_mx needs a tensor with at least one dimension")
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of {x.dim()} dimensions")
-    deq, scales, _ = _mx_parts(x, fmt, block_size, axis % x.dim(), scale_rule, rounding,
-                               generator, seed=seed)
-    return deq, scales
+    ax = axis % x.dim()
+    if out is not None:
+        _check_mx_out(out, x, ax, block_size)
+    deq, scales, _ = _mx_parts(x, fmt, block_size, ax, scale_rule, rounding,
+                               generator, seed=seed, out=out)
+    if out is None:
+        return deq, scales
+    for dst, src in zip(out, (deq, scales)):
+        if _tracing(src) or src.data_ptr() != dst.data_ptr():
+            dst.copy_(src)
+    return out
+
+
+def _check_mx_out(out, x: torch.Tensor, ax: int, block_size: int) -> None:
+    """out must be (dequantized like x, float32 scales with ceil(n / block) along ax)."""
+    shape = list(x.shape)
+    shape[ax] = -(-shape[ax] // block_size)
+    want = ((tuple(x.shape), x.dtype), (tuple(shape), torch.float32))
+    if (not isinstance(out, (tuple, list)) or len(out) != 2
+            or not all(isinstance(t, torch.Tensor) for t in out)
+            or any((tuple(t.shape), t.dtype) != w or t.device != x.device
+                   for t, w in zip(out, want))):
+        raise ValueError(f"out must be a (dequantized, scales) pair of tensors shaped "
+                         f"{want[0][0]} ({x.dtype}) and {want[1][0]} (torch.float32) on "
+                         f"{x.device}")
 
 
 def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale_rule: str,
               rounding: str, generator: Optional[torch.Generator], elements: bool = False,
-              seed: Optional[torch.Tensor] = None):
+              seed: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
     """quantize_mx's (dequantized, scales) and, when ``elements``, the float32 element
     values V/X (0 in NaN-scaled blocks) that storage encodes; arguments already checked.
     CPU tensors take the C kernel (mixprec/_cquant.c, the same steps in one pass); the
-    block quantizer's torch ops are the reference it reproduces, random stream included."""
+    block quantizer's torch ops are the reference it reproduces, random stream included.
+    ``out`` (checked): buffers the C kernel may write into directly."""
     hp = x.detach().to(torch.float32)
     mode = _choice(Rounding, rounding, "rounding")
     if (_fast_path(_cquant, hp)
             and scale_rule in ("ocp", "ceil") and _layout_for(torch.float32, fmt) is _F32):
         deq, scales, elems = _mx_parts_c(hp, fmt, block_size, ax, scale_rule, mode,
-                                         generator, elements, seed)
+                                         generator, elements, seed, out)
         return deq.to(x.dtype), scales, elems
     # the MX setting of the general block quantizer ("ocp" is its "floor" rule)
     rule = MX_RULE[scale_rule]
@@ -400,13 +428,19 @@ def _mx_parts(x: torch.Tensor, fmt: FloatFormat, block_size: int, ax: int, scale
 
 def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_rule: str,
                 mode: Rounding, generator: Optional[torch.Generator], elements: bool,
-                seed_tensor: Optional[torch.Tensor] = None):
+                seed_tensor: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
     hp = hp.contiguous()
     shape = hp.shape
     outer, n, inner = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
     n_blocks = -(-n // block)
-    deq = torch.empty_like(hp)
-    scales = torch.empty(*shape[:ax], n_blocks, *shape[ax + 1:], dtype=torch.float32)
+    # a caller's buffers when the kernel can write them as they are (float32, contiguous,
+    # not overlapping the input), else fresh ones that quantize_mx copies out
+    usable = out is not None and all(t.dtype == torch.float32 and t.is_contiguous()
+                                     for t in out) and not any(
+        _overlaps(t, hp) for t in out)
+    deq = out[0] if usable else torch.empty_like(hp)
+    scales = out[1] if usable else torch.empty(*shape[:ax], n_blocks, *shape[ax + 1:],
+                                               dtype=torch.float32)
     elems = torch.empty_like(hp) if elements else None
     p = _plan(fmt, _F32, True)
     seed = 0
@@ -422,6 +456,13 @@ def _mx_parts_c(hp: torch.Tensor, fmt: FloatFormat, block: int, ax: int, scale_r
         torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj, p.unsigned_zero, p.max_bits,
         p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits, p.infin_bits)
     return deq, scales, elems
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of two contiguous tensors intersects: the kernel's output must
+    not alias its input (x given as its own out= takes a fresh buffer and a copy)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 # --------------------------------------------------------------------------------------

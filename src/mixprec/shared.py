@@ -22,13 +22,22 @@ the random stream are the same with and without sharing: a saved tensor is reuse
 where it holds exactly the values the layer would store, or where the layer's rounding
 is deterministic and can be applied again in backward.
 
+The same holds for the model's own inputs. A layer whose activation operand is a tensor
+the caller passed to the model (the data batch of the first layer; registered for the
+duration of the forward by :func:`caller_inputs`, which the engine's model hooks enter)
+saves that tensor, not a rounded copy of it, when its rounding is deterministic and
+unscaled, and rounds it again in backward: the caller holds the batch through the step
+anyway, so the saved copy costs no memory of its own (as torch's FP32 layers save their
+input). Modifying such an input in place before backward then raises autograd's error
+about a saved tensor modified in place, exactly as under plain torch.
+
 :func:`sharing_disabled` turns the mechanism off (every layer stores its own copy).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +52,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _cquant = None
 
 __all__ = ["Tag", "tag_output", "get_tag", "QReLU", "sharing_enabled", "sharing_disabled",
-           "shared_operand", "relu_mask", "masked_grad", "codes_to_float32"]
+           "caller_inputs", "enter_caller_inputs", "exit_caller_inputs", "shared_operand", "relu_mask", "masked_grad", "codes_to_float32"]
 
 _ATTR = "_mixprec_tag"
 _local = threading.local()
@@ -78,6 +87,46 @@ def sharing_disabled() -> Iterator[None]:
         yield
     finally:
         _local.enabled = before
+
+
+@contextlib.contextmanager
+def caller_inputs(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``tensors`` (the arguments of a model call) count as held by the
+    caller: an emulated layer may save one of them, or a view of one, instead of its own
+    rounded copy (see :func:`shared_operand`). Blocks nest (one per model call)."""
+    enter_caller_inputs(tensors)
+    try:
+        yield
+    finally:
+        exit_caller_inputs()
+
+
+def enter_caller_inputs(tensors: Iterable[torch.Tensor]) -> None:
+    """Open a :func:`caller_inputs` block; :func:`exit_caller_inputs` closes it (for a
+    model's forward pre-hook and forward hook)."""
+    stack = _local.__dict__.setdefault("inputs", [])
+    stack.append(tuple(t for t in tensors if isinstance(t, torch.Tensor) and t.numel()))
+
+
+def exit_caller_inputs() -> None:
+    """Close the innermost :func:`caller_inputs` block (none open: nothing to do, as when
+    a forward pre-hook before the opening one raised; a frame missing only makes layers
+    copy, values never depend on it)."""
+    stack = getattr(_local, "inputs", None)
+    if stack:
+        stack.pop()
+
+
+def _held_by_caller(x: torch.Tensor) -> bool:
+    """True when x shares its storage with a tensor registered by :func:`caller_inputs`.
+    The registered tensors are alive for the whole block, so their storages cannot be
+    reused by another tensor in it."""
+    stack = getattr(_local, "inputs", None)
+    if not stack or not x.numel():
+        return False
+    ptr = x.untyped_storage().data_ptr()
+    return any(t.device == x.device and t.untyped_storage().data_ptr() == ptr
+               for frame in stack for t in frame)
 
 
 def tag_output(t: torch.Tensor, fmt: FloatFormat,
@@ -250,24 +299,29 @@ _DETERMINISTIC = (Rounding.NEAREST, Rounding.TOWARD_ZERO)
 
 def shared_operand(x: torch.Tensor, spec: TensorSpec) -> Optional[tuple]:
     """How an emulated layer stores its activation operand ``x`` (rounded per ``spec``)
-    without a copy of its own, or None when it must make one. Two cases:
+    without a copy of its own, or None when it must make one. Two cases (three reasons):
 
     ``("exact", stored)``: x's values are already ``spec``'s values (its tag names the
     spec's format, or x is held in the format's own dtype) and ``stored``, saved by the
     producer, holds them exactly. The layer computes with ``x`` as float32.
 
-    ``("requantize", x)``: the producer saved x itself, in a wider format, and ``spec``
-    rounds deterministically: the layer saves x (no new storage) and backward rounds it
-    again, giving the forward's values.
+    ``("requantize", x)``: the producer saved x itself, in a wider format, or x is (a view
+    of) a model input the caller holds (:func:`caller_inputs`), and ``spec`` rounds
+    deterministically: the layer saves x (no new storage) and backward rounds it again,
+    giving the forward's values.
 
     Only unscaled, non-saturating specs qualify (scaled and MX specs need their scales;
     saturation would change infinities); stochastic rounding never does (it would
     change the random stream).
     """
+    if (not sharing_enabled() or spec.is_identity or spec.scaling is not ScalingKind.NONE
+            or spec.saturate or spec.rounding not in _DETERMINISTIC):
+        return None
     tag = get_tag(x)
-    if (tag is None or tag.stored is None or spec.is_identity
-            or spec.scaling is not ScalingKind.NONE or spec.saturate
-            or spec.rounding not in _DETERMINISTIC):
+    if tag is None or tag.stored is None:
+        if (x.is_floating_point() and x.dtype != get_format(spec.format).torch_dtype
+                and _held_by_caller(x)):
+            return "requantize", x
         return None
     fmt = get_format(spec.format)
     if tag.fmt == fmt or x.dtype == fmt.torch_dtype:

@@ -284,11 +284,14 @@ def bf16_training(ctx: RunContext) -> Outcome:
 # --------------------------------------------------------------------------------------
 def saved_tensor_bytes(model: torch.nn.Module, mp, x: torch.Tensor) -> dict:
     """Bytes autograd saves for backward in one forward pass + loss under ``mp.autocast()``,
-    each storage counted once: {"total", "weights", "activations"}.
+    each storage counted once: {"total", "weights", "batch", "activations"}.
 
     A saved tensor counts as a weight when it shares storage with a parameter or master,
     or has a parameter's shape (the low-precision weight copies emulated layers save);
-    the batch size must therefore differ from every parameter dimension.
+    the batch size must therefore differ from every parameter dimension. ``x``'s own
+    storage, saved by layers that keep the caller's batch itself (torch's FP32 layers,
+    and mixprec's when they round it again in backward), counts as "batch": it exists
+    whether or not it is saved, so it is no activation memory.
     """
     import torch.nn.functional as F
     params = list(model.parameters()) + list(mp.master_params)
@@ -298,20 +301,24 @@ def saved_tensor_bytes(model: torch.nn.Module, mp, x: torch.Tensor) -> dict:
     ptrs = {p.untyped_storage().data_ptr() for p in params}
     seen: dict = {}
 
+    batch = x.untyped_storage().data_ptr()
+
     def pack(t):
         st = t.untyped_storage()
-        weight = st.data_ptr() in ptrs or tuple(t.shape) in shapes
-        seen[st.data_ptr()] = (st.nbytes(), weight, str(t.dtype).replace("torch.", ""))
+        kind = ("batch" if st.data_ptr() == batch else
+                "weight" if st.data_ptr() in ptrs or tuple(t.shape) in shapes else "")
+        seen[st.data_ptr()] = (st.nbytes(), kind, str(t.dtype).replace("torch.", ""))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mp.autocast():
         loss = F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long))
     del loss
     out = {"total": sum(n for n, _, _ in seen.values()),
-           "weights": sum(n for n, w, _ in seen.values() if w)}
-    out["activations"] = out["total"] - out["weights"]
-    for n, w, dtype in seen.values():
-        if not w:
+           "weights": sum(n for n, k, _ in seen.values() if k == "weight"),
+           "batch": sum(n for n, k, _ in seen.values() if k == "batch")}
+    out["activations"] = out["total"] - out["weights"] - out["batch"]
+    for n, k, dtype in seen.values():
+        if not k:
             out[f"activations_{dtype}"] = out.get(f"activations_{dtype}", 0) + n
     return out
 
@@ -350,7 +357,8 @@ def activation_memory(ctx: RunContext) -> Outcome:
                f"(all layers e5m2: {m['fp8_e5m2_all_layers_activation_ratio']:.2f})")
     reason = ("Measured with torch.autograd.graph.saved_tensors_hooks on a 64-256x4-10 MLP "
               "(emulated backend, each storage counted once, weights and their saved "
-              "low-precision copies excluded). FP16 halves the activations as the paper says. "
+              "low-precision copies excluded, and so is the batch itself, which the caller "
+              "holds anyway). FP16 halves the activations as the paper says. "
               + (f"FP8 with every layer in E5M2 saves a quarter "
                  f"({m['fp8_e5m2_all_layers_activation_ratio']:.2f}); the preset, which keeps "
                  f"the first and last layers in FP16, "

@@ -29,7 +29,8 @@ from typing import List
 
 from torch import nn
 
-__all__ = ["fsdp_modules", "is_fsdp", "data_parallel_size", "sum_gradient_reduction_"]
+__all__ = ["fsdp_modules", "is_fsdp", "data_parallel_size", "sum_gradient_reduction_",
+           "shard_model_"]
 
 
 def _fsdp_module_type():
@@ -79,3 +80,40 @@ def sum_gradient_reduction_(model: nn.Module) -> int:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return world
+
+
+def shard_model_(model: nn.Module) -> nn.Module:
+    """``fully_shard`` every block of the outermost ``nn.ModuleList``s of ``model``, then
+    ``model`` itself (the usual FSDP2 layout: one all-gather per Transformer block, the
+    rest with the root); returns ``model``, the same object.
+
+    A parameter held by two modules (a language model's tied embedding and output
+    layer) must fall in one FSDP group: it does when both sit outside the blocks, as in
+    the built-in models and Hugging Face causal LMs. Otherwise ValueError names it.
+
+    Every rank calls this on the same model, in an initialised process group.
+    """
+    from torch.distributed.fsdp import fully_shard
+    blocks, group_of = [], {}          # id(module) -> index of its block (absent: root)
+    for module in model.modules():
+        if id(module) in group_of or not isinstance(module, nn.ModuleList):
+            continue
+        for block in module:
+            if any(True for _ in block.parameters()):
+                for m in block.modules():
+                    group_of[id(m)] = len(blocks)
+                blocks.append(block)
+    holder = {}                        # id(parameter) -> (group, qualified name)
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            group = group_of.get(id(module))
+            if id(p) in holder and holder[id(p)][0] != group:
+                raise ValueError(f"cannot shard the model block by block: {holder[id(p)][1]} "
+                                 f"and {full} are one parameter in two groups; apply "
+                                 f"fully_shard yourself so that they share one")
+            holder.setdefault(id(p), (group, full))
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model

@@ -66,7 +66,8 @@ class CompareConfig:
 
     ``nproc``: data-parallel processes (DistributedDataParallel); the comparison must
     run in an initialised process group of that many ranks (``mixprec compare --nproc``
-    or torchrun start one).
+    or torchrun start one).  ``shard``: shard each run's model with FSDP2
+    (``fully_shard``) instead of DDP; needs ``nproc`` >= 2.
     """
     recipes: tuple = DEFAULT_RECIPES
     workload: str = DEFAULT_WORKLOAD
@@ -80,6 +81,7 @@ class CompareConfig:
     hist_points: int = 3
     threads: Optional[int] = 1
     nproc: int = 1
+    shard: bool = False
     accuracy_tol: float = 0.01
     perplexity_tol: float = 0.02
     loss_tol: float = 0.10
@@ -103,6 +105,11 @@ class CompareConfig:
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"nproc must be a positive number of processes, got {self.nproc!r}")
+        if not isinstance(self.shard, bool):
+            raise TypeError(f"shard must be a bool, got {self.shard!r}")
+        if self.shard and self.nproc < 2:
+            raise ValueError(f"shard=True (FSDP2, fully_shard) needs at least 2 data-parallel "
+                             f"processes, got nproc={self.nproc}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.epochs is not None and not self.epochs > 0:
@@ -412,7 +419,13 @@ def resume_config(out: Union[str, Path], **given) -> CompareConfig:
     unknown = sorted(set(asked) - {f.name for f in dataclasses.fields(CompareConfig)})
     if unknown:
         raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
-    wanted = dataclasses.replace(saved, **asked)
+    try:
+        wanted = dataclasses.replace(saved, **asked)
+    except ValueError as e:     # e.g. --shard on a comparison saved with nproc 1
+        raw = "; ".join(f"{k} {v!r} (saved: {getattr(saved, k)!r})" for k, v in asked.items()
+                        if v != getattr(saved, k))
+        raise ValueError(f"--resume {out}: the arguments conflict with the saved "
+                         f"configuration: {raw} ({e})") from e
     if wanted != saved:
         raise ValueError(f"--resume {out}: the arguments conflict with the saved "
                          f"configuration: {config_differences(saved, wanted)}; leave them out "
@@ -447,7 +460,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             if run is not None:
                 # killed between writing the record and removing the checkpoint
                 if is_rank0():
-                    folder.checkpoint_path(seed, index).unlink(missing_ok=True)
+                    folder.remove_checkpoint(seed, index)
                 if log is not None:
                     log(_run_line(run, done, total) + " (recorded earlier)")
             else:
@@ -455,17 +468,19 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
                     train_recipe(copy.deepcopy(initial), data, BASELINE,
                                  TrainConfig(steps=3, batch_size=tcfg.batch_size, lr=tcfg.lr,
                                              seed=seed, hist_points=1), prepare=prepare,
-                                 data_parallel=cfg.nproc > 1)
+                                 data_parallel=cfg.nproc > 1, shard=cfg.shard)
                     warmed = True
                 ckpt = None if folder is None else folder.checkpoint(
                     seed, index, checkpoint_every,
-                    {"spec": spec, "workload": workload.name, **dataclasses.asdict(tcfg)})
+                    {"spec": spec, "workload": workload.name, **dataclasses.asdict(tcfg),
+                     **({"shard": True} if cfg.shard else {})})
                 at = ckpt.saved_step() if ckpt is not None else None   # every rank asks
                 if at is not None and log is not None:
                     log(f"[{done}/{total}] {spec} (seed {seed}): continuing from the "
                         f"checkpoint at step {at} of {tcfg.steps}")
                 run = train_recipe(copy.deepcopy(initial), data, spec, tcfg, progress=progress,
-                                   prepare=prepare, checkpoint=ckpt, data_parallel=cfg.nproc > 1)
+                                   prepare=prepare, checkpoint=ckpt, data_parallel=cfg.nproc > 1,
+                                   shard=cfg.shard)
                 run["recipe"]["spec"] = spec
                 run["config"].update(model=workload.model_name, data=workload.data_name,
                                      workload=workload.name)
@@ -494,7 +509,7 @@ def _run_compare(cfg: CompareConfig, progress: bool, prepare: Optional[Callable]
             "data": data.describe(), "recipes": list(cfg.recipes), "baseline": BASELINE,
             "seeds": list(cfg.seeds), "steps": first["steps"], "batch_size": first["batch_size"],
             "lr": first["lr"], "optimizer": first["optimizer"], "hist_points": cfg.hist_points,
-            "threads": cfg.threads, "nproc": cfg.nproc,
+            "threads": cfg.threads, "nproc": cfg.nproc, "shard": cfg.shard,
             "tolerances": {"accuracy": cfg.accuracy_tol, "perplexity": cfg.perplexity_tol,
                            "loss": cfg.loss_tol, "loss_abs": cfg.loss_abs_tol},
             "command": command,

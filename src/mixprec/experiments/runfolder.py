@@ -15,6 +15,11 @@ Layout of a ``mixprec compare`` folder::
                                 written as its run completes
     checkpoints/seed<S>-<I>.pt  the unfinished run's last checkpoint (every N steps);
                                 removed when the run's record is written
+    checkpoints/seed<S>-<I>.step<N>.dcp/
+                                a sharded (FSDP2) run's model and engine after N steps,
+                                written by every rank through torch.distributed.checkpoint;
+                                the .pt file names the one in force, and is written
+                                after it is complete (older ones are then removed)
     results.json                the whole document, written once every run is recorded
 
 ``mixprec compare --resume DIR`` keeps the records, restarts an unfinished run from its
@@ -31,6 +36,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -152,12 +158,24 @@ class Checkpoint:
         state = self.load()
         return None if state is None else int(state["step"])
 
+    def sharded_path(self, steps_done: int) -> Path:
+        """The folder of a sharded (torch.distributed.checkpoint) save after
+        ``steps_done`` steps, beside the checkpoint file."""
+        return self.path.parent / f"{self.path.stem}.step{steps_done}.dcp"
+
+    def remove_sharded(self, keep: Optional[str] = None) -> None:
+        """Delete this run's sharded-save folders, except the one named ``keep``."""
+        for old in self.path.parent.glob(f"{self.path.stem}.step*.dcp"):
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
     def remove(self) -> None:
         self._loaded = None
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        self.remove_sharded()
 
 
 # --------------------------------------------------------------------------------------
@@ -198,6 +216,10 @@ class Rank0Checkpoint(Checkpoint):
         if self._loaded is None:
             self._loaded = on_rank0(super().load)
         return self._loaded
+
+    def remove_sharded(self, keep: Optional[str] = None) -> None:
+        if is_rank0():
+            super().remove_sharded(keep)
 
     def remove(self) -> None:
         self._loaded = None
@@ -248,6 +270,10 @@ class CompareFolder:
         return Rank0Checkpoint(self.checkpoint_path(seed, index), identity=identity,
                                 every=_NEVER if every is None else every)
 
+    def remove_checkpoint(self, seed: int, index: int) -> None:
+        """Delete the checkpoint of one run (its file and any sharded-save folders)."""
+        Checkpoint(self.checkpoint_path(seed, index), every=1, identity={}).remove()
+
     def recorded(self) -> list:
         return sorted((self.root / "records").glob("seed*.json"))
 
@@ -262,6 +288,8 @@ class CompareFolder:
                 f"or choose another --out")
         for old in self.recorded() + checkpoints:
             old.unlink()        # a finished comparison, or one that recorded nothing: afresh
+        for old in (self.root / "checkpoints").glob("*.dcp"):
+            shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(self.run_file, json.dumps({
             "kind": RUN_KIND, "config": _config_json(cfg), "checkpoint_every": checkpoint_every,
             "command": " ".join(["mixprec"] + sys.argv[1:]) if sys.argv else None,

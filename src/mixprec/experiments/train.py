@@ -29,13 +29,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mixprec.distributed.fsdp import is_fsdp, shard_model_
 from mixprec.recipe import Recipe, get_recipe
 
 from .data import Dataset, Task, iterate_batches
 from .runfolder import Checkpoint
 
 __all__ = ["TrainConfig", "SavedTensorBytes", "grad_log2_histogram", "histogram_steps",
-           "task_loss", "evaluate", "train_recipe", "finite_or_none", "CheckpointWriteError"]
+           "task_loss", "evaluate", "train_recipe", "finite_or_none", "CheckpointWriteError",
+           "CheckpointReadError"]
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,14 @@ def task_loss(task: Task, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 class SavedTensorBytes:
     """Count the bytes autograd saves for backward inside the context, each storage once.
 
-    Storages of the model's own parameters and buffers are left out, so the count is what
-    the forward pass *adds*: activations, and any low-precision copies of the weights that
-    a layer keeps for its backward.  ``by_dtype`` splits the count by storage dtype.
+    Storages of the model's own parameters and buffers, and of the batch named with
+    :meth:`holding`, are left out, so the count is what the forward pass *adds*:
+    activations, and any low-precision copies of the weights or of the batch that a layer
+    keeps for its backward.  Under FSDP2 the all-gathered parameters of the forward count
+    as the model's own (they are the weights, whole, on every rank).  ``by_dtype`` splits
+    the count by storage dtype.
 
-    >>> with SavedTensorBytes(model) as saved:
+    >>> with SavedTensorBytes(model).holding(x) as saved:
     ...     loss = model(x).sum()
     >>> saved.nbytes
     """
@@ -86,9 +91,17 @@ class SavedTensorBytes:
         self._model = model
         self._exclude: set = set()
         self._seen: set = set()
+        self._sharded = False
         self.nbytes = 0
         self.by_dtype: dict = {}
+        self._held: tuple = ()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def holding(self, *batch: torch.Tensor) -> "SavedTensorBytes":
+        """Leave out the storages of ``batch`` (the tensors the training loop passes in
+        and holds through the step) in the next ``with`` block; returns self."""
+        self._held = batch
+        return self
 
     @staticmethod
     def _key(t: torch.Tensor):
@@ -100,6 +113,9 @@ class SavedTensorBytes:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = self._key(t)
+        if self._sharded and key not in self._seen:
+            # FSDP2: the all-gathered parameters registered for this forward are weights
+            self._exclude |= {self._key(p) for p in self._model.parameters()}
         if key not in self._seen and key not in self._exclude:
             self._seen.add(key)
             self.nbytes += key[1]
@@ -111,12 +127,15 @@ class SavedTensorBytes:
         # the storages as they are now: set-up (a native recipe converting parameter
         # dtypes) frees the old ones, whose addresses new tensors may then reuse
         model = self._model
-        self._exclude = {self._key(t) for t in list(model.parameters()) + list(model.buffers())}
+        self._exclude = {self._key(t) for t in
+                         list(model.parameters()) + list(model.buffers()) + list(self._held)}
+        self._sharded = is_fsdp(model)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._held = ()
 
 
 def grad_log2_histogram(grads: Iterable[torch.Tensor], *, scale: float = 1.0,
@@ -191,7 +210,8 @@ def _default_prepare() -> Callable:
 
 def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *,
                  progress: bool = False, prepare: Optional[Callable] = None,
-                 checkpoint: Optional[Checkpoint] = None, data_parallel: bool = False) -> dict:
+                 checkpoint: Optional[Checkpoint] = None, data_parallel: bool = False,
+                 shard: bool = False) -> dict:
     """Train ``model`` (modified in place) on ``data`` under ``recipe``; return its record.
 
     ``prepare`` builds the engine (default :func:`mixprec.engine.prepare`; any callable
@@ -214,8 +234,23 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
     loss over the global batch, as in one process (up to the order of the sums).  The
     recorded loss is that global mean.  At the end the ranks' weights are compared
     bit for bit: a mismatch fails the run.
+
+    ``shard``: with ``data_parallel``, shard the model with FSDP2 instead of DDP
+    (:func:`mixprec.distributed.fsdp.shard_model_`, before ``prepare``).  The engine
+    divides the loss by the world size and FSDP sums the gradient shards, which is
+    DDP's average; master weights and optimizer state are DTensor shards, so each
+    rank holds a different part of the model and there is nothing to compare at the
+    end.  Gradient histograms are of the full gradients.  Checkpoints go through
+    torch.distributed.checkpoint (:class:`mixprec.distributed.checkpoint.EngineState`,
+    every rank writing its shards); on resume the engine is prepared with the batch
+    of the step it continues from as ``example_inputs`` (keep rules that wait for a
+    forward are resolved before the checkpoint loads into it), so a custom
+    ``prepare`` must accept that keyword.
     """
     recipe = get_recipe(recipe)
+    if shard and not data_parallel:
+        raise ValueError("shard=True (FSDP2) needs data_parallel=True and an initialised "
+                         "process group")
     torch.manual_seed(config.seed)
     hist_at = set(histogram_steps(config.steps, config.hist_points))
     losses, scales, skipped_at, times, hists = [], [], [], [], []
@@ -231,15 +266,29 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         bar.update(first)
     start = time.perf_counter() - (0.0 if resume is None else float(resume["wall_time_s"]))
     try:
+        if shard:        # sharded before prepare: masters are made from the shards
+            shard_model_(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                       weight_decay=config.weight_decay)
-        mp = (prepare or _default_prepare())(model, optimizer, recipe, seed=config.seed)
+        make_engine = prepare or _default_prepare()
+        if shard and resume is not None:
+            # DCP loads into the engine's tensors: its kept layers must be known before
+            x, _ = next(iterate_batches(data.x_train, data.y_train, config.batch_size,
+                                        seed=config.seed, start=first))
+            mp = make_engine(model, optimizer, recipe, seed=config.seed,
+                             example_inputs=_local_rows(x))
+        else:
+            mp = make_engine(model, optimizer, recipe, seed=config.seed)
         record["backend"] = getattr(mp, "backend", None)
-        # wrapped after prepare: the native backend converts parameter dtypes first
-        net = nn.parallel.DistributedDataParallel(model) if data_parallel else model
+        # DDP wraps after prepare: the native backend converts parameter dtypes first
+        net = (nn.parallel.DistributedDataParallel(model) if data_parallel and not shard
+               else model)
         if resume is not None:
-            model.load_state_dict(resume["model"])
-            mp.load_state_dict(resume["engine"])
+            if shard:
+                _load_sharded_checkpoint(checkpoint, resume, mp)
+            else:
+                model.load_state_dict(resume["model"])
+                mp.load_state_dict(resume["engine"])
             torch.set_rng_state(resume["torch_rng"])
             losses, scales, skipped_at, times, hists = (
                 list(resume[k]) for k in ("losses", "scales", "skipped_at", "times", "hists"))
@@ -251,7 +300,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         for step, (x, y) in zip(range(first, config.steps), batches):
             scale = float(mp.scale)
             t0 = time.perf_counter()
-            with (saved if step == 0 else contextlib.nullcontext()):
+            with (saved.holding(x, y) if step == 0 else contextlib.nullcontext()):
                 with mp.autocast():
                     if data_parallel:
                         loss, local = _data_parallel_loss(net, data.task, x, y)
@@ -260,7 +309,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
             mp.backward(local)
             t1 = time.perf_counter()
             if step in hist_at:      # outside the timed region
-                hists.append(grad_log2_histogram((p.grad for p in model.parameters()),
+                hists.append(grad_log2_histogram((_full(p.grad) for p in model.parameters()),
                                                  scale=scale, step=step))
             t2 = time.perf_counter()
             applied = mp.step()
@@ -280,8 +329,8 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
             if checkpoint is not None and checkpoint.due(step + 1, config.steps):
                 _save_checkpoint(checkpoint, step + 1, model, mp, record, saved,
                                  (losses, scales, skipped_at, times, hists),
-                                 time.perf_counter() - start)
-        if data_parallel:
+                                 time.perf_counter() - start, sharded=shard)
+        if data_parallel and not shard:   # sharded: each element lives on one rank only
             _check_ranks_agree(model)
         metric, test_loss = evaluate(model, data, mp, batch_size=config.eval_batch_size)
         final_scale = float(mp.scale)
@@ -291,7 +340,7 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         dead = [h["state_underflow"] for h in getattr(mp, "history", [])
                 if h.get("state_underflow") is not None]
         record["state_underflow"] = max(dead) if dead else None
-    except CheckpointWriteError:
+    except (CheckpointWriteError, CheckpointReadError):
         raise                    # the run folder failed, not the recipe
     except Exception as e:       # noqa: BLE001 -- the failure itself is the finding
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -319,10 +368,30 @@ def train_recipe(model: nn.Module, data: Dataset, recipe, config: TrainConfig, *
         "saved_activation_bytes": saved.nbytes,
         "saved_bytes_by_dtype": dict(sorted(saved.by_dtype.items())),
         "grad_histograms": hists,
+        "parallel": _parallel(data_parallel, shard),
         "wall_time_s": time.perf_counter() - start,
         "config": {**asdict(config), "optimizer": "AdamW", "torch_version": torch.__version__},
     })
     return record
+
+
+def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The whole tensor of a DTensor shard (an all-gather every rank joins), else ``t``."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def _parallel(data_parallel: bool, shard: bool) -> Optional[dict]:
+    """How the run was distributed: None in one process, else the mode and world size."""
+    if not data_parallel:
+        return None
+    import torch.distributed as dist
+    return {"mode": "fsdp2" if shard else "ddp", "world": dist.get_world_size()}
+
+
+def _local_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch (as :func:`_data_parallel_loss`)."""
+    import torch.distributed as dist
+    return x.tensor_split(dist.get_world_size())[dist.get_rank()]
 
 
 def _data_parallel_loss(net: nn.Module, task: Task, x: torch.Tensor,
@@ -333,7 +402,7 @@ def _data_parallel_loss(net: nn.Module, task: Task, x: torch.Tensor,
     if len(x) < world:
         raise ValueError(f"a batch of {len(x)} cannot be split over {world} processes; "
                          f"use a batch size of at least {world}")
-    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    xs, ys = _local_rows(x), _local_rows(y)
     local = task_loss(task, net(xs), ys)
     weight = ys.numel() * world / y.numel()
     total = (local.detach().float() * ys.numel()).reshape(1)
@@ -368,23 +437,61 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (raised through, never recorded as a failed run)."""
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint could not be read (raised through, never recorded as a failed run)."""
+
+
 def _save_checkpoint(checkpoint: Checkpoint, steps_done: int, model: nn.Module, mp, record: dict,
-                     saved: SavedTensorBytes, lists: tuple, wall_time_s: float) -> None:
+                     saved: SavedTensorBytes, lists: tuple, wall_time_s: float, *,
+                     sharded: bool = False) -> None:
     """Everything the rest of the run depends on: the engine (master weights, optimizer,
     loss scaler, amax histories, stochastic-rounding stream, counters), the model (its
     rounded weights and buffers), torch's global RNG, the position in the data order
-    (``step``: batches are a function of seed and position) and the record so far."""
+    (``step``: batches are a function of seed and position) and the record so far.
+
+    ``sharded`` (FSDP2): the model and engine go through torch.distributed.checkpoint
+    into a folder of their own, every rank writing its shards; the checkpoint file then
+    names that folder.  It is written after the folder is complete, so a kill in between
+    leaves the previous checkpoint in force."""
     losses, scales, skipped_at, times, hists = lists
-    state = {"step": steps_done, "model": model.state_dict(), "engine": mp.state_dict(),
-             "torch_rng": torch.get_rng_state(), "losses": losses, "scales": scales,
-             "skipped_at": skipped_at, "times": times, "hists": hists,
+    state = {"step": steps_done, "torch_rng": torch.get_rng_state(), "losses": losses,
+             "scales": scales, "skipped_at": skipped_at, "times": times, "hists": hists,
              "coverage": record["coverage"], "saved_bytes": saved.nbytes,
              "saved_by_dtype": saved.by_dtype, "wall_time_s": wall_time_s}
     try:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            from mixprec.distributed.checkpoint import EngineState
+            folder = checkpoint.sharded_path(steps_done)
+            dcp.save({"train": EngineState(mp)}, checkpoint_id=str(folder))
+            state["sharded"] = folder.name
+        else:
+            state.update(model=model.state_dict(), engine=mp.state_dict())
         checkpoint.save(state)
+        if sharded:
+            checkpoint.remove_sharded(keep=folder.name)
     except Exception as e:   # noqa: BLE001 -- disk full, permissions, unpicklable state
         raise CheckpointWriteError(f"cannot write the checkpoint {str(checkpoint.path)!r}: "
                                    f"{type(e).__name__}: {e}") from e
+
+
+def _load_sharded_checkpoint(checkpoint: Checkpoint, resume: dict, mp) -> None:
+    """Load the model and engine of a sharded checkpoint (every rank its shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    from mixprec.distributed.checkpoint import EngineState
+    if "sharded" not in resume:
+        raise CheckpointReadError(f"the checkpoint {str(checkpoint.path)!r} is not of a sharded "
+                                  f"(FSDP2) run; delete it to rerun that run from its first step")
+    folder = checkpoint.path.parent / resume["sharded"]
+    try:
+        dcp.load({"train": EngineState(mp)}, checkpoint_id=str(folder))
+    except Exception as e:   # noqa: BLE001 -- DCP gathers every rank's error
+        raise CheckpointReadError(f"the sharded checkpoint {str(folder)!r} cannot be read "
+                                  f"({type(e).__name__}: {e}); delete "
+                                  f"{str(checkpoint.path)!r} to rerun that run from its first "
+                                  f"step") from e
 
 
 def _first_step_coverage(mp) -> Optional[dict]:
