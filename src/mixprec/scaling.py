@@ -28,7 +28,7 @@ from .formats import FloatFormat, FormatLike, get_format
 from .blocks.quantize import _blocked_quantize, _from_blocks, quantize_blocked
 from .blocks.scheme import BlockScheme, ScaleFormat, ScaleRule, get_scheme, scheme_along
 from .quant import (_F32, _MODE_CODE, Rounding, _choice, _cquant, _draw_seed, _fast_path,
-                    _layout_for, _plan)
+                    _layout_for, _plan, _tracing)
 from .quant import quantize
 from .recipe import ScalingConfig, ScalingKind, TensorSpec
 
