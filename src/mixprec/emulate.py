@@ -17,6 +17,7 @@ embedding_bag), and runs the recipe's FP32 ops in FP32
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional, Sequence
 
 import torch
@@ -288,6 +289,52 @@ def _route_relu(args: tuple, kwargs: dict):
     return _shared_relu(x)
 
 
+
+def _replay_codes() -> frozenset:
+    """Code objects of ``torch.ops.higher_order.autograd_function_apply``'s eager
+    implementation (its inner autograd.Function's forward and backward), which run the
+    graphs Dynamo traced from an autograd.Function.
+
+    Why: Dynamo traces an emulated layer's autograd.Function with this mode inlined, so
+    its graph already holds the emulated ops; a backend that replays those graphs as
+    torch calls (``backend="eager"``, ``torch._dynamo.explain``) runs them while the
+    mode is still on the stack, and emulating them again would round twice."""
+    try:
+        from torch._functorch.autograd_function import AutogradFunctionApply
+    except ImportError:              # a torch without the operator: nothing to recognise
+        return frozenset()
+    found, todo = set(), list(AutogradFunctionApply.__call__.__code__.co_consts)
+    while todo:
+        c = todo.pop()
+        if hasattr(c, "co_consts"):
+            if c.co_name in ("forward", "backward"):
+                found.add(c)
+            todo.extend(c.co_consts)
+    return frozenset(found)
+
+
+_REPLAY_CODES = _replay_codes()
+# Frames between __torch_function__ and the replaying forward: the FX interpreter's
+# run / run_node / call_function, then at most torch's Python wrappers (F.relu,
+# handle_torch_function, an operator packet's __call__).
+_REPLAY_DEPTH = 10
+
+
+def _replayed() -> bool:
+    """Whether the intercepted call comes from a replayed Dynamo graph of an
+    autograd.Function (see :func:`_replay_codes`): its ops were emulated when traced."""
+    if not _REPLAY_CODES:
+        return False
+    frame = sys._getframe(2)
+    for _ in range(_REPLAY_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_code in _REPLAY_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _OneSlotState(LayerState):
     """State for ops outside every attached layer: one scaler per role, shared by them
     all (there is no forward boundary at which to restart a per-call count)."""
@@ -340,6 +387,10 @@ class PrecisionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # Dynamo inlines this method (is_compiling() is constant True there); at run time
+        # a replayed graph of an emulated layer holds ops emulated already: run them plain
+        if not torch.compiler.is_compiling() and _replayed():
+            return func(*args, **kwargs)
         out = _dispatch(self, func, args, kwargs)
         if out is not NOT_MATMUL:
             return out
