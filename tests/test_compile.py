@@ -97,10 +97,11 @@ def test_models_compile_without_graph_breaks_under_every_preset(kind, recipe):
     assert _graph_breaks(kind, recipe) == (0, [])
 
 
-@pytest.mark.parametrize("recipe", ALL_PRESETS)
+@pytest.mark.parametrize("recipe", [p for p in mixprec.list_presets() if p not in _BREAKS_KNOWN])
 def test_small_mlp_traces_without_graph_breaks_under_every_preset(recipe):
     # the default run's check of every preset (tests/test_compile_isolated.py): Dynamo's
-    # trace only, no training
+    # trace only, no training; the presets known to break are strict expected failures
+    # of test_models_compile_without_graph_breaks_under_every_preset (-m slow)
     assert _graph_breaks("mlp", recipe, small=True) == (0, [])
 
 
