@@ -97,10 +97,11 @@ def test_models_compile_without_graph_breaks_under_every_preset(kind, recipe):
     assert _graph_breaks(kind, recipe) == (0, [])
 
 
-@pytest.mark.parametrize("recipe", ALL_PRESETS)
+@pytest.mark.parametrize("recipe", [p for p in mixprec.list_presets() if p not in _BREAKS_KNOWN])
 def test_small_mlp_traces_without_graph_breaks_under_every_preset(recipe):
     # the default run's check of every preset (tests/test_compile_isolated.py): Dynamo's
-    # trace only, no training
+    # trace only, no training; the presets known to break are strict expected failures
+    # of test_models_compile_without_graph_breaks_under_every_preset (-m slow)
     assert _graph_breaks("mlp", recipe, small=True) == (0, [])
 
 
@@ -203,8 +204,9 @@ def _output_and_grads(model: nn.Module, x, y, recipe: str, backend) -> tuple:
 def test_eager_backend_replays_emulated_layers_without_rounding_twice(kind, recipe):
     # backend="eager" (and torch._dynamo.explain) replays the graph Dynamo traced from
     # each emulated layer's autograd.Function as torch calls, with PrecisionMode still
-    # active; emulating those ops again rounded twice (fp8-hybrid MLP output off by
-    # 1.7e-2, fp16-mixed conv by 2.4e-4). Bit-identical to eager, as aot_eager is.
+    # active; emulating those ops again rounded twice (outputs off by 1.7e-2 in an MLP
+    # 32-64-64-10 under fp8-hybrid, by 2.4e-4 in this conv net under fp16-mixed).
+    # Bit-identical to eager, as aot_eager is.
     g = torch.Generator().manual_seed(1)
     model = _mlp(64) if kind == "mlp" else _conv()
     x = torch.randn(16, 784, generator=g) if kind == "mlp" else torch.randn(

@@ -43,6 +43,20 @@ def _uneven() -> nn.Module:
     return fully_shard(model)
 
 
+def _steps(model, engine, steps, rank: int) -> list:
+    """Train on this rank's rows of the given steps' batches; returns the losses."""
+    losses = []
+    for step in steps:
+        x, y = (_rows(t, rank, WORLD) for t in _batch(step))
+        with engine.autocast():
+            loss = F.cross_entropy(model(x), y)
+        losses.append(loss.detach().clone())
+        engine.backward(loss)
+        engine.step()
+        engine.zero_grad()
+    return losses
+
+
 def _run(rank: int, recipe: str, fp8_all_gather: bool, reround: bool = False,
          build=_sharded) -> dict:
     import mixprec.qfunc as qfunc
@@ -53,15 +67,7 @@ def _run(rank: int, recipe: str, fp8_all_gather: bool, reround: bool = False,
         model = build()
         engine = prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), recipe,
                          seed=7, fp8_all_gather=fp8_all_gather)
-        losses = []
-        for step in range(STEPS):
-            x, y = (_rows(t, rank, WORLD) for t in _batch(step))
-            with engine.autocast():
-                loss = F.cross_entropy(model(x), y)
-            losses.append(loss.detach().clone())
-            engine.backward(loss)
-            engine.step()
-            engine.zero_grad()
+        losses = _steps(model, engine, range(STEPS), rank)
     finally:
         qfunc.gathered_scale = saved
     return {**_snapshot(engine), "losses": losses, "bytes": engine.all_gather_bytes()}
@@ -93,19 +99,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 SAVE_AT = 2
-
-
-def _steps(model, engine, steps, rank: int) -> list:
-    losses = []
-    for step in steps:
-        x, y = (_rows(t, rank, WORLD) for t in _batch(step))
-        with engine.autocast():
-            loss = F.cross_entropy(model(x), y)
-        losses.append(loss.detach().clone())
-        engine.backward(loss)
-        engine.step()
-        engine.zero_grad()
-    return losses
 
 
 def _checkpointed(rank: int, out_dir: str) -> dict:
