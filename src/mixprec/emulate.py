@@ -388,8 +388,10 @@ class PrecisionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # Dynamo inlines this method (is_compiling() is constant True there); at run time
-        # a replayed graph of an emulated layer holds ops emulated already: run them plain
-        if not torch.compiler.is_compiling() and _replayed():
+        # a replayed graph of an emulated layer holds ops emulated already: run them plain.
+        # Only calls this mode would change are checked (the frame walk costs time).
+        if (not torch.compiler.is_compiling()
+                and (func in _ROUTES or func in self.fp32 or func in _RELUS) and _replayed()):
             return func(*args, **kwargs)
         out = _dispatch(self, func, args, kwargs)
         if out is not NOT_MATMUL:
@@ -405,4 +407,4 @@ class PrecisionMode(TorchFunctionMode):
 
 
 # The door (imported last: it builds on this module's primitives).
-from .dispatch import NOT_MATMUL, dispatch as _dispatch  # noqa: E402
+from .dispatch import _ROUTES, NOT_MATMUL, dispatch as _dispatch  # noqa: E402
