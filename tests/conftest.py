@@ -43,6 +43,17 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models run fastest so, and several threads
+    wait on each other on a busy CPU."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def fresh_dynamo():
     """torch.compile from a clean slate, and nothing left behind: Dynamo's caches reset
     before and after, and Inductor compiles in this process (no pool of compile workers

@@ -154,15 +154,6 @@ def test_two_d_tiles_on_conv_weights_span_the_channels():
 
 
 
-@pytest.fixture
-def one_thread():
-    # a tiny MLP: one thread is faster, and steadier on a shared machine
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_nvfp4_trains_an_mlp(one_thread):
     # 40 steps of AdamW on a fixed batch: the loss falls as under fp32 (measured: to 0.010x of
     # the start under fp32, 0.014x under nvfp4; both must reach 0.05x)

@@ -20,13 +20,7 @@ from mixprec.integrations.lightning import MixprecPrecision
 E5M2 = torch.float8_e5m2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and several wait on each other on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> bool:
