@@ -151,9 +151,12 @@ class Engine:
         if keep is not None:
             self._finalize(keep)
         else:
-            # "first"/"last" need a forward pass: the first one under autocast() is traced
+            # "first"/"last" need a forward pass: the first one under autocast() is traced.
+            # torch.compiler.disable applied here, not as a decorator, since it imports
+            # torch._dynamo (about 1 s), which `import mixprec` does not need.
             self._pending_hook = model.register_forward_pre_hook(
-                self._trace_first_forward, with_kwargs=True, prepend=True)
+                torch.compiler.disable(self._trace_first_forward), with_kwargs=True,
+                prepend=True)
 
     # -- set-up ---------------------------------------------------------------------
     def _finalize(self, keep: frozenset) -> None:
@@ -180,8 +183,8 @@ class Engine:
 
     # Run eagerly under torch.compile: the one-time trace and set-up build parameters and
     # hooks, which a graph cannot hold (one graph break, on the first forward only; the
-    # hook is removed after it, or pass example_inputs to prepare() to avoid it).
-    @torch.compiler.disable
+    # hook is removed after it, or pass example_inputs to prepare() to avoid it); the
+    # hook is registered through torch.compiler.disable (see __init__).
     def _trace_first_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook of the model while the keep rules wait for a trace: the first
         forward under :meth:`autocast` is first traced (eval mode, no gradients, plain

@@ -58,9 +58,18 @@ _generator_ids: "weakref.WeakKeyDictionary[torch.Generator, int]" = weakref.Weak
 _generators: dict = {}   # id -> weakref of the generator
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo
+    (about 1 s, which ``import mixprec`` would pay): that decorator only sets this
+    attribute, which Dynamo reads when it meets a call of ``fn`` (tests/test_import.py
+    checks that torch's decorator still does exactly this)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Evaluated for real while Dynamo traces (the result becomes a constant of the graph), so
 # a generator first seen inside a compiled region is registered before the graph runs.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def generator_id(generator: Optional[torch.Generator]) -> int:
     """A small int naming ``generator`` in draw_seed's schema (0: torch's default CPU
     generator); generators are held weakly."""

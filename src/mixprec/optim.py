@@ -16,6 +16,7 @@ comparisons of every parameter per step, a few percent of a small model's step).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -30,10 +31,15 @@ from .scaling import quantize_spec
 __all__ = ["ParamSlot", "MasterOptimizer", "round_into_", "StateUnderflow",
            "OptimizerStateUnderflowWarning", "STATE_UNDERFLOW_WARN"]
 
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:       # a torch build without torch.distributed
-    _DTensor = None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard). torch.distributed.tensor is looked
+    up, not imported: importing it costs about 1 s (sympy and the DTensor op tables), and
+    a DTensor exists only once its module has been imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
 
 # Unscaled formats whose round-to-nearest is exactly torch's cast to a native dtype.
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,14 +52,14 @@ STATE_UNDERFLOW_WARN = 0.01
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The rank's local shard of a DTensor (sharing its storage), else ``t`` itself."""
-    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _sum_over_shards(count: int, tensors: Sequence[torch.Tensor]) -> int:
     """A count made on this rank's shards, summed over the ranks holding the other shards
     (the mesh dimensions the first DTensor among ``tensors`` is sharded on), so that
     every rank reports the whole tensor's count. Plain tensors: ``count`` itself."""
-    sharded = next((t for t in tensors if _DTensor is not None and isinstance(t, _DTensor)),
+    sharded = next((t for t in tensors if _is_dtensor(t)),
                    None)
     if sharded is None:
         return count
@@ -73,7 +79,7 @@ def round_into_(dst: torch.Tensor, src: torch.Tensor, spec: TensorSpec,
     dtype cast itself, which rounds to nearest-even.
     """
     with torch.no_grad():
-        if _DTensor is not None and isinstance(dst, _DTensor):
+        if _is_dtensor(dst):
             # An FSDP2 shard is rounded through its local tensor: the rounding is
             # element-wise, and kernels outside torch's dispatch need plain tensors.
             same = dst is src
