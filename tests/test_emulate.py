@@ -807,3 +807,19 @@ def test_ieee_format_without_mantissa_saves_nan_inputs():
     x = torch.tensor([[1.0, float("nan")]], requires_grad=True)
     y = qlinear(x, torch.ones(3, 2), None, LayerPolicy(s, s, s, s))
     assert y.isnan().all()
+
+
+def test_e8m0_uint8_codes_of_compiled_storage_match_torch_and_ml_dtypes():
+    # Compiled code stores E8M0 scales as uint8 codes (Inductor has no float8_e8m0fnu);
+    # encoding and decoding are bit tricks on float32, held here to torch's cast and to
+    # ml_dtypes over all 256 codes (0xFF: NaN), so compiled and eager storage agree
+    from mixprec.qfunc import _e8m0_codes_to_float32, _e8m0_to_codes
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    torch_values = codes.view(torch.float8_e8m0fnu).to(torch.float32)
+    ml_values = codes.numpy().view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+    assert np.array_equal(torch_values.numpy()[:255], ml_values[:255]) and np.isnan(ml_values[255])
+    decoded = _e8m0_codes_to_float32(codes)
+    assert torch.equal(decoded.view(torch.int32), torch_values.view(torch.int32))
+    assert torch.equal(_e8m0_to_codes(torch_values), codes)
+    assert torch.equal(_e8m0_to_codes(torch_values[:255]),
+                       torch_values[:255].to(torch.float8_e8m0fnu).view(torch.uint8))

@@ -109,8 +109,32 @@ _PER_GEMM = _TWO_COPIES + (ScalingKind.AXISWISE,)
 Pack = Tuple[str, Optional[FloatFormat], int, int, Tuple[torch.Tensor, ...]]
 
 
+# E8M0 and float32 share the exponent bias 127, so a scale 2^e's E8M0 code is its float32
+# exponent field (2^-127, the float32 subnormal 0x00400000, has field 0 = code 0; NaN has
+# 0xFF). Compiled code carries E8M0 scales as these uint8 codes: Inductor generates no
+# code for torch.float8_e8m0fnu tensors (KeyError in its C++ and Triton type tables).
+_E8M0_NAN_BITS = 0x7F800001    # torch's float8_e8m0fnu 0xFF cast to float32
+
+
+def _e8m0_to_codes(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (float32 powers of two in [2^-127, 2^127], or NaN) -> uint8 codes,
+    ``code = (bits(X) >> 23) & 0xFF``: the bits of ``X.to(torch.float8_e8m0fnu)``."""
+    return ((scales.to(torch.float32).view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def _e8m0_codes_to_float32(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes -> float32 with the bits of torch's cast: code << 23 (2^(code -
+    127)), except code 0 -> 0x00400000 (2^-127) and 0xFF -> NaN."""
+    c = codes.to(torch.int32)
+    bits = torch.where(c == 0, torch.full_like(c, 0x00400000),
+                       torch.where(c == 0xFF, torch.full_like(c, _E8M0_NAN_BITS), c << 23))
+    return bits.view(torch.float32)
+
+
 def _to_storage(values: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     # The cast is exact: values are already representable in fmt.
+    if fmt is _E8M0 and quant._tracing(values):
+        return _e8m0_to_codes(values)
     if fmt.torch_dtype is not None:
         return values.to(fmt.torch_dtype)
     if not fmt.has_nan:
@@ -132,6 +156,8 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 
 def _from_storage(stored: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    if fmt is _E8M0 and stored.dtype == torch.uint8:   # stored while compiled
+        return _e8m0_codes_to_float32(stored)
     if fmt.torch_dtype is not None:
         return _widen(stored)
     if stored.dtype == torch.uint8 and fmt.bits <= 8:
