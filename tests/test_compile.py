@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -223,6 +224,34 @@ def test_eager_backend_replays_emulated_layers_without_rounding_twice(kind, reci
     assert torch.equal(out_e, out_c), (out_e - out_c).abs().max()
     for ge, gc in zip(grads_e, grads_c):
         assert torch.equal(ge, gc), (ge - gc).abs().max()
+
+
+# Stochastic rounding in backward: the draws of one backward are independent ops in the
+# compiled graph, and Inductor may run them in another order than eager autograd does
+# (under fp8-e5m2, a conv layer's bias-gradient seed is drawn before its weight
+# gradient's), so each tensor gets another, equally valid, random stream.
+_SR_ORDER = "Inductor orders the backward's stochastic-rounding draws its own way"
+_CONV_DIFFERS = {"fp8-e5m2": _SR_ORDER}
+CONV_PRESETS = [pytest.param(p, marks=pytest.mark.xfail(reason=_CONV_DIFFERS[p], strict=True))
+                if p in _CONV_DIFFERS else p for p in mixprec.list_presets()]
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_fp32_difference() -> tuple:
+    return _difference("conv", _conv(), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", CONV_PRESETS)
+def test_compiled_conv_step_matches_eager_under_every_preset(recipe):
+    # three SGD steps of a conv net (2 convolutions and a linear layer), compiled by
+    # Inductor: at most torch's own compiled FP32 difference (measured: loss 0, parameters
+    # 1.5e-8; most presets are bit-identical)
+    loss32, param32 = _conv_fp32_difference()
+    torch._dynamo.reset()
+    loss_d, param_d = _difference("conv", _conv(), recipe)
+    assert loss_d <= loss32 and param_d <= param32, (recipe, (loss_d, param_d),
+                                                     (loss32, param32))
 
 
 def test_compiled_conv_net_matches_eager_under_mxfp8():
