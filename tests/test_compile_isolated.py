@@ -12,7 +12,7 @@ Llama's exact allowance is in its test); compiled rounding against eager at 1 an
 threads, stochastic stream included; backend="eager" bit-identical to eager (an MLP
 under fp8-hybrid, a conv net under fp16-mixed); a one-layer conv net compiled by
 Inductor under mxfp8, bit-identical to eager (E8M0 scales saved as uint8 codes). About
-110 s, and about 10 s more for the conv net's compile (about 40 s of CPU with Inductor's
+110 s, and about 10 s more for the conv net's compile (about 50 s of CPU with Inductor's
 kernel cache empty, when it compiles its C++ kernels).
 """
 from __future__ import annotations
