@@ -4,6 +4,9 @@ Models (--model):
   mlp    MLP 784-1024-1024-10 (ReLU), batch 1024, cross-entropy
   llama  transformers' LlamaForCausalLM from a config with random weights: hidden 256,
          intermediate 768, 4 layers, 4 heads, vocab 512, batch 8 x seq 128, its own loss
+Variants: torch FP32 and torch.amp bf16, then each recipe on the emulated backend; where
+it runs, bf16-mixed on the native backend (CPUs with bf16 dot products) and fp8-hybrid on
+the native backend (linear GEMMs through CPU torch._scaled_mm, for information).
 Optimizer: SGD with momentum. One step = forward under the variant's autocast, backward,
 optimizer step, zero_grad.
 
@@ -42,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpuinfo import cpu_line  # noqa: E402
 
 from mixprec.engine import prepare  # noqa: E402
-from mixprec.native import cpu_has_bf16_dot  # noqa: E402
+from mixprec.native import cpu_has_bf16_dot, scaled_mm_available  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
 LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -195,6 +198,9 @@ def build_variants(workload: str, recipes: list, amp_fp16: bool) -> list:
     wanted = [(r, "emulated") for r in recipes]
     if "bf16-mixed" in recipes and cpu_has_bf16_dot():
         wanted.append(("bf16-mixed", "native"))
+    if "fp8-hybrid" in recipes and scaled_mm_available("cpu"):
+        # for information: the linear GEMMs through CPU torch._scaled_mm
+        wanted.append(("fp8-hybrid", "native"))
     for recipe, backend in wanted:
         try:
             variants.append(mixprec_variant(workload, recipe, backend))
