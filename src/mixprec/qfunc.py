@@ -595,11 +595,12 @@ class QLinear(torch.autograd.Function):
                 y = block_scaled_mm(qx, qw, a_axis=-1, b_axis=-1)
             else:
                 # native FP8: both packs (the FP8 codes and scales) feed the GEMM
-                xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w or native,
+                packed = native is not None
+                xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w or packed,
                                         source=x)
-                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x or native)
+                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x or packed)
                 y = None
-                if native:
+                if packed:
                     y = _native_mm(native, c, "fprop", x_pack, False, w_pack, True,
                                    _native_out_dtype(c, x.dtype, bias))
                     x_pack, w_pack = (x_pack if need_w else None), (w_pack if need_x else None)
@@ -619,12 +620,12 @@ class QLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with _exact(g.device.type):
-            x_saved, w_saved = (None, None) if ctx.native else _load(ctx)
+            x_saved, w_saved = (None, None) if ctx.native is not None else _load(ctx)
             c.observe("grad_output", g)
             g2 = g.reshape(-1, g.shape[-1])
             if c.policy.scaled_block_gemm:
                 return _scaled_linear_backward(ctx, c, g2, x_saved, w_saved)
-            if ctx.native:
+            if ctx.native is not None:
                 return _native_linear_backward(ctx, c, g2)
             g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
             if need_x:
@@ -702,7 +703,8 @@ def _native_mm(native, c: OpContext, gemm: str, a_pack: Pack, a_t: bool, b_pack:
 
 
 def _load_packs(ctx) -> list:
-    """The packs :func:`_save` stored, as stored (codes, not values)."""
+    """The packs :func:`_save` stored, as stored (codes, not values; :func:`_load`
+    gives their values)."""
     tensors, out, i = ctx.saved_tensors, [], 0
     for meta in ctx.pack_meta:
         if meta is None:
