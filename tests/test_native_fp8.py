@@ -141,8 +141,9 @@ def test_shape_cuda_refuses_falls_back_with_a_warning_and_a_count():
     # (K=24) are refused, wgrad (g^T: 24 x 32, x: 32 x 16) runs natively.
     def run(backend):
         torch.manual_seed(0)
-        layer = nn.Linear(16, 24)
-        mp = mixprec.prepare(layer, torch.optim.SGD(layer.parameters(), lr=0.1),
+        model = nn.Sequential(nn.Linear(16, 24))
+        layer = model[0]
+        mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
                              "fp8-hybrid", backend=backend, keep_high_precision=())
         if backend == "native":
             mp._scaled_mm.rules = "cuda"
@@ -152,7 +153,7 @@ def test_shape_cuda_refuses_falls_back_with_a_warning_and_a_count():
             warnings.simplefilter("always")
             for _ in range(2):
                 with mp.autocast():
-                    y = layer(x)
+                    y = model(x)
                 y.float().square().sum().backward()
                 outs.append((y.detach(), x.grad.clone(), layer.weight.grad.clone()))
                 x.grad = None
@@ -166,15 +167,17 @@ def test_shape_cuda_refuses_falls_back_with_a_warning_and_a_count():
     # once per (layer, GEMM), naming both and the reason
     assert len(caught) == 2
     texts = sorted(str(w.message) for w in caught)
-    assert "dgrad GEMM of layer ''" in texts[0] or "dgrad GEMM of layer '(root)'" in texts[0]
-    assert "fprop GEMM" in texts[1]
+    assert "the dgrad GEMM of layer '0' runs emulated" in texts[0]
+    assert "the fprop GEMM of layer '0' runs emulated" in texts[1]
     assert all("K and N must be multiples of 16 on CUDA" in t for t in texts)
     assert "(M, K, N) = (32, 16, 24)" in texts[1] and "(M, K, N) = (32, 24, 16)" in texts[0]
     assert (cov.native_gemms, cov.emulated_gemms) == (2, 4)
-    rows = {(r.gemm, r.path): r.calls for r in cov.gemms}
-    assert rows == {("fprop", "emulated"): 2, ("dgrad", "emulated"): 2, ("wgrad", "native"): 2}
+    rows = {(r.module, r.gemm, r.path): r.calls for r in cov.gemms}
+    assert rows == {("0", "fprop", "emulated"): 2, ("0", "dgrad", "emulated"): 2,
+                    ("0", "wgrad", "native"): 2}
     text = str(cov)
-    assert "2 through torch._scaled_mm, 4 emulated" in text and "fprop: 2 emulated (" in text
+    assert "2 through torch._scaled_mm, 4 emulated" in text
+    assert "0 fprop: 2 emulated ((M, K, N) = (32, 16, 24): K and N must be" in text
     assert Coverage.from_dict(cov.to_dict()) == cov
     # the emulated GEMMs are the emulated backend's, bit for bit
     for (y_e, dx_e, _), (y_n, dx_n, _) in zip(emulated, outs):
