@@ -394,7 +394,10 @@ class ScaledMMGemms:
             b = b.t().contiguous().t()
         inv_a = a_scale.to(torch.float32).reciprocal().reshape(())
         inv_b = b_scale.to(torch.float32).reciprocal().reshape(())
-        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+        # use_fast_accum=False: Hopper's fast mode keeps fewer accumulator bits than the
+        # FP32 accumulation the recipe (and the emulation) asks for
+        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype,
+                                use_fast_accum=False)
 
     def fallback(self, layer: str, gemm: str, why: str) -> None:
         """Count (and warn once per (layer, GEMM) about) a GEMM computed emulated."""
