@@ -740,6 +740,32 @@ def test_emulation_ignores_autocast():
 # --------------------------------------------------------------------------------------
 # Layer state: delayed scaling and the observer
 # --------------------------------------------------------------------------------------
+def test_delayed_scalers_exist_before_backward():
+    # torch.compile cannot make a scaler inside a traced backward (nor one it can update
+    # from a graph): an op makes every scaler it will update, its backward's included,
+    # before it runs; without gradients there is no backward and no gradient scaler
+    p = policy("e4m3", "delayed")
+    model = mlp()
+    handle = attach(model, lambda n, m: p if isinstance(m, nn.Linear) else None)
+    x = randn(4, 16, seed=39)
+    with PrecisionMode():
+        out = model(x)
+    made = dict(handle.states["0"].scalers)
+    assert set(made) == {"activation", "weight", "grad_output", "weight_grad",
+                         "weight_grad.bias"}
+    assert all(s.fmt.name == "e4m3" for s in made.values())
+    assert made["grad_output"].amax_history.numel() == 0        # made, not updated yet
+    out.sum().backward()
+    assert handle.states["0"].scalers == made                   # the same objects
+    assert made["grad_output"].amax_history.numel() == 1
+    frozen = mlp()
+    frozen.requires_grad_(False)
+    handle = attach(frozen, lambda n, m: p if isinstance(m, nn.Linear) else None)
+    with PrecisionMode():
+        frozen(x)
+    assert set(handle.states["0"].scalers) == {"activation", "weight"}
+
+
 def test_delayed_scaling_state_per_layer_and_checkpoint():
     spec = TensorSpec("e4m3", scaling="delayed", saturate=True)
     p = LayerPolicy(spec, spec, spec, spec)
