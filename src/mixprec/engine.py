@@ -252,7 +252,10 @@ class Engine:
             if monitor is not None:
                 monitor.detach()
             self.model.eval()
-            with torch.enable_grad(), torch.random.fork_rng(devices=cuda), \
+            # DDP would wait for the gradients of a backward that never comes
+            ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+            no_sync = self.model.no_sync() if ddp else contextlib.nullcontext()
+            with torch.enable_grad(), torch.random.fork_rng(devices=cuda), no_sync, \
                     PrecisionMode(fp32_ops=self.recipe.fp32_ops,
                                   default_policy=self._default_policy,
                                   generator=self.generator, recorder=CoverageRecorder(),
