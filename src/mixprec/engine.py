@@ -222,8 +222,13 @@ class Engine:
         (:meth:`reserve_scalers`), eagerly (one graph break, once; the hook is removed
         after it). Eager forwards make them as they go."""
         if torch.compiler.is_compiling() and self._autocast_depth and not self._tracing:
-            self.reserve_scalers(args, kwargs)
+            self._reserve_once(args, kwargs)
         return None
+
+    @torch.compiler.disable
+    def _reserve_once(self, args: tuple, kwargs: dict) -> None:
+        if self._reserve_hook is not None:      # not yet made by this hook or prepare()
+            self.reserve_scalers(args, kwargs)
 
     @torch.compiler.disable
     def reserve_scalers(self, args: tuple = (), kwargs: Optional[dict] = None) -> None:

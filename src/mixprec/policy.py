@@ -33,8 +33,8 @@ __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "curr
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
 
 LAYER_ROLES = (Role.WEIGHT, Role.ACTIVATION, Role.GRAD_OUTPUT, Role.WEIGHT_GRAD)
-# dtypes a scaled layer can write its output in (LayerPolicy.scaled_output)
 _DELAYED = ScalingKind.DELAYED
+# dtypes a scaled layer can write its output in (LayerPolicy.scaled_output)
 _SCALED_OUTPUT = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -260,8 +260,9 @@ class LayerState:
         Emulated ops reserve every tensor they will round, the backward's included,
         before they run: under torch.compile a scaler must exist before the graph that
         updates it is traced (one made inside a traced forward cannot be updated by the
-        compiled backward), so creating one is run eagerly, as one graph break at the
-        first compiled call that meets it; the next call recompiles without it."""
+        compiled backward), so a scaler first met while compiling is made eagerly, at a
+        graph break. :meth:`mixprec.engine.Engine.reserve_scalers` makes them all before
+        the first trace."""
         missing = [(key, spec) for key, spec in uses
                    if spec.scaling is ScalingKind.DELAYED and key not in self.scalers]
         if missing:
