@@ -10,7 +10,8 @@ and of the tiny Llama against eager, as closely as torch's own compiled FP32 (th
 Llama's exact allowance is in its test); of an MLP 64 wide under te-delayed, with the
 same amax histories and scales as eager; compiled rounding against eager at 1 and 2
 threads, stochastic stream included; backend="eager" bit-identical to eager (an MLP
-under fp8-hybrid, a conv net under fp16-mixed). About 150 s.
+under fp8-hybrid, a conv net under fp16-mixed). 280 s in a full run with the machine
+loaded (load average about 7); the te-delayed checks add about 50 s of it.
 """
 from __future__ import annotations
 
