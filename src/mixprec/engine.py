@@ -242,12 +242,14 @@ class Engine:
             self._reserve_once(args, kwargs)
         return None
 
-    @torch.compiler.disable
+    # torch._disable_dynamo: torch.compiler.disable that imports torch._dynamo at the
+    # first call, not at `import mixprec` (about 1 s); Dynamo skips it the same way.
+    @torch._disable_dynamo
     def _reserve_once(self, args: tuple, kwargs: dict) -> None:
         if self._reserve_hook is not None:      # not yet made by this hook or prepare()
             self.reserve_scalers(args, kwargs)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def reserve_scalers(self, args: tuple = (), kwargs: Optional[dict] = None) -> None:
         """Make the delayed-scaling state of every tensor one forward (and its backward)
         rounds, changing nothing else: torch.compile can only update scalers that exist

@@ -287,7 +287,7 @@ class LayerState:
         return f"LayerState(name={self.name!r}, scalers={sorted(self.scalers)})"
 
 
-@torch.compiler.disable
+@torch._disable_dynamo    # torch.compiler.disable, importing torch._dynamo at the first call
 def _create_scalers(table: Dict[str, DelayedScaling], uses, cfg: ScalingConfig) -> None:
     # Eager even under torch.compile: tensors made inside a graph and mutated by its
     # backward are rejected by AOT autograd ("was invalid, but is output").
