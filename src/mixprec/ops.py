@@ -292,7 +292,7 @@ def _round_f32(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor]) ->
             r = a - low + (up << s0)
         else:
             e = (a >> 23).clamp(min=1)
-            shift = (te - e).clamp(min=0) + s0
+            shift = (te + s0 - e).clamp(min=s0)
             sh = shift.clamp(max=24)
             sig = a - ((e - 1) << 23)          # with the implicit bit; a for subnormals
             low = sig & ((1 << sh) - 1)
@@ -303,7 +303,7 @@ def _round_f32(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor]) ->
                 tie = (s > 0) & (word == top)
                 rem = (low & ((1 << s.clamp(0, 24)) - 1)).long()
                 s = s.long()
-                thr = torch.where(s <= 63, rem << (63 - s).clamp(min=0),
+                thr = torch.where(s <= 63, rem << (63 - s).clamp(0, 63),
                                   rem >> (s - 63).clamp(0, 63))
                 up = torch.where(tie, torch.ops.mixprec.tie_break(tie, thr, seed), up)
             up = up.to(torch.int32)
@@ -312,7 +312,7 @@ def _round_f32(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor]) ->
         r = a & -(1 << s0)
         if te > 1:
             e = (a >> 23).clamp(min=1)
-            shift = ((te - e).clamp(min=0) + s0).clamp(max=24)
+            shift = (te + s0 - e).clamp(s0, 24)
             r = torch.where(shift <= 23, a & -(1 << shift), 0)
     r = torch.where(r > max_bits, ovf, r)
     if infin != ovf:
