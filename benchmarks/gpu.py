@@ -11,9 +11,16 @@ Checks (each prints ok or the number of differing elements):
     scaled_mm      torch._scaled_mm on e4m3 operands against the emulated product of the
                    same operands (FP32 accumulation: equal up to summation order; prints
                    the max relative difference), where the device supports it
+    native fp8     a linear layer under backend="native" with fp8-hybrid and te-current
+                   (its three GEMMs through torch._scaled_mm) against backend="emulated":
+                   y, dX, dW bit for bit on operands whose rounding, products and sums
+                   are exact (small integers, power-of-two scales); the max relative
+                   difference on random operands (scale applied after the sum, another
+                   summation order); the number of GEMMs that ran natively
 
 then the step time of an MLP 784-1024-1024-10 (batch 1024, AdamW) for fp32, the native
-fp16-mixed and bf16-mixed backends, and the emulated fp8-hybrid and mxfp8 recipes, eager
+fp16-mixed and bf16-mixed backends, fp8-hybrid emulated and native (torch._scaled_mm),
+and the emulated mxfp8 recipe, eager
 and compiled, as ratios to fp32 from the same run. About 2-4 minutes, most of it
 compiling. Without CUDA it prints that and exits 0.
 
@@ -85,6 +92,54 @@ def check_scaled_mm() -> None:
     print(f"scaled_mm e4m3 x e4m3 -> fp32: max relative difference {rel:.2e}")
 
 
+def _linear_run(recipe: str, backend: str, exact: bool, device: str):
+    """y, dX, dW of Linear(64, 128) (32 tokens) under ``recipe`` and ``backend``, and the
+    engine's coverage. ``exact``: integer operands of magnitude <= 7 with amax 7, so the
+    per-tensor scales are powers of two (448/7 = 64, 57344/7 = 8192) and every FP8
+    rounding, product and sum is exact in any order."""
+    import torch.nn as nn
+    import mixprec
+    g = torch.Generator().manual_seed(1)
+
+    def operand(*shape):
+        if not exact:
+            return torch.randn(*shape, generator=g)
+        t = torch.randint(-7, 8, shape, generator=g).float()
+        t.view(-1)[0] = 7
+        return t
+
+    layer = nn.Linear(64, 128).to(device)
+    with torch.no_grad():
+        layer.weight.copy_(operand(128, 64))
+        layer.bias.copy_(operand(128))
+    x = operand(32, 64).to(device).requires_grad_()
+    mp = mixprec.prepare(layer, torch.optim.SGD(layer.parameters(), lr=0.0), recipe,
+                         backend=backend, keep_high_precision=())
+    with mp.autocast():
+        y = layer(x)
+    y.backward(operand(*y.shape).to(device=device, dtype=y.dtype))
+    return (y.detach(), x.grad, layer.weight.grad), mp.coverage()
+
+
+def check_native_fp8(device: str = "cuda") -> None:
+    from mixprec.native import scaled_mm_available
+    if not scaled_mm_available(device):
+        print("native fp8: torch._scaled_mm does not run on this device")
+        return
+    for recipe in ("fp8-hybrid", "te-current"):
+        emulated, _ = _linear_run(recipe, "emulated", True, device)
+        native, cov = _linear_run(recipe, "native", True, device)
+        diff = [_differ(a.float(), b.float()) for a, b in zip(emulated, native)]
+        print(f"native fp8 {recipe:10} exact operands   differing y/dX/dW: {diff}  "
+              f"GEMMs native {cov.native_gemms}, emulated {cov.emulated_gemms}")
+        emulated, _ = _linear_run(recipe, "emulated", False, device)
+        native, _ = _linear_run(recipe, "native", False, device)
+        rel = [float((a.float() - b.float()).abs().max() / a.float().abs().max())
+               for a, b in zip(emulated, native)]
+        print(f"native fp8 {recipe:10} random operands  max relative difference y/dX/dW: "
+              + ", ".join(f"{r:.1e}" for r in rel))
+
+
 def step_ratios(steps: int, compile_too: bool) -> None:
     import torch.nn as nn
     import torch.nn.functional as F
@@ -118,7 +173,8 @@ def step_ratios(steps: int, compile_too: bool) -> None:
         return (time.perf_counter() - t0) / steps
 
     variants = [("fp32", "emulated"), ("fp16-mixed", "native"), ("bf16-mixed", "native"),
-                ("fp16-mixed", "emulated"), ("fp8-hybrid", "emulated"), ("mxfp8", "emulated")]
+                ("fp16-mixed", "emulated"), ("fp8-hybrid", "emulated"), ("fp8-hybrid", "native"),
+                ("mxfp8", "emulated")]
     ref = timed("fp32", "emulated", False)
     print(f"\nMLP step, {steps} steps, ratio to eager fp32 ({ref * 1e3:.2f} ms)")
     for recipe, backend in variants:
@@ -151,6 +207,7 @@ def main() -> None:
         check_triton(x)
     check_native_casts(x)
     check_scaled_mm()
+    check_native_fp8()
     step_ratios(args.steps, not args.skip_compile)
 
 

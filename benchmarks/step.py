@@ -4,6 +4,9 @@ Models (--model):
   mlp    MLP 784-1024-1024-10 (ReLU), batch 1024, cross-entropy
   llama  transformers' LlamaForCausalLM from a config with random weights: hidden 256,
          intermediate 768, 4 layers, 4 heads, vocab 512, batch 8 x seq 128, its own loss
+Variants: torch FP32 and torch.amp bf16, then each recipe on the emulated backend; where
+it runs, bf16-mixed on the native backend (CPUs with bf16 dot products) and fp8-hybrid on
+the native backend (linear GEMMs through CPU torch._scaled_mm, for information).
 Optimizer: SGD with momentum. One step = forward under the variant's autocast, backward,
 optimizer step, zero_grad.
 
@@ -13,6 +16,10 @@ process, which other processes on a shared machine disturb far less than wall ti
 intra-op thread by default (--threads), so CPU time is not inflated by spinning threads.
 The ratio to FP32 is taken round by round (this round's step over this round's torch
 fp32 step); the table prints the median and the spread (min - max) over rounds.
+
+With the native fp8-hybrid variant a last line times one GEMM of the MLP's middle layer
+both ways: CPU torch._scaled_mm on E4M3 codes against torch.matmul of the same operands in
+float32 (the emulated GEMM).
 
 Saved bytes: one forward under ``torch.autograd.graph.saved_tensors_hooks``, summing
 numel * element_size of every tensor saved for backward, once per storage, except the
@@ -42,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpuinfo import cpu_line  # noqa: E402
 
 from mixprec.engine import prepare  # noqa: E402
-from mixprec.native import cpu_has_bf16_dot  # noqa: E402
+from mixprec.native import cpu_has_bf16_dot, scaled_mm_available  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
 LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -188,6 +195,31 @@ TARGETS = {
 RECIPES = "fp32,fp16-mixed,bf16-mixed,fp8-e5m2,fp8-hybrid,mxfp8,mxfp6,mxfp4"
 
 
+def scaled_mm_vs_matmul(m: int, k: int, n: int, repeats: int) -> str:
+    """One line: CPU time of torch._scaled_mm on E4M3 codes (M x K by K x N, FP32 out)
+    against torch.matmul of the same operands already in float32 (the emulated GEMM),
+    medians over ``repeats`` calls after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn).t()      # column-major
+    a32, b32, scale = a.float(), b.float(), torch.tensor(0.5)
+
+    def median_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            fn()
+            times.append(time.process_time() - c0)
+        return statistics.median(times)
+
+    t_native = median_time(lambda: torch._scaled_mm(a, b, scale_a=scale, scale_b=scale,
+                                                    out_dtype=torch.float32))
+    t_fp32 = median_time(lambda: torch.matmul(a32, b32))
+    return (f"GEMM {m}x{k}x{n}: torch._scaled_mm e4m3 {t_native * 1e3:.1f} ms, FP32 matmul "
+            f"{t_fp32 * 1e3:.1f} ms, ratio {t_native / t_fp32:.2f}x")
+
+
 def build_variants(workload: str, recipes: list, amp_fp16: bool) -> list:
     variants = [plain_fp32(workload), torch_amp(workload, torch.bfloat16)]
     if amp_fp16:   # tens of times slower than fp32 on CPUs without fp16 arithmetic
@@ -195,6 +227,9 @@ def build_variants(workload: str, recipes: list, amp_fp16: bool) -> list:
     wanted = [(r, "emulated") for r in recipes]
     if "bf16-mixed" in recipes and cpu_has_bf16_dot():
         wanted.append(("bf16-mixed", "native"))
+    if "fp8-hybrid" in recipes and scaled_mm_available("cpu"):
+        # for information: the linear GEMMs through CPU torch._scaled_mm
+        wanted.append(("fp8-hybrid", "native"))
     for recipe, backend in wanted:
         try:
             variants.append(mixprec_variant(workload, recipe, backend))
@@ -270,6 +305,8 @@ def main() -> int:
         print(f"{v.name:<40}{ms:>8.1f}{med:>8.2f}x{spread:>14}{saved[v.name][0] / 2 ** 20:>11.2f}"
               f"{rb:>8.2f}x{rb_all:>9.2f}x  {verdict}")
     print(f"{checked - failures} of {checked} targets met on this run")
+    if any(v.name == "mixprec fp8-hybrid (native)" for v in variants) and args.model == "mlp":
+        print(scaled_mm_vs_matmul(batch_size, SIZES[1], SIZES[2], max(args.rounds, 3)))
     return 0
 
 

@@ -26,6 +26,9 @@ TABLES = {
     + [rf"^mixprec {re.escape(p)} \(emulated\) +[\d.]+ +[\d.]+x +[\d.]+-[\d.]+ +[\d.]+ +[\d.]+x"
        for p in ("fp32", "fp16-mixed", "bf16-mixed", "fp8-e5m2", "fp8-hybrid", "mxfp8",
                  "mxfp6", "mxfp4")]
+    + [r"^mixprec fp8-hybrid \(native\) +[\d.]+ +[\d.]+x",     # linear GEMMs via _scaled_mm
+       r"^GEMM \d+x\d+x\d+: torch\._scaled_mm e4m3 [\d.]+ ms, FP32 matmul [\d.]+ ms, "
+       r"ratio [\d.]+x$"]
     + [r"^\d+ of \d+ targets met on this run$"],
     # every model under every preset: finite loss, ratios, coverage counts of step 0 with
     # nothing unrecognised ("-" under the native backend), no error column; fp32 is 1.000x

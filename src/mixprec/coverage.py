@@ -13,6 +13,11 @@ one dispatch function (:mod:`mixprec.dispatch`), which records it here with one 
                   of its operands (a composite such as an LSTM, an in-place variant,
                   an einsum that is not a contraction); ``reason`` says which
 
+Under the native backend with a per-tensor FP8 recipe (:mod:`mixprec.native`), the
+three GEMMs of each linear layer (fprop, dgrad, wgrad) are counted as well, in
+``Coverage.gemms``: "native" (``torch._scaled_mm``) or "emulated" with the reason
+``_scaled_mm`` refused them.
+
 Each call is attributed to the module that owns its weight operand (the innermost
 running module holding that Parameter), else to the innermost running module.
 An unrecognised call outside every kept module warns once per (op, module)
@@ -32,10 +37,12 @@ from typing import Dict, Tuple
 
 from .recipe import ScalingKind, TensorSpec
 
-__all__ = ["STATUSES", "CoverageRow", "Coverage", "CoverageRecorder", "CoverageWarning",
+__all__ = ["STATUSES", "GEMM_PATHS", "CoverageRow", "GemmRow", "Coverage", "CoverageRecorder",
+           "CoverageWarning",
            "UnemulatedOpError", "spec_text", "policy_formats", "OUTSIDE"]
 
 STATUSES = ("emulated", "kept", "fp32", "unrecognised")
+GEMM_PATHS = ("native", "emulated")
 _WHY = {"emulated": "", "kept": "kept by a rule", "fp32": "an FP32 op",
         "unrecognised": "not recognised"}
 # module name of calls made outside every module that has a policy
@@ -88,15 +95,38 @@ class CoverageRow:
 
 
 @dataclass(frozen=True)
+class GemmRow:
+    """Calls of one GEMM (fprop, dgrad, wgrad) of one linear layer under the native FP8
+    backend, by path: "native" (``torch._scaled_mm``) or "emulated" (``reason``: why
+    ``_scaled_mm`` refused it)."""
+    module: str
+    gemm: str
+    path: str
+    calls: int
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "gemm": self.gemm, "path": self.path,
+                "calls": self.calls, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemmRow":
+        return cls(d["module"], d["gemm"], d["path"], int(d["calls"]), d["reason"])
+
+
+@dataclass(frozen=True)
 class Coverage:
     """What the matmul-like calls did, one row per (op, module, status, formats), in the
-    order they first ran. Counts are numbers of calls.
+    order they first ran. Counts are numbers of calls. ``gemms``: the linear layers'
+    GEMMs under the native FP8 backend, native or emulated (empty otherwise).
 
     >>> cov = mp.coverage()
     >>> cov.emulated, cov.kept, cov.fp32, cov.unrecognised
+    >>> cov.native_gemms, cov.emulated_gemms
     >>> print(cov)
     """
     rows: Tuple[CoverageRow, ...] = ()
+    gemms: Tuple[GemmRow, ...] = ()
 
     def count(self, status: str) -> int:
         if status not in STATUSES:
@@ -124,6 +154,22 @@ class Coverage:
     def total(self) -> int:
         return sum(r.calls for r in self.rows)
 
+    def gemm_count(self, path: str) -> int:
+        """GEMMs of linear layers that ran ``path`` ("native" or "emulated") under the
+        native FP8 backend."""
+        if path not in GEMM_PATHS:
+            raise ValueError(f"unknown GEMM path {path!r}; valid choices: "
+                             f"{', '.join(GEMM_PATHS)}")
+        return sum(r.calls for r in self.gemms if r.path == path)
+
+    @property
+    def native_gemms(self) -> int:
+        return self.gemm_count("native")
+
+    @property
+    def emulated_gemms(self) -> int:
+        return self.gemm_count("emulated")
+
     def counts(self) -> Dict[str, int]:
         """{status: calls} for every status."""
         return {s: self.count(s) for s in STATUSES}
@@ -141,11 +187,15 @@ class Coverage:
         return tuple(r for r in self.rows if r.module == module)
 
     def to_dict(self) -> dict:
-        return {**self.counts(), "rows": [r.to_dict() for r in self.rows]}
+        out = {**self.counts(), "rows": [r.to_dict() for r in self.rows]}
+        if self.gemms:
+            out["gemms"] = [r.to_dict() for r in self.gemms]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Coverage":
-        return cls(tuple(CoverageRow.from_dict(r) for r in d["rows"]))
+        return cls(tuple(CoverageRow.from_dict(r) for r in d["rows"]),
+                   tuple(GemmRow.from_dict(r) for r in d.get("gemms", ())))
 
     def __str__(self) -> str:
         head = ["op", "module", "status", "calls", "formats / why"]
@@ -159,8 +209,13 @@ class Coverage:
         c = self.counts()
         summary = (f"{self.total} matmul-like calls: {c['emulated']} emulated, {c['kept']} "
                    f"kept by a rule, {c['fp32']} FP32 ops, {c['unrecognised']} not recognised")
-        return "\n".join([summary, line(head), line(["-" * w for w in widths])]
-                         + [line(r) for r in body])
+        lines = [summary, line(head), line(["-" * w for w in widths])] + [line(r) for r in body]
+        if self.gemms:
+            lines.append(f"linear GEMMs under the native backend: {self.native_gemms} through "
+                         f"torch._scaled_mm, {self.emulated_gemms} emulated")
+            lines += [f"  {r.module or '(root)'} {r.gemm}: {r.calls} emulated ({r.reason})"
+                      for r in self.gemms if r.path == "emulated"]
+        return "\n".join(lines)
 
 
 class CoverageRecorder:
@@ -172,6 +227,7 @@ class CoverageRecorder:
             raise TypeError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
         self._counts: Dict[tuple, int] = {}
+        self._gemms: Dict[tuple, int] = {}
         self._policies: dict = {}
         self._warned: set = set()
 
@@ -187,6 +243,11 @@ class CoverageRecorder:
                 self._policies[id(policy)] = policy     # keeps the id valid
             count = 0
         self._counts[key] = count + 1
+
+    def record_gemm(self, module: str, gemm: str, path: str, reason: str = "") -> None:
+        """Count one GEMM of a linear layer under the native FP8 backend."""
+        key = (module, gemm, path, reason)
+        self._gemms[key] = self._gemms.get(key, 0) + 1
 
     def unrecognised(self, op: str, module: str, reason: str, has_weight: bool = False) -> None:
         """Record an unrecognised call; warn once per (op, module), or raise if strict."""
@@ -204,13 +265,15 @@ class CoverageRecorder:
     def reset(self) -> None:
         """Forget the counts (warnings already given are not repeated)."""
         self._counts = {}
+        self._gemms = {}
 
     def coverage(self) -> Coverage:
         rows = []
         for (op, module, status, pid, roles, reason, has_weight), n in self._counts.items():
             formats = () if pid is None else policy_formats(self._policies[pid], roles)
             rows.append(CoverageRow(op, module, status, n, formats, reason, has_weight))
-        return Coverage(tuple(rows))
+        gemms = tuple(GemmRow(*key[:3], n, key[3]) for key, n in self._gemms.items())
+        return Coverage(tuple(rows), gemms)
 
     def __repr__(self) -> str:
         return f"CoverageRecorder(strict={self.strict}, rows={len(self._counts)})"

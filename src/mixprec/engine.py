@@ -49,8 +49,9 @@ from .distributed import all_reduce_found_inf
 from .distributed.fp8_all_gather import FP8AllGather
 from .distributed.fsdp import fsdp_modules, is_fsdp, sum_gradient_reduction_
 from .emulate import LayerPolicy, PrecisionMode, attach
-from .native import (NATIVE_DTYPES, convert_parameters_, keep_full_precision, native_autocast,
-                     native_dtype, resolve_backend)
+from .native import (NATIVE_DTYPES, ScaledMMGemms, convert_parameters_, keep_full_precision,
+                     native_autocast, native_dtype, native_kind, resolve_backend,
+                     scaled_mm_available)
 from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, parameter_owners,
                      resolve_keep_high_precision, split_example_inputs, trace_gemm_calls)
 from .optim import (STATE_UNDERFLOW_WARN, MasterOptimizer, OptimizerStateUnderflowWarning,
@@ -104,12 +105,25 @@ class Engine:
         self.model, self.optimizer, self.recipe = model, optimizer, recipe
         self.recorder = CoverageRecorder(strict=strict)
         self.backend, self.generator = backend, generator
+        self.device = next(iter(model.parameters()), torch.empty(0)).device
+        # backend="native": torch.autocast in fp16/bf16, or (per-tensor FP8) the emulated
+        # set-up with every linear layer's GEMMs through torch._scaled_mm
+        kind = native_kind(recipe) if backend == "native" else None
+        self._autocast_native = kind == "autocast"
+        self._scaled_mm: Optional[ScaledMMGemms] = None
+        if kind == "scaled_mm":
+            if not scaled_mm_available(self.device):
+                raise ValueError(f"backend='native' runs {recipe.short_str()!r} through "
+                                 f"torch._scaled_mm, which does not run on {self.device} "
+                                 f"(CUDA needs compute capability 8.9 or more); valid: "
+                                 f"backend='emulated'")
+            self._scaled_mm = ScaledMMGemms(self.device, self.recorder)
         self.loss_scaler = recipe.loss_scale.build()
         # hadamard.signs=redraw: the signs of every transform size, fresh each step
         self.signs: Optional[SignStream] = None
-        if backend != "native" and recipe.hadamard.signs == "redraw" and recipe.hadamard.sizes():
+        if (not self._autocast_native and recipe.hadamard.signs == "redraw"
+                and recipe.hadamard.sizes()):
             self.signs = SignStream(recipe.hadamard.sizes(), seed=recipe.hadamard.seed)
-        self.device = next(iter(model.parameters()), torch.empty(0)).device
         self._steps = self._skipped = self._consecutive = 0
         self._history: list = []
         self._run: list = []           # diagnoses of the current run of skipped steps
@@ -132,7 +146,7 @@ class Engine:
                              "sharded with torch.distributed.fsdp.fully_shard; got backend "
                              f"{backend!r} and a model {'with' if is_fsdp(model) else 'without'}"
                              " fully_shard")
-        if backend == "native":      # validate before the optimizer is touched
+        if self._autocast_native:      # validate before the optimizer is touched
             self._dtype = native_dtype(recipe)
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 raise ValueError("backend='native' converts parameter dtypes: call prepare() on "
@@ -143,7 +157,7 @@ class Engine:
         # size instead (see mixprec.distributed.fsdp)
         self._dp_size = sum_gradient_reduction_(model)
         self._input_hooks = []
-        if backend != "native":
+        if not self._autocast_native:
             # the model's inputs are the caller's: layers save them rather than copies
             self._input_hooks = [
                 model.register_forward_pre_hook(_enter_inputs, with_kwargs=True),
@@ -172,7 +186,7 @@ class Engine:
             self.optimizer, self._make_slots(), optimizer_state=self.recipe.optimizer_state,
             scaling=self.recipe.scaling, generator=self.generator,
             count_lost_updates=self._count_lost)
-        if self.backend == "native":
+        if self._autocast_native:
             self._setup_native()
         else:
             self._setup_emulated()
@@ -246,7 +260,7 @@ class Engine:
                 slots.append(MasterOptimizer.make_slot(
                     name, modules[module_name], module_name, p,
                     storage=_storage_spec(self.recipe, self._kept(p, owners, module_name)),
-                    master=self.recipe.master, native=self.backend == "native",
+                    master=self.recipe.master, native=self._autocast_native,
                     generator=self.generator))
         return slots
 
@@ -280,14 +294,16 @@ class Engine:
         the first model forward in here is traced first and the engine finalised."""
         self._autocast_depth += 1
         try:
-            if self.backend == "native":
+            if self._autocast_native:
                 with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):
                     yield
             else:
                 with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
                                    default_policy=self._default_policy,
                                    generator=self.generator, recorder=self.recorder,
-                                   signs=self.signs):
+                                   signs=self.signs), \
+                        (self._scaled_mm.active() if self._scaled_mm is not None
+                         else contextlib.nullcontext()):
                     yield
         finally:
             self._autocast_depth -= 1
@@ -296,8 +312,10 @@ class Engine:
         """What the matmul-like calls under :meth:`autocast` did since the engine was
         built (or the last reset): emulated and in which formats, kept by a rule, FP32
         ops, or not recognised (:mod:`mixprec.coverage`). ``reset=True`` starts a new
-        count after returning this one. The native backend leaves precision to
-        torch.autocast and records nothing.
+        count after returning this one. The native backend in fp16/bf16 leaves precision
+        to torch.autocast and records nothing; with a per-tensor FP8 recipe it records
+        the calls as emulated (the rounding is) and counts every linear GEMM in
+        ``Coverage.gemms``: through ``torch._scaled_mm`` or emulated, and why.
 
         >>> print(mp.coverage())
         """

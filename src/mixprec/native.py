@@ -11,7 +11,30 @@ stores them in the hardware dtype and lets torch's kernels compute:
   alone leaves them in bf16);
 * modules kept in high precision keep FP32 parameters and run with autocast disabled.
 
-FP8: :func:`fp8_linear_native` is a per-tensor-scaled E4M3 linear layer through
+FP8 (recipes whose weight, activation and grad_output are per-tensor scaled E4M3/E5M2,
+current or delayed, with FP32 accumulation: fp8-hybrid, te-current, te-delayed,
+torchao-float8-tensorwise): the model is set up as on the emulated backend (FP32 master
+and model weights, :class:`~mixprec.emulate.PrecisionMode`), and every linear layer runs
+its three GEMMs on the FP8 codes mixprec's rounding computed, through
+``torch._scaled_mm`` (:class:`ScaledMMGemms`)::
+
+    fprop   y  = _scaled_mm(q_x,      q_w^T, 1/s_x, 1/s_w)     q = codes, s = scales
+    dgrad   dX = _scaled_mm(q_g,      q_w,   1/s_g, 1/s_w)
+    wgrad   dW = _scaled_mm(q_g^T,    q_x,   1/s_g, 1/s_x)
+
+Rounding, scales, amax histories and the stochastic-rounding stream are the emulated
+backend's, so only the GEMM differs: where the scales are applied (codes * (1/s) instead
+of codes / s; the same numbers for power-of-two scales) and the summation order. A
+GEMM that ``_scaled_mm`` cannot take (on CUDA: K or N not a multiple of 16, e5m2 x e5m2)
+runs emulated, with a :class:`NativeFallbackWarning` once per (layer, GEMM) and a row in
+:meth:`mixprec.Engine.coverage`. Other matmul-like ops (matmul, addmm of a Conv1D,
+convolutions, attention) stay emulated and are counted there as such.
+Unscaled FP8 (fp8-e5m2) does not run natively: its GEMMs are e5m2 x e5m2, which
+cuBLASLt has no kernel for. MX and block schemes need block scales, and emulated
+accumulation is not what the hardware does: both raise a ValueError under
+``backend="native"``.
+
+:func:`fp8_linear_native` is a forward-only per-tensor-scaled E4M3 linear layer through
 ``torch._scaled_mm`` (which also runs on CPU in recent torch), for devices where
 :func:`scaled_mm_available` says it works.
 """
@@ -19,7 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Collection, Iterator, Optional
+import warnings
+from typing import Collection, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,18 +55,72 @@ __all__ = [
     "NATIVE_DTYPES", "cpu_has_bf16_dot", "resolve_backend", "native_dtype", "native_problems",
     "convert_parameters_",
     "keep_full_precision", "native_autocast", "scaled_mm_available", "fp8_linear_native",
+    "SCALED_MM_DTYPES", "NATIVE_KINDS", "native_kind", "autocast_problems", "scaled_mm_problems",
+    "scaled_mm_shape_problem", "ScaledMMGemms", "NativeFallbackWarning", "active_scaled_mm",
 ]
 
 # Formats with a native torch storage dtype that torch.autocast computes in.
 NATIVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# FP8 formats torch._scaled_mm multiplies, with their storage dtypes
+SCALED_MM_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# how the native backend runs a recipe: torch.autocast in fp16/bf16, or FP8 GEMMs
+NATIVE_KINDS = ("autocast", "scaled_mm")
 _ROLES = ("weight", "activation", "grad_output", "weight_grad")
+_GEMM_ROLES = ("weight", "activation", "grad_output")      # the operands of the three GEMMs
+_PER_TENSOR = (ScalingKind.CURRENT, ScalingKind.DELAYED)
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def native_problems(recipe: Recipe) -> list:
-    """Why ``recipe`` cannot run natively (empty when it can).
+    """Why ``recipe`` cannot run natively (empty when it can): the reasons neither
+    native kind applies, :func:`autocast_problems` then :func:`scaled_mm_problems`."""
+    autocast, scaled = autocast_problems(recipe), scaled_mm_problems(recipe)
+    if not autocast or not scaled:
+        return []
+    return ([f"autocast: {p}" for p in autocast]
+            + [f"torch._scaled_mm: {p}" for p in scaled])
 
-    Native means: one fp16 or bf16 format for weights, activations and gradients, no
+
+def native_kind(recipe: Recipe) -> str:
+    """"autocast" (fp16/bf16) or "scaled_mm" (per-tensor FP8); ValueError if neither."""
+    if not autocast_problems(recipe):
+        return "autocast"
+    if not scaled_mm_problems(recipe):
+        return "scaled_mm"
+    raise ValueError(f"recipe {recipe.short_str()!r} cannot run on the native backend: "
+                     f"{'; '.join(native_problems(recipe))}; valid: backend='emulated'")
+
+
+def scaled_mm_problems(policy) -> list:
+    """Why the linear GEMMs of ``policy`` (a Recipe or a LayerPolicy) cannot run through
+    ``torch._scaled_mm`` (empty when they can).
+
+    They can when weight, activation and grad_output are E4M3 or E5M2 with one scale per
+    tensor (current or delayed scaling; any rounding: it is mixprec's) and products
+    accumulate in FP32. The weight gradient is rounded after the GEMM, so any format.
+    """
+    problems = []
+    for role in _GEMM_ROLES:
+        spec = getattr(policy, role)
+        if spec.format not in SCALED_MM_DTYPES:
+            problems.append(f"{role} format {spec.format!r} is not one of "
+                            f"{', '.join(SCALED_MM_DTYPES)}")
+        elif spec.scaling is ScalingKind.NONE:
+            problems.append(f"{role} is unscaled {spec.format}: torch._scaled_mm multiplies "
+                            f"per-tensor scaled operands (and an all-e5m2 recipe's GEMMs "
+                            f"would be e5m2 x e5m2, which has no CUDA kernel)")
+        elif spec.scaling not in _PER_TENSOR:
+            problems.append(f"{role} uses {spec.scaling.value} scaling, not one scale per "
+                            f"tensor (current or delayed)")
+    if not policy.accumulation.is_fp32:
+        problems.append(f"{policy.accumulation.describe()} is emulated only")
+    return problems
+
+
+def autocast_problems(recipe: Recipe) -> list:
+    """Why ``recipe`` cannot run under torch.autocast (empty when it can).
+
+    That needs one fp16 or bf16 format for weights, activations and gradients, no
     per-tensor/MX scaling, round-to-nearest (the hardware cast), FP32 accumulation.
     """
     problems = []
@@ -74,13 +152,19 @@ def cpu_has_bf16_dot() -> bool:
 
 def resolve_backend(requested: str, recipe: Recipe, device: torch.device) -> str:
     """"emulated" or "native". "auto": native for fp16/bf16 recipes on CUDA, and for bf16
-    on CPUs with bf16 dot-product instructions (see :func:`cpu_has_bf16_dot`); everything
-    else (FP8, MX, fp16 on CPU, bf16 on CPUs without bf16 hardware) emulated."""
+    on CPUs with bf16 dot-product instructions (see :func:`cpu_has_bf16_dot`); native for
+    per-tensor FP8 recipes on CUDA devices where ``torch._scaled_mm`` runs (compute
+    capability 8.9 and up, :func:`scaled_mm_available`); everything else (MX, fp8-e5m2,
+    fp16 on CPU, bf16 on CPUs without bf16 hardware, FP8 on CPU, where _scaled_mm is no
+    faster than the emulated FP32 GEMM) emulated."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; valid choices: {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
-    if native_problems(recipe):
+    if not scaled_mm_problems(recipe) and autocast_problems(recipe):
+        return ("native" if device.type == "cuda" and scaled_mm_available(device)
+                else "emulated")
+    if autocast_problems(recipe):
         return "emulated"
     if device.type == "cuda":
         return "native"
@@ -90,10 +174,10 @@ def resolve_backend(requested: str, recipe: Recipe, device: torch.device) -> str
 
 
 def native_dtype(recipe: Recipe) -> torch.dtype:
-    """The torch dtype the native backend computes ``recipe`` in; ValueError if none."""
-    problems = native_problems(recipe)
+    """The torch dtype torch.autocast computes ``recipe`` in; ValueError if none."""
+    problems = autocast_problems(recipe)
     if problems:
-        raise ValueError(f"recipe {recipe.short_str()!r} cannot run on the native backend: "
+        raise ValueError(f"recipe {recipe.short_str()!r} cannot run under torch.autocast: "
                          f"{'; '.join(problems)}; valid: backend='emulated'")
     return NATIVE_DTYPES[recipe.weight.format]
 
@@ -162,15 +246,19 @@ def _scaled_mm_works(device: str) -> bool:
         one = torch.ones((), device=device)
         out = torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         return bool((out == 16).all())
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError, AssertionError):
         return False
 
 
 def scaled_mm_available(device: Optional[torch.device | str] = None) -> bool:
-    """Whether ``torch._scaled_mm`` runs an E4M3 GEMM on ``device`` (default: CPU)."""
+    """Whether ``torch._scaled_mm`` runs an E4M3 GEMM on ``device`` (default: CPU); on
+    CUDA that takes compute capability 8.9 or more (Ada, Hopper and later)."""
     device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return _scaled_mm_works(str(device))
 
 
@@ -203,3 +291,121 @@ def fp8_linear_native(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | 
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, w.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Native FP8 GEMMs of the emulated linear layers
+# --------------------------------------------------------------------------------------
+class NativeFallbackWarning(UserWarning):
+    """A linear layer's GEMM could not run through ``torch._scaled_mm`` under the native
+    backend and ran emulated (FP32 GEMM of the dequantized FP8 operands)."""
+
+
+_FP8 = tuple(SCALED_MM_DTYPES.values())
+GEMMS = ("fprop", "dgrad", "wgrad")
+
+
+def scaled_mm_shape_problem(a: torch.Tensor, b: torch.Tensor, rules: str) -> str:
+    """Why ``torch._scaled_mm(a, b)`` (a: M x K, b: K x N, per-tensor scales) is refused
+    under ``rules`` ("cuda" or "cpu"); "" when it runs.
+
+    Both: float8_e4m3fn / float8_e5m2 operands. CUDA (cuBLASLt, as torch checks): K and
+    N multiples of 16 (M is free), and not e5m2 x e5m2. CPU takes every shape.
+    """
+    if a.dtype not in _FP8 or b.dtype not in _FP8:
+        return f"operands {a.dtype} x {b.dtype} are not float8_e4m3fn / float8_e5m2"
+    if rules == "cuda":
+        if a.dtype == b.dtype == torch.float8_e5m2:
+            return "e5m2 x e5m2 has no CUDA kernel"
+        (m, k), n = a.shape, b.shape[1]
+        if k % 16 or n % 16:
+            return f"(M, K, N) = ({m}, {k}, {n}): K and N must be multiples of 16 on CUDA"
+    return ""
+
+
+_ACTIVE: list = []     # the ScaledMMGemms of the native backend's autocast(), innermost last
+
+
+def active_scaled_mm() -> Optional["ScaledMMGemms"]:
+    """The :class:`ScaledMMGemms` whose :meth:`~ScaledMMGemms.active` region is running."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+class ScaledMMGemms:
+    """Runs linear layers' per-tensor FP8 GEMMs through ``torch._scaled_mm`` and counts them.
+
+    ``rules``: whose shape and dtype limits apply (:func:`scaled_mm_shape_problem`),
+    by default the device's ("cuda" for a CUDA device, else "cpu"). ``recorder``: a
+    :class:`mixprec.coverage.CoverageRecorder` that counts every GEMM, native or not.
+    A GEMM that cannot run natively returns None from :meth:`mm` (the caller computes
+    it emulated), is counted with its reason and warned about once per (layer, GEMM).
+
+    >>> gemms = ScaledMMGemms(torch.device("cuda"))
+    >>> with gemms.active():       # what Engine.autocast() does under backend="native"
+    ...     y = model(x)
+    """
+
+    def __init__(self, device: torch.device, recorder=None, *, rules: Optional[str] = None):
+        self.device = torch.device(device)
+        self.rules = rules or ("cuda" if self.device.type == "cuda" else "cpu")
+        if self.rules not in ("cuda", "cpu"):
+            raise ValueError(f"unknown scaled_mm rules {self.rules!r}; valid choices: cuda, cpu")
+        self.recorder = recorder
+        self._warned: set = set()
+        self._policies: Dict[int, Tuple[object, bool]] = {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["ScaledMMGemms"]:
+        """Linear layers that run forward in here take their GEMMs (forward and backward)
+        from this object."""
+        _ACTIVE.append(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.pop()
+
+    def takes(self, policy) -> bool:
+        """True when the layer policy's GEMM operands are per-tensor FP8 (see
+        :func:`scaled_mm_problems`); layers kept in high precision are not."""
+        entry = self._policies.get(id(policy))
+        if entry is None:      # the policy is kept alive with its answer: ids stay unique
+            entry = self._policies[id(policy)] = (policy, not scaled_mm_problems(policy))
+        return entry[1]
+
+    def mm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+           b_scale: torch.Tensor, out_dtype: torch.dtype, *, layer: str,
+           gemm: str) -> Optional[torch.Tensor]:
+        """(a / a_scale) @ (b / b_scale) in ``out_dtype``, products of the FP8 codes a, b
+        summed in FP32 by ``torch._scaled_mm(a, b, 1/a_scale, 1/b_scale)``; None (after
+        counting and warning) when _scaled_mm cannot take the operands.
+
+        a is made row-major and b column-major, as cuBLASLt needs (copies of 1-byte
+        codes where they are not). The reciprocals are rounded once to float32.
+        """
+        why = scaled_mm_shape_problem(a, b, self.rules)
+        if why:
+            self.fallback(layer, gemm, why)
+            return None
+        if self.recorder is not None:
+            self.recorder.record_gemm(layer, gemm, "native")
+        if not a.is_contiguous():
+            a = a.contiguous()
+        if not b.t().is_contiguous():
+            b = b.t().contiguous().t()
+        inv_a = a_scale.to(torch.float32).reciprocal().reshape(())
+        inv_b = b_scale.to(torch.float32).reciprocal().reshape(())
+        # use_fast_accum=False: Hopper's fast mode keeps fewer accumulator bits than the
+        # FP32 accumulation the recipe (and the emulation) asks for
+        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype,
+                                use_fast_accum=False)
+
+    def fallback(self, layer: str, gemm: str, why: str) -> None:
+        """Count (and warn once per (layer, GEMM) about) a GEMM computed emulated."""
+        if self.recorder is not None:
+            self.recorder.record_gemm(layer, gemm, "emulated", why)
+        if (layer, gemm) not in self._warned:
+            self._warned.add((layer, gemm))
+            warnings.warn(f"native backend: the {gemm} GEMM of layer {layer or '(root)'!r} "
+                          f"runs emulated (FP32 GEMM of the dequantized FP8 operands): "
+                          f"torch._scaled_mm refuses it on {self.rules}: {why}",
+                          NativeFallbackWarning, stacklevel=4)

@@ -76,6 +76,7 @@ from .accum import matmul_accum, sum_accum
 from .distributed import reduce_amax_
 from .distributed.fp8_all_gather import gathered_scale
 from .formats import FloatFormat, get_format
+from .native import active_scaled_mm
 from .policy import LayerPolicy, LayerState, scaler_key
 from .quant import quantize
 from .recipe import AccumulationConfig, ScalingConfig, ScalingKind, TensorSpec
@@ -570,8 +571,14 @@ def _sum(x, acc: AccumulationConfig, dim: int):
 # Autograd functions
 # --------------------------------------------------------------------------------------
 class QLinear(torch.autograd.Function):
+    """F.linear emulated (the module docstring's rule). Under the native backend's FP8
+    GEMMs (:func:`mixprec.native.active_scaled_mm`, a layer whose policy is per-tensor
+    FP8) the three GEMMs take the rounded operands' FP8 codes and scales through
+    ``torch._scaled_mm`` (:func:`_native_mm`); rounding and everything else is the same."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, c: OpContext, need_x: bool, need_w: bool):
+        native = _native_gemms(c)
         with _exact(x.device.type):
             c.observe("activation", x)
             c.observe("weight", weight)
@@ -587,14 +594,23 @@ class QLinear(torch.autograd.Function):
                     else None
                 y = block_scaled_mm(qx, qw, a_axis=-1, b_axis=-1)
             else:
-                xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w, source=x)
-                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x)
-                y = _mm(xq, wq.t(), c.policy.accumulation)
+                # native FP8: both packs (the FP8 codes and scales) feed the GEMM
+                packed = native is not None
+                xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w or packed,
+                                        source=x)
+                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x or packed)
+                y = None
+                if packed:
+                    y = _native_mm(native, c, "fprop", x_pack, False, w_pack, True,
+                                   _native_out_dtype(c, x.dtype, bias))
+                    x_pack, w_pack = (x_pack if need_w else None), (w_pack if need_x else None)
+                if y is None:
+                    y = _mm(xq, wq.t(), c.policy.accumulation)
             if bias is not None:
                 y = y.add_(bias.to(torch.float32))   # y is the GEMM's fresh result
             y = c.store_output(y, x.dtype)
         _save(ctx, x_pack, w_pack)
-        ctx.c, ctx.x_shape = c, x.shape
+        ctx.c, ctx.x_shape, ctx.native = c, x.shape, native
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -604,11 +620,13 @@ class QLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with _exact(g.device.type):
-            x_saved, w_saved = _load(ctx)
+            x_saved, w_saved = (None, None) if ctx.native is not None else _load(ctx)
             c.observe("grad_output", g)
             g2 = g.reshape(-1, g.shape[-1])
             if c.policy.scaled_block_gemm:
                 return _scaled_linear_backward(ctx, c, g2, x_saved, w_saved)
+            if ctx.native is not None:
+                return _native_linear_backward(ctx, c, g2)
             g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
             if need_x:
                 dx = _mm(g_row, w_saved, acc).reshape(ctx.x_shape).to(ctx.dtypes[0])
@@ -639,6 +657,88 @@ def _scaled_linear_backward(ctx, c: OpContext, g2: torch.Tensor, qx: BlockQuanti
         dw = dw.to(ctx.dtypes[1])
     if need_b:
         db = c.bias_source(qg_col.dequantize() if rounded_bias else None, g2).sum(0)
+        db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
+    return dx, dw, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# Native FP8 GEMMs of QLinear (backend="native", per-tensor FP8 recipes)
+# --------------------------------------------------------------------------------------
+_NATIVE_OUT = (torch.float32, torch.bfloat16, torch.float16)   # _scaled_mm's out dtypes
+
+
+def _native_gemms(c: OpContext):
+    """The active :class:`mixprec.native.ScaledMMGemms` when this layer's GEMMs run
+    through ``torch._scaled_mm`` (its policy is per-tensor FP8), else None."""
+    gemms = active_scaled_mm()
+    if gemms is None or not gemms.takes(c.policy):
+        return None
+    return gemms
+
+
+def _native_out_dtype(c: OpContext, dtype: torch.dtype, bias) -> torch.dtype:
+    """The dtype fprop's _scaled_mm writes: the stored output dtype when nothing follows
+    the GEMM (no bias, no output rounding), float32 otherwise. The GEMM's FP32 result
+    rounded once to bf16/fp16 is what ``.to()`` of the float32 result gives."""
+    if bias is None and not c.policy.rounds_output:
+        out = c.policy.scaled_output_dtype or dtype
+        if out in _NATIVE_OUT:
+            return out
+    return torch.float32
+
+
+def _native_mm(native, c: OpContext, gemm: str, a_pack: Pack, a_t: bool, b_pack: Pack,
+               b_t: bool, out_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """op(a) @ op(b) (op: transpose where ``*_t``) of two per-tensor packs ("scaled":
+    FP8 codes and the scale that made them) through ``torch._scaled_mm``; None when it
+    cannot run (the caller computes the GEMM emulated; counted and warned)."""
+    layer = c.state.name if c.state is not None else ""
+    if a_pack[0] != "scaled" or b_pack[0] != "scaled":
+        native.fallback(layer, gemm, f"operands stored as {a_pack[0]!r} and {b_pack[0]!r}, "
+                                     f"not per-tensor FP8 codes")
+        return None
+    (a, sa), (b, sb) = a_pack[4], b_pack[4]
+    return native.mm(a.t() if a_t else a, sa, b.t() if b_t else b, sb, out_dtype,
+                     layer=layer, gemm=gemm)
+
+
+def _load_packs(ctx) -> list:
+    """The packs :func:`_save` stored, as stored (codes, not values; :func:`_load`
+    gives their values)."""
+    tensors, out, i = ctx.saved_tensors, [], 0
+    for meta in ctx.pack_meta:
+        if meta is None:
+            out.append(None)
+            continue
+        head, n = meta
+        out.append(head + (tuple(tensors[i:i + n]),))
+        i += n
+    return out
+
+
+def _native_linear_backward(ctx, c: OpContext, g2: torch.Tensor):
+    """QLinear's backward with native FP8 GEMMs: grad_output is rounded once (as
+    :meth:`OpContext.grads` does for per-tensor specs), keeping its codes, then
+    dX = g @ W (dgrad) and dW = g^T @ x (wgrad) through ``torch._scaled_mm``; the bias
+    gradient, the weight-gradient rounding and the output dtypes are the emulated ones."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    acc, native = c.policy.accumulation, ctx.native
+    dx = dw = db = None
+    x_pack, w_pack = _load_packs(ctx)
+    gq, g_pack = c.round(g2, "grad_output", -1, pack=True)
+    if need_x:
+        out = ctx.dtypes[0] if ctx.dtypes[0] in _NATIVE_OUT else torch.float32
+        dx = _native_mm(native, c, "dgrad", g_pack, False, w_pack, False, out)
+        if dx is None:
+            dx = _mm(gq, _unpack(w_pack), acc)
+        dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
+    if need_w:
+        dw = _native_mm(native, c, "wgrad", g_pack, True, x_pack, False, torch.float32)
+        if dw is None:
+            dw = _mm(gq.t(), _unpack(x_pack), acc)
+        dw = c.weight_grad(dw, -1).to(ctx.dtypes[1])
+    if need_b:
+        db = _sum(c.bias_source(gq, g2), acc, 0)
         db = c.weight_grad(db, -1, "bias").to(ctx.dtypes[2])
     return dx, dw, db, None, None, None
 
