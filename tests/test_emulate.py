@@ -740,6 +740,80 @@ def test_emulation_ignores_autocast():
 # --------------------------------------------------------------------------------------
 # Layer state: delayed scaling and the observer
 # --------------------------------------------------------------------------------------
+def test_delayed_scalers_exist_before_backward():
+    # torch.compile cannot make a scaler inside a traced backward (nor one it can update
+    # from a graph): an op makes every scaler it will update, its backward's included,
+    # before it runs; without gradients there is no backward and no gradient scaler
+    p = policy("e4m3", "delayed")
+    model = mlp()
+    handle = attach(model, lambda n, m: p if isinstance(m, nn.Linear) else None)
+    x = randn(4, 16, seed=39)
+    with PrecisionMode():
+        out = model(x)
+    made = dict(handle.states["0"].scalers)
+    assert set(made) == {"activation", "weight", "grad_output", "weight_grad",
+                         "weight_grad.bias"}
+    assert all(s.fmt.name == "e4m3" for s in made.values())
+    assert made["grad_output"].amax_history.numel() == 0        # made, not updated yet
+    out.sum().backward()
+    assert handle.states["0"].scalers == made                   # the same objects
+    assert made["grad_output"].amax_history.numel() == 1
+    frozen = mlp()
+    frozen.requires_grad_(False)
+    handle = attach(frozen, lambda n, m: p if isinstance(m, nn.Linear) else None)
+    with PrecisionMode():
+        frozen(x)
+    assert set(handle.states["0"].scalers) == {"activation", "weight"}
+
+
+class _TwoMatmuls(nn.Module):
+    """x @ W (activation and weight operands) and (x W) (x W)^T (two activations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(randn(4, 3, seed=40))
+
+    def forward(self, x):
+        h = torch.matmul(x, self.w)
+        return torch.matmul(h, h.transpose(-1, -2))
+
+
+def _op_case(op: str):
+    torch.manual_seed(0)
+    if op == "linear":
+        return nn.Linear(4, 3), (randn(2, 4, seed=41),)
+    if op == "conv":
+        return nn.Conv2d(2, 3, 3), (randn(1, 2, 5, 5, seed=41),)
+    if op == "conv_transpose":
+        return nn.ConvTranspose2d(2, 3, 3), (randn(1, 2, 4, 4, seed=41),)
+    if op == "matmul":
+        return _TwoMatmuls(), (randn(2, 4, seed=41),)
+    if op == "bilinear":
+        return nn.Bilinear(3, 4, 2), (randn(2, 3, seed=41), randn(2, 4, seed=42))
+    if op == "embedding":
+        return nn.Embedding(10, 4), (torch.tensor([1, 3, 3]),)
+    return nn.EmbeddingBag(10, 4), (torch.tensor([1, 3, 3, 7]), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("op", ["linear", "conv", "conv_transpose", "matmul", "bilinear",
+                                "embedding", "embedding_bag"])
+def test_backward_updates_only_scalers_made_before_it(op):
+    # every emulated op reserves, before it runs, the scalers its backward updates (the
+    # keys its backward asks for: grad_output, weight_grad with their operands); one made
+    # in a backward traced by torch.compile could not be updated
+    p = policy("e4m3", "delayed")
+    model, inputs = _op_case(op)
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in inputs]
+    handle = attach(model, lambda n, m: p if n == "" else None)
+    with PrecisionMode():
+        out = model(*inputs)
+    made = dict(handle.states[""].scalers)
+    assert "grad_output" in made and "weight_grad" in made
+    out.float().sum().backward()
+    assert handle.states[""].scalers == made
+    assert all(s.amax_history.numel() >= 1 for s in made.values())     # all of them used
+
+
 def test_delayed_scaling_state_per_layer_and_checkpoint():
     spec = TensorSpec("e4m3", scaling="delayed", saturate=True)
     p = LayerPolicy(spec, spec, spec, spec)

@@ -659,3 +659,29 @@ def test_monitor_records_applied_updates_through_the_engine():
     assert {"activation", "weight", "grad_output", "weight_grad", "update"} <= roles
     updates = [st for (_, role), st in mon.stats.items() if role == "update"]
     assert updates and all(st.finite_nonzero > 0 for st in updates)
+
+
+# -- delayed scaling under torch.compile -------------------------------------------------
+def test_example_inputs_make_the_delayed_scalers_and_change_nothing():
+    # torch.compile can only update delayed scalers that exist before it traces: with
+    # example_inputs, prepare() makes them all (the gradients' too) by one eager forward,
+    # then leaves them empty and everything else as it was, so training is bit-identical
+    runs = []
+    for example in (None, batch(0)[0]):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mp = prepare(model, opt, "te-delayed", example_inputs=example, seed=3)
+        made = {n: sorted(s.scalers) for n, s in mp._attached.states.items() if s.scalers}
+        if example is None:
+            assert made == {}
+        else:
+            assert made == {"0": ["activation", "grad_output", "weight"],
+                            "2": ["activation", "grad_output", "weight"]}
+            assert all(s.amax_history.numel() == 0 and s.scale.item() == 1.0
+                       for st in mp._attached.states.values() for s in st.scalers.values())
+            assert model.training and all(p.grad is None for p in model.parameters())
+        runs.append([mp.generator.get_state()])
+        for step in range(3):
+            train_step(mp, model, *batch(step + 1))
+        runs[-1] += [snapshot(mp, model, opt), mp.state_dict()["layer_states"]]
+    assert_same(runs[0], runs[1])

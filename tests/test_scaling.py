@@ -221,6 +221,56 @@ def test_delayed_scaling_state_dict_round_trip(single_process):
         DelayedScaling(history_len=4).load_state_dict(a.state_dict())
 
 
+def _state_tensors(ds: DelayedScaling) -> tuple:
+    return ds._history, ds._pos, ds._count, ds._scale
+
+
+def test_delayed_scaling_updates_its_tensors_in_place(single_process):
+    # torch.compile traces update() as mutations of the tensors it was traced with: an
+    # update or a load that replaced them would leave the compiled graph writing into
+    # tensors the object no longer holds
+    ds = DelayedScaling(history_len=3, fmt="e4m3")
+    held = _state_tensors(ds)
+    first = ds.scale                               # a copy: later updates leave it alone
+    for amax in [2.0, 4.0, 1.0, 0.5]:
+        returned = ds.update(amax)
+    assert all(a is b for a, b in zip(held, _state_tensors(ds)))
+    assert first.item() == 1.0 and returned.item() == ds.scale.item() == 112.0
+    returned.fill_(7.0)                            # update() returns a copy too
+    assert ds.scale.item() == 112.0
+    other = DelayedScaling(history_len=3, fmt="e4m3")
+    other.load_state_dict(ds.state_dict())
+    assert torch.equal(other.amax_history, t32([4.0, 1.0, 0.5])) and other.scale.item() == 112.0
+    ds.load_state_dict(DelayedScaling(history_len=3, fmt="e4m3").state_dict())
+    assert all(a is b for a, b in zip(held, _state_tensors(ds)))
+    assert ds.amax_history.numel() == 0 and ds.scale.item() == 1.0
+
+
+def test_delayed_scaling_loads_states_with_int_or_tensor_positions(single_process):
+    # checkpoints store pos and count as ints (as before they became tensors); a DCP
+    # round trip may hand them back as 0-d tensors
+    a = DelayedScaling(history_len=4, fmt="e5m2")
+    for amax in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]:
+        a.update(amax)
+    state = a.state_dict()
+    assert (state["pos"], state["count"]) == (2, 4) and type(state["pos"]) is int
+    b = DelayedScaling(history_len=4)
+    b.load_state_dict({**state, "pos": torch.tensor(2), "count": torch.tensor(4)})
+    assert torch.equal(b.amax_history, t32([3.0, 4.0, 5.0, 6.0]))
+    # ring [4, 5, 6, 1]: 57344 / 6 in float32
+    assert b.update(1.0).item() == a.update(1.0).item() == np.float32(57344) / np.float32(6)
+    assert torch.equal(a.amax_history, b.amax_history) and torch.equal(a.scale, b.scale)
+
+
+def test_delayed_scaling_reset(single_process):
+    ds = DelayedScaling(history_len=2, fmt="e4m3")
+    ds.update(2.0)
+    ds.reset()
+    assert ds.amax_history.numel() == 0 and ds.scale.item() == 1.0
+    ds.update(4.0)
+    assert ds.amax_history.tolist() == [4.0] and ds.scale.item() == 112.0
+
+
 def test_delayed_scaling_reduces_amax_across_ranks(monkeypatch):
     dist = pytest.importorskip("mixprec.distributed")
     seen = []

@@ -53,6 +53,15 @@ def _check_policy(policy: Any) -> LayerPolicy:
     return policy
 
 
+# Delayed scalers are reserved before each op runs (OpContext.reserve): the roles it
+# rounds in forward, grad_output when backward will run, a weight_grad per operand.
+_XW = (("activation", ""), ("weight", ""))
+
+
+def _wgrads(need_w: bool, need_b: bool) -> tuple:
+    return ("",) * need_w + ("bias",) * need_b
+
+
 def _tagged(y: torch.Tensor, c: OpContext) -> torch.Tensor:
     """Tag an output rounded to the activation format with that format (mixprec.shared)."""
     if c.policy.rounds_output:
@@ -61,7 +70,9 @@ def _tagged(y: torch.Tensor, c: OpContext) -> torch.Tensor:
 
 
 def _linear(x, weight, bias, c: OpContext) -> torch.Tensor:
-    return _tagged(QLinear.apply(x, weight, bias, c, _needs(x), _needs(weight)), c)
+    need_x, need_w, need_b = _needs(x), _needs(weight), _needs(bias)
+    c.reserve(_XW, need_x or need_w or need_b, _wgrads(need_w, need_b))
+    return _tagged(QLinear.apply(x, weight, bias, c, need_x, need_w), c)
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -115,8 +126,9 @@ def _conv(x, weight, bias, stride, padding, dilation, groups, c: OpContext) -> t
     padding, extra = _conv_padding(padding, weight, stride, dilation, nd)
     if extra is not None:
         x = F.pad(x, extra)
-    y = QConv.apply(x, weight, bias, (stride, padding, dilation, groups), c,
-                    _needs(x), _needs(weight))
+    need_x, need_w, need_b = _needs(x), _needs(weight), _needs(bias)
+    c.reserve(_XW, need_x or need_w or need_b, _wgrads(need_w, need_b))
+    y = QConv.apply(x, weight, bias, (stride, padding, dilation, groups), c, need_x, need_w)
     return _tagged(y.squeeze(0) if unbatched else y, c)
 
 
@@ -143,8 +155,13 @@ def _matmul(a, b, c: OpContext, spec: GemmSpec = _ACTIVATIONS, addend=None) -> t
         addend = None    # torch ignores the input when beta == 0 (NaN and inf included)
     if addend is not None and vec_b and addend.dim() >= 1:
         addend = addend.unsqueeze(-1)
+    (ra, rb), need_a, need_b, need_add = spec.roles, _needs(a), _needs(b), _needs(addend)
+    c.reserve(((ra, ""), (rb, "rhs" if ra == rb else "")), need_a or need_b or need_add,
+              ("",) * (need_a and ra == "weight")
+              + (("rhs" if ra == "weight" else ""),) * (need_b and rb == "weight")
+              + ("bias",) * (need_add and spec.addend_param))
     y = QMatmul.apply(a.unsqueeze(0) if vec_a else a, b.unsqueeze(-1) if vec_b else b,
-                      addend, c, spec, _needs(a), _needs(b))
+                      addend, c, spec, need_a, need_b)
     if vec_b:
         y = y.squeeze(-1)
     return _tagged(y.squeeze(-1 if vec_b else -2) if vec_a else y, c)
@@ -174,15 +191,21 @@ def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, di
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
+    need_x, need_w, need_b = _needs(x), _needs(weight), _needs(bias)
+    c.reserve(_XW, need_x or need_w or need_b, _wgrads(need_w, need_b))
     y = QConvTranspose.apply(x, weight, bias, (stride, padding, output_padding, groups, dilation),
-                             c, _needs(x), _needs(weight))
+                             c, need_x, need_w)
     return _tagged(y.squeeze(0) if unbatched else y, c)
 
 
 def _bilinear(x1, x2, weight, bias, c: OpContext) -> torch.Tensor:
     lead = x1.shape[:-1]
+    needs = (_needs(x1), _needs(x2), _needs(weight))
+    need_b = _needs(bias)
+    c.reserve((("activation", ""), ("activation", "rhs"), ("weight", "")),
+              any(needs) or need_b, _wgrads(needs[2], need_b))
     y = QBilinear.apply(x1.reshape(-1, x1.shape[-1]), x2.reshape(-1, x2.shape[-1]), weight,
-                        bias, c, (_needs(x1), _needs(x2), _needs(weight)))
+                        bias, c, needs)
     return _tagged(y.reshape(*lead, weight.shape[0]), c)
 
 
@@ -196,6 +219,8 @@ def _embedding_bag(indices, weight, offsets, max_norm, norm_type, scale_grad_by_
         with torch.no_grad():
             torch.embedding_renorm_(weight, indices.contiguous(), max_norm, norm_type)
     options = (scale_grad_by_freq, mode, include_last_offset, padding_idx)
+    need_w = _needs(weight)
+    c.reserve((("activation", ""),), need_w or _needs(per_sample_weights), _wgrads(need_w, False))
     return QEmbeddingBag.apply(indices, weight, offsets, per_sample_weights, options, c)
 
 
@@ -214,6 +239,8 @@ def _embedding(indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_
     if max_norm is not None:   # F.embedding renormalizes the looked-up rows in place
         with torch.no_grad():
             torch.embedding_renorm_(weight, indices.contiguous(), max_norm, norm_type)
+    need_w = _needs(weight)
+    c.reserve((("activation", ""),), need_w, _wgrads(need_w, False))
     return QEmbedding.apply(indices, weight, padding_idx, scale_grad_by_freq, c)
 
 

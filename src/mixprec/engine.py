@@ -140,6 +140,7 @@ class Engine:
         self._tracing = False
         self._state_warned = False
         self._pending_hook = None
+        self._reserve_hook = None
         self._fp8_all_gather: Union[bool, FP8AllGather] = bool(fp8_all_gather)
         if fp8_all_gather and (backend == "native" or not is_fsdp(model)):
             raise ValueError("fp8_all_gather=True needs the emulated backend and a model "
@@ -229,6 +230,70 @@ class Engine:
                     args = out if isinstance(out, tuple) else (out,)
         return args, kwargs
 
+    def _reserve_before_compile(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of the model under a recipe with delayed scaling: the first
+        forward that torch.compile traces first makes every delayed scaler
+        (:meth:`reserve_scalers`), eagerly (one graph break, once; the hook is removed
+        after it). Eager forwards make them as they go."""
+        if torch.compiler.is_compiling() and self._autocast_depth and not self._tracing:
+            self._reserve_once(args, kwargs)
+        return None
+
+    @torch.compiler.disable
+    def _reserve_once(self, args: tuple, kwargs: dict) -> None:
+        if self._reserve_hook is not None:      # not yet made by this hook or prepare()
+            self.reserve_scalers(args, kwargs)
+
+    @torch.compiler.disable
+    def reserve_scalers(self, args: tuple = (), kwargs: Optional[dict] = None) -> None:
+        """Make the delayed-scaling state of every tensor one forward (and its backward)
+        rounds, changing nothing else: torch.compile can only update scalers that exist
+        before it traces the graph (:meth:`mixprec.policy.LayerState.reserve`).
+
+        Runs ``model(*args, **kwargs)`` once, eagerly, under this engine's precision
+        mode, in eval mode with gradients enabled (so the backward's scalers are made
+        too; no backward runs), with the random generators restored afterwards; every
+        scaler then holds the state it had before (new ones: empty history, scale 1).
+        ``prepare(..., example_inputs=...)`` calls it; otherwise the first compiled
+        forward does, with its own inputs. Eager training needs none of it."""
+        if self._attached is None or self.backend == "native":
+            return
+        if self._reserve_hook is not None:
+            self._reserve_hook.remove()
+            self._reserve_hook = None
+        states = self._attached.states.values()
+        saved = {id(s): s.state_dict() for st in states for s in st.scalers.values()}
+        flags = [(m, m.training) for m in self.model.modules()]
+        gen = self.generator.get_state()
+        monitor, self._tracing = self.monitor, True
+        cuda = [d for d in {p.device for p in self.model.parameters()} if d.type == "cuda"]
+        try:
+            if monitor is not None:
+                monitor.detach()
+            self.model.eval()
+            # DDP would wait for the gradients of a backward that never comes
+            ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+            no_sync = self.model.no_sync() if ddp else contextlib.nullcontext()
+            with torch.enable_grad(), torch.random.fork_rng(devices=cuda), no_sync, \
+                    PrecisionMode(fp32_ops=self.recipe.fp32_ops,
+                                  default_policy=self._default_policy,
+                                  generator=self.generator, recorder=CoverageRecorder(),
+                                  signs=self.signs):
+                self.model(*args, **(kwargs or {}))
+        finally:
+            self._tracing = False
+            for m, training in flags:
+                m.training = training
+            self.generator.set_state(gen)
+            if monitor is not None:
+                monitor.attach()
+            for st in states:
+                for s in st.scalers.values():
+                    if id(s) in saved:
+                        s.load_state_dict(saved[id(s)])
+                    else:
+                        s.reset()
+
     def _require_ready(self, call: str) -> MasterOptimizer:
         if self._masters is None:
             raise RuntimeError(
@@ -269,6 +334,10 @@ class Engine:
         high = LayerPolicy.from_recipe(self.recipe, high_precision=True)
         self._attached = attach(self.model, lambda n, m: high if n in keep else normal,
                                 kept=keep)
+        if normal.has_delayed or high.has_delayed:
+            # the delayed scalers are made before the first compiled forward is traced
+            self._reserve_hook = self.model.register_forward_pre_hook(
+                self._reserve_before_compile, with_kwargs=True)
         if self._fp8_all_gather is True:
             # FSDP2 all-gathers the FP8 weights as 1-byte codes from now on
             self._fp8_all_gather = FP8AllGather(self.model, self._attached.policies)
@@ -650,6 +719,9 @@ class Engine:
         if self._pending_hook is not None:
             self._pending_hook.remove()
             self._pending_hook = None
+        if self._reserve_hook is not None:
+            self._reserve_hook.remove()
+            self._reserve_hook = None
         if getattr(self, "_attached", None) is not None:
             self._attached.remove()
 
@@ -739,6 +811,9 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer,
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(torch.initial_seed() if seed is None else seed)
-    return Engine(model, optimizer, recipe, backend=backend, keep=keep, generator=generator,
-                  count_lost_updates=count_lost_updates, filters=filters, strict=strict,
-                  fp8_all_gather=fp8_all_gather)
+    engine = Engine(model, optimizer, recipe, backend=backend, keep=keep, generator=generator,
+                    count_lost_updates=count_lost_updates, filters=filters, strict=strict,
+                    fp8_all_gather=fp8_all_gather)
+    if example_inputs is not None and engine._reserve_hook is not None:
+        engine.reserve_scalers(*split_example_inputs(example_inputs))
+    return engine

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import (Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ __all__ = ["LayerPolicy", "LayerState", "Layer", "AttachHandle", "attach", "curr
            "resolve_fp32_ops", "run_fp32", "LOSS_OPS", "SCALAR_REDUCTIONS"]
 
 LAYER_ROLES = (Role.WEIGHT, Role.ACTIVATION, Role.GRAD_OUTPUT, Role.WEIGHT_GRAD)
+_DELAYED = ScalingKind.DELAYED
 # dtypes a scaled layer can write its output in (LayerPolicy.scaled_output)
 _SCALED_OUTPUT = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -158,6 +160,12 @@ class LayerPolicy:
                 and self.accumulation.is_fp32)
 
     @property
+    def has_delayed(self) -> bool:
+        """True when some role uses delayed scaling (a LayerState keeps its amax history)."""
+        return (self.weight.scaling is _DELAYED or self.activation.scaling is _DELAYED
+                or self.grad_output.scaling is _DELAYED or self.weight_grad.scaling is _DELAYED)
+
+    @property
     def scaled_output_dtype(self) -> Optional[torch.dtype]:
         """The 16-bit dtype a scaled layer (per-tensor or MX activations) writes its
         output in, or None (the input's dtype)."""
@@ -241,8 +249,24 @@ class LayerState:
             return None
         scaler = self.scalers.get(key)
         if scaler is None:
-            scaler = self.scalers[key] = DelayedScaling.from_config(cfg)
+            _create_scalers(self.scalers, ((key, spec),), cfg)
+            scaler = self.scalers[key]
         return scaler
+
+    def reserve(self, uses: Sequence[Tuple[str, TensorSpec]], cfg: ScalingConfig) -> None:
+        """Create the DelayedScaling of every ``(key, spec)`` with a delayed spec that has
+        none yet, bound to the spec's format.
+
+        Emulated ops reserve every tensor they will round, the backward's included,
+        before they run: under torch.compile a scaler must exist before the graph that
+        updates it is traced (one made inside a traced forward cannot be updated by the
+        compiled backward), so a scaler first met while compiling is made eagerly, at a
+        graph break. :meth:`mixprec.engine.Engine.reserve_scalers` makes them all before
+        the first trace."""
+        missing = [(key, spec) for key, spec in uses
+                   if spec.scaling is ScalingKind.DELAYED and key not in self.scalers]
+        if missing:
+            _create_scalers(self.scalers, missing, cfg)
 
     def observe(self, role: str, tensor: torch.Tensor) -> None:
         if self.on_tensor is not None:
@@ -261,6 +285,14 @@ class LayerState:
 
     def __repr__(self) -> str:
         return f"LayerState(name={self.name!r}, scalers={sorted(self.scalers)})"
+
+
+@torch.compiler.disable
+def _create_scalers(table: Dict[str, DelayedScaling], uses, cfg: ScalingConfig) -> None:
+    # Eager even under torch.compile: tensors made inside a graph and mutated by its
+    # backward are rejected by AOT autograd ("was invalid, but is output").
+    for key, spec in uses:
+        table[key] = DelayedScaling.from_config(cfg, spec.format)
 
 
 def scaler_key(role: str, slot: int = 0, operand: str = "") -> str:

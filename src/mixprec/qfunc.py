@@ -250,7 +250,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
                          "or run the layer under attach()")
     else:
         scaler.bind(fmt)
-        scale = scaler.scale.to(x.device).clone()
+        scale = scaler.scale.to(x.device)         # a copy: update() writes in place
         amax = tensor_to_amax(x)
     fused = _scaled_round_c(x_in, scale, fmt, spec, generator, pack)
     if fused is not None:
@@ -461,6 +461,22 @@ class OpContext:
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
         return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
                       self._hadamard(spec, gemm))
+
+    def reserve(self, forward: Tuple[Tuple[str, str], ...], grads: bool,
+                weight_grads: Tuple[str, ...] = ()) -> None:
+        """Create before the op runs the delayed-scaling state of every tensor it rounds:
+        the ``forward`` (role, operand) pairs, and when ``grads`` (backward will run)
+        grad_output and a weight_grad per operand in ``weight_grads`` ("", "bias",
+        "rhs"). The backward then only updates scalers that exist, which torch.compile
+        traces (:meth:`mixprec.policy.LayerState.reserve`)."""
+        if self.state is None or not self.policy.has_delayed:
+            return
+        uses = list(forward)
+        if grads:
+            uses.append(("grad_output", ""))
+            uses.extend(("weight_grad", operand) for operand in weight_grads)
+        self.state.reserve([(scaler_key(role, self.slot, operand), getattr(self.policy, role))
+                            for role, operand in uses], self.policy.scaling)
 
     def block_operand(self, x, role: str, axis: int, gemm: str, pack: bool = False):
         """(BlockQuantized, pack or None) of a block-scheme role for ``gemm``, kept

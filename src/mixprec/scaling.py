@@ -206,6 +206,11 @@ class DelayedScaling:
     scale: "max" skips them, "most_recent" keeps the previous scale, so one overflowed
     step does not freeze the scale for ``history_len`` steps.
 
+    The state is four tensors updated in place (history, 0-d int64 ``pos`` and ``count``,
+    0-d float32 scale), never replaced, and ``update`` is torch ops only: torch.compile
+    traces it, in the backward of an emulated layer too, as mutations of the same
+    tensors every step (no Python state changes, no recompiles).
+
     ``fmt`` may be left None and bound on first use by :func:`quantize_spec`.
     """
 
@@ -220,8 +225,8 @@ class DelayedScaling:
         self.fmt: Optional[FloatFormat] = None if fmt is None else get_format(fmt)
         self._history = torch.zeros(history_len, dtype=torch.float32)
         self._scale = torch.ones((), dtype=torch.float32)
-        self._pos = 0        # next slot to write
-        self._count = 0      # number of recorded steps, capped at history_len
+        self._pos = torch.zeros((), dtype=torch.int64)     # next slot to write
+        self._count = torch.zeros((), dtype=torch.int64)   # recorded steps, at most history_len
 
     @classmethod
     def from_config(cls, cfg: ScalingConfig, fmt: Optional[FormatLike] = None) -> "DelayedScaling":
@@ -231,13 +236,17 @@ class DelayedScaling:
     # -- reading -----------------------------------------------------------------------
     @property
     def scale(self) -> torch.Tensor:
-        """The scale to quantize the next step with (0-d float32)."""
-        return self._scale
+        """The scale to quantize the next step with (0-d float32; a copy, which later
+        updates leave unchanged)."""
+        if _tracing(self._scale):
+            return torch.ops.mixprec.scale_snapshot(self._scale)
+        return self._scale.clone()
 
     @property
     def amax_history(self) -> torch.Tensor:
         """Recorded amaxes, oldest first (a copy; at most history_len of them)."""
-        order = [(self._pos - self._count + i) % self.history_len for i in range(self._count)]
+        pos, count = int(self._pos), int(self._count)
+        order = [(pos - count + i) % self.history_len for i in range(count)]
         return self._history[order].clone()
 
     def bind(self, fmt: FormatLike) -> FloatFormat:
@@ -252,17 +261,18 @@ class DelayedScaling:
 
     # -- update ------------------------------------------------------------------------
     def update(self, amax: ScaleLike) -> torch.Tensor:
-        """Record this step's amax and compute the scale for the next step; returns it."""
+        """Record this step's amax and compute the scale for the next step; returns it
+        (a copy)."""
         if self.fmt is None:
             raise ValueError("DelayedScaling has no format: pass fmt= or bind(fmt) first")
         amax = torch.as_tensor(amax, dtype=torch.float32).detach().reshape(()).clone()
         amax = _all_reduce_max(amax)
         if self._history.device != amax.device:
-            self._history = self._history.to(amax.device)
-            self._scale = self._scale.to(amax.device)
-        self._history[self._pos] = amax
-        self._pos = (self._pos + 1) % self.history_len
-        self._count = min(self._count + 1, self.history_len)
+            self._move(amax.device)
+        # in place, so a compiled graph mutates the tensors it was traced with
+        self._history.index_put_((self._pos,), amax)
+        self._pos.add_(1).remainder_(self.history_len)
+        self._count.add_(1).clamp_(max=self.history_len)
         if self.algo == "max":
             # unused slots hold 0 and never win; non-finite entries are skipped
             finite = torch.where(torch.isfinite(self._history), self._history,
@@ -270,9 +280,21 @@ class DelayedScaling:
             chosen = finite.amax()
         else:
             chosen = amax
-        self._scale = amax_to_scale(chosen, self.fmt, margin=self.margin, prev_scale=self._scale,
-                                    eps=self.eps, pow2=self.pow2)
-        return self._scale
+        self._scale.copy_(amax_to_scale(chosen, self.fmt, margin=self.margin,
+                                        prev_scale=self._scale, eps=self.eps, pow2=self.pow2))
+        return self._scale.clone()
+
+    def _move(self, device: torch.device) -> None:
+        # the one replacement of the state tensors: on first use on another device
+        self._history, self._scale, self._pos, self._count = (
+            t.to(device) for t in (self._history, self._scale, self._pos, self._count))
+
+    def reset(self) -> None:
+        """Forget every recorded amax: an empty history and scale 1, as constructed."""
+        self._history.zero_()
+        self._scale.fill_(1.0)
+        self._pos.zero_()
+        self._count.zero_()
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -280,11 +302,12 @@ class DelayedScaling:
                 "eps": self.eps, "pow2": self.pow2,
                 "fmt": None if self.fmt is None else self.fmt.name,
                 "amax_history": self._history.clone(), "scale": self._scale.clone(),
-                "pos": self._pos, "count": self._count}
+                "pos": int(self._pos), "count": int(self._count)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore history, position and scale exactly. The history length must match;
-        algo and margin are taken from the state (they shaped the stored scale)."""
+        """Restore history, position and scale exactly, into this object's tensors. The
+        history length must match; algo and margin are taken from the state (they shaped
+        the stored scale). ``pos`` and ``count`` may be ints or 0-d tensors."""
         if state["history_len"] != self.history_len:
             raise ValueError(f"state has history_len {state['history_len']}, this "
                              f"DelayedScaling has {self.history_len}")
@@ -294,14 +317,32 @@ class DelayedScaling:
         self.margin = state["margin"]
         # states saved before eps / pow2 existed had neither
         self.eps, self.pow2 = state.get("eps", 0.0), state.get("pow2", "none")
-        self._history = state["amax_history"].detach().to(torch.float32).clone()
-        self._scale = state["scale"].detach().to(torch.float32).clone().reshape(())
-        self._pos, self._count = int(state["pos"]), int(state["count"])
+        self._history.copy_(state["amax_history"].detach().reshape(self.history_len))
+        self._scale.copy_(state["scale"].detach().reshape(()))
+        self._pos.fill_(int(state["pos"]))
+        self._count.fill_(int(state["count"]))
 
     def __repr__(self) -> str:
         fmt = None if self.fmt is None else self.fmt.name
         return (f"DelayedScaling(history_len={self.history_len}, algo={self.algo!r}, "
                 f"margin={self.margin}, fmt={fmt!r}, scale={float(self._scale):g})")
+
+
+@torch.library.custom_op("mixprec::scale_snapshot", mutates_args=())
+def _scale_snapshot(scale: torch.Tensor) -> torch.Tensor:
+    """A copy of a delayed scale, as an operator the compiled graph keeps.
+
+    Why not ``scale.clone()`` in a traced forward: AOT autograd's partitioner (torch
+    2.13) may recompute a clone saved for backward from the graph input it copies, and
+    the input is the scale that ``update`` then overwrites in place, so the compiled
+    backward would dequantize with the next step's scale. An opaque operator's output
+    is saved as computed."""
+    return scale.clone()
+
+
+@_scale_snapshot.register_fake
+def _(scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(scale)
 
 
 def _all_reduce_max(amax: torch.Tensor) -> torch.Tensor:
