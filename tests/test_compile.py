@@ -255,3 +255,26 @@ def test_eager_backend_replays_emulated_layers_without_rounding_twice(kind, reci
     assert torch.equal(out_e, out_c), (out_e - out_c).abs().max()
     for ge, gc in zip(grads_e, grads_c):
         assert torch.equal(ge, gc), (ge - gc).abs().max()
+
+
+def test_compiled_steps_do_not_recompile_and_coverage_lists_traced_calls():
+    # The coverage recorder counted each call by reading its count while Dynamo traced:
+    # a guard on that count failed on every following step, the model recompiled each
+    # step and fell back to eager at Dynamo's recompile limit (8), silently. Its writes
+    # under compile change only which keys exist: one recompile after the first run.
+    model = _mlp(64)
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                         recipe="fp8-hybrid", example_inputs=_batches("mlp", 1)[0][0])
+    compiled = torch.compile(model, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for x, y in _batches("mlp", 6):
+            with mp.autocast():
+                loss = F.cross_entropy(compiled(x), y)
+            mp.backward(loss)
+            mp.step()
+            mp.zero_grad()
+    cov = mp.coverage()
+    rows = {(r.module, r.status) for r in cov.rows if r.compiled}
+    assert rows == {("0", "kept"), ("2", "emulated"), ("4", "kept")}, cov
+    assert all(r.calls == 0 for r in cov.rows if r.compiled)
+    assert "traced by torch.compile" in str(cov)

@@ -23,6 +23,11 @@ running module holding that Parameter), else to the innermost running module.
 An unrecognised call outside every kept module warns once per (op, module)
 (:class:`CoverageWarning`), or raises :class:`UnemulatedOpError` under ``strict``.
 
+Under ``torch.compile`` the calls are seen when Dynamo traces them, not when the
+compiled graph runs: they get rows of their own with ``compiled=True`` and ``calls``
+0 (a count read while tracing would become a guard that fails on the next run, and the
+model would recompile every step until Dynamo's recompile limit sent it back to eager).
+
 >>> mp = mixprec.prepare(model, optimizer, "fp8-hybrid")
 >>> with mp.autocast():
 ...     loss = loss_fn(model(x), y)
@@ -34,6 +39,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Tuple
+
+import torch
 
 from .recipe import ScalingKind, TensorSpec
 
@@ -74,7 +81,8 @@ class CoverageRow:
 
     ``formats``: (role, spec text) for each tensor role the op rounds (empty unless
     emulated or kept in a narrow format); ``has_weight``: the module owned the op's
-    weight operand (a GEMM layer); ``reason``: why it ran in high precision."""
+    weight operand (a GEMM layer); ``reason``: why it ran in high precision;
+    ``compiled``: traced by torch.compile, where runs are not counted (``calls`` 0)."""
     op: str
     module: str
     status: str
@@ -82,16 +90,18 @@ class CoverageRow:
     formats: Tuple[Tuple[str, str], ...] = ()
     reason: str = ""
     has_weight: bool = False
+    compiled: bool = False
 
     def to_dict(self) -> dict:
         return {"op": self.op, "module": self.module, "status": self.status,
                 "calls": self.calls, "formats": dict(self.formats), "reason": self.reason,
-                "has_weight": self.has_weight}
+                "has_weight": self.has_weight, "compiled": self.compiled}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoverageRow":
         return cls(d["op"], d["module"], d["status"], int(d["calls"]),
-                   tuple(d["formats"].items()), d["reason"], bool(d["has_weight"]))
+                   tuple(d["formats"].items()), d["reason"], bool(d["has_weight"]),
+                   bool(d.get("compiled", False)))
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,8 @@ class Coverage:
 
     def __str__(self) -> str:
         head = ["op", "module", "status", "calls", "formats / why"]
-        body = [[r.op, r.module or "(root)", r.status, str(r.calls),
+        body = [[r.op, r.module or "(root)", r.status,
+                 "compiled" if r.compiled else str(r.calls),
                  ", ".join(f"{k} {v}" for k, v in r.formats) if r.status == "emulated"
                  else "; ".join(x for x in (_WHY[r.status], r.reason,
                                             ", ".join(f"{k} {v}" for k, v in r.formats)) if x)]
@@ -209,6 +220,10 @@ class Coverage:
         c = self.counts()
         summary = (f"{self.total} matmul-like calls: {c['emulated']} emulated, {c['kept']} "
                    f"kept by a rule, {c['fp32']} FP32 ops, {c['unrecognised']} not recognised")
+        traced = sum(r.compiled for r in self.rows)
+        if traced:
+            summary += (f"; {traced} rows traced by torch.compile (their calls in compiled "
+                        f"graphs are not counted)")
         lines = [summary, line(head), line(["-" * w for w in widths])] + [line(r) for r in body]
         if self.gemms:
             lines.append(f"linear GEMMs under the native backend: {self.native_gemms} through "
@@ -228,6 +243,9 @@ class CoverageRecorder:
         self.strict = strict
         self._counts: Dict[tuple, int] = {}
         self._gemms: Dict[tuple, int] = {}
+        # keys seen while torch.compile traced (calls, GEMMs)
+        self._traced: Dict[tuple, bool] = {}
+        self._traced_gemms: Dict[tuple, bool] = {}
         self._policies: dict = {}
         self._warned: set = set()
 
@@ -237,6 +255,13 @@ class CoverageRecorder:
         spelled out only when :meth:`coverage` is asked for."""
         key = (op, module, status, None if policy is None else id(policy), roles, reason,
                has_weight)
+        if torch.compiler.is_compiling():
+            # written, never read: Dynamo replays the write after each run, and guards
+            # only on which keys exist (one recompile after the first run, then none)
+            self._traced[key] = True
+            if policy is not None:
+                self._policies[id(policy)] = policy
+            return
         count = self._counts.get(key)
         if count is None:
             if policy is not None:
@@ -247,6 +272,9 @@ class CoverageRecorder:
     def record_gemm(self, module: str, gemm: str, path: str, reason: str = "") -> None:
         """Count one GEMM of a linear layer under the native FP8 backend."""
         key = (module, gemm, path, reason)
+        if torch.compiler.is_compiling():
+            self._traced_gemms[key] = True   # as in record
+            return
         self._gemms[key] = self._gemms.get(key, 0) + 1
 
     def unrecognised(self, op: str, module: str, reason: str, has_weight: bool = False) -> None:
@@ -263,7 +291,9 @@ class CoverageRecorder:
             warnings.warn(message, CoverageWarning, stacklevel=4)
 
     def reset(self) -> None:
-        """Forget the counts (warnings already given are not repeated)."""
+        """Forget the counts (warnings already given are not repeated). Rows traced by
+        torch.compile stay: the compiled graphs still make those calls, and emptying
+        what they write would make them recompile."""
         self._counts = {}
         self._gemms = {}
 
@@ -272,7 +302,14 @@ class CoverageRecorder:
         for (op, module, status, pid, roles, reason, has_weight), n in self._counts.items():
             formats = () if pid is None else policy_formats(self._policies[pid], roles)
             rows.append(CoverageRow(op, module, status, n, formats, reason, has_weight))
-        gemms = tuple(GemmRow(*key[:3], n, key[3]) for key, n in self._gemms.items())
+        gemms = [GemmRow(*key[:3], n, key[3]) for key, n in self._gemms.items()]
+        gemms += [GemmRow(*key[:3], 0, key[3]) for key in self._traced_gemms]
+        for key in self._traced:
+            op, module, status, pid, roles, reason, has_weight = key
+            formats = () if pid is None else policy_formats(self._policies[pid], roles)
+            rows.append(CoverageRow(op, module, status, 0, formats, reason, has_weight,
+                                    compiled=True))
+        gemms = tuple(gemms)
         return Coverage(tuple(rows), gemms)
 
     def __repr__(self) -> str:
