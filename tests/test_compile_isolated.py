@@ -46,5 +46,5 @@ def test_compile_checks_pass_in_their_own_process():
         capture_output=True, text=True, timeout=900, cwd=TESTS.parent)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == 12 + len(mixprec.list_presets()), \
+    assert passed and int(passed.group(1)) == 13 + len(mixprec.list_presets()), \
         proc.stdout[-2000:]
