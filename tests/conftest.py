@@ -58,10 +58,16 @@ def fresh_dynamo():
     """torch.compile from a clean slate, and nothing left behind: Dynamo's caches reset
     before and after, and Inductor compiles in this process (no pool of compile workers
     left running beside later tests; the distributed ones spawn processes of their own).
+    AOT autograd's on-disk cache is off: it keys a graph on Dynamo's graph, where a
+    mixprec operator is one opaque call, so it would serve kernels compiled from another
+    version of the operators' definitions (another checkout, an earlier commit); the
+    Inductor cache below it keys on the decomposed graph and stays on.
     The compile test modules use it for every test."""
     import torch
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    with inductor_config.patch(compile_threads=1):
+    with inductor_config.patch(compile_threads=1), \
+            functorch_config.patch(enable_autograd_cache=False):
         torch._dynamo.reset()
         yield
         torch._dynamo.reset()

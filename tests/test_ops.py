@@ -135,6 +135,26 @@ def test_compiled_rounding_is_bit_identical_to_eager_at_1_and_2_threads():
     assert all(torch.equal(_bits(r), _bits(t)) for r, t in zip(ref, tor))
 
 
+@pytest.mark.slow   # run by tests/test_compile_isolated.py
+def test_compiled_float32_ties_match_the_c_kernel():
+    # float32 inputs whose first random word ties (test_quant_stochastic.float32_ties):
+    # the second word is hashed in a branch of the fused kernel taken only where some
+    # element of a vector ties; each input ends with a tie in the loop's tail.  One
+    # compile for two formats.
+    from test_quant_stochastic import float32_ties
+    seed, names, xs = 0x0123456789ABCDEF, ("fp16", "e4m3"), []
+    for name in names:
+        x, ties, _ = float32_ties(name, seed)
+        end = ties[-1] + 1 if (ties[-1] + 1) % 16 else ties[-1] + 2
+        xs.append(x[:end])
+    s = torch.tensor(seed)
+    fn = torch.compile(lambda *a: [quantize(x, name, rounding="stochastic", seed=a[-1])
+                                   for x, name in zip(a[:-1], names)], fullgraph=True)
+    for name, x, got in zip(names, xs, fn(*xs, s)):
+        want = quantize(x, name, rounding="stochastic", seed=s, backend=EAGER_BACKEND)
+        assert torch.equal(_bits(want), _bits(got)), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compiled_rounding_is_bit_identical_to_eager_for_every_format_and_mode(fmt):

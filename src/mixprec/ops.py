@@ -8,11 +8,13 @@ Registered in the ``mixprec`` namespace with :mod:`torch.library`:
     quantize(x, fmt, rounding, saturate, seed)            mixprec.quantize
     quantize_scaled(x, fmt, scale, rounding, saturate, seed)  mixprec.quantize_scaled
     quantize_mx(x, fmt, block_size, axis, scale_rule, rounding, seed) -> (values, scales)
+    tie_break(tie, thr, seed)              round_bits' second random word, where ties
 
-Every op is a CompositeImplicitAutograd definition in integer torch ops, with no
-data-dependent control flow, so Dynamo puts it into the graph as one call and AOT
-autograd decomposes it into elementwise ops that Inductor fuses (C++/OpenMP on CPU,
-Triton on CUDA). The same definitions run eagerly on every device; the Python
+Every op but tie_break is a CompositeImplicitAutograd definition in integer torch ops
+(and one float32 addition, exact by construction, for nearest rounding below a format's
+smallest normal), with no data-dependent control flow, so Dynamo puts it into the graph
+as one call and AOT autograd decomposes it into elementwise ops that Inductor fuses
+(C++/OpenMP on CPU, Triton on CUDA); tie_break has a lowering of its own that fuses alike. The same definitions run eagerly on every device; the Python
 functions of :mod:`mixprec.quant` take the C kernel instead for plain CPU tensors
 outside tracing. Both give the same bits.
 
@@ -25,11 +27,14 @@ Element i (flat row-major index) then reads the SplitMix64 counter stream of tha
     A_i = word (i mod 2) of splitmix(seed, floor(i / 2)) >> 1        (31 bits)
     B_i = splitmix(seed ^ SEED_B, i) >> 1                           (63 bits, for ties)
 
-exactly as the C kernel does; here both are computed for every element and B is
-selected where A ties, instead of a data-dependent gather of the ties.
+exactly as the C kernel does.  The float32 kernel reads B only where A ties, through
+``mixprec::tie_break``, whose Inductor lowering branches around the hash in every vector
+of elements without a tie (the C kernel's blocks do the same); the float64 kernel
+computes both words for every element and selects B where A ties.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import List, Optional, Tuple
 
@@ -128,7 +133,12 @@ def _lshr(z: Tensor, k: int) -> Tensor:
 def splitmix64(seed, k: Tensor) -> Tensor:
     """SplitMix64 output k+1 from state seed: z = seed + (k+1)*golden, two mixing rounds
     (int64 arithmetic wraps modulo 2^64; ``seed`` an int or a 0-d int64 tensor)."""
-    z = (k + 1) * GOLDEN + seed
+    # (k + 1) * golden + seed with golden folded into the seed: one vector op less
+    if isinstance(seed, int):
+        start = _signed64((seed + GOLDEN) & ((1 << 64) - 1))
+    else:
+        start = seed + GOLDEN
+    z = k * GOLDEN + start
     z = (z ^ _lshr(z, 30)) * MIX1
     z = (z ^ _lshr(z, 27)) * MIX2
     return z ^ _lshr(z, 31)
@@ -154,8 +164,178 @@ def stochastic_up(low: Tensor, shift: Tensor, seed: Tensor) -> Tensor:
     return torch.where(tie, b < thr, a < top)
 
 
+# B_i where A_i ties, as an operator of its own so that Inductor can compute it apart:
+# its lowering (_register_tie_break_lowering) puts the hash under ops.masked(tie), which
+# the C++ backend emits as a branch around it in every vector of elements without a tie
+# (a tie has probability 2^-31), as the C kernel skips its blocks without one.  Eagerly
+# (and on backends without the lowering) B is computed for every element: no host sync.
+@torch.library.custom_op("mixprec::tie_break", mutates_args=())
+def _tie_break_op(tie: Tensor, thr: Tensor, seed: Tensor) -> Tensor:
+    """up_i = tie_i and B_i < thr_i, B_i = splitmix(seed ^ SEED_B, i) >> 1 (63 bits), for
+    the flat row-major index i; tie bool, thr int64, both contiguous of one shape."""
+    i = torch.arange(tie.numel(), device=tie.device, dtype=torch.int64).view(tie.shape)
+    b = _lshr(splitmix64(seed.to(tie.device) ^ SEED_B, i), 1)
+    return tie & (b < thr)
+
+
+@_tie_break_op.register_fake
+def _(tie: Tensor, thr: Tensor, seed: Tensor) -> Tensor:
+    # Inductor is loaded when it compiles: only then is the lowering worth registering
+    # (importing Inductor's lowerings takes seconds)
+    if "torch._inductor.lowering" in sys.modules:
+        _register_tie_break_lowering()
+    return torch.empty_like(tie, memory_format=torch.contiguous_format)
+
+
+_tie_break_lowered = False
+
+
+def _register_tie_break_lowering() -> None:
+    """Lower mixprec::tie_break into a pointwise Inductor kernel fused with its inputs, the
+    hash under ops.masked(tie): computed only where some element of a vector ties."""
+    global _tie_break_lowered
+    if _tie_break_lowered:
+        return
+    _tie_break_lowered = True
+    try:
+        from torch._inductor import ir
+        from torch._inductor.lowering import register_lowering
+        from torch._inductor.virtualized import ops as iops
+    except ImportError:   # Inductor's internals moved: it calls the operator (same bits)
+        return
+
+    def const(v: int):
+        return iops.constant(v, torch.int64)
+
+    def lshr(z, k: int):
+        return iops.bitwise_and(iops.bitwise_right_shift(z, const(k)), const((1 << (64 - k)) - 1))
+
+    @register_lowering(torch.ops.mixprec.tie_break.default, type_promotion_kind=None)
+    def _lower_tie_break(tie, thr, seed):
+        sizes = list(tie.get_size())
+        strides = ir.FlexibleLayout.contiguous_strides(sizes)
+        tie_at, thr_at, seed_at = tie.make_loader(), thr.make_loader(), seed.make_loader()
+
+        def inner_fn(index):
+            def b_below_thr():
+                flat = sum((i * st for i, st in zip(index, strides)), 0)
+                sd = seed_at([])
+                # (seed & 0): a value, not an index expression (see _word_a)
+                k = iops.bitwise_xor(iops.index_expr(flat, torch.int64),
+                                     iops.bitwise_and(sd, const(0)))
+                z = iops.add(iops.mul(k, const(GOLDEN)),
+                             iops.add(iops.bitwise_xor(sd, const(SEED_B)), const(GOLDEN)))
+                z = iops.mul(iops.bitwise_xor(z, lshr(z, 30)), const(MIX1))
+                z = iops.mul(iops.bitwise_xor(z, lshr(z, 27)), const(MIX2))
+                z = iops.bitwise_xor(z, lshr(z, 31))
+                return iops.lt(lshr(z, 1), thr_at(index))
+            return iops.masked(tie_at(index), b_below_thr, False)
+
+        return ir.Pointwise.create(device=tie.get_device(), dtype=torch.bool,
+                                   inner_fn=inner_fn, ranges=sizes)
+
+
+def _fast_f32(plan: List[int]) -> bool:
+    """Whether :func:`_round_f32` takes ``plan``: float32 bits, a format with mantissa
+    bits that drops some of float32's (s0 >= 1) and a finite max; unless its subnormals
+    are float32's (te == 1), a smallest subnormal q >= 2^-125 (so flushing float32
+    subnormals to zero changes nothing) with q * 2^23 a float32 (the float addition of
+    the nearest rule)."""
+    layout, s0, te, m0 = plan[:4]
+    max_bits, q_bits, inf_bits = plan[6], plan[7], plan[8]
+    q_field = q_bits >> 23
+    return (layout == 0 and not m0 and s0 >= 1 and max_bits < inf_bits
+            and (te == 1 or 2 <= q_field <= 254 - 23))
+
+
+def _word_a(shape, seed: Tensor, device) -> Tuple[Tensor, Tensor]:
+    """(A, i): A_i of the module docstring as int32, word (i mod 2) of
+    splitmix(seed, i >> 1) shifted right once (31 bits), and the flat row-major index i."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    i = torch.arange(numel, device=device, dtype=torch.int64).view(shape)
+    # (seed & 0) makes the counter a value rather than an index expression: Inductor
+    # folds arithmetic on indices exactly, in unbounded integers, and the SplitMix
+    # products must wrap modulo 2^64 instead.
+    i = i ^ (seed & 0)
+    pair = splitmix64(seed, i >> 1)
+    # word (i mod 2) in the low 32 bits, which int64 -> int32 keeps; then a logical >> 1
+    word = (pair >> ((i & 1) << 5)).to(torch.int32)
+    return (word >> 1) & 0x7FFFFFFF, i
+
+
+def _round_f32(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor]) -> Tensor:
+    """_round_bits for float32 bits under :func:`_fast_f32` plans, in int32 lanes with
+    the shift taken as s0 wherever it can be (every |x| >= 2^emin; the whole range when
+    te == 1, the formats whose subnormals are float32's).
+
+        nearest, |x| >= 2^emin   r = (a + 2^(s0-1) - 1 + ((a >> s0) & 1)) & -2^s0
+        nearest, |x| <  2^emin   r = (|x| + M) - M in float32, M = q * 2^23: the sum lies
+                                 in [M, 2M), whose spacing is q, and float addition rounds
+                                 to nearest-even; M / q is even, so ties go to even k * q
+        stochastic               up = A < top, top = low * 2^(31 - shift) (shift <= 31), and
+                                 where shift > 31 and A == top: B < thr (tie_break; only
+                                 formats with te + s0 - 1 > 31 reach such shifts)
+    Results, overflow and specials as in _round_bits; the same bits.
+    """
+    s0, te, _, _, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits, ovf, infin = plan[1:]
+    bits = x.contiguous().view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    sign = bits ^ a
+    if mode == _NEAREST:
+        half = 1 << (s0 - 1)
+        r = (a + (half - 1) + ((a >> s0) & 1)) & -(1 << s0)
+        if te > 1:
+            big = float(2.0 ** ((q_bits >> 23) - 127 + 23))   # M = q * 2^23
+            sub = ((x.abs() + big) - big).view(torch.int32)
+            r = torch.where(a < (te << 23), sub, r)
+    elif mode == _STOCHASTIC:
+        if seed is None:
+            raise ValueError("stochastic rounding needs a seed tensor (mixprec.ops.draw_seed)")
+        seed = seed.to(x.device)
+        word, i = _word_a(a.shape, seed, x.device)
+        if te == 1:
+            low = a & ((1 << s0) - 1)
+            up = (word < (low << (31 - s0))).to(torch.int32)
+            r = a - low + (up << s0)
+        else:
+            e = (a >> 23).clamp(min=1)
+            shift = (te + s0 - e).clamp(min=s0)
+            sh = shift.clamp(max=24)
+            sig = a - ((e - 1) << 23)          # with the implicit bit; a for subnormals
+            low = sig & ((1 << sh) - 1)
+            top = (low << (31 - shift).clamp(min=0)) >> (shift - 31).clamp(0, 31)
+            up = word < top
+            if te + s0 - 1 > 31:   # some shift exceeds 31: B decides where A ties
+                s = shift - 31
+                tie = (s > 0) & (word == top)
+                rem = (low & ((1 << s.clamp(0, 24)) - 1)).long()
+                s = s.long()
+                thr = torch.where(s <= 63, rem << (63 - s).clamp(0, 63),
+                                  rem >> (s - 63).clamp(0, 63))
+                up = torch.where(tie, torch.ops.mixprec.tie_break(tie, thr, seed), up)
+            up = up.to(torch.int32)
+            r = torch.where(shift <= 23, a - low + (up << sh), up * q_bits)
+    else:
+        r = a & -(1 << s0)
+        if te > 1:
+            e = (a >> 23).clamp(min=1)
+            shift = (te + s0 - e).clamp(s0, 24)
+            r = torch.where(shift <= 23, a & -(1 << shift), 0)
+    r = torch.where(r > max_bits, ovf, r)
+    if infin != ovf:
+        r = torch.where(a == inf_bits, infin, r)
+    r = torch.where(a > inf_bits, nan_bits, r)
+    if unsigned_zero:
+        sign = torch.where((r == 0) | (r == nan_bits), 0, sign)
+    return (r | sign).view(torch.float32)
+
+
 def _round_bits(x: Tensor, plan: List[int], mode: int, seed: Optional[Tensor] = None) -> Tensor:
     """mixprec.quant's rounding formula on the bits of x (float32 or float64)."""
+    if _fast_f32(plan):
+        return _round_f32(x, plan, mode, seed)
     dtype, int_dtype, mw, ew = _LAYOUTS[plan[0]]
     s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits, ovf, infin = plan[1:]
     bits = x.contiguous().view(int_dtype)
