@@ -441,16 +441,23 @@ def _save(ctx, *packs: Optional[Pack]) -> None:
     ctx.save_for_backward(*[t for p in packs if p is not None for t in p[4]])
 
 
-def _load(ctx) -> list:
+def _load_packs(ctx) -> list:
+    """The packs :func:`_save` stored, as stored (codes, not values; :func:`_load`
+    gives their values)."""
     tensors, out, i = ctx.saved_tensors, [], 0
     for meta in ctx.pack_meta:
         if meta is None:
             out.append(None)
             continue
         head, n = meta
-        out.append(_unpack(head + (tuple(tensors[i:i + n]),)))
+        out.append(head + (tuple(tensors[i:i + n]),))
         i += n
     return out
+
+
+def _load(ctx) -> list:
+    """The values of the packs :func:`_save` stored (None where none was)."""
+    return [None if p is None else _unpack(p) for p in _load_packs(ctx)]
 
 
 @contextlib.contextmanager
@@ -742,20 +749,6 @@ def _native_mm(native, c: OpContext, gemm: str, a_pack: Pack, a_t: bool, b_pack:
     (a, sa), (b, sb) = a_pack[4], b_pack[4]
     return native.mm(a.t() if a_t else a, sa, b.t() if b_t else b, sb, out_dtype,
                      layer=layer, gemm=gemm)
-
-
-def _load_packs(ctx) -> list:
-    """The packs :func:`_save` stored, as stored (codes, not values; :func:`_load`
-    gives their values)."""
-    tensors, out, i = ctx.saved_tensors, [], 0
-    for meta in ctx.pack_meta:
-        if meta is None:
-            out.append(None)
-            continue
-        head, n = meta
-        out.append(head + (tuple(tensors[i:i + n]),))
-        i += n
-    return out
 
 
 def _native_linear_backward(ctx, c: OpContext, g2: torch.Tensor):
