@@ -330,3 +330,34 @@ def test_compiled_steps_do_not_recompile_and_coverage_lists_traced_calls():
     assert rows == {("0", "kept"), ("2", "emulated"), ("4", "kept")}, cov
     assert all(r.calls == 0 for r in cov.rows if r.compiled)
     assert "traced by torch.compile" in str(cov)
+
+
+def test_compile_caches_key_on_mixprec_sources(tmp_path, monkeypatch):
+    # AOT autograd's disk cache keys a graph on Dynamo's graph, where a mixprec operator
+    # is one opaque call: compile_options() adds a pass whose uuid() hashes mixprec's
+    # sources. The same key is a cache hit; another key (other sources) must miss.
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+
+    from mixprec import ops
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 100
+
+    def hits_after_compile() -> tuple:
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(lambda a: torch.ops.mixprec.quantize(a, "e4m3") * 2,
+                           options=mixprec.compile_options())
+        with functorch_config.patch(enable_autograd_cache=True):
+            out = fn(x)
+        assert torch.equal(out, mixprec.quantize(x, "e4m3") * 2)
+        return (counters["aot_autograd"]["autograd_cache_hit"],
+                counters["aot_autograd"]["autograd_cache_miss"])
+
+    assert hits_after_compile() == (0, 1)
+    assert hits_after_compile() == (1, 0)
+    key = ops._source_pass()
+    assert key.uuid() == ops._source_hash() and len(key.uuid()) == 64
+    monkeypatch.setattr(key, "key", "f" * 64)       # as if mixprec's sources changed
+    assert hits_after_compile() == (0, 1)

@@ -455,5 +455,48 @@ def compile_options() -> dict:
     ``emulate_precision_casts``: Inductor otherwise keeps a float16/bfloat16 value that
     one fused kernel produces and consumes in float32, skipping the rounding that the
     eager cast performs (a layer's float16 output or gradient, for instance).
+
+    ``post_grad_custom_pre_pass``: a pass that changes nothing, whose ``uuid()`` is a hash
+    of mixprec's sources. Torch's compile caches (AOT autograd's, Inductor's FX graph
+    cache, on disk across processes) key a graph on Dynamo's graph, where a mixprec
+    operator is one opaque call: without mixprec's code in the key, a new version of
+    mixprec would be served the kernels compiled from the old operators.
     """
-    return {"emulate_precision_casts": True}
+    return {"emulate_precision_casts": True, "post_grad_custom_pre_pass": _source_pass()}
+
+
+_SOURCE_PASS = None
+
+
+def _source_hash() -> str:
+    """sha256 of mixprec's version and every .py and .c file of the package."""
+    import hashlib
+    from pathlib import Path
+
+    from . import __version__
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".c") and path.is_file():
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _source_pass():
+    """The no-op graph pass that puts :func:`_source_hash` into torch's cache keys."""
+    global _SOURCE_PASS
+    if _SOURCE_PASS is None:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        class MixprecSourceKey(CustomGraphPass):
+            def __init__(self, key: str):
+                self.key = key
+
+            def __call__(self, graph) -> None:   # changes nothing
+                return None
+
+            def uuid(self) -> str:
+                return self.key
+
+        _SOURCE_PASS = MixprecSourceKey(_source_hash())
+    return _SOURCE_PASS
