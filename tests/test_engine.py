@@ -685,3 +685,16 @@ def test_example_inputs_make_the_delayed_scalers_and_change_nothing():
             train_step(mp, model, *batch(step + 1))
         runs[-1] += [snapshot(mp, model, opt), mp.state_dict()["layer_states"]]
     assert_same(runs[0], runs[1])
+
+
+def test_example_inputs_make_the_delayed_scalers_under_native_fp8_gemms():
+    # backend="native" with te-delayed keeps the emulated layers (only their GEMMs go
+    # through torch._scaled_mm), so prepare() must make their scalers as on "emulated"
+    made = []
+    for backend in ("emulated", "native"):
+        model = mlp()
+        mp = prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "te-delayed",
+                     backend=backend, example_inputs=batch(0)[0], seed=3)
+        made.append({n: sorted(s.scalers) for n, s in mp._attached.states.items()})
+        assert mp._reserve_hook is None
+    assert made[0] == made[1] and any(made[1].values())

@@ -261,7 +261,7 @@ class Engine:
         scaler then holds the state it had before (new ones: empty history, scale 1).
         ``prepare(..., example_inputs=...)`` calls it; otherwise the first compiled
         forward does, with its own inputs. Eager training needs none of it."""
-        if self._attached is None or self.backend == "native":
+        if self._attached is None:     # autocast-native: no emulated layers, no scalers
             return
         if self._reserve_hook is not None:
             self._reserve_hook.remove()
