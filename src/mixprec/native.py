@@ -161,11 +161,9 @@ def resolve_backend(requested: str, recipe: Recipe, device: torch.device) -> str
         raise ValueError(f"unknown backend {requested!r}; valid choices: {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested
-    if not scaled_mm_problems(recipe) and autocast_problems(recipe):
-        return ("native" if device.type == "cuda" and scaled_mm_available(device)
-                else "emulated")
     if autocast_problems(recipe):
-        return "emulated"
+        return ("native" if not scaled_mm_problems(recipe) and device.type == "cuda"
+                and scaled_mm_available(device) else "emulated")
     if device.type == "cuda":
         return "native"
     if device.type == "cpu" and recipe.weight.format == "bf16" and cpu_has_bf16_dot():
