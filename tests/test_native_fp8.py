@@ -28,49 +28,129 @@ def _ints(shape, gen, amax):
     return t
 
 
-def _exact_layer(recipe, backend, bias):
-    """One linear layer and its y, dX, dW, counted GEMMs, on operands whose FP8
-    rounding and products and sums are exact: integers of magnitude <= 7 (3 significant
-    bits, so E4M3 and E5M2 hold them), amax 7, hence scales 448/7 = 64 (e4m3) and
-    57344/7 = 8192 (e5m2), powers of two."""
+def _exact_operands(x_shape=(2, 16, 32), out=48, bias=True):
+    """Weight, bias (or None), input: integers of magnitude <= 7 (3 significant bits, so
+    E4M3 and E5M2 hold them), amax 7, hence scales 448/7 = 64 (e4m3) and 57344/7 = 8192
+    (e5m2), powers of two; the bias (amax 50) is added in FP32."""
     gen = torch.Generator().manual_seed(3)
-    layer = nn.Linear(32, 48, bias=bias)
+    w = _ints((out, x_shape[-1]), gen, 7)
+    b = _ints((out,), gen, 50) if bias else None
+    return w, b, _ints(x_shape, gen, 7)
+
+
+def _exact_layer(recipe, backend, bias, x_shape=(2, 16, 32), out=48, rules=None, steps=1,
+                 neg_zero_row=False):
+    """One linear layer and its y, dX, dW, db, counted GEMMs, NativeFallbackWarnings and
+    grad_output, on operands whose FP8 rounding and products and sums are exact
+    (:func:`_exact_operands`). ``rules``: the native GEMMs' shape rules ("cuda" pads);
+    ``neg_zero_row``: the input's second row is all -0.0."""
+    w, b, x = _exact_operands(x_shape, out, bias)
+    if neg_zero_row:
+        x.view(-1, x_shape[-1])[1] = -0.0
+    layer = nn.Linear(x_shape[-1], out, bias=bias)
     with torch.no_grad():
-        layer.weight.copy_(_ints((48, 32), gen, 7))
+        layer.weight.copy_(w)
         if bias:
-            layer.bias.copy_(_ints((48,), gen, 50))
-    x = _ints((2, 16, 32), gen, 7).requires_grad_()
+            layer.bias.copy_(b)
     mp = mixprec.prepare(layer, torch.optim.SGD(layer.parameters(), lr=0.0), recipe,
                          backend=backend, keep_high_precision=())
-    with mp.autocast():
-        y = layer(x)
-    g = _ints(y.shape, gen, 7).to(y.dtype)
-    y.backward(g)
-    return y.detach(), x.grad, layer.weight.grad, mp.coverage(), g
+    if rules is not None:
+        mp._scaled_mm.rules = rules
+    gen = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            x.grad = None
+            layer.zero_grad()
+            x.requires_grad_()
+            with mp.autocast():
+                y = layer(x)
+            g = _ints(y.shape, gen, 7).to(y.dtype)
+            y.backward(g)
+    fallbacks = [m for m in caught if issubclass(m.category, NativeFallbackWarning)]
+    db = layer.bias.grad if bias else None
+    return y.detach(), x.grad, layer.weight.grad, db, mp.coverage(), fallbacks, g
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.itemsize == 2 else torch.int32)
+
+
+def _assert_same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _assert_exact_products(recipe, y, dx, dw, g, x_shape, out, bias, neg_zero_row=False):
+    """Independent oracle: the exact products in float64 (every value is exact there)."""
+    w, b, x = (t.double() if t is not None else None
+               for t in _exact_operands(x_shape, out, bias))
+    if neg_zero_row:
+        x.view(-1, x_shape[-1])[1] = -0.0
+    y_ref = x @ w.t() + (b if bias else 0)
+    _assert_same_bits(y, y_ref.to(y.dtype))
+    _assert_same_bits(dx, (g.double() @ w).float())
+    if get_recipe(recipe).weight_grad.is_identity:
+        k = x_shape[-1]
+        _assert_same_bits(dw, (g.double().reshape(-1, out).t() @ x.reshape(-1, k)).float())
 
 
 @pytest.mark.parametrize("recipe,bias", [("te-current", True), ("fp8-hybrid", False),
                                          ("te-delayed", True)])
 def test_native_linear_is_bit_identical_on_exact_operands(recipe, bias):
-    y_e, dx_e, dw_e, cov_e, g = _exact_layer(recipe, "emulated", bias)
-    y_n, dx_n, dw_n, cov_n, _ = _exact_layer(recipe, "native", bias)
-    # the native path ran: all three GEMMs through _scaled_mm, none emulated
-    assert (cov_n.native_gemms, cov_n.emulated_gemms) == (3, 0)
+    y_e, dx_e, dw_e, _, cov_e, _, g = _exact_layer(recipe, "emulated", bias)
+    y_n, dx_n, dw_n, _, cov_n, _, _ = _exact_layer(recipe, "native", bias)
+    # the native path ran: all three GEMMs through _scaled_mm, none emulated or padded
+    assert (cov_n.native_gemms, cov_n.emulated_gemms, cov_n.padded_gemms) == (3, 0, 0)
     assert cov_e.gemms == ()
     for a, b in ((y_e, y_n), (dx_e, dx_n), (dw_e, dw_n)):
-        assert a.dtype == b.dtype and torch.equal(a.view(torch.int16 if a.itemsize == 2
-                                                          else torch.int32),
-                                                   b.view(torch.int16 if b.itemsize == 2
-                                                          else torch.int32))
-    # independent oracle: the exact products in float64 (every value is exact there)
-    gen = torch.Generator().manual_seed(3)
-    w = _ints((48, 32), gen, 7).double()
-    b = _ints((48,), gen, 50).double() if bias else 0
-    x = _ints((2, 16, 32), gen, 7).double()
-    assert torch.equal(y_n, (x @ w.t() + b).to(y_n.dtype))
-    assert torch.equal(dx_n, (g.double() @ w).float())
-    if get_recipe(recipe).weight_grad.is_identity:
-        assert torch.equal(dw_n, (g.double().reshape(-1, 48).t() @ x.reshape(-1, 32)).float())
+        _assert_same_bits(a, b)
+    _assert_exact_products(recipe, y_n, dx_n, dw_n, g, (2, 16, 32), 48, bias)
+
+
+@pytest.mark.parametrize("recipe,bias,x_shape", [
+    ("te-current", True, (3, 11, 24)),           # M = 33 tokens
+    ("fp8-hybrid", True, (7, 24)),               # the rounded bias gradient
+    ("te-delayed", False, (5, 3, 24)),
+    ("torchao-float8-tensorwise", True, (3, 24)),
+])
+def test_cuda_rules_pad_k_and_n_instead_of_falling_back(recipe, bias, x_shape, monkeypatch):
+    # Linear(24, 40) under CUDA's rules (K and N multiples of 16): fprop (K 24, N 40),
+    # dgrad (K 40, N 24) and wgrad (K = tokens, odd; N 24) all need padding. Every GEMM
+    # runs through _scaled_mm on zero-padded codes, with a's codes row-major and b's
+    # column-major, and gives the unpadded result bit for bit (one input row all -0.0:
+    # the padded sums keep the sign of zero the unpadded ones have).
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def checked(a, b, **kw):
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        assert a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0
+        assert a.is_contiguous() and b.t().is_contiguous()
+        return scaled_mm(a, b, **kw)
+
+    run = dict(bias=bias, x_shape=x_shape, out=40, neg_zero_row=True)
+    y_e, dx_e, dw_e, db_e, _, _, g = _exact_layer(recipe, "emulated", **run)
+    native.scaled_mm_available("cpu")    # its one probing call made before counting
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    y_n, dx_n, dw_n, db_n, cov, fallbacks, _ = _exact_layer(recipe, "native", rules="cuda",
+                                                            **run)
+    tokens = x_shape[0] * (x_shape[1] if len(x_shape) == 3 else 1)
+    assert seen == [((tokens, 32), (32, 48)), ((tokens, 48), (48, 32)),
+                    ((40, tokens + -tokens % 16), (tokens + -tokens % 16, 32))]
+    assert fallbacks == []
+    assert (cov.native_gemms, cov.emulated_gemms, cov.padded_gemms) == (3, 0, 3)
+    assert {(r.gemm, r.path, r.reason) for r in cov.gemms} == {
+        (gemm, "native", "K and N zero-padded to multiples of 16")
+        for gemm in ("fprop", "dgrad", "wgrad")}
+    text = str(cov)
+    assert "3 through torch._scaled_mm (3 padded), 0 emulated" in text
+    assert "(root) wgrad: 1 padded (K and N zero-padded to multiples of 16)" in text
+    assert Coverage.from_dict(cov.to_dict()) == cov
+    for a, b in ((y_e, y_n), (dx_e, dx_n), (dw_e, dw_n)):
+        _assert_same_bits(a, b)
+    if bias:
+        _assert_same_bits(db_e, db_n)
+    _assert_exact_products(recipe, y_n, dx_n, dw_n, g, x_shape, 40, bias, neg_zero_row=True)
 
 
 def _train(recipe, backend, seed=0, steps=3, rules=None):
@@ -136,52 +216,32 @@ def test_delayed_scaling_state_identical_after_the_first_step():
     assert repr(mp_e.state_dict()["layer_states"]) == repr(mp_n.state_dict()["layer_states"])
 
 
-def test_shape_cuda_refuses_falls_back_with_a_warning_and_a_count():
-    # Linear(16, 24), 32 tokens, under CUDA's rules: fprop (K=16, N=24) and dgrad
-    # (K=24) are refused, wgrad (g^T: 24 x 32, x: 32 x 16) runs natively.
-    def run(backend):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 24))
-        layer = model[0]
-        mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                             "fp8-hybrid", backend=backend, keep_high_precision=())
-        if backend == "native":
-            mp._scaled_mm.rules = "cuda"
-        x = torch.randn(32, 16, requires_grad=True)
-        outs = []
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(2):
-                with mp.autocast():
-                    y = model(x)
-                y.float().square().sum().backward()
-                outs.append((y.detach(), x.grad.clone(), layer.weight.grad.clone()))
-                x.grad = None
-                layer.zero_grad()
-        return outs, mp.coverage(), [w for w in caught
-                                     if issubclass(w.category, NativeFallbackWarning)]
-
-    emulated, _, none = run("emulated")
-    outs, cov, caught = run("native")
+def test_e5m2_x_e5m2_on_cuda_falls_back_with_a_warning_and_a_count():
+    # E5M2 weights under CUDA's rules, Linear(16, 24), 32 tokens: dgrad (g e5m2 x w e5m2)
+    # has no kernel and runs emulated; fprop (N = 24) runs padded, wgrad as it is.
+    recipe = "fp8-hybrid:weight.format=e5m2"
+    run = dict(bias=False, x_shape=(32, 16), out=24, steps=2)
+    y_e, dx_e, dw_e, _, _, none, g = _exact_layer(recipe, "emulated", **run)
+    y_n, dx_n, dw_n, _, cov, caught, _ = _exact_layer(recipe, "native", rules="cuda", **run)
     assert none == []
     # once per (layer, GEMM), naming both and the reason
-    assert len(caught) == 2
-    texts = sorted(str(w.message) for w in caught)
-    assert "the dgrad GEMM of layer '0' runs emulated" in texts[0]
-    assert "the fprop GEMM of layer '0' runs emulated" in texts[1]
-    assert all("K and N must be multiples of 16 on CUDA" in t for t in texts)
-    assert "(M, K, N) = (32, 16, 24)" in texts[1] and "(M, K, N) = (32, 24, 16)" in texts[0]
-    assert (cov.native_gemms, cov.emulated_gemms) == (2, 4)
+    assert len(caught) == 1
+    assert ("the dgrad GEMM of layer '(root)' runs emulated (FP32 GEMM of the dequantized "
+            "FP8 operands): torch._scaled_mm refuses it on cuda: e5m2 x e5m2 has no CUDA "
+            "kernel") in str(caught[0].message)
+    assert (cov.native_gemms, cov.emulated_gemms, cov.padded_gemms) == (4, 2, 2)
     rows = {(r.module, r.gemm, r.path): r.calls for r in cov.gemms}
-    assert rows == {("0", "fprop", "emulated"): 2, ("0", "dgrad", "emulated"): 2,
-                    ("0", "wgrad", "native"): 2}
+    assert rows == {("", "fprop", "native"): 2, ("", "dgrad", "emulated"): 2,
+                    ("", "wgrad", "native"): 2}
     text = str(cov)
-    assert "2 through torch._scaled_mm, 4 emulated" in text
-    assert "0 fprop: 2 emulated ((M, K, N) = (32, 16, 24): K and N must be" in text
+    assert "4 through torch._scaled_mm (2 padded), 2 emulated" in text
+    assert "(root) dgrad: 2 emulated (e5m2 x e5m2 has no CUDA kernel)" in text
+    assert "(root) fprop: 2 padded (N zero-padded to multiples of 16)" in text
     assert Coverage.from_dict(cov.to_dict()) == cov
-    # the emulated GEMMs are the emulated backend's, bit for bit
-    for (y_e, dx_e, _), (y_n, dx_n, _) in zip(emulated, outs):
-        assert torch.equal(y_e, y_n) and torch.equal(dx_e, dx_n)
+    # the emulated GEMM is the emulated backend's, bit for bit; so are the native ones
+    for a, b in ((y_e, y_n), (dx_e, dx_n), (dw_e, dw_n)):
+        _assert_same_bits(a, b)
+    _assert_exact_products(recipe, y_n, dx_n, dw_n, g, (32, 16), 24, False)
 
 
 def test_scaled_mm_shape_rules():
@@ -198,6 +258,40 @@ def test_scaled_mm_shape_rules():
     assert "not float8" in scaled_mm_shape_problem(torch.zeros(16, 16), e5, "cpu")
     with pytest.raises(ValueError, match="unknown scaled_mm rules 'tpu'; valid choices: cuda, cpu"):
         native.ScaledMMGemms(torch.device("cpu"), rules="tpu")
+
+
+def test_scaled_mm_padded_shape():
+    # CUDA: K and N up to the next multiple of 16, M as it is; CPU: unchanged
+    assert native.scaled_mm_padded_shape(33, 24, 40, "cuda") == (33, 32, 48)
+    assert native.scaled_mm_padded_shape(7, 16, 1, "cuda") == (7, 16, 16)
+    assert native.scaled_mm_padded_shape(33, 24, 40, "cpu") == (33, 24, 40)
+    with pytest.raises(ValueError, match="unknown scaled_mm rules 'tpu'; valid choices"):
+        native.scaled_mm_padded_shape(1, 1, 1, "tpu")
+
+
+def test_padded_scaled_mm_on_random_codes():
+    # Codes drawn from the finite ones, mixed operand dtypes, a non-contiguous b: the padded
+    # GEMM (CUDA's rules) against _scaled_mm of the unpadded operands (CPU's rules), bit
+    # for bit (the zeros add +0 to sums that run in the same order: K <= 48 stays in one
+    # block of the CPU GEMM), and within FP32 summation error of the float64 product.
+    gen = torch.Generator().manual_seed(0)
+    gemms = native.ScaledMMGemms(torch.device("cpu"), rules="cuda")
+    plain = native.ScaledMMGemms(torch.device("cpu"), rules="cpu")
+    for (m, k, n), (da, db) in zip(((5, 24, 40), (33, 17, 3), (16, 16, 16)),
+                                   ((E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2))):
+        a = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8).view(da)
+        b = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8).view(db).t()
+        a = torch.where(a.float().isfinite(), a.float(), 0).to(da)
+        b = torch.where(b.float().isfinite(), b.float(), 0).to(db)
+        sa, sb = torch.tensor(2.0 ** -7), torch.tensor(2.0 ** 3)
+        got = gemms.mm(a, sa, b, sb, torch.float32, layer="l", gemm="fprop")
+        want = plain.mm(a, sa, b, sb, torch.float32, layer="l", gemm="fprop")
+        assert got.shape == (m, n) and got.is_contiguous()
+        _assert_same_bits(got, want)
+        scale = sa.double() * sb.double()
+        exact = (a.double() @ b.double()) / scale
+        bound = k * 2.0 ** -23 * (a.double().abs() @ b.double().abs()) / scale
+        assert bool(((got.double() - exact).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("recipe,why", [

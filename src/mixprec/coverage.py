@@ -15,8 +15,9 @@ one dispatch function (:mod:`mixprec.dispatch`), which records it here with one 
 
 Under the native backend with a per-tensor FP8 recipe (:mod:`mixprec.native`), the
 three GEMMs of each linear layer (fprop, dgrad, wgrad) are counted as well, in
-``Coverage.gemms``: "native" (``torch._scaled_mm``) or "emulated" with the reason
-``_scaled_mm`` refused them.
+``Coverage.gemms``: "native" (``torch._scaled_mm``; the reason then notes the dimensions
+zero-padded to a shape it takes, if any) or "emulated" with the reason ``_scaled_mm``
+refused them.
 
 Each call is attributed to the module that owns its weight operand (the innermost
 running module holding that Parameter), else to the innermost running module.
@@ -107,8 +108,9 @@ class CoverageRow:
 @dataclass(frozen=True)
 class GemmRow:
     """Calls of one GEMM (fprop, dgrad, wgrad) of one linear layer under the native FP8
-    backend, by path: "native" (``torch._scaled_mm``) or "emulated" (``reason``: why
-    ``_scaled_mm`` refused it)."""
+    backend, by path: "native" (``torch._scaled_mm``; ``reason``: "" or which dimensions
+    were zero-padded, e.g. "K and N zero-padded to multiples of 16") or "emulated"
+    (``reason``: why ``_scaled_mm`` refused it)."""
     module: str
     gemm: str
     path: str
@@ -180,6 +182,12 @@ class Coverage:
     def emulated_gemms(self) -> int:
         return self.gemm_count("emulated")
 
+    @property
+    def padded_gemms(self) -> int:
+        """Native GEMMs whose FP8 operands were zero-padded to a shape ``_scaled_mm``
+        takes (counted in :attr:`native_gemms` too)."""
+        return sum(r.calls for r in self.gemms if r.path == "native" and r.reason)
+
     def counts(self) -> Dict[str, int]:
         """{status: calls} for every status."""
         return {s: self.count(s) for s in STATUSES}
@@ -226,10 +234,12 @@ class Coverage:
                         f"graphs are not counted)")
         lines = [summary, line(head), line(["-" * w for w in widths])] + [line(r) for r in body]
         if self.gemms:
+            padded = f" ({self.padded_gemms} padded)" if self.padded_gemms else ""
             lines.append(f"linear GEMMs under the native backend: {self.native_gemms} through "
-                         f"torch._scaled_mm, {self.emulated_gemms} emulated")
-            lines += [f"  {r.module or '(root)'} {r.gemm}: {r.calls} emulated ({r.reason})"
-                      for r in self.gemms if r.path == "emulated"]
+                         f"torch._scaled_mm{padded}, {self.emulated_gemms} emulated")
+            lines += [f"  {r.module or '(root)'} {r.gemm}: {r.calls} "
+                      f"{'padded' if r.path == 'native' else 'emulated'} ({r.reason})"
+                      for r in self.gemms if r.path == "emulated" or r.reason]
         return "\n".join(lines)
 
 

@@ -24,11 +24,13 @@ its three GEMMs on the FP8 codes mixprec's rounding computed, through
 
 Rounding, scales, amax histories and the stochastic-rounding stream are the emulated
 backend's, so only the GEMM differs: where the scales are applied (codes * (1/s) instead
-of codes / s; the same numbers for power-of-two scales) and the summation order. A
-GEMM that ``_scaled_mm`` cannot take (on CUDA: K or N not a multiple of 16, e5m2 x e5m2)
-runs emulated, with a :class:`NativeFallbackWarning` once per (layer, GEMM) and a row in
-:meth:`mixprec.Engine.coverage`. Other matmul-like ops (matmul, addmm of a Conv1D,
-convolutions, attention) stay emulated and are counted there as such.
+of codes / s; the same numbers for power-of-two scales) and the summation order. Where
+CUDA's ``_scaled_mm`` needs K and N multiples of 16, the codes are zero-padded up to them
+and the result sliced back (exact: see :meth:`ScaledMMGemms.mm`), and the GEMM is counted
+as padded in :meth:`mixprec.Engine.coverage`. A GEMM that ``_scaled_mm`` cannot take at
+all (on CUDA: e5m2 x e5m2) runs emulated, with a :class:`NativeFallbackWarning` once per
+(layer, GEMM) and a row in the coverage. Other matmul-like ops (matmul, addmm of a
+Conv1D, convolutions, attention) stay emulated and are counted there as such.
 Unscaled FP8 (fp8-e5m2) does not run natively: its GEMMs are e5m2 x e5m2, which
 cuBLASLt has no kernel for. MX and block schemes need block scales, and emulated
 accumulation is not what the hardware does: both raise a ValueError under
@@ -56,7 +58,8 @@ __all__ = [
     "convert_parameters_",
     "keep_full_precision", "native_autocast", "scaled_mm_available", "fp8_linear_native",
     "SCALED_MM_DTYPES", "NATIVE_KINDS", "native_kind", "autocast_problems", "scaled_mm_problems",
-    "scaled_mm_shape_problem", "ScaledMMGemms", "NativeFallbackWarning", "active_scaled_mm",
+    "scaled_mm_shape_problem", "scaled_mm_padded_shape", "ScaledMMGemms",
+    "NativeFallbackWarning", "active_scaled_mm",
 ]
 
 # Formats with a native torch storage dtype that torch.autocast computes in.
@@ -303,22 +306,61 @@ _FP8 = tuple(SCALED_MM_DTYPES.values())
 GEMMS = ("fprop", "dgrad", "wgrad")
 
 
+_CUDA_MULTIPLE = 16     # CUDA _scaled_mm (cuBLASLt, as torch checks): K and N multiples of 16
+
+
 def scaled_mm_shape_problem(a: torch.Tensor, b: torch.Tensor, rules: str) -> str:
     """Why ``torch._scaled_mm(a, b)`` (a: M x K, b: K x N, per-tensor scales) is refused
     under ``rules`` ("cuda" or "cpu"); "" when it runs.
 
     Both: float8_e4m3fn / float8_e5m2 operands. CUDA (cuBLASLt, as torch checks): K and
     N multiples of 16 (M is free), and not e5m2 x e5m2. CPU takes every shape.
+    :class:`ScaledMMGemms` pads the shapes (:func:`scaled_mm_padded_shape`), so only the
+    dtype limits make it fall back.
     """
-    if a.dtype not in _FP8 or b.dtype not in _FP8:
-        return f"operands {a.dtype} x {b.dtype} are not float8_e4m3fn / float8_e5m2"
+    (m, k), n = a.shape, b.shape[1]
+    return _refusal(a.dtype, b.dtype, m, k, n, rules)
+
+
+def _refusal(a_dtype: torch.dtype, b_dtype: torch.dtype, m: int, k: int, n: int,
+             rules: str) -> str:
+    if a_dtype not in _FP8 or b_dtype not in _FP8:
+        return f"operands {a_dtype} x {b_dtype} are not float8_e4m3fn / float8_e5m2"
     if rules == "cuda":
-        if a.dtype == b.dtype == torch.float8_e5m2:
+        if a_dtype == b_dtype == torch.float8_e5m2:
             return "e5m2 x e5m2 has no CUDA kernel"
-        (m, k), n = a.shape, b.shape[1]
-        if k % 16 or n % 16:
+        if k % _CUDA_MULTIPLE or n % _CUDA_MULTIPLE:
             return f"(M, K, N) = ({m}, {k}, {n}): K and N must be multiples of 16 on CUDA"
     return ""
+
+
+def scaled_mm_padded_shape(m: int, k: int, n: int, rules: str) -> Tuple[int, int, int]:
+    """(M, K, N) of an M x K by K x N GEMM zero-padded to a shape ``torch._scaled_mm``
+    takes under ``rules``: on CUDA K and N rounded up to multiples of 16 (M is free);
+    on CPU the shape itself.
+
+    >>> scaled_mm_padded_shape(33, 24, 40, "cuda")
+    (33, 32, 48)
+    """
+    if rules not in ("cuda", "cpu"):
+        raise ValueError(f"unknown scaled_mm rules {rules!r}; valid choices: cuda, cpu")
+    if rules == "cpu":
+        return m, k, n
+    up = lambda d: -(-d // _CUDA_MULTIPLE) * _CUDA_MULTIPLE  # noqa: E731
+    return m, up(k), up(n)
+
+
+def _zero_padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A row-major rows x cols tensor of t's FP8 codes, zero-filled beyond t (byte 0x00
+    is +0 in float8_e4m3fn and float8_e5m2; the copy moves bytes, no float arithmetic)."""
+    out = torch.zeros(rows, cols, dtype=torch.uint8, device=t.device)
+    out[:t.shape[0], :t.shape[1]].copy_(t.view(torch.uint8))
+    return out.view(t.dtype)
+
+
+def _padding_note(k: int, n: int, pk: int, pn: int) -> str:
+    dims = [d for d, (was, now) in (("K", (k, pk)), ("N", (n, pn))) if was != now]
+    return f"{' and '.join(dims)} zero-padded to multiples of {_CUDA_MULTIPLE}"
 
 
 _ACTIVE: list = []     # the ScaledMMGemms of the native backend's autocast(), innermost last
@@ -334,9 +376,11 @@ class ScaledMMGemms:
 
     ``rules``: whose shape and dtype limits apply (:func:`scaled_mm_shape_problem`),
     by default the device's ("cuda" for a CUDA device, else "cpu"). ``recorder``: a
-    :class:`mixprec.coverage.CoverageRecorder` that counts every GEMM, native or not.
-    A GEMM that cannot run natively returns None from :meth:`mm` (the caller computes
-    it emulated), is counted with its reason and warned about once per (layer, GEMM).
+    :class:`mixprec.coverage.CoverageRecorder` that counts every GEMM, native or not;
+    a native GEMM whose operands were zero-padded (:func:`scaled_mm_padded_shape`) is
+    counted with a note saying which dimensions. A GEMM that cannot run natively even
+    padded returns None from :meth:`mm` (the caller computes it emulated), is counted
+    with its reason and warned about once per (layer, GEMM).
 
     >>> gemms = ScaledMMGemms(torch.device("cuda"))
     >>> with gemms.active():       # what Engine.autocast() does under backend="native"
@@ -378,24 +422,48 @@ class ScaledMMGemms:
         counting and warning) when _scaled_mm cannot take the operands.
 
         a is made row-major and b column-major, as cuBLASLt needs (copies of 1-byte
-        codes where they are not). The reciprocals are rounded once to float32.
+        codes where they are not). The reciprocals are rounded once to float32. Shapes
+        the rules refuse are zero-padded along K and N (:func:`scaled_mm_padded_shape`)
+        and the M x N result sliced out of the padded one.
         """
-        why = scaled_mm_shape_problem(a, b, self.rules)
+        (m, k), n = a.shape, b.shape[1]
+        pm, pk, pn = scaled_mm_padded_shape(m, k, n, self.rules)
+        why = _refusal(a.dtype, b.dtype, pm, pk, pn, self.rules)
         if why:
             self.fallback(layer, gemm, why)
             return None
+        padded = (pm, pk, pn) != (m, k, n)
         if self.recorder is not None:
-            self.recorder.record_gemm(layer, gemm, "native")
-        if not a.is_contiguous():
+            self.recorder.record_gemm(layer, gemm, "native",
+                                      _padding_note(k, n, pk, pn) if padded else "")
+        # Zero padding is exact. Along K both operands are padded (a's columns and b's
+        # rows k >= K), so each extra product is (+0) * (+0) = +0, never 0 * inf or
+        # 0 * NaN; adding +0 leaves every FP32 partial sum as it was, since a sum that
+        # starts from the accumulator's +0 is never -0 (x + (+0) = x for every other
+        # x). Along N (b's columns n >= N) and M the extra dot products only fill output
+        # rows and columns that are sliced off. The per-tensor scales multiply each kept
+        # element as before, out_dtype rounds each kept FP32 result once as before, and
+        # no bias goes into _scaled_mm (the caller adds it to the sliced result), so the
+        # M x N block is bit for bit the unpadded GEMM's.
+        if (pm, pk) != (m, k):
+            a = _zero_padded(a, pm, pk)
+        elif not a.is_contiguous():
             a = a.contiguous()
-        if not b.t().is_contiguous():
+        if (pk, pn) != (k, n):
+            b = _zero_padded(b.t(), pn, pk).t()
+        elif not b.t().is_contiguous():
             b = b.t().contiguous().t()
         inv_a = a_scale.to(torch.float32).reciprocal().reshape(())
         inv_b = b_scale.to(torch.float32).reciprocal().reshape(())
         # use_fast_accum=False: Hopper's fast mode keeps fewer accumulator bits than the
         # FP32 accumulation the recipe (and the emulation) asks for
-        return torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype,
-                                use_fast_accum=False)
+        out = torch._scaled_mm(a, b, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype,
+                               use_fast_accum=False)
+        if padded:
+            # a contiguous M x N result, as the unpadded GEMM writes (the callers
+            # reshape it, add the bias in place and hand it to autograd)
+            out = out[:m, :n].contiguous()
+        return out
 
     def fallback(self, layer: str, gemm: str, why: str) -> None:
         """Count (and warn once per (layer, GEMM) about) a GEMM computed emulated."""
