@@ -17,9 +17,12 @@ intra-op thread by default (--threads), so CPU time is not inflated by spinning 
 The ratio to FP32 is taken round by round (this round's step over this round's torch
 fp32 step); the table prints the median and the spread (min - max) over rounds.
 
-With the native fp8-hybrid variant a last line times one GEMM of the MLP's middle layer
+With the native fp8-hybrid variant a line times one GEMM of the MLP's middle layer
 both ways: CPU torch._scaled_mm on E4M3 codes against torch.matmul of the same operands in
-float32 (the emulated GEMM).
+float32 (the emulated GEMM); a last line times that layer's native fprop, whose operand
+rounding makes only the codes and scales _scaled_mm takes, against the same rounding
+also making the dequantized copies (which the native fprop computed before and never
+used).
 
 Saved bytes: one forward under ``torch.autograd.graph.saved_tensors_hooks``, summing
 numel * element_size of every tensor saved for backward, once per storage, except the
@@ -220,6 +223,50 @@ def scaled_mm_vs_matmul(m: int, k: int, n: int, repeats: int) -> str:
             f"{t_fp32 * 1e3:.1f} ms, ratio {t_native / t_fp32:.2f}x")
 
 
+def native_fprop_operands(m: int, k: int, n: int, repeats: int) -> str:
+    """One line: CPU time of the native fp8-hybrid fprop of one linear layer (x: M x K,
+    W: N x K): both operands rounded to their E4M3 codes and scales, as the native
+    backend does, against the same rounding that also makes the dequantized float32
+    copies codes / scale (what it computed before, for the emulated GEMM only); both
+    alone and followed by torch._scaled_mm. Each way runs in blocks of 4 calls, the ways
+    taking turns ``repeats`` times; the first call of a block is not timed, so each way
+    is timed in the steady state of its own allocations, as a training loop repeating
+    one step (a way that frees more memory than glibc keeps gets it back by page
+    faults every call). Medians of the timed calls."""
+    from mixprec.native import ScaledMMGemms
+    from mixprec.policy import LayerPolicy
+    from mixprec.qfunc import OpContext
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    c = OpContext(LayerPolicy.from_recipe("fp8-hybrid"), None, None, 0)
+    gemms = ScaledMMGemms(torch.device("cpu"))
+
+    def rounding(dequantize: bool):
+        return (c.operands(x, "activation", -1, 0, keep=True, dequantize=dequantize)[1],
+                c.operands(w, "weight", -1, 0, keep=True, dequantize=dequantize)[1])
+
+    def fprop(dequantize: bool):
+        x_pack, w_pack = rounding(dequantize)
+        (a, sa), (b, sb) = x_pack[4], w_pack[4]
+        return gemms.mm(a, sa, b.t(), sb, torch.float32, layer="", gemm="fprop")
+
+    calls = [lambda: rounding(False), lambda: rounding(True), lambda: fprop(False),
+             lambda: fprop(True)]
+    times: list = [[] for _ in calls]
+    for _ in range(repeats):
+        for fn, t in zip(calls, times):
+            fn()
+            for _ in range(3):
+                c0 = time.process_time()
+                fn()
+                t.append(time.process_time() - c0)
+    r_now, r_before, f_now, f_before = (statistics.median(t) * 1e3 for t in times)
+    return (f"native fprop {m}x{k}x{n}, codes only vs with dequantized copies: operand "
+            f"rounding {r_now:.1f} ms vs {r_before:.1f} ms, ratio {r_now / r_before:.2f}x; "
+            f"with torch._scaled_mm {f_now:.1f} ms vs {f_before:.1f} ms, ratio "
+            f"{f_now / f_before:.2f}x")
+
+
 def build_variants(workload: str, recipes: list, amp_fp16: bool) -> list:
     variants = [plain_fp32(workload), torch_amp(workload, torch.bfloat16)]
     if amp_fp16:   # tens of times slower than fp32 on CPUs without fp16 arithmetic
@@ -307,6 +354,7 @@ def main() -> int:
     print(f"{checked - failures} of {checked} targets met on this run")
     if any(v.name == "mixprec fp8-hybrid (native)" for v in variants) and args.model == "mlp":
         print(scaled_mm_vs_matmul(batch_size, SIZES[1], SIZES[2], max(args.rounds, 3)))
+        print(native_fprop_operands(batch_size, SIZES[1], SIZES[2], max(args.rounds, 3)))
     return 0
 
 

@@ -28,7 +28,10 @@ TABLES = {
                  "mxfp6", "mxfp4")]
     + [r"^mixprec fp8-hybrid \(native\) +[\d.]+ +[\d.]+x",     # linear GEMMs via _scaled_mm
        r"^GEMM \d+x\d+x\d+: torch\._scaled_mm e4m3 [\d.]+ ms, FP32 matmul [\d.]+ ms, "
-       r"ratio [\d.]+x$"]
+       r"ratio [\d.]+x$",
+       r"^native fprop \d+x\d+x\d+, codes only vs with dequantized copies: operand rounding "
+       r"[\d.]+ ms vs [\d.]+ ms, ratio [\d.]+x; with torch\._scaled_mm [\d.]+ ms vs [\d.]+ "
+       r"ms, ratio [\d.]+x$"]
     + [r"^\d+ of \d+ targets met on this run$"],
     # every model under every preset: finite loss, ratios, coverage counts of step 0 with
     # nothing unrecognised ("-" under the native backend), no error column; fp32 is 1.000x

@@ -339,3 +339,28 @@ def test_cuda_native_fp8_close_to_emulated():
         if backend == "native":
             assert mp.coverage().native_gemms == 2
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", ["e4m3", "e5m2:stochastic"])
+def test_codes_without_the_dequantized_copy_are_the_same_bits(spec, dtype):
+    # The native fprop asks for the codes only (dequantize=False): the pack saved for
+    # backward holds the same codes and scale as when the values are made too (float32
+    # and bfloat16 take the C kernel, float16 the tensor ops), the stochastic stream
+    # included, and its values decode to the skipped copy's bits.
+    from mixprec.qfunc import _round, _unpack
+    from mixprec.recipe import ScalingConfig, TensorSpec
+    fmt, _, rounding = spec.partition(":")
+    ts = TensorSpec(fmt, rounding=rounding or "nearest", scaling="current")
+    x = (torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    x[0, :2] = torch.tensor([0.0, -0.0])
+    got = _round(x, ts, ScalingConfig(), None, -1, torch.Generator().manual_seed(7),
+                 pack=True, dequantize=False)
+    want = _round(x, ts, ScalingConfig(), None, -1, torch.Generator().manual_seed(7),
+                  pack=True)
+    assert got[0] is None and got[1][0] == want[1][0] == "scaled"
+    (codes, scale), (codes_w, scale_w) = got[1][4], want[1][4]
+    assert codes.dtype == codes_w.dtype and torch.equal(codes.view(torch.uint8),
+                                                        codes_w.view(torch.uint8))
+    assert torch.equal(scale, scale_w)
+    assert torch.equal(_unpack(got[1]).view(torch.int32), want[0].view(torch.int32))

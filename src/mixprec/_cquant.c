@@ -412,7 +412,8 @@ static void run_encode(const job_t *j) {
         encode_f32_u8((const uint32_t *)j->src, (uint8_t *)j->dst, j->begin, j->end, j->codes);
 }
 
-/* Per-tensor scaled rounding in one pass:  lp = round(x * s),  values = lp / s,  both
+/* Per-tensor scaled rounding in one pass:  lp = round(x * s),  values = lp / s (either
+ * output skipped when its pointer is 0: the native FP8 GEMMs need only lp),  both
  * float32 operations as torch computes them (IEEE, no reciprocal), x float32 or bfloat16
  * (widened exactly).  The random index is the flat index, as for round_bits on x * s. */
 #define SCALED_TILE 1024
@@ -443,7 +444,8 @@ MULTIVERSION static void scaled_loop(const job_t *j) {
         round_loop(tmp, q, 0, len, j->plan, j->seed, t0);
         const float *qf = (const float *)q;
         if (lp_out) memcpy(lp_out + t0, q, sizeof(uint32_t) * (size_t)len);
-        for (int64_t k = 0; k < len; k++) values[t0 + k] = qf[k] / sc;
+        if (values)
+            for (int64_t k = 0; k < len; k++) values[t0 + k] = qf[k] / sc;
     }
 }
 
@@ -1027,7 +1029,8 @@ PyDoc_STRVAR(scaled_doc,
 "             s0, te, m0, m0_adj, unsigned_zero, max_bits, q_bits, inf_bits, nan_bits,\n"
 "             ovf_bits, infin_bits)\n"
 "\n"
-"lp = round(x * s) (written when lp_ptr is not 0) and values = lp / s for n contiguous\n"
+"lp = round(x * s) (written when lp_ptr is not 0) and values = lp / s (written when\n"
+"values_ptr is not 0) for n contiguous\n"
 "float32 (is_bf16=0) or bfloat16 x, float32 results; s given by its float32 bits.");
 
 static PyObject *scaled_round(PyObject *self, PyObject *args) {
@@ -1095,4 +1098,12 @@ static struct PyModuleDef module = {
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__cquant(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cquant(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* scaled_round takes values_ptr 0 (builds without this constant write through it) */
+    if (m != NULL && PyModule_AddIntConstant(m, "SCALED_ROUND_SKIPS_VALUES", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -205,13 +205,17 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
            scaler: Optional[DelayedScaling], axis: int, generator: Optional[torch.Generator],
            pack: bool = False, hadamard: Tuple[int, Optional[torch.Tensor]] = (0, None),
-           ) -> Tuple[torch.Tensor, Optional[Pack]]:
+           dequantize: bool = True) -> Tuple[Optional[torch.Tensor], Optional[Pack]]:
     """Round ``x`` (any float dtype) per ``spec``; return (float32 values, pack or None).
 
     Same values as ``quantize_spec(x, spec, cfg, state=scaler, axis=axis)``; per-tensor
     scaling is spelled out here because storage needs the codes quantize(x * scale) and
     the scale, not only their quotient. An unscaled spec whose storage dtype is x's own
     dtype (fp16 activations arriving in float16) stores x itself, without a copy.
+    ``dequantize=False`` with ``pack``: a per-tensor scaled spec returns (None, pack),
+    the codes and scale without the quotient codes / scale (the native FP8 GEMMs take
+    the codes; :func:`_unpack` gives the same values bit for bit where needed); other
+    specs return their values as usual.
     """
     if spec.is_identity:
         return x.to(torch.float32), (("raw", None, axis, 0, (x,)) if pack else None)
@@ -278,7 +282,8 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         scaler.bind(fmt)
         scale = scaler.scale.to(x.device)         # a copy: update() writes in place
         amax = tensor_to_amax(x)
-    fused = _scaled_round_c(x_in, scale, fmt, spec, generator, pack)
+    dequantize = dequantize or not pack
+    fused = _scaled_round_c(x_in, scale, fmt, spec, generator, pack, dequantize)
     if fused is not None:
         values, lp = fused
     else:
@@ -289,7 +294,7 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
         quantize(lp, fmt, rounding=spec.rounding.value, saturate=spec.saturate,
                  generator=generator, out=lp)
         stored = _to_storage(lp, fmt) if pack else None
-        values, lp = lp.div_(scale), stored
+        values, lp = (lp.div_(scale) if dequantize else None), stored
     if scaler is not None:
         scaler.update(amax)
     if pack and fused is not None:
@@ -298,10 +303,13 @@ def _round(x: torch.Tensor, spec: TensorSpec, cfg: ScalingConfig,
 
 
 def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec: TensorSpec,
-                    generator: Optional[torch.Generator], keep_lp: bool):
-    """(quantize(x * scale) / scale, quantize(x * scale) or None) from the C kernel in
-    one pass over x (float32 or bfloat16 on CPU), the same products, roundings, random
-    stream and quotients as the tensor ops; None where it does not apply."""
+                    generator: Optional[torch.Generator], keep_lp: bool,
+                    dequantize: bool = True):
+    """(quantize(x * scale) / scale or None, quantize(x * scale) or None) from the C
+    kernel in one pass over x (float32 or bfloat16 on CPU), the same products, roundings,
+    random stream and quotients as the tensor ops; None where it does not apply. The
+    quotients are skipped when not ``dequantize`` (and ``keep_lp``), where the built
+    kernel can (``SCALED_ROUND_SKIPS_VALUES``)."""
     if (not quant._fast_path(quant._cquant, x, scale)
             or x.dtype not in (torch.float32, torch.bfloat16) or scale.numel() != 1
             or fmt.convention.name == "E8M0"
@@ -311,16 +319,19 @@ def _scaled_round_c(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, spec
     mode = quant._choice(quant.Rounding, spec.rounding.value, "rounding")
     seed = quant._draw_seed(generator) if mode is quant.Rounding.STOCHASTIC else 0
     p = quant._plan(fmt, quant._F32, spec.saturate)
-    values = torch.empty(x.shape, dtype=torch.float32)
+    skip = (keep_lp and not dequantize
+            and getattr(quant._cquant, "SCALED_ROUND_SKIPS_VALUES", 0))
+    values = None if skip else torch.empty(x.shape, dtype=torch.float32)
     lp = torch.empty(x.shape, dtype=torch.float32) if keep_lp else None
     sbits = int(scale.reshape(()).to(torch.float32).view(torch.int32)) & 0xFFFFFFFF
     quant._cquant.scaled_round(
-        x.data_ptr(), 0 if lp is None else lp.data_ptr(), values.data_ptr(), x.numel(),
+        x.data_ptr(), 0 if lp is None else lp.data_ptr(),
+        0 if values is None else values.data_ptr(), x.numel(),
         int(x.dtype == torch.bfloat16), sbits, quant._MODE_CODE[mode],
         seed & ((1 << 64) - 1), torch.get_num_threads(), p.s0, p.te, p.m0, p.m0_adj,
         p.unsigned_zero, p.max_bits, p.q_bits, p.inf_bits, p.nan_bits, p.ovf_bits,
         p.infin_bits)
-    return values, lp
+    return (values if dequantize else None), lp
 
 
 def _round_block(x: torch.Tensor, scheme: BlockScheme, spec: TensorSpec, axis: int,
@@ -486,14 +497,15 @@ class OpContext:
         self.signs = signs
 
     def round(self, x, role: str, axis: int, operand: str = "", pack: bool = False,
-              gemm: str = ""):
+              gemm: str = "", dequantize: bool = True):
         """``gemm`` ("fprop", "dgrad", "wgrad") names the GEMM the copy feeds, for the
-        policy's per-GEMM Hadamard transform of block-scheme roles."""
+        policy's per-GEMM Hadamard transform of block-scheme roles; ``dequantize``: see
+        :func:`_round`."""
         spec = getattr(self.policy, role)
         scaler = None if self.state is None else self.state.scaler(
             scaler_key(role, self.slot, operand), spec, self.policy.scaling)
         return _round(x, spec, self.policy.scaling, scaler, axis, self.generator, pack,
-                      self._hadamard(spec, gemm))
+                      self._hadamard(spec, gemm), dequantize)
 
     def reserve(self, forward: Tuple[Tuple[str, str], ...], grads: bool,
                 weight_grads: Tuple[str, ...] = ()) -> None:
@@ -567,13 +579,15 @@ class OpContext:
         y = quantize_spec(y, spec, self.policy.scaling, generator=self.generator)
         return y.to(container_dtype(fmt))
 
-    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand="", source=None):
+    def operands(self, x, role, fwd_axis, bwd_axis, keep, operand="", source=None,
+                 dequantize=True):
         """Forward copy of x and, when ``keep``, the pack saved for backward (MX: a second
         quantization along the backward GEMM's reduction axis).
 
         An activation whose producer already saved its values (``source``: the tensor
         as the op received it, x a reshape of it) is stored as that saved tensor
-        (:func:`mixprec.shared.shared_operand`)."""
+        (:func:`mixprec.shared.shared_operand`). ``dequantize=False``: the forward copy
+        is None where the pack holds per-tensor codes (see :func:`_round`)."""
         if role == "activation":
             spec = self.policy.activation
             share = shared_operand(x if source is None else source, spec)
@@ -585,7 +599,8 @@ class OpContext:
                 xq = self.round(x, role, fwd_axis, operand)[0]
                 return xq, ("requant", spec, fwd_axis, 0, (x,))
         mx = self.per_gemm(role)
-        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop")
+        xq, pack = self.round(x, role, fwd_axis, operand, pack=keep and not mx, gemm="fprop",
+                              dequantize=dequantize)
         if keep and mx:
             # the saved copy of an activation feeds dW (wgrad), that of a weight (or of a
             # matmul's right operand) dX (dgrad)
@@ -643,15 +658,21 @@ class QLinear(torch.autograd.Function):
                     else None
                 y = block_scaled_mm(qx, qw, a_axis=-1, b_axis=-1)
             else:
-                # native FP8: both packs (the FP8 codes and scales) feed the GEMM
+                # native FP8: both packs (the FP8 codes and scales) feed the GEMM, and
+                # the dequantized copies are not computed (the packs are the same bits
+                # either way: dequantizing divides the codes after they are made)
                 packed = native is not None
                 xq, x_pack = c.operands(x2, "activation", -1, 0, keep=need_w or packed,
-                                        source=x)
-                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x or packed)
+                                        source=x, dequantize=not packed)
+                wq, w_pack = c.operands(weight, "weight", -1, 0, keep=need_x or packed,
+                                        dequantize=not packed)
                 y = None
                 if packed:
                     y = _native_mm(native, c, "fprop", x_pack, False, w_pack, True,
                                    _native_out_dtype(c, x.dtype, bias))
+                    if y is None:    # emulated after all: the values of the codes
+                        xq = _unpack(x_pack) if xq is None else xq
+                        wq = _unpack(w_pack) if wq is None else wq
                     x_pack, w_pack = (x_pack if need_w else None), (w_pack if need_x else None)
                 if y is None:
                     y = _mm(xq, wq.t(), c.policy.accumulation)
@@ -760,16 +781,20 @@ def _native_linear_backward(ctx, c: OpContext, g2: torch.Tensor):
     acc, native = c.policy.accumulation, ctx.native
     dx = dw = db = None
     x_pack, w_pack = _load_packs(ctx)
-    gq, g_pack = c.round(g2, "grad_output", -1, pack=True)
+    # the dequantized grad_output only where the rounded bias gradient sums it
+    rounded_bias = need_b and c.policy.bias_grad != "hp"
+    gq, g_pack = c.round(g2, "grad_output", -1, pack=True, dequantize=rounded_bias)
     if need_x:
         out = ctx.dtypes[0] if ctx.dtypes[0] in _NATIVE_OUT else torch.float32
         dx = _native_mm(native, c, "dgrad", g_pack, False, w_pack, False, out)
         if dx is None:
+            gq = _unpack(g_pack) if gq is None else gq
             dx = _mm(gq, _unpack(w_pack), acc)
         dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
     if need_w:
         dw = _native_mm(native, c, "wgrad", g_pack, True, x_pack, False, torch.float32)
         if dw is None:
+            gq = _unpack(g_pack) if gq is None else gq
             dw = _mm(gq.t(), _unpack(x_pack), acc)
         dw = c.weight_grad(dw, -1).to(ctx.dtypes[1])
     if need_b:
