@@ -361,3 +361,69 @@ def test_compile_caches_key_on_mixprec_sources(tmp_path, monkeypatch):
     assert key.uuid() == ops._source_hash() and len(key.uuid()) == 64
     monkeypatch.setattr(key, "key", "f" * 64)       # as if mixprec's sources changed
     assert hits_after_compile() == (0, 1)
+
+
+def _native_fp8_mlp(rules: str = "cuda"):
+    """An MLP whose widths CUDA's _scaled_mm would refuse (40, 24), prepared for
+    fp8-hybrid on the native backend under ``rules`` (its GEMMs padded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(),
+                          nn.Linear(24, 16))
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                         recipe="fp8-hybrid", backend="native", keep_high_precision=())
+    mp._scaled_mm.rules = rules
+    return model, mp
+
+
+def test_native_fp8_mlp_traces_without_graph_breaks_and_counts_its_gemms():
+    # backend="native" with per-tensor FP8: the linear GEMMs run torch._scaled_mm inside
+    # QLinear's autograd.Function, which Dynamo traces as a subgraph that may not write
+    # outside itself, so the GEMMs are counted before it (ScaledMMGemms.trace_linear).
+    # Two ways this broke: counting inside it (a graph break per layer), and a layout
+    # query (is_contiguous) traced there, after which PrecisionMode was gone for the
+    # rest of the frame (the later layers traced as plain F.linear, no break reported).
+    model, mp = _native_fp8_mlp()
+    x, y = torch.randn(33, 64), torch.randint(0, 16, (33,))
+    with mp.autocast():
+        explained = torch._dynamo.explain(lambda a: F.cross_entropy(model(a), y))(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300]
+                                              for b in explained.break_reasons]
+    code = explained.graphs[0].code
+    assert code.count("autograd_function_apply(") >= 3 and "_nn.linear" not in code
+    cov = mp.coverage()
+    assert {(r.module, r.gemm, r.path, r.calls, r.reason) for r in cov.gemms} == {
+        ("0", "fprop", "native", 0, "N zero-padded to multiples of 16"),
+        ("0", "wgrad", "native", 0, "K zero-padded to multiples of 16"),     # K: 33 tokens
+        ("2", "fprop", "native", 0, "K and N zero-padded to multiples of 16"),
+        ("2", "dgrad", "native", 0, "K and N zero-padded to multiples of 16"),
+        ("2", "wgrad", "native", 0, "K and N zero-padded to multiples of 16"),
+        ("4", "fprop", "native", 0, "K zero-padded to multiples of 16"),
+        ("4", "dgrad", "native", 0, "N zero-padded to multiples of 16"),
+        ("4", "wgrad", "native", 0, "K and N zero-padded to multiples of 16")}
+    assert "8 traced by torch.compile" in str(cov)
+
+
+def test_compiled_native_fp8_step_matches_eager():
+    # Inductor (compile_options) against eager, fp8-hybrid on the native backend, padded
+    # GEMMs: the outputs, losses and weight gradients are bit-identical (the same codes,
+    # scales and _scaled_mm calls); the bias gradients are FP32 sums over the tokens,
+    # which Inductor orders its own way, as in compiled FP32 (measured: 1.9e-9 at most).
+    x, y = torch.randn(33, 64), torch.randint(0, 16, (33,))
+
+    def run(compiled: bool):
+        model, mp = _native_fp8_mlp()
+        fwd = torch.compile(model, options=mixprec.compile_options()) if compiled else model
+        with mp.autocast():
+            out = fwd(x)
+            loss = F.cross_entropy(out, y)
+        mp.backward(loss)
+        return out.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_e, loss_e, grads_e = run(False)
+    out_c, loss_c, grads_c = run(True)
+    assert torch.equal(out_e, out_c) and torch.equal(loss_e, loss_c)
+    for i, (ge, gc) in enumerate(zip(grads_e, grads_c)):
+        if i % 2 == 0:        # weights
+            assert torch.equal(ge, gc), (i, (ge - gc).abs().max())
+        else:                 # biases: a few float32 ulps of the largest
+            assert (ge - gc).abs().max() <= 8 * torch.finfo(torch.float32).eps * ge.abs().max()

@@ -110,7 +110,8 @@ class GemmRow:
     """Calls of one GEMM (fprop, dgrad, wgrad) of one linear layer under the native FP8
     backend, by path: "native" (``torch._scaled_mm``; ``reason``: "" or which dimensions
     were zero-padded, e.g. "K and N zero-padded to multiples of 16") or "emulated"
-    (``reason``: why ``_scaled_mm`` refused it)."""
+    (``reason``: why ``_scaled_mm`` refused it). ``calls`` is 0 for a GEMM seen while
+    torch.compile traced (see the module docstring)."""
     module: str
     gemm: str
     path: str
@@ -235,9 +236,13 @@ class Coverage:
         lines = [summary, line(head), line(["-" * w for w in widths])] + [line(r) for r in body]
         if self.gemms:
             padded = f" ({self.padded_gemms} padded)" if self.padded_gemms else ""
+            traced = sum(r.calls == 0 for r in self.gemms)
             lines.append(f"linear GEMMs under the native backend: {self.native_gemms} through "
-                         f"torch._scaled_mm{padded}, {self.emulated_gemms} emulated")
-            lines += [f"  {r.module or '(root)'} {r.gemm}: {r.calls} "
+                         f"torch._scaled_mm{padded}, {self.emulated_gemms} emulated"
+                         + (f"; {traced} traced by torch.compile (their calls in compiled "
+                            f"graphs are not counted)" if traced else ""))
+            lines += [f"  {r.module or '(root)'} {r.gemm}: "
+                      f"{'compiled' if r.calls == 0 else r.calls} "
                       f"{'padded' if r.path == 'native' else 'emulated'} ({r.reason})"
                       for r in self.gemms if r.path == "emulated" or r.reason]
         return "\n".join(lines)

@@ -31,6 +31,7 @@ from .blocks import SignStream
 from .qfunc import (_ACTIVATIONS, CONV_FUNCS, GemmSpec, OpContext, QBilinear, QConv,
                     QConvTranspose, QEmbedding, QEmbeddingBag, QLinear, QMatmul)
 from .coverage import OUTSIDE, CoverageRecorder
+from .native import active_scaled_mm
 from .recipe import DEFAULT_FP32_OPS
 from .shared import relu as _shared_relu
 from .shared import tag_output
@@ -72,6 +73,12 @@ def _tagged(y: torch.Tensor, c: OpContext) -> torch.Tensor:
 def _linear(x, weight, bias, c: OpContext) -> torch.Tensor:
     need_x, need_w, need_b = _needs(x), _needs(weight), _needs(bias)
     c.reserve(_XW, need_x or need_w or need_b, _wgrads(need_w, need_b))
+    if torch.compiler.is_compiling():
+        gemms = active_scaled_mm()
+        if gemms is not None and gemms.takes(c.policy):
+            # counted here, outside the autograd.Function (see ScaledMMGemms.trace_linear)
+            gemms.trace_linear(c.state.name if c.state is not None else "", c.policy,
+                               x.shape, weight.shape[0], need_x, need_w)
     return _tagged(QLinear.apply(x, weight, bias, c, need_x, need_w), c)
 
 

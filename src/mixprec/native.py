@@ -410,9 +410,41 @@ class ScaledMMGemms:
         """True when the layer policy's GEMM operands are per-tensor FP8 (see
         :func:`scaled_mm_problems`); layers kept in high precision are not."""
         entry = self._policies.get(id(policy))
-        if entry is None:      # the policy is kept alive with its answer: ids stay unique
+        if entry is None:
+            if torch.compiler.is_compiling():
+                # no write while Dynamo traces (inside an autograd.Function it would
+                # break the graph): the answer is a function of the policy alone
+                return not scaled_mm_problems(policy)
+            # the policy is kept alive with its answer: ids stay unique
             entry = self._policies[id(policy)] = (policy, not scaled_mm_problems(policy))
         return entry[1]
+
+    def trace_linear(self, layer: str, policy, x_shape: torch.Size, out_features: int,
+                     need_x: bool, need_w: bool) -> None:
+        """Count (and warn about) the GEMMs of a linear layer that torch.compile traces,
+        before its autograd.Function runs: Dynamo traces that function's forward and
+        backward as a subgraph that may not write to objects outside it, so :meth:`mm`
+        counts nothing while compiling. The paths are those :meth:`mm` takes, known from
+        the operands' formats and shapes: fprop x W^T, dgrad g W (``need_x``), wgrad
+        g^T x (``need_w``)."""
+        fmt = lambda role: SCALED_MM_DTYPES[getattr(policy, role).format]  # noqa: E731
+        x, w, g = fmt("activation"), fmt("weight"), fmt("grad_output")
+        k, n = x_shape[-1], out_features
+        m = 1
+        for d in x_shape[:-1]:
+            m = m * d
+        gemms = [("fprop", x, w, (m, k, n))]
+        gemms += [("dgrad", g, w, (m, n, k))] if need_x else []
+        gemms += [("wgrad", g, x, (n, m, k))] if need_w else []
+        for gemm, a, b, (gm, gk, gn) in gemms:
+            pm, pk, pn = scaled_mm_padded_shape(gm, gk, gn, self.rules)
+            why = _refusal(a, b, pm, pk, pn, self.rules)
+            if why:
+                self.fallback(layer, gemm, why)
+            elif self.recorder is not None:
+                self.recorder.record_gemm(layer, gemm, "native",
+                                          _padding_note(gk, gn, pk, pn)
+                                          if (pk, pn) != (gk, gn) else "")
 
     def mm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
            b_scale: torch.Tensor, out_dtype: torch.dtype, *, layer: str,
@@ -429,11 +461,14 @@ class ScaledMMGemms:
         (m, k), n = a.shape, b.shape[1]
         pm, pk, pn = scaled_mm_padded_shape(m, k, n, self.rules)
         why = _refusal(a.dtype, b.dtype, pm, pk, pn, self.rules)
+        # while torch.compile traces, :meth:`trace_linear` has counted and warned
+        counting = not torch.compiler.is_compiling()
         if why:
-            self.fallback(layer, gemm, why)
+            if counting:
+                self.fallback(layer, gemm, why)
             return None
         padded = (pm, pk, pn) != (m, k, n)
-        if self.recorder is not None:
+        if self.recorder is not None and counting:
             self.recorder.record_gemm(layer, gemm, "native",
                                       _padding_note(k, n, pk, pn) if padded else "")
         # Zero padding is exact. Along K both operands are padded (a's columns and b's
@@ -445,14 +480,12 @@ class ScaledMMGemms:
         # element as before, out_dtype rounds each kept FP32 result once as before, and
         # no bias goes into _scaled_mm (the caller adds it to the sliced result), so the
         # M x N block is bit for bit the unpadded GEMM's.
-        if (pm, pk) != (m, k):
-            a = _zero_padded(a, pm, pk)
-        elif not a.is_contiguous():
-            a = a.contiguous()
-        if (pk, pn) != (k, n):
-            b = _zero_padded(b.t(), pn, pk).t()
-        elif not b.t().is_contiguous():
-            b = b.t().contiguous().t()
+        # .contiguous() returns the tensor itself where it is laid out so already; no
+        # is_contiguous() test: traced by Dynamo (torch 2.13) inside the autograd.Function
+        # with torch functions disabled, a metadata query drops PrecisionMode from the
+        # rest of the traced frame (the next layers would trace as plain torch ops)
+        a = _zero_padded(a, pm, pk) if (pm, pk) != (m, k) else a.contiguous()
+        b = (_zero_padded(b.t(), pn, pk) if (pk, pn) != (k, n) else b.t().contiguous()).t()
         inv_a = a_scale.to(torch.float32).reciprocal().reshape(())
         inv_b = b_scale.to(torch.float32).reciprocal().reshape(())
         # use_fast_accum=False: Hopper's fast mode keeps fewer accumulator bits than the
