@@ -16,7 +16,9 @@ Checks (each prints ok or the number of differing elements):
                    y, dX, dW bit for bit on operands whose rounding, products and sums
                    are exact (small integers, power-of-two scales); the max relative
                    difference on random operands (scale applied after the sum, another
-                   summation order); the number of GEMMs that ran natively
+                   summation order); the number of GEMMs that ran natively; the exact
+                   check again on Linear(24, 40) with 33 tokens, whose GEMMs run on
+                   zero-padded codes
 
 then the step time of an MLP 784-1024-1024-10 (batch 1024, AdamW) for fp32, the native
 fp16-mixed and bf16-mixed backends, fp8-hybrid emulated and native (torch._scaled_mm),
@@ -92,11 +94,13 @@ def check_scaled_mm() -> None:
     print(f"scaled_mm e4m3 x e4m3 -> fp32: max relative difference {rel:.2e}")
 
 
-def _linear_run(recipe: str, backend: str, exact: bool, device: str):
-    """y, dX, dW of Linear(64, 128) (32 tokens) under ``recipe`` and ``backend``, and the
-    engine's coverage. ``exact``: integer operands of magnitude <= 7 with amax 7, so the
-    per-tensor scales are powers of two (448/7 = 64, 57344/7 = 8192) and every FP8
-    rounding, product and sum is exact in any order."""
+def _linear_run(recipe: str, backend: str, exact: bool, device: str,
+                shape: tuple = (64, 128, 32)):
+    """y, dX, dW of Linear(in, out) on ``tokens`` tokens (``shape``: (in, out, tokens))
+    under ``recipe`` and ``backend``, and the engine's coverage. ``exact``: integer
+    operands of magnitude <= 7 with amax 7, so the per-tensor scales are powers of two
+    (448/7 = 64, 57344/7 = 8192) and every FP8 rounding, product and sum is exact in any
+    order."""
     import torch.nn as nn
     import mixprec
     g = torch.Generator().manual_seed(1)
@@ -108,11 +112,12 @@ def _linear_run(recipe: str, backend: str, exact: bool, device: str):
         t.view(-1)[0] = 7
         return t
 
-    layer = nn.Linear(64, 128).to(device)
+    k, n, m = shape
+    layer = nn.Linear(k, n).to(device)
     with torch.no_grad():
-        layer.weight.copy_(operand(128, 64))
-        layer.bias.copy_(operand(128))
-    x = operand(32, 64).to(device).requires_grad_()
+        layer.weight.copy_(operand(n, k))
+        layer.bias.copy_(operand(n))
+    x = operand(m, k).to(device).requires_grad_()
     mp = mixprec.prepare(layer, torch.optim.SGD(layer.parameters(), lr=0.0), recipe,
                          backend=backend, keep_high_precision=())
     with mp.autocast():
@@ -132,6 +137,13 @@ def check_native_fp8(device: str = "cuda") -> None:
         diff = [_differ(a.float(), b.float()) for a, b in zip(emulated, native)]
         print(f"native fp8 {recipe:10} exact operands   differing y/dX/dW: {diff}  "
               f"GEMMs native {cov.native_gemms}, emulated {cov.emulated_gemms}")
+        # K and N not multiples of 16 (24, 40, 33 tokens): zero-padded codes, still exact
+        emulated, _ = _linear_run(recipe, "emulated", True, device, (24, 40, 33))
+        native, cov = _linear_run(recipe, "native", True, device, (24, 40, 33))
+        diff = [_differ(a.float(), b.float()) for a, b in zip(emulated, native)]
+        print(f"native fp8 {recipe:10} exact, padded    differing y/dX/dW: {diff}  "
+              f"GEMMs native {cov.native_gemms} (padded {cov.padded_gemms}), emulated "
+              f"{cov.emulated_gemms}")
         emulated, _ = _linear_run(recipe, "emulated", False, device)
         native, _ = _linear_run(recipe, "native", False, device)
         rel = [float((a.float() - b.float()).abs().max() / a.float().abs().max())
