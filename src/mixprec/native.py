@@ -474,8 +474,9 @@ class ScaledMMGemms:
         # Zero padding is exact. Along K both operands are padded (a's columns and b's
         # rows k >= K), so each extra product is (+0) * (+0) = +0, never 0 * inf or
         # 0 * NaN; adding +0 leaves every FP32 partial sum as it was, since a sum that
-        # starts from the accumulator's +0 is never -0 (x + (+0) = x for every other
-        # x). Along N (b's columns n >= N) and M the extra dot products only fill output
+        # starts from an accumulator of +0 is never -0 (x + (+0) = x for every other
+        # x; CPU _scaled_mm and matmul give +0, not -0, for a row of -0 products, and
+        # the tests check such a row). Along N (b's columns n >= N) and M the extra dot products only fill output
         # rows and columns that are sliced off. The per-tensor scales multiply each kept
         # element as before, out_dtype rounds each kept FP32 result once as before, and
         # no bias goes into _scaled_mm (the caller adds it to the sliced result), so the
