@@ -290,6 +290,15 @@ def test_compiled_conv_step_matches_eager_under_every_preset(recipe):
                                                      (loss32, param32))
 
 
+def _assert_inductor_step_is_eager(model: nn.Module, x, y, recipe: str) -> None:
+    """One step's output and gradients, compiled by Inductor, bit-identical to eager."""
+    out_e, grads_e = _output_and_grads(model, x, y, recipe, None)
+    out_c, grads_c = _output_and_grads(model, x, y, recipe, "inductor")
+    assert torch.equal(out_e, out_c), (out_e - out_c).abs().max()
+    for ge, gc in zip(grads_e, grads_c):
+        assert torch.equal(ge, gc), (ge - gc).abs().max()
+
+
 def test_compiled_conv_net_matches_eager_under_mxfp8():
     # Inductor generates no code for torch.float8_e8m0fnu tensors: MX layers that saved
     # their E8M0 scales for backward in that dtype failed to compile ("KeyError:
@@ -300,11 +309,7 @@ def test_compiled_conv_net_matches_eager_under_mxfp8():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
-    out_e, grads_e = _output_and_grads(model, x, y, "mxfp8", None)
-    out_c, grads_c = _output_and_grads(model, x, y, "mxfp8", "inductor")
-    assert torch.equal(out_e, out_c), (out_e - out_c).abs().max()
-    for ge, gc in zip(grads_e, grads_c):
-        assert torch.equal(ge, gc), (ge - gc).abs().max()
+    _assert_inductor_step_is_eager(model, x, y, "mxfp8")
 
 
 def test_compiled_stochastic_rounding_draws_seeds_in_the_eager_order():
@@ -316,11 +321,7 @@ def test_compiled_stochastic_rounding_draws_seeds_in_the_eager_order():
     model = _conv()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
-    out_e, grads_e = _output_and_grads(model, x, y, "fp8-e5m2", None)
-    out_c, grads_c = _output_and_grads(model, x, y, "fp8-e5m2", "inductor")
-    assert torch.equal(out_e, out_c), (out_e - out_c).abs().max()
-    for ge, gc in zip(grads_e, grads_c):
-        assert torch.equal(ge, gc), (ge - gc).abs().max()
+    _assert_inductor_step_is_eager(model, x, y, "fp8-e5m2")
 
 
 def test_compiled_steps_do_not_recompile_and_coverage_lists_traced_calls():
