@@ -459,6 +459,10 @@ class PrecisionMode(TorchFunctionMode):
         self.default = default_layer
         if default_layer is None and default_policy is not None:
             self.default = outside_layer(default_policy)
+        # taken now for mixprec.dispatch: under torch.compile, id() of these objects
+        # reached through this mode fails in a frame resumed after a graph break
+        self.default_policy_ids = (None, None) if self.default is None else (
+            id(self.default.policy), id(self.default.policy.for_activations_only()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
