@@ -13,7 +13,7 @@ from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
 import mixprec
-from mixprec.emulate import LayerPolicy, PrecisionMode, outside_layer
+from mixprec import LayerPolicy, PrecisionMode, outside_layer
 
 RECIPE = "te-delayed"      # delayed scaling of weight, activation and grad_output
 OUTSIDE = mixprec.coverage.OUTSIDE
@@ -187,3 +187,18 @@ def test_resume_restores_the_outside_scalers_bit_identically(via, tmp_path):
         assert torch.equal(a, b)
     for name, st in mp._attached.states.items():
         assert _same_scalers(_scalers(r_mp._attached.states[name]), _scalers(st)), name
+
+
+def test_checkpoint_without_outside_scalers_still_loads():
+    # a checkpoint written before the outside state was saved: the layers' scalers are
+    # restored, the outside ones start empty (as every step's did then)
+    model, mp = _build()
+    _step(model, mp, 0)
+    state = copy.deepcopy(mp.state_dict())
+    assert sorted(state["outside_scalers"]) == ["activation", "grad_output", "weight"]
+    del state["outside_scalers"]
+    model, fresh = _build()
+    fresh.load_state_dict(state)
+    assert fresh.outside_state.scalers == {}
+    assert _same_scalers(_scalers(fresh._attached.states["body"]),
+                         _scalers(mp._attached.states["body"]))
