@@ -497,8 +497,8 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
 
     ``mode`` provides ``default`` (the Layer for calls outside attached modules, or
     None), ``default_policy_ids`` (``id()`` of its policy and of that policy's
-    activations-only policy), ``generator``, ``fp32`` ({callable: name} of the recipe's FP32 ops) and
-    ``recorder`` (a :class:`mixprec.coverage.CoverageRecorder`).
+    activations-only policy), ``generator``, ``fp32`` ({callable: name} of the recipe's
+    FP32 ops) and ``recorder`` (a :class:`mixprec.coverage.CoverageRecorder`).
     """
     entry = _ROUTES.get(func)
     if entry is None:

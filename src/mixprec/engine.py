@@ -688,8 +688,9 @@ class Engine:
     def _extra_state(self) -> dict:
         """The state that is neither a tensor to reshard nor per-rank: recipe, backend,
         kept modules, loss scaler, counters, history, delayed-scaling states of the
-        layers and of calls outside them (the same on every rank, since found-inf and amax are reduced across ranks), the Hadamard
-        sign stream (the same on every rank: one seed, one draw per step)."""
+        layers and of calls outside them (the same on every rank, since found-inf and
+        amax are reduced across ranks), the Hadamard sign stream (the same on every
+        rank: one seed, one draw per step)."""
         self._require_ready("state_dict()")
         return {
             "recipe": _recipe_text(self.recipe), "backend": self.backend,
