@@ -40,6 +40,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._library.effects import EffectType as _EffectType
 
 __all__ = ["compile_options", "draw_seed", "generator_id", "round_bits", "round_e8m0", "splitmix64", "stochastic_up",
            "PLAN_FIELDS"]
@@ -113,6 +114,15 @@ def _draw_seed_op(like: Tensor, generator: int) -> Tensor:
 @_draw_seed_op.register_fake
 def _(like: Tensor, generator: int) -> Tensor:
     return torch.empty((), dtype=torch.int64, device=like.device)
+
+
+# Ordered effect: AOT autograd threads an effect token through every draw (forward and
+# backward alike), so no graph pass runs two draws in another order than eager code;
+# otherwise two draws with no data between them (a layer's weight- and bias-gradient
+# seeds) are independent nodes, and each tensor could get the other's stream. Torch's
+# compile caches do not store graphs with effect tokens: a graph that draws seeds is
+# compiled again in each process.
+_draw_seed_op.register_effect(_EffectType.ORDERED)
 
 
 def draw_seed(generator: Optional[torch.Generator], like: Tensor) -> Tensor:
@@ -461,8 +471,16 @@ def compile_options() -> dict:
     cache, on disk across processes) key a graph on Dynamo's graph, where a mixprec
     operator is one opaque call: without mixprec's code in the key, a new version of
     mixprec would be served the kernels compiled from the old operators.
+
+    ``reorder_for_peak_memory`` off: Inductor's reordering for peak memory ignores the
+    effect tokens that order the stochastic-rounding seed draws (:func:`draw_seed`), and
+    ran a layer's bias-gradient draw before its weight-gradient draw, so each gradient
+    was rounded with the other's random stream. Inductor then keeps the graph's order
+    (its other reorderings respect the tokens); the peak memory of a compiled graph may
+    be higher.
     """
-    return {"emulate_precision_casts": True, "post_grad_custom_pre_pass": _source_pass()}
+    return {"emulate_precision_casts": True, "reorder_for_peak_memory": False,
+            "post_grad_custom_pre_pass": _source_pass()}
 
 
 _SOURCE_PASS = None
