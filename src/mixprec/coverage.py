@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -265,22 +265,26 @@ class CoverageRecorder:
         self._warned: set = set()
 
     def record(self, op: str, module: str, status: str, policy=None, roles: tuple = (),
-               reason: str = "", has_weight: bool = False) -> None:
+               reason: str = "", has_weight: bool = False, *,
+               policy_id: Optional[int] = None) -> None:
         """Count one call; ``policy`` (a LayerPolicy) and ``roles`` give the formats,
-        spelled out only when :meth:`coverage` is asked for."""
-        key = (op, module, status, None if policy is None else id(policy), roles, reason,
+        spelled out only when :meth:`coverage` is asked for. ``policy_id``: ``id(policy)``
+        when the caller has it already."""
+        if policy is not None and policy_id is None:
+            policy_id = id(policy)
+        key = (op, module, status, None if policy is None else policy_id, roles, reason,
                has_weight)
         if torch.compiler.is_compiling():
             # written, never read: Dynamo replays the write after each run, and guards
             # only on which keys exist (one recompile after the first run, then none)
             self._traced[key] = True
             if policy is not None:
-                self._policies[id(policy)] = policy
+                self._policies[policy_id] = policy
             return
         count = self._counts.get(key)
         if count is None:
             if policy is not None:
-                self._policies[id(policy)] = policy     # keeps the id valid
+                self._policies[policy_id] = policy      # keeps the id valid
             count = 0
         self._counts[key] = count + 1
 

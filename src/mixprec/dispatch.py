@@ -496,8 +496,9 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     """Run one intercepted call; :data:`NOT_MATMUL` if ``func`` is not matmul-like.
 
     ``mode`` provides ``default`` (the Layer for calls outside attached modules, or
-    None), ``generator``, ``fp32`` ({callable: name} of the recipe's FP32 ops) and
-    ``recorder`` (a :class:`mixprec.coverage.CoverageRecorder`).
+    None), ``default_policy_ids`` (``id()`` of its policy and of that policy's
+    activations-only policy), ``generator``, ``fp32`` ({callable: name} of the recipe's
+    FP32 ops) and ``recorder`` (a :class:`mixprec.coverage.CoverageRecorder`).
     """
     entry = _ROUTES.get(func)
     if entry is None:
@@ -513,8 +514,9 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
     if call is None:
         return func(*args, **kwargs)
     weight = call.weight
-    layer: Optional[Layer] = owner_layer(weight) or mode.default
-    module = OUTSIDE if layer is None or layer is mode.default else layer.name
+    default = mode.default
+    layer: Optional[Layer] = owner_layer(weight) or default
+    module = OUTSIDE if layer is None or layer is default else layer.name
     param = parameter_of(weight)
     has_weight = param is not None and layer is not None and id(param) in layer.params
     rec = mode.recorder
@@ -536,8 +538,12 @@ def dispatch(mode, func, args: tuple, kwargs: dict):
         else:
             rec.unrecognised(op, module, reason, has_weight)
         return _plain(func, args, kwargs)
+    # id() of an object Dynamo reached through the torch function mode stack (the outside
+    # layer's policy) fails in a frame resumed after a graph break (NameError in its
+    # source resolution, torch 2.13): the mode took those ids when it was made
+    pid = mode.default_policy_ids[weight is None] if layer is default else id(policy)
     rec.record(op, module, "kept" if layer.kept else "emulated", policy, call.roles, "",
-               has_weight)
+               has_weight, policy_id=pid)
     gen, state, stream = mode.generator, layer.state, mode.signs
     signs = None if stream is None else stream.current()    # this step's Hadamard signs
     return call.run(lambda: OpContext(policy, state, gen, state.next_slot(), signs))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, current_layer,
-                     resolve_fp32_ops, run_fp32)
+                     resolve_fp32_ops, run_fp32, scaler_key)
 from .formats import get_format
 from .blocks import SignStream
 from .qfunc import (_ACTIVATIONS, CONV_FUNCS, GemmSpec, OpContext, QBilinear, QConv,
@@ -38,7 +38,7 @@ from .shared import tag_output
 
 __all__ = ["LayerPolicy", "LayerState", "AttachHandle", "attach", "current_layer",
            "qlinear", "qconv", "qmatmul", "qembedding", "qscaled_dot_product_attention",
-           "PrecisionMode", "run_fp32"]
+           "PrecisionMode", "outside_layer", "run_fp32"]
 
 
 # --------------------------------------------------------------------------------------
@@ -369,12 +369,46 @@ def _replayed() -> bool:
     return False
 
 
+# Every scaler key an emulated op can use at slot 0 (OpContext.reserve, OpContext.round):
+# the forward operands (the right one suffixed "rhs" when both have one role: matmul,
+# bilinear), grad_output, and a weight_grad per weight operand ("rhs" for the second
+# weight of a matmul of two weights, "bias" for a bias or a parameter addend).
+_ONE_SLOT_KEYS = (("activation", ""), ("activation", "rhs"), ("weight", ""), ("weight", "rhs"),
+                  ("grad_output", ""), ("weight_grad", ""), ("weight_grad", "rhs"),
+                  ("weight_grad", "bias"))
+
+
 class _OneSlotState(LayerState):
     """State for ops outside every attached layer: one scaler per role, shared by them
     all (there is no forward boundary at which to restart a per-call count)."""
 
     def next_slot(self) -> int:
         return 0
+
+    def reserve_all(self, policy: LayerPolicy) -> None:
+        """Make the delayed scaler of every key an outside call of ``policy`` can round
+        (:data:`_ONE_SLOT_KEYS`; activations-only calls use
+        ``policy.for_activations_only()``), so that none is first made while
+        torch.compile traces the call. Scalers that exist are left as they are."""
+        act = policy.for_activations_only()
+        for p in (policy,) if act is policy else (policy, act):
+            if p.has_delayed:
+                self.reserve([(scaler_key(role, 0, operand), getattr(p, role))
+                              for role, operand in _ONE_SLOT_KEYS], p.scaling)
+
+
+def outside_layer(policy: LayerPolicy) -> Layer:
+    """A Layer for matmul-like calls outside every attached module under ``policy``:
+    named :data:`mixprec.coverage.OUTSIDE`, with one delayed scaler per tensor key shared
+    by all such calls. Give it to :class:`PrecisionMode` (``default_layer=``) each time
+    one is entered, so the scalers keep their amax histories from one step to the next
+    (:meth:`mixprec.engine.Engine.autocast` does).
+
+    >>> layer = outside_layer(LayerPolicy.from_recipe("te-delayed"))
+    >>> with PrecisionMode(default_layer=layer):
+    ...     y = x @ w
+    """
+    return Layer(OUTSIDE, _check_policy(policy), _OneSlotState(OUTSIDE))
 
 
 class PrecisionMode(TorchFunctionMode):
@@ -387,7 +421,11 @@ class PrecisionMode(TorchFunctionMode):
     in function and Tensor-method spellings. Each uses the policy of the layer that
     owns its weight operand (:func:`mixprec.policy.owner_layer`; registered by
     :func:`attach`), else ``default_policy``; with no policy or the identity policy the
-    plain op runs in the widest dtype of its operands. ``recorder`` (a
+    plain op runs in the widest dtype of its operands. Calls outside every attached
+    layer keep their delayed scalers in ``default_layer`` (made by :func:`outside_layer`;
+    its policy is then the default policy): pass the same one to every PrecisionMode of
+    a training run, as the engine does. Without it each PrecisionMode makes a fresh one
+    for ``default_policy``, whose amax histories start empty. ``recorder`` (a
     :class:`mixprec.coverage.CoverageRecorder`, default a new one) counts what each call
     did; ``strict=True`` makes an unrecognised call raise instead of warning.
     Ops named in ``fp32_ops`` follow :func:`mixprec.policy.run_fp32`. ReLU of an
@@ -406,18 +444,32 @@ class PrecisionMode(TorchFunctionMode):
                  default_policy: Optional[LayerPolicy] = None,
                  generator: Optional[torch.Generator] = None, *,
                  recorder: Optional[CoverageRecorder] = None, strict: bool = False,
-                 signs: Optional[SignStream] = None):
+                 signs: Optional[SignStream] = None, default_layer: Optional[Layer] = None):
         super().__init__()
         if default_policy is not None:
             _check_policy(default_policy)
+        if default_layer is not None:
+            if not isinstance(default_layer, Layer):
+                raise TypeError(f"default_layer must be a Layer made by outside_layer(policy) "
+                                f"or None, got {default_layer!r}")
+            if default_policy is not None and default_policy != default_layer.policy:
+                raise ValueError(f"default_policy {default_policy!r} differs from the policy of "
+                                 f"default_layer {default_layer.policy!r}; give one of them, or "
+                                 f"the same policy to both")
+            default_policy = default_layer.policy
         self.fp32_ops = tuple(fp32_ops)
         self.default_policy = default_policy
         self.generator = generator
         self.signs = signs
         self.recorder = recorder if recorder is not None else CoverageRecorder(strict=strict)
         self.fp32 = resolve_fp32_ops(self.fp32_ops)
-        self.default = None if default_policy is None else Layer(
-            OUTSIDE, default_policy, _OneSlotState(OUTSIDE))
+        self.default = default_layer
+        if default_layer is None and default_policy is not None:
+            self.default = outside_layer(default_policy)
+        # taken now for mixprec.dispatch: under torch.compile, id() of these objects
+        # reached through this mode fails in a frame resumed after a graph break
+        self.default_policy_ids = (None, None) if self.default is None else (
+            id(self.default.policy), id(self.default.policy.for_activations_only()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

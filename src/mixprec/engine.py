@@ -48,7 +48,7 @@ from .coverage import Coverage, CoverageRecorder
 from .distributed import all_reduce_found_inf
 from .distributed.fp8_all_gather import FP8AllGather
 from .distributed.fsdp import fsdp_modules, is_fsdp, sum_gradient_reduction_
-from .emulate import LayerPolicy, PrecisionMode, attach
+from .emulate import LayerPolicy, LayerState, PrecisionMode, attach, outside_layer
 from .native import (NATIVE_DTYPES, ScaledMMGemms, convert_parameters_, keep_full_precision,
                      native_autocast, native_dtype, native_kind, resolve_backend,
                      scaled_mm_available)
@@ -152,8 +152,12 @@ class Engine:
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 raise ValueError("backend='native' converts parameter dtypes: call prepare() on "
                                  "the model before wrapping it in DistributedDataParallel")
+            self._outside = None
         else:
             self._default_policy = LayerPolicy.from_recipe(recipe)
+            # calls outside every attached module: one state for the engine's lifetime,
+            # given to every autocast(), so their delayed scalers keep their history
+            self._outside = outside_layer(self._default_policy)
         # FSDP2: reduce-scatter as a sum; backward() divides the loss by the data-parallel
         # size instead (see mixprec.distributed.fsdp)
         self._dp_size = sum_gradient_reduction_(model)
@@ -259,6 +263,8 @@ class Engine:
         mode, in eval mode with gradients enabled (so the backward's scalers are made
         too; no backward runs), with the random generators restored afterwards; every
         scaler then holds the state it had before (new ones: empty history, scale 1).
+        Calls outside the model's forward (:attr:`outside_state`) do not run here: that
+        state gets a scaler for every tensor key such a call can round.
         ``prepare(..., example_inputs=...)`` calls it; otherwise the first compiled
         forward does, with its own inputs. Eager training needs none of it."""
         if self._attached is None:     # autocast-native: no emulated layers, no scalers
@@ -266,8 +272,11 @@ class Engine:
         if self._reserve_hook is not None:
             self._reserve_hook.remove()
             self._reserve_hook = None
-        states = self._attached.states.values()
+        # calls outside the model's forward (under autocast(), in the training step) are
+        # not run here: their state gets a scaler for every key such a call can round
+        states = [*self._attached.states.values(), self._outside.state]
         saved = {id(s): s.state_dict() for st in states for s in st.scalers.values()}
+        self._outside.state.reserve_all(self._default_policy)
         flags = [(m, m.training) for m in self.model.modules()]
         gen = self.generator.get_state()
         monitor, self._tracing = self.monitor, True
@@ -280,8 +289,7 @@ class Engine:
             ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
             no_sync = self.model.no_sync() if ddp else contextlib.nullcontext()
             with torch.enable_grad(), torch.random.fork_rng(devices=cuda), no_sync, \
-                    PrecisionMode(fp32_ops=self.recipe.fp32_ops,
-                                  default_policy=self._default_policy,
+                    PrecisionMode(fp32_ops=self.recipe.fp32_ops, default_layer=self._outside,
                                   generator=self.generator, recorder=CoverageRecorder(),
                                   signs=self.signs):
                 self.model(*args, **(kwargs or {}))
@@ -372,8 +380,7 @@ class Engine:
                 with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):
                     yield
             else:
-                with PrecisionMode(fp32_ops=self.recipe.fp32_ops,
-                                   default_policy=self._default_policy,
+                with PrecisionMode(fp32_ops=self.recipe.fp32_ops, default_layer=self._outside,
                                    generator=self.generator, recorder=self.recorder,
                                    signs=self.signs), \
                         (self._scaled_mm.active() if self._scaled_mm is not None
@@ -635,9 +642,22 @@ class Engine:
     def stage(self) -> Stage:
         return self._stage
 
+    @property
+    def outside_state(self) -> Optional[LayerState]:
+        """The state of matmul-like calls under :meth:`autocast` outside every attached
+        module (a functional call or ``@`` in the training step, outside the model's
+        forward; :data:`mixprec.coverage.OUTSIDE` in the coverage report): their delayed
+        scalers, one per tensor key, kept for the engine's lifetime and checkpointed
+        with the layers'. None under ``backend="native"`` in fp16/bf16 (torch.autocast)."""
+        return None if self._outside is None else self._outside.state
+
     # -- checkpoints ------------------------------------------------------------------
     def _layer_states(self) -> Optional[dict]:
         return self._attached.state_dict() if self._attached is not None else None
+
+    def _outside_scalers(self) -> Optional[dict]:
+        state = self.outside_state
+        return state.state_dict() if state is not None and state.scalers else None
 
     def all_gather_bytes(self) -> Optional[dict]:
         """All-gather traffic of the weights FSDP gathers in FP8, or None without
@@ -667,9 +687,10 @@ class Engine:
 
     def _extra_state(self) -> dict:
         """The state that is neither a tensor to reshard nor per-rank: recipe, backend,
-        kept modules, loss scaler, counters, history, delayed-scaling states (the same on
-        every rank, since found-inf and amax are reduced across ranks), the Hadamard
-        sign stream (the same on every rank: one seed, one draw per step)."""
+        kept modules, loss scaler, counters, history, delayed-scaling states of the
+        layers and of calls outside them (the same on every rank, since found-inf and
+        amax are reduced across ranks), the Hadamard sign stream (the same on every
+        rank: one seed, one draw per step)."""
         self._require_ready("state_dict()")
         return {
             "recipe": _recipe_text(self.recipe), "backend": self.backend,
@@ -678,6 +699,7 @@ class Engine:
             "counters": {"steps": self._steps, "skipped_steps": self._skipped,
                          "consecutive_skips": self._consecutive},
             "history": self._history, "layer_states": self._layer_states(),
+            "outside_scalers": self._outside_scalers(),
             "hadamard_signs": None if self.signs is None else self.signs.state_dict(),
         }
 
@@ -700,6 +722,8 @@ class Engine:
         self._history = list(state["history"])
         if state.get("layer_states") is not None and self._attached is not None:
             self._attached.load_state_dict(state["layer_states"])
+        if state.get("outside_scalers") is not None and self._outside is not None:
+            self._outside.state.load_state_dict(state["outside_scalers"])
         if self.signs is not None:
             if state.get("hadamard_signs") is None:
                 raise ValueError("the checkpoint holds no Hadamard sign stream, but this "

@@ -13,9 +13,11 @@ What is saved, and how DCP treats it:
     master  the master weights, by parameter name  sharded like the parameters
     optim   get_optimizer_state_dict(masters, optimizer), keyed by parameter name
     engine  recipe, loss scaler, step counters and history, delayed-scaling amax
-            histories, the Hadamard sign stream: one torch.save blob (read back with
-            weights_only=True), the same on every rank (found-inf and amax are reduced
-            across ranks; the signs come from one seed and the step count), written once
+            histories (the layers' and those of calls outside them,
+            ``Engine.outside_state``), the Hadamard sign stream: one torch.save blob
+            (read back with weights_only=True), the same on every rank (found-inf and
+            amax are reduced across ranks; the signs come from one seed and the step
+            count), written once
     rng     every rank's stochastic-rounding generator state (gathered from all ranks
             into one blob, written once), so each rank resumes its own random stream
 
