@@ -5,6 +5,7 @@ long as the engine, are made by ``reserve_scalers`` and are checkpointed with th
 The amax oracle is torch's own ``x.abs().max()`` of each operand as the step passes it,
 and of the gradient arriving at the call's output (a tensor hook)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -123,6 +124,7 @@ def test_precision_mode_takes_an_existing_default_layer():
         PrecisionMode(default_layer=policy)
 
 
+@pytest.mark.filterwarnings("ignore::mixprec.SharedScalerWarning")   # several outside calls
 def test_reserve_scalers_makes_the_outside_scalers_and_changes_nothing():
     model, mp = _build(example_inputs=True)
     state = mp.outside_state
@@ -202,3 +204,28 @@ def test_checkpoint_without_outside_scalers_still_loads():
     assert fresh.outside_state.scalers == {}
     assert _same_scalers(_scalers(fresh._attached.states["body"]),
                          _scalers(mp._attached.states["body"]))
+
+
+def test_several_delayed_outside_calls_in_one_autocast_warn_once():
+    # they share one scaler per role: the second call's amax goes into the first one's
+    # history and it rounds with the scale the first call left
+    model, mp = _build()
+    x = torch.randn(32, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mixprec.SharedScalerWarning)
+        for step in range(3):                 # one outside call per autocast(): silent
+            _step(model, mp, step)
+    with pytest.warns(mixprec.SharedScalerWarning, match="share one delayed scaler") as rec:
+        with mp.autocast():
+            h = model(x)
+            out = F.linear(h, model.head).sum() + F.linear(h, model.head * 2).sum()
+            out = out + F.linear(h, model.head).sum()
+    assert len([w for w in rec if w.category is mixprec.SharedScalerWarning]) == 1
+    # current scaling keeps no history: two outside calls are fine
+    model = Net()
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-hybrid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mixprec.SharedScalerWarning)
+        with mp.autocast():
+            h = model(x)
+            F.linear(h, model.head).sum() + F.linear(h, model.head).sum()

@@ -21,7 +21,7 @@ from .recipe import (PRESETS, AccumulationConfig, HadamardConfig, LossScaleConfi
                      ScalingConfig, ScalingKind, TensorSpec, get_recipe, list_presets)
 from .conformance import CONFORMANCE, ConformanceEntry
 from .policy import LayerPolicy, attach
-from .emulate import PrecisionMode, outside_layer
+from .emulate import PrecisionMode, SharedScalerWarning, outside_layer
 from .engine import Engine, NonFiniteError, prepare
 from .monitor import NumericsMonitor
 from .coverage import Coverage, CoverageRow, CoverageWarning, UnemulatedOpError
@@ -47,7 +47,7 @@ __all__ = [
     "CONFORMANCE", "ConformanceEntry",
     # training
     "prepare", "Engine", "NonFiniteError", "LayerPolicy", "attach", "PrecisionMode",
-    "outside_layer",
+    "outside_layer", "SharedScalerWarning",
     "compile_options",
     # diagnostics
     "NumericsMonitor", "Coverage", "CoverageRow", "CoverageWarning", "UnemulatedOpError",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ from .shared import tag_output
 
 __all__ = ["LayerPolicy", "LayerState", "AttachHandle", "attach", "current_layer",
            "qlinear", "qconv", "qmatmul", "qembedding", "qscaled_dot_product_attention",
-           "PrecisionMode", "outside_layer", "run_fp32"]
+           "PrecisionMode", "SharedScalerWarning", "outside_layer", "run_fp32"]
 
 
 # --------------------------------------------------------------------------------------
@@ -378,11 +379,36 @@ _ONE_SLOT_KEYS = (("activation", ""), ("activation", "rhs"), ("weight", ""), ("w
                   ("weight_grad", "bias"))
 
 
+class SharedScalerWarning(UserWarning):
+    """Several matmul-like calls outside every attached module rounded with delayed
+    scaling under one :class:`PrecisionMode`: they share one scaler per role."""
+
+
 class _OneSlotState(LayerState):
     """State for ops outside every attached layer: one scaler per role, shared by them
-    all (there is no forward boundary at which to restart a per-call count)."""
+    all (there is no forward boundary at which to restart a per-call count). ``delayed``:
+    the policy scales some tensor by delayed scaling; a second call under one
+    PrecisionMode (counted from :meth:`begin_forward`, which the mode calls) then warns
+    once, with :class:`SharedScalerWarning`: the calls put their amaxes into one history
+    and each uses the scale the one before it left."""
+
+    def __init__(self, name: str = "", delayed: bool = False):
+        super().__init__(name)
+        self.delayed = delayed
+        self._warned = False
 
     def next_slot(self) -> int:
+        if self.delayed and not self._warned and not torch.compiler.is_compiling():
+            self._calls += 1
+            if self._calls > 1:
+                self._warned = True
+                warnings.warn(
+                    "several matmul-like calls outside every attached module round with "
+                    "delayed scaling under one autocast(): they share one delayed scaler "
+                    "per role, so their amaxes go into one history and each call uses the "
+                    "scale the call before it left. Make these calls inside a module of "
+                    "the model (each attached module keeps its own scalers), or use a "
+                    "recipe with current scaling", SharedScalerWarning, stacklevel=2)
         return 0
 
     def reserve_all(self, policy: LayerPolicy) -> None:
@@ -408,7 +434,9 @@ def outside_layer(policy: LayerPolicy) -> Layer:
     >>> with PrecisionMode(default_layer=layer):
     ...     y = x @ w
     """
-    return Layer(OUTSIDE, _check_policy(policy), _OneSlotState(OUTSIDE))
+    policy = _check_policy(policy)
+    delayed = policy.has_delayed or policy.for_activations_only().has_delayed
+    return Layer(OUTSIDE, policy, _OneSlotState(OUTSIDE, delayed))
 
 
 class PrecisionMode(TorchFunctionMode):
@@ -466,6 +494,8 @@ class PrecisionMode(TorchFunctionMode):
         self.default = default_layer
         if default_layer is None and default_policy is not None:
             self.default = outside_layer(default_policy)
+        if self.default is not None:
+            self.default.state.begin_forward()   # counts this mode's outside calls
         # taken now for mixprec.dispatch: under torch.compile, id() of these objects
         # reached through this mode fails in a frame resumed after a graph break
         self.default_policy_ids = (None, None) if self.default is None else (
