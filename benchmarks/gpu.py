@@ -1,5 +1,20 @@
 """On a CUDA GPU: native and compiled paths against the emulation, bit for bit, and step ratios.
 
+On a GPU, in order of value (durations estimated, not measured):
+
+    1. python benchmarks/gpu.py --quick          ~1 min: every check below but triton,
+                                                 2 timed steps, eager only
+    2. pytest -q -p no:cacheprovider -x tests/test_ops.py tests/test_native_fp8.py \
+           tests/test_cuda_readiness.py          ~1-2 min: the CUDA tests (skipped
+                                                 without a GPU) and the fake-CUDA checks
+    3. python benchmarks/gpu.py                  ~3-5 min: adds triton (torch.compile of
+                                                 quantize) and compiled step ratios
+    4. pytest -q -p no:cacheprovider tests/      the whole suite (~8 min on a 16-core host)
+
+Each check runs on its own: one that raises prints ``FAILED name: error`` and the rest
+still run; a check fails too when any of its bit-for-bit rows differs. The last line is
+``gpu.py: N checks ok, M failed (names)``, and the exit status is 1 when M > 0.
+
 Checks (each prints ok or the number of differing elements):
 
     cuda ops       quantize on CUDA tensors (the torch.ops.mixprec operators) against the
@@ -23,15 +38,19 @@ Checks (each prints ok or the number of differing elements):
 then the step time of an MLP 784-1024-1024-10 (batch 1024, AdamW) for fp32, the native
 fp16-mixed and bf16-mixed backends, fp8-hybrid emulated and native (torch._scaled_mm),
 and the emulated mxfp8 recipe, eager
-and compiled, as ratios to fp32 from the same run. About 2-4 minutes, most of it
-compiling. Without CUDA it prints that and exits 0.
+and compiled, as ratios to fp32 from the same run (each variant on its own: one that
+fails prints FAILED and counts as a failed check). Without CUDA it prints that and
+exits 0.
 
     python benchmarks/gpu.py [--steps 20] [--skip-compile] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import traceback
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -47,6 +66,48 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((_bits(a.cpu()) != _bits(b.cpu())).sum())
 
 
+_MISMATCHES: List[str] = []     # bit-for-bit rows that differed, since the check began
+
+
+def expect_equal(label: str, differing: int) -> None:
+    """Print ``label differing: n``; a row with n > 0 fails the check it belongs to (the
+    check's other rows still run)."""
+    print(f"{label} differing: {differing}")
+    if differing:
+        _MISMATCHES.append(label)
+
+
+def run_checks(checks: Sequence[Tuple[str, Callable[[], None]]]) -> Tuple[int, List[str]]:
+    """Run every (name, check); returns (number ok, names failed). A check fails when it
+    raises (the traceback is printed, the next check runs) or when one of its
+    :func:`expect_equal` rows differed."""
+    ok, failed = 0, []
+    for name, check in checks:
+        del _MISMATCHES[:]
+        t0 = time.perf_counter()
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - one failure must not hide the others
+            traceback.print_exc(limit=-3)
+            print(f"FAILED {name}: {type(e).__name__}: {e}")
+            failed.append(name)
+        else:
+            if _MISMATCHES:
+                print(f"FAILED {name}: {len(_MISMATCHES)} rows differ")
+                failed.append(name)
+            else:
+                ok += 1
+        print(f"  ({name}: {time.perf_counter() - t0:.1f} s)")
+        sys.stdout.flush()
+    return ok, failed
+
+
+def summary(ok: int, failed: Sequence[str]) -> str:
+    """The last line: how many checks passed and which failed."""
+    names = f" ({', '.join(failed)})" if failed else ""
+    return f"gpu.py: {ok} checks ok, {len(failed)} failed{names}"
+
+
 def check_ops(x: torch.Tensor) -> None:
     from mixprec import quantize
     for fmt in FORMATS:
@@ -54,7 +115,7 @@ def check_ops(x: torch.Tensor) -> None:
             seed = torch.tensor(1234)
             cpu = quantize(x, fmt, rounding=mode, seed=seed)
             gpu = quantize(x.cuda(), fmt, rounding=mode, seed=seed.cuda())
-            print(f"cuda ops  {fmt:5} {mode:12} differing: {_differ(cpu, gpu)}")
+            expect_equal(f"cuda ops  {fmt:5} {mode:12}", _differ(cpu, gpu))
 
 
 def check_triton(x: torch.Tensor) -> None:
@@ -65,8 +126,8 @@ def check_triton(x: torch.Tensor) -> None:
             seed = torch.tensor(99, device="cuda")
             fn = torch.compile(lambda a, s: quantize(a, fmt, rounding=mode, seed=s),
                                fullgraph=True)
-            print(f"triton    {fmt:5} {mode:12} differing: "
-                  f"{_differ(quantize(xc, fmt, rounding=mode, seed=seed), fn(xc, seed))}")
+            expect_equal(f"triton    {fmt:5} {mode:12}",
+                         _differ(quantize(xc, fmt, rounding=mode, seed=seed), fn(xc, seed)))
 
 
 def check_native_casts(x: torch.Tensor) -> None:
@@ -77,7 +138,7 @@ def check_native_casts(x: torch.Tensor) -> None:
         want = quantize(xc, fmt)
         got = xc.to(dtype).to(torch.float32)
         same = (_bits(want) == _bits(got)) | (want.isnan() & got.isnan())
-        print(f"native    {fmt:5} cast         differing: {int((~same).sum())}")
+        expect_equal(f"native    {fmt:5} cast        ", int((~same).sum()))
 
 
 def check_scaled_mm() -> None:
@@ -135,15 +196,16 @@ def check_native_fp8(device: str = "cuda") -> None:
         emulated, _ = _linear_run(recipe, "emulated", True, device)
         native, cov = _linear_run(recipe, "native", True, device)
         diff = [_differ(a.float(), b.float()) for a, b in zip(emulated, native)]
-        print(f"native fp8 {recipe:10} exact operands   differing y/dX/dW: {diff}  "
-              f"GEMMs native {cov.native_gemms}, emulated {cov.emulated_gemms}")
+        expect_equal(f"native fp8 {recipe:10} exact operands   (GEMMs native "
+                     f"{cov.native_gemms}, emulated {cov.emulated_gemms}) y/dX/dW {diff}",
+                     sum(diff) + cov.emulated_gemms)
         # K and N not multiples of 16 (24, 40, 33 tokens): zero-padded codes, still exact
         emulated, _ = _linear_run(recipe, "emulated", True, device, (24, 40, 33))
         native, cov = _linear_run(recipe, "native", True, device, (24, 40, 33))
         diff = [_differ(a.float(), b.float()) for a, b in zip(emulated, native)]
-        print(f"native fp8 {recipe:10} exact, padded    differing y/dX/dW: {diff}  "
-              f"GEMMs native {cov.native_gemms} (padded {cov.padded_gemms}), emulated "
-              f"{cov.emulated_gemms}")
+        expect_equal(f"native fp8 {recipe:10} exact, padded    (GEMMs native "
+                     f"{cov.native_gemms}, padded {cov.padded_gemms}, emulated "
+                     f"{cov.emulated_gemms}) y/dX/dW {diff}", sum(diff) + cov.emulated_gemms)
         emulated, _ = _linear_run(recipe, "emulated", False, device)
         native, _ = _linear_run(recipe, "native", False, device)
         rel = [float((a.float() - b.float()).abs().max() / a.float().abs().max())
@@ -189,39 +251,55 @@ def step_ratios(steps: int, compile_too: bool) -> None:
                 ("mxfp8", "emulated")]
     ref = timed("fp32", "emulated", False)
     print(f"\nMLP step, {steps} steps, ratio to eager fp32 ({ref * 1e3:.2f} ms)")
+    broken = []
     for recipe, backend in variants:
-        cells = [f"{timed(recipe, backend, False) / ref:6.2f}x eager"]
-        if compile_too:
-            torch._dynamo.reset()
-            cells.append(f"{timed(recipe, backend, True) / ref:6.2f}x compiled")
+        cells = []
+        for compiled in (False, True) if compile_too else (False,):
+            kind = "compiled" if compiled else "eager"
+            try:
+                if compiled:
+                    torch._dynamo.reset()
+                cells.append(f"{timed(recipe, backend, compiled) / ref:6.2f}x {kind}")
+            except Exception as e:  # noqa: BLE001 - the other variants still run
+                traceback.print_exc(limit=-3)
+                cells.append(f"FAILED {kind}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                broken.append(f"{recipe} {backend} {kind}")
         print(f"{recipe:11} {backend:9} " + "  ".join(cells))
+        sys.stdout.flush()
+    if broken:
+        raise RuntimeError(f"step failed for {', '.join(broken)}")
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--quick", action="store_true",
-                    help="two timed steps, no compiling: a smoke run, as the test suite runs it")
+                    help="two timed steps, no compiling (no triton check, no compiled "
+                         "steps): about a minute on a GPU; the test suite runs it on CPU")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.skip_compile = 2, True
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check (this script needs a GPU)")
-        return
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}, capability "
+          f"{torch.cuda.get_device_capability()}, torch {torch.__version__}")
     g = torch.Generator().manual_seed(0)
     patterns = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 16,), dtype=torch.int32,
                              generator=g).view(torch.float32)
     x = torch.cat([patterns, torch.randn(1 << 16, generator=g) * 100])
-    check_ops(x)
+    checks = [("cuda ops", lambda: check_ops(x))]
     if not args.skip_compile:
-        check_triton(x)
-    check_native_casts(x)
-    check_scaled_mm()
-    check_native_fp8()
-    step_ratios(args.steps, not args.skip_compile)
+        checks.append(("triton", lambda: check_triton(x)))
+    checks += [("native casts", lambda: check_native_casts(x)),
+               ("scaled_mm", check_scaled_mm),
+               ("native fp8", check_native_fp8),
+               ("step ratios", lambda: step_ratios(args.steps, not args.skip_compile))]
+    ok, failed = run_checks(checks)
+    print(summary(ok, failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

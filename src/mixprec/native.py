@@ -363,6 +363,18 @@ def _padding_note(k: int, n: int, pk: int, pn: int) -> str:
     return f"{' and '.join(dims)} zero-padded to multiples of {_CUDA_MULTIPLE}"
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` with strides (columns, 1), the layout CUDA's _scaled_mm checks (its
+    operand a: stride[0] > stride[1] == 1; b is the transpose of such a tensor).
+
+    ``.contiguous()`` alone is not enough: torch calls a 1 x K tensor contiguous whatever
+    the stride of its size-1 dimension, so the wgrad operand g^T of a layer with one
+    output feature (g: T x 1) stays a (1, 1)-strided view, which the check refuses
+    ("self must be row_major, got stride (1, 1)"). Flattening and viewing back gives the
+    canonical strides without copying the codes."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
 _ACTIVE: list = []     # the ScaledMMGemms of the native backend's autocast(), innermost last
 
 
@@ -475,18 +487,24 @@ class ScaledMMGemms:
         # rows k >= K), so each extra product is (+0) * (+0) = +0, never 0 * inf or
         # 0 * NaN; adding +0 leaves every FP32 partial sum as it was, since a sum that
         # starts from an accumulator of +0 is never -0 (x + (+0) = x for every other
-        # x; CPU _scaled_mm and matmul give +0, not -0, for a row of -0 products, and
-        # the tests check such a row). Along N (b's columns n >= N) and M the extra dot products only fill output
+        # x; CPU _scaled_mm and matmul give +0, not -0, for a row of K >= 2 -0 products, and
+        # the tests check such a row; K = 1 is set right below). Along N (b's columns n >= N) and M the extra dot products only fill output
         # rows and columns that are sliced off. The per-tensor scales multiply each kept
         # element as before, out_dtype rounds each kept FP32 result once as before, and
         # no bias goes into _scaled_mm (the caller adds it to the sliced result), so the
         # M x N block is bit for bit the unpadded GEMM's.
-        # .contiguous() returns the tensor itself where it is laid out so already; no
+        # _row_major copies nothing where the codes are laid out so already; no
         # is_contiguous() test: traced by Dynamo (torch 2.13) inside the autograd.Function
         # with torch functions disabled, a metadata query drops PrecisionMode from the
         # rest of the traced frame (the next layers would trace as plain torch ops)
-        a = _zero_padded(a, pm, pk) if (pm, pk) != (m, k) else a.contiguous()
-        b = (_zero_padded(b.t(), pn, pk) if (pk, pn) != (k, n) else b.t().contiguous()).t()
+        # K = 1 padded: the unpadded GEMM's one product per element keeps its sign of
+        # zero ((-x) * (+0) = -0, as CPU _scaled_mm and the emulated matmul give), but
+        # the padded sum adds (+0) products to it and gives +0; the sign bits of the
+        # codes (bit 7 in both FP8 formats) say where a zero result must be -0
+        neg_zero = (((a.view(torch.uint8) ^ b.view(torch.uint8)) >= 128)
+                    if k == 1 and pk != 1 else None)
+        a = _zero_padded(a, pm, pk) if (pm, pk) != (m, k) else _row_major(a)
+        b = (_zero_padded(b.t(), pn, pk) if (pk, pn) != (k, n) else _row_major(b.t())).t()
         inv_a = a_scale.to(torch.float32).reciprocal().reshape(())
         inv_b = b_scale.to(torch.float32).reciprocal().reshape(())
         # use_fast_accum=False: Hopper's fast mode keeps fewer accumulator bits than the
@@ -497,6 +515,8 @@ class ScaledMMGemms:
             # a contiguous M x N result, as the unpadded GEMM writes (the callers
             # reshape it, add the bias in place and hand it to autograd)
             out = out[:m, :n].contiguous()
+        if neg_zero is not None:
+            out = torch.where(neg_zero & (out == 0), -out, out)
         return out
 
     def fallback(self, layer: str, gemm: str, why: str) -> None:
