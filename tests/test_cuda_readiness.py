@@ -149,3 +149,87 @@ def test_gpu_script_fails_a_check_whose_bits_differ(capsys):
     ok, failed = gpu.run_checks([("differs", lambda: gpu.expect_equal("x", 3))])
     assert failed == ["differs"] and "x differing: 3" in capsys.readouterr().out
     assert gpu.run_checks([("same", lambda: gpu.expect_equal("x", 0))]) == (1, [])
+
+
+def test_gpu_script_checks_run_on_the_cpu(capsys):
+    # the checks a GPU run starts with, on CPU tensors: tensor ops against the C kernel,
+    # torch's casts against quantize, the native FP8 layer against the emulated one;
+    # any crash or differing row fails here before it can waste GPU time
+    gpu = _gpu_script()
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 12,), dtype=torch.int32,
+                             generator=g).view(torch.float32)
+    x = torch.cat([patterns, torch.randn(1 << 12, generator=g) * 100])
+    ok, failed = gpu.run_checks([("cuda ops", lambda: gpu.check_ops(x, "cpu")),
+                                 ("native casts", lambda: gpu.check_native_casts(x, "cpu")),
+                                 ("scaled_mm", lambda: gpu.check_scaled_mm("cpu")),
+                                 ("native fp8", lambda: gpu.check_native_fp8("cpu"))])
+    out = capsys.readouterr().out
+    assert (ok, failed) == (4, []), out
+    assert "scaled_mm e4m3 x e4m3 -> fp32: max relative difference" in out
+    assert out.count("differing: 0") == len(gpu.FORMATS) * len(gpu.MODES) + 3 + 4, out
+    assert "native fp8 fp8-hybrid random operands" in out
+
+
+@pytest.fixture
+def tf32_flags():
+    """Sets torch's TF32 flags for a test (cuda.matmul, cudnn) and restores them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def set_flags(matmul: bool, cudnn: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+    yield set_flags
+    set_flags(*saved)
+
+
+def _engine_thinking_it_is_on_cuda(model, backend="emulated", recipe="fp16-mixed"):
+    mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe,
+                         backend=backend, keep_high_precision=())
+    mp.device = torch.device("cuda")     # what autocast() looks at; the tensors stay on CPU
+    return mp
+
+
+@pytest.mark.parametrize("matmul, cudnn, conv, warned", [
+    (False, True, False, ""),                 # torch's defaults, no convolution
+    (True, False, False, "matmul.allow_tf32"),
+    (False, True, True, "cudnn.allow_tf32"),  # torch's defaults with a convolution
+    (False, False, True, ""),
+])
+def test_emulated_gemms_on_cuda_warn_when_tf32_is_allowed(matmul, cudnn, conv, warned,
+                                                           tf32_flags):
+    import warnings
+    tf32_flags(matmul, cudnn)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3) if conv else torch.nn.Identity(),
+                                torch.nn.Linear(6, 8))
+    mp = _engine_thinking_it_is_on_cuda(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with mp.autocast():
+                model(torch.ones(2, 4, 8) if conv else torch.ones(2, 4, 6))
+    tf32 = [str(w.message) for w in caught if issubclass(w.category, native.TF32Warning)]
+    if warned:
+        assert len(tf32) == 1 and warned in tf32[0], tf32     # once per engine
+    else:
+        assert tf32 == []
+
+
+@pytest.mark.parametrize("where", ["cpu", "native autocast"])
+def test_the_tf32_check_leaves_cpu_and_native_autocast_alone(where, tf32_flags):
+    # on CPU there is no TF32; under torch.autocast the GEMMs are torch's own
+    import warnings
+    tf32_flags(True, True)
+    model = torch.nn.Linear(4, 4)
+    if where == "cpu":
+        mp = mixprec.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             "fp16-mixed", backend="emulated", keep_high_precision=())
+    else:
+        mp = _engine_thinking_it_is_on_cuda(model, "native", "bf16-mixed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mp.autocast():
+            # (torch.autocast("cuda") is off without CUDA: the input in the weights' dtype)
+            model(torch.ones(2, 4, dtype=model.weight.dtype))
+    assert not [w for w in caught if issubclass(w.category, native.TF32Warning)]

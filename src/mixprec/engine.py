@@ -49,7 +49,8 @@ from .distributed import all_reduce_found_inf
 from .distributed.fp8_all_gather import FP8AllGather
 from .distributed.fsdp import fsdp_modules, is_fsdp, sum_gradient_reduction_
 from .emulate import LayerPolicy, LayerState, PrecisionMode, attach, outside_layer
-from .native import (NATIVE_DTYPES, ScaledMMGemms, convert_parameters_, keep_full_precision,
+from .native import (NATIVE_DTYPES, ScaledMMGemms, TF32Warning, convert_parameters_,
+                     keep_full_precision, tf32_problems,
                      native_autocast, native_dtype, native_kind, resolve_backend,
                      scaled_mm_available)
 from .layers import (KEEP_KEYWORDS, KeepFilter, as_keep_filters, needs_trace, parameter_owners,
@@ -137,6 +138,7 @@ class Engine:
         self._count_lost = (recipe.master is None if count_lost_updates is None
                             else count_lost_updates)
         self._autocast_depth = 0
+        self._tf32_checked = False     # TF32 flags looked at (CUDA, emulated GEMMs)
         self._tracing = False
         self._state_warned = False
         self._pending_hook = None
@@ -375,6 +377,13 @@ class Engine:
         When the keep rules wait for a trace ("first"/"last" without ``example_inputs``),
         the first model forward in here is traced first and the engine finalised."""
         self._autocast_depth += 1
+        if self.device.type == "cuda" and not self._autocast_native and not self._tf32_checked:
+            # checked at the first autocast(): a script sets the flags after prepare()
+            self._tf32_checked = True
+            problems = tf32_problems(self.model)
+            if problems:
+                warnings.warn(f"mixprec: the emulated GEMMs on {self.device} may not be "
+                              f"FP32: {'; '.join(problems)}", TF32Warning, stacklevel=3)
         try:
             if self._autocast_native:
                 with native_autocast(self.device.type, self._dtype, self.recipe.fp32_ops):

@@ -59,7 +59,7 @@ __all__ = [
     "keep_full_precision", "native_autocast", "scaled_mm_available", "fp8_linear_native",
     "SCALED_MM_DTYPES", "NATIVE_KINDS", "native_kind", "autocast_problems", "scaled_mm_problems",
     "scaled_mm_shape_problem", "scaled_mm_padded_shape", "ScaledMMGemms",
-    "NativeFallbackWarning", "active_scaled_mm",
+    "NativeFallbackWarning", "active_scaled_mm", "TF32Warning", "tf32_problems",
 ]
 
 # Formats with a native torch storage dtype that torch.autocast computes in.
@@ -235,6 +235,31 @@ def native_autocast(device_type: str, dtype: torch.dtype,
     from .emulate import PrecisionMode  # emulate sits beside native; only its FP32-op policy is used
     with torch.autocast(device_type, dtype=dtype), PrecisionMode(fp32_ops=tuple(fp32_ops)):
         yield
+
+
+class TF32Warning(UserWarning):
+    """Emulated GEMMs or convolutions on CUDA may run in TF32 (10-bit mantissa inputs),
+    not the FP32 the emulation assumes: the emulated results are not the recipe's."""
+
+
+def tf32_problems(model: nn.Module) -> list:
+    """Why float32 GEMMs of ``model`` on CUDA may not be FP32 (empty when they are).
+
+    The emulation computes its GEMMs in float32 with FP32 accumulation; CUDA runs
+    float32 matmuls in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` (or
+    ``torch.set_float32_matmul_precision("high")``), and cuDNN convolutions when
+    ``torch.backends.cudnn.allow_tf32``, which torch turns on by default. TF32 rounds
+    each input to 10 mantissa bits: fp16 values (11 bits) and scaled FP8 values change.
+    """
+    problems = []
+    if torch.backends.cuda.matmul.allow_tf32:
+        problems.append("torch.backends.cuda.matmul.allow_tf32 is True (matmuls in TF32); "
+                        "set it to False, or torch.set_float32_matmul_precision('highest')")
+    if torch.backends.cudnn.allow_tf32 and any(
+            isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        problems.append("torch.backends.cudnn.allow_tf32 is True, torch's default "
+                        "(convolutions in TF32); set it to False")
+    return problems
 
 
 # --------------------------------------------------------------------------------------
