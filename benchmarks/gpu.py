@@ -7,8 +7,9 @@ On a GPU, in order of value (durations estimated, not measured):
     2. pytest -q -p no:cacheprovider -x tests/test_ops.py tests/test_native_fp8.py \
            tests/test_cuda_readiness.py          ~1-2 min: the CUDA tests (skipped
                                                  without a GPU) and the fake-CUDA checks
-    3. python benchmarks/gpu.py                  ~3-5 min: adds triton (torch.compile of
-                                                 quantize) and compiled step ratios
+    3. python benchmarks/gpu.py                  ~3-8 min: adds triton (six compiles of
+                                                 quantize) and seven compiled step variants
+                                                 (--skip-compile: ~1 min, 20 timed steps)
     4. pytest -q -p no:cacheprovider tests/      the whole suite (~8 min on a 16-core host)
 
 Each check runs on its own: one that raises prints ``FAILED name: error`` and the rest

@@ -233,3 +233,16 @@ def test_the_tf32_check_leaves_cpu_and_native_autocast_alone(where, tf32_flags):
             # (torch.autocast("cuda") is off without CUDA: the input in the weights' dtype)
             model(torch.ones(2, 4, dtype=model.weight.dtype))
     assert not [w for w in caught if issubclass(w.category, native.TF32Warning)]
+
+
+def test_fp8_linear_native_names_cuda_shapes_it_cannot_take(monkeypatch):
+    # on CUDA, in_features 24 is refused before torch's own check (no padding there)
+    monkeypatch.setattr(native, "scaled_mm_available", lambda device=None: True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, w = torch.empty(4, 24, device="cuda"), torch.empty(32, 24, device="cuda")
+        with pytest.raises(ValueError, match=r"multiples of 16, got x \(4, 24\) and w "
+                                             r"\(32, 24\); valid: the native backend"):
+            native.fp8_linear_native(x, w, 1.0, 1.0)
+        y = native.fp8_linear_native(torch.empty(4, 32, device="cuda"),
+                                     torch.empty(16, 32, device="cuda"), 1.0, 1.0)
+    assert y.shape == (4, 16) and y.device.type == "cuda"

@@ -306,6 +306,14 @@ def fp8_linear_native(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor | 
     if not scaled_mm_available(x.device):
         raise RuntimeError(f"torch._scaled_mm does not run on {x.device}; use the emulated "
                            f"FP8 path (mixprec.emulate.qlinear)")
+    k, n = x.shape[-1], w.shape[0]
+    if x.device.type == "cuda" and (k % _CUDA_MULTIPLE or n % _CUDA_MULTIPLE):
+        # no padding here (ScaledMMGemms pads): name the shapes rather than let
+        # torch's check say "divisible by 16" of operands the caller never made
+        raise ValueError(f"fp8_linear_native on CUDA needs in_features and out_features "
+                         f"multiples of {_CUDA_MULTIPLE}, got x {tuple(x.shape)} and w "
+                         f"{tuple(w.shape)}; valid: the native backend "
+                         f"(mixprec.prepare(..., backend='native')), which pads")
     x_scale = torch.as_tensor(x_scale, dtype=torch.float32, device=x.device)
     w_scale = torch.as_tensor(w_scale, dtype=torch.float32, device=x.device)
     lead = x.shape[:-1]
@@ -512,8 +520,9 @@ class ScaledMMGemms:
         # rows k >= K), so each extra product is (+0) * (+0) = +0, never 0 * inf or
         # 0 * NaN; adding +0 leaves every FP32 partial sum as it was, since a sum that
         # starts from an accumulator of +0 is never -0 (x + (+0) = x for every other
-        # x; CPU _scaled_mm and matmul give +0, not -0, for a row of K >= 2 -0 products, and
-        # the tests check such a row; K = 1 is set right below). Along N (b's columns n >= N) and M the extra dot products only fill output
+        # x; CPU _scaled_mm and matmul give +0, not -0, for a row of K >= 2 -0
+        # products, and the tests check such a row; K = 1 is set right below). Along N
+        # (b's columns n >= N) and M the extra dot products only fill output
         # rows and columns that are sliced off. The per-tensor scales multiply each kept
         # element as before, out_dtype rounds each kept FP32 result once as before, and
         # no bias goes into _scaled_mm (the caller adds it to the sliced result), so the
