@@ -1,4 +1,4 @@
-"""On a CUDA GPU: native and compiled paths against the emulation, bit for bit, and step ratios.
+r"""On a CUDA GPU: native and compiled paths against the emulation, bit for bit, and step ratios.
 
 On a GPU, in order of value (durations estimated, not measured):
 
@@ -10,7 +10,8 @@ On a GPU, in order of value (durations estimated, not measured):
     3. python benchmarks/gpu.py                  ~3-8 min: adds triton (six compiles of
                                                  quantize) and seven compiled step variants
                                                  (--skip-compile: ~1 min, 20 timed steps)
-    4. pytest -q -p no:cacheprovider tests/      the whole suite (~8 min on a 16-core host)
+    4. pytest -q -p no:cacheprovider tests/      the whole suite (7.5 min on 2 CPU cores
+                                                 without a GPU)
 
 Each check runs on its own: one that raises prints ``FAILED name: error`` and the rest
 still run; a check fails too when any of its bit-for-bit rows differs. The last line is
