@@ -40,6 +40,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _cpuinfo import cpu_line  # noqa: E402
 
+from mixprec.ops import compile_options  # noqa: E402
 from mixprec.quant import has_c_extension, quantize  # noqa: E402
 from mixprec.scaling import quantize_mx  # noqa: E402
 
@@ -50,8 +51,11 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
 
 
 def _compiled(x: torch.Tensor, out: torch.Tensor, name: str, rounding: str, gen):
+    # compile_options(), as the README asks of every compile: without its source key,
+    # torch's compile caches served kernels compiled from an older version of the
+    # operators (this benchmark timed them at about half the speed)
     fn = torch.compile(lambda a, o: quantize(a, name, rounding=rounding, generator=gen, out=o),
-                       fullgraph=True)
+                       fullgraph=True, options=compile_options())
     return lambda: fn(x, out)
 
 
