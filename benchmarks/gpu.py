@@ -124,13 +124,15 @@ def check_ops(x: torch.Tensor, device: str = "cuda") -> None:
 
 
 def check_triton(x: torch.Tensor) -> None:
-    from mixprec import quantize
+    from mixprec import compile_options, quantize
     xc = x.cuda()
     for fmt in ("e4m3", "e2m1", "bf16"):
         for mode in ("nearest", "stochastic"):
             seed = torch.tensor(99, device="cuda")
+            # compile_options(): the rounding as eager casts do it, and a compile-cache
+            # key on mixprec's sources
             fn = torch.compile(lambda a, s: quantize(a, fmt, rounding=mode, seed=s),
-                               fullgraph=True)
+                               fullgraph=True, options=compile_options())
             expect_equal(f"triton    {fmt:5} {mode:12}",
                          _differ(quantize(xc, fmt, rounding=mode, seed=seed), fn(xc, seed)))
 
