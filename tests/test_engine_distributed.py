@@ -71,10 +71,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         leave_process_group()
 
 
-def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
-    spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD,
+def _run_ranks(worker, tmp_path, prefix: str) -> list:
+    """Spawn the ranks of ``worker``; what each saved as ``{prefix}{rank}.pt``."""
+    spawn_ranks(worker, (str(tmp_path / "init"), str(tmp_path)), WORLD,
                 init_file=str(tmp_path / "init"))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    return [torch.load(tmp_path / f"{prefix}{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_skip_the_same_steps_and_stay_equal(tmp_path):
+    r0, r1 = _run_ranks(_worker, tmp_path, "rank")
     expected = [step != INJECT_AT for step in range(STEPS)]
     assert r0["applied"] == expected and r1["applied"] == expected
     assert r0["scale"] == r1["scale"] == 2.0 ** 15
@@ -143,9 +148,7 @@ def test_reserve_scalers_under_ddp_makes_every_scaler_and_changes_nothing(tmp_pa
     # those of the head called outside the forward) with one forward under no_sync();
     # training is then bit-identical across ranks (amaxes are MAX-reduced, gradients
     # all-reduced) and to training without example_inputs, whose scalers come at first use
-    spawn_ranks(_reserve_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD,
-                init_file=str(tmp_path / "init"))
-    r0, r1 = (torch.load(tmp_path / f"reserve{r}.pt", weights_only=False) for r in range(WORLD))
+    r0, r1 = _run_ranks(_reserve_worker, tmp_path, "reserve")
     made = r0[True]["made"]
     gemm_keys = [f"module.body.{i}/{role}" for i in (0, 2)
                  for role in ("activation", "grad_output", "weight")]
