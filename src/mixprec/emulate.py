@@ -30,9 +30,9 @@ from .policy import (AttachHandle, Layer, LayerPolicy, LayerState, attach, curre
 from .formats import get_format
 from .blocks import SignStream
 from .qfunc import (_ACTIVATIONS, CONV_FUNCS, GemmSpec, OpContext, QBilinear, QConv,
-                    QConvTranspose, QEmbedding, QEmbeddingBag, QLinear, QMatmul)
+                    QConvTranspose, QEmbedding, QEmbeddingBag, QLinear, QMatmul,
+                    _native_gemms)
 from .coverage import OUTSIDE, CoverageRecorder
-from .native import active_scaled_mm
 from .recipe import DEFAULT_FP32_OPS
 from .shared import relu as _shared_relu
 from .shared import tag_output
@@ -75,8 +75,8 @@ def _linear(x, weight, bias, c: OpContext) -> torch.Tensor:
     need_x, need_w, need_b = _needs(x), _needs(weight), _needs(bias)
     c.reserve(_XW, need_x or need_w or need_b, _wgrads(need_w, need_b))
     if torch.compiler.is_compiling():
-        gemms = active_scaled_mm()
-        if gemms is not None and gemms.takes(c.policy):
+        gemms = _native_gemms(c)
+        if gemms is not None:
             # counted here, outside the autograd.Function (see ScaledMMGemms.trace_linear)
             gemms.trace_linear(c.state.name if c.state is not None else "", c.policy,
                                x.shape, weight.shape[0], need_x, need_w)

@@ -274,8 +274,6 @@ class Engine:
         if self._reserve_hook is not None:
             self._reserve_hook.remove()
             self._reserve_hook = None
-        # calls outside the model's forward (under autocast(), in the training step) are
-        # not run here: their state gets a scaler for every key such a call can round
         states = [*self._attached.states.values(), self._outside.state]
         saved = {id(s): s.state_dict() for st in states for s in st.scalers.values()}
         self._outside.state.reserve_all(self._default_policy)

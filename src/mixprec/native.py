@@ -392,8 +392,9 @@ def _zero_padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _padding_note(k: int, n: int, pk: int, pn: int) -> str:
+    """What a GEMM's coverage row says of its padding ("" where none)."""
     dims = [d for d, (was, now) in (("K", (k, pk)), ("N", (n, pn))) if was != now]
-    return f"{' and '.join(dims)} zero-padded to multiples of {_CUDA_MULTIPLE}"
+    return f"{' and '.join(dims)} zero-padded to multiples of {_CUDA_MULTIPLE}" if dims else ""
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -482,14 +483,18 @@ class ScaledMMGemms:
         gemms += [("dgrad", g, w, (m, n, k))] if need_x else []
         gemms += [("wgrad", g, x, (n, m, k))] if need_w else []
         for gemm, a, b, (gm, gk, gn) in gemms:
-            pm, pk, pn = scaled_mm_padded_shape(gm, gk, gn, self.rules)
-            why = _refusal(a, b, pm, pk, pn, self.rules)
-            if why:
-                self.fallback(layer, gemm, why)
-            elif self.recorder is not None:
-                self.recorder.record_gemm(layer, gemm, "native",
-                                          _padding_note(gk, gn, pk, pn)
-                                          if (pk, pn) != (gk, gn) else "")
+            padded = scaled_mm_padded_shape(gm, gk, gn, self.rules)
+            self._count(layer, gemm, _refusal(a, b, *padded, self.rules), gk, gn, padded)
+
+    def _count(self, layer: str, gemm: str, why: str, k: int, n: int,
+               padded: Tuple[int, int, int]) -> None:
+        """Count one GEMM: emulated for the reason ``why`` (and warned about), else native,
+        with a note where its K x N, padded to ``padded``, grew."""
+        if why:
+            self.fallback(layer, gemm, why)
+        elif self.recorder is not None:
+            self.recorder.record_gemm(layer, gemm, "native",
+                                      _padding_note(k, n, padded[1], padded[2]))
 
     def mm(self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
            b_scale: torch.Tensor, out_dtype: torch.dtype, *, layer: str,
@@ -507,15 +512,11 @@ class ScaledMMGemms:
         pm, pk, pn = scaled_mm_padded_shape(m, k, n, self.rules)
         why = _refusal(a.dtype, b.dtype, pm, pk, pn, self.rules)
         # while torch.compile traces, :meth:`trace_linear` has counted and warned
-        counting = not torch.compiler.is_compiling()
+        if not torch.compiler.is_compiling():
+            self._count(layer, gemm, why, k, n, (pm, pk, pn))
         if why:
-            if counting:
-                self.fallback(layer, gemm, why)
             return None
         padded = (pm, pk, pn) != (m, k, n)
-        if self.recorder is not None and counting:
-            self.recorder.record_gemm(layer, gemm, "native",
-                                      _padding_note(k, n, pk, pn) if padded else "")
         # Zero padding is exact. Along K both operands are padded (a's columns and b's
         # rows k >= K), so each extra product is (+0) * (+0) = +0, never 0 * inf or
         # 0 * NaN; adding +0 leaves every FP32 partial sum as it was, since a sum that
@@ -562,4 +563,4 @@ class ScaledMMGemms:
             warnings.warn(f"native backend: the {gemm} GEMM of layer {layer or '(root)'!r} "
                           f"runs emulated (FP32 GEMM of the dequantized FP8 operands): "
                           f"torch._scaled_mm refuses it on {self.rules}: {why}",
-                          NativeFallbackWarning, stacklevel=4)
+                          NativeFallbackWarning, stacklevel=5)

@@ -690,13 +690,13 @@ class QLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         with _exact(g.device.type):
-            x_saved, w_saved = (None, None) if ctx.native is not None else _load(ctx)
             c.observe("grad_output", g)
             g2 = g.reshape(-1, g.shape[-1])
+            if ctx.native is not None:    # the GEMMs take the saved codes, not values
+                return _native_linear_backward(ctx, c, g2)
+            x_saved, w_saved = _load(ctx)
             if c.policy.scaled_block_gemm:
                 return _scaled_linear_backward(ctx, c, g2, x_saved, w_saved)
-            if ctx.native is not None:
-                return _native_linear_backward(ctx, c, g2)
             g_row, g_col = c.grads(g2, -1, 0, need_x, need_w or need_b)
             if need_x:
                 dx = _mm(g_row, w_saved, acc).reshape(ctx.x_shape).to(ctx.dtypes[0])
